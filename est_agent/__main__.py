@@ -1,0 +1,3 @@
+from est_agent.cli.main import main
+
+raise SystemExit(main())

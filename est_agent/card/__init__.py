@@ -1,0 +1,1 @@
+"""The card layer: APDUs, status words, TLVs, logical channels, IoT SAFE and UICC commands."""
