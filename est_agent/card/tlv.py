@@ -52,9 +52,9 @@ def iter_tlvs(data: bytes, *, wide_length_tags: frozenset[int] = WIDE_LENGTH_TAG
         tag = data[pos]
         first = data[pos + 1]
         pos += 2
-        if first == 0x00 and tag in wide_length_tags and end - pos >= 2:
-            length = int.from_bytes(data[pos : pos + 2], "big")
-            pos += 2
+        if first == 0x00 and tag in wide_length_tags and end - pos >= 1:
+            length = int.from_bytes(data[pos - 1 : pos + 1], "big")
+            pos += 1
         elif first == 0x81:
             if pos >= end:
                 raise CardProtocolError("truncated TLV length")

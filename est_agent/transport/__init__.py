@@ -1,1 +1,39 @@
-"""Links to a card: PC/SC readers, the in-process virtual SIM, (later) cellular modems."""
+"""Links to a card, chosen by a reader string.
+
+    pcsc:              first PC/SC reader with a card
+    pcsc:<name>        the PC/SC reader with exactly that name
+    sim:<state file>   the virtual SIM, in this process
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from est_agent.errors import UsageError
+from est_agent.transport.base import CardTransport, LinkStats
+
+__all__ = ["CardTransport", "LinkStats", "open_transport"]
+
+
+def open_transport(reader: str) -> CardTransport:
+    """Build (not yet connect) the transport a reader string names.
+
+    Imports are local so that a command which never touches a card never loads pyscard.
+    """
+    scheme, sep, rest = reader.partition(":")
+    if not sep:
+        raise UsageError(f"reader must be pcsc:[NAME] or sim:STATE_FILE, got {reader!r}")
+    scheme = scheme.lower()
+    if scheme == "pcsc":
+        from est_agent.transport.pcsc import PcscTransport
+
+        return PcscTransport(rest or None)
+    if scheme == "sim":
+        if not rest:
+            raise UsageError("sim: needs the virtual SIM's state file, e.g. sim:/var/lib/sim.json")
+        # The virtual SIM is a product feature (develop without hardware); this is the one
+        # place where the core reaches into est_agent.sim.
+        from est_agent.sim.transport import SimTransport
+
+        return SimTransport(Path(rest))
+    raise UsageError(f"unknown reader type {scheme!r} (expected pcsc: or sim:)")

@@ -1,0 +1,205 @@
+"""Logical channels, CLA coding and the T=0 response loop on top of any card transport.
+
+CLA coding follows ETSI TS 102 221 §10.1.1: channels 0-3 carry the channel number in the two
+low bits (`0N` inter-industry, `8N` proprietary), channels 4-19 use `4X` / `CX` with the low
+nibble = channel - 4.
+
+T=0 (ISO/IEC 7816-3 §10.3.4, TS 102 221 §7.3.1): a card may answer `61xx` ("xx bytes waiting":
+fetch them with GET RESPONSE before any other command on the channel) or `6Cxx` ("wrong Le:
+resend the same command with Le = xx"). Readers and modems pass these through, so the loop runs
+here, once, for every transport. `next_t0_step` is the pure rule; `CardSession.exchange` the I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from est_agent.card.apdu import CommandApdu, ResponseApdu
+from est_agent.card.status import error_for_sw, is_success
+from est_agent.errors import CardProtocolError, InputError
+from est_agent.transport.base import CardTransport
+
+__all__ = [
+    "MAX_CHANNEL",
+    "CardSession",
+    "LogicalChannel",
+    "T0Step",
+    "channel_from_cla",
+    "cla_for_channel",
+    "next_t0_step",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_CHANNEL = 19
+INS_GET_RESPONSE = 0xC0
+INS_MANAGE_CHANNEL = 0x70
+# A card that keeps announcing data forever is broken; 64 x 256 bytes is far beyond any
+# IoT SAFE answer.
+_MAX_GET_RESPONSES = 64
+
+
+def cla_for_channel(channel: int, *, proprietary: bool = False) -> int:
+    """CLA byte for ``channel`` (TS 102 221 §10.1.1), ISO (`0N`/`4X`) or proprietary (`8N`/`CX`)."""
+    if not 0 <= channel <= MAX_CHANNEL:
+        raise InputError(f"logical channel {channel} outside 0..{MAX_CHANNEL}")
+    if channel <= 3:
+        return (0x80 if proprietary else 0x00) | channel
+    return (0xC0 if proprietary else 0x40) | (channel - 4)
+
+
+def channel_from_cla(cla: int) -> int:
+    """Inverse of ``cla_for_channel`` for the classes it produces."""
+    if cla & 0x40:
+        return (cla & 0x0F) + 4
+    return cla & 0x03
+
+
+@dataclass(frozen=True)
+class T0Step:
+    """What to send next: a GET RESPONSE / a resend, or nothing (``command`` None) when done."""
+
+    command: CommandApdu | None
+    keep_data: bool  # whether the response data so far is part of the final answer
+
+
+def next_t0_step(command: CommandApdu, response: ResponseApdu, *, get_response_cla: int) -> T0Step:
+    """The pure T=0 rule: decide the follow-up to ``response`` for ``command``."""
+    sw1, sw2 = response.sw1, response.sw2
+    if sw1 == 0x61:
+        return T0Step(CommandApdu(get_response_cla, INS_GET_RESPONSE, 0, 0, le=sw2 or 256), True)
+    if sw1 == 0x6C:
+        return T0Step(command.with_le(sw2 or 256), False)
+    return T0Step(None, True)
+
+
+class CardSession:
+    """One card behind one transport: APDU exchange with T=0 handling and channel management."""
+
+    def __init__(self, transport: CardTransport, *, iso_get_response: bool = False) -> None:
+        """``iso_get_response``: send GET RESPONSE with the ISO class `0N` instead of the class
+        of the command that got 61xx (the default, as in the reference's worked example and on
+        the real SIM traced there; wolfSSL is the one source that always uses `0N`)."""
+        self.transport = transport
+        self._iso_get_response = iso_get_response
+        self._open_channels: set[int] = set()
+
+    def exchange(
+        self,
+        command: CommandApdu,
+        *,
+        name: str,
+        accept: Collection[int] = (),
+    ) -> ResponseApdu:
+        """Send ``command``; follow 61xx/6Cxx; raise a typed error unless the SW is accepted.
+
+        Success (9000, 91xx, 92xx) is always accepted; ``accept`` adds more (e.g. 6300 paging).
+        """
+        gr_cla = command.cla
+        if self._iso_get_response:
+            gr_cla = cla_for_channel(channel_from_cla(command.cla))
+        data = b""
+        current = command
+        resends = 0
+        response = self._transmit(current, name)
+        for _ in range(_MAX_GET_RESPONSES):
+            step = next_t0_step(current, response, get_response_cla=gr_cla)
+            if step.keep_data:
+                data += response.data
+            if step.command is None:
+                break
+            if step.command.ins != INS_GET_RESPONSE:
+                resends += 1
+                if resends > 1:
+                    raise CardProtocolError(f"{name}: card asked twice for another Le (6Cxx)")
+                data = b""
+            current = step.command
+            response = self._transmit(current, name)
+        else:
+            raise CardProtocolError(f"{name}: card keeps announcing more data (61xx)")
+        final = ResponseApdu(data, response.sw)
+        if not is_success(final.sw) and final.sw not in accept:
+            raise error_for_sw(final.sw, name)
+        return final
+
+    def _transmit(self, command: CommandApdu, name: str) -> ResponseApdu:
+        raw = self.transport.transmit(command.encode())
+        response = ResponseApdu.decode(raw)
+        log.debug(
+            "%s: CLA %02X INS %02X P1 %02X P2 %02X Lc %d -> %d bytes SW %04X",
+            name,
+            command.cla,
+            command.ins,
+            command.p1,
+            command.p2,
+            len(command.data),
+            len(response.data),
+            response.sw,
+        )
+        return response
+
+    @property
+    def basic_channel(self) -> LogicalChannel:
+        return LogicalChannel(self, 0)
+
+    def open_channel(self) -> LogicalChannel:
+        """MANAGE CHANNEL open, card-assigned number (TS 102 221 §11.1.17)."""
+        response = self.exchange(
+            CommandApdu(0x00, INS_MANAGE_CHANNEL, 0x00, 0x00, le=1), name="MANAGE CHANNEL open"
+        )
+        if len(response.data) != 1 or not 1 <= response.data[0] <= MAX_CHANNEL:
+            raise CardProtocolError(
+                f"MANAGE CHANNEL open: expected one channel number, got {response.data.hex()}"
+            )
+        number = response.data[0]
+        self._open_channels.add(number)
+        return LogicalChannel(self, number)
+
+    def close_channel(self, number: int) -> None:
+        if number == 0:
+            return  # the basic channel is never closed
+        self._open_channels.discard(number)
+        self.exchange(
+            CommandApdu(0x00, INS_MANAGE_CHANNEL, 0x80, number), name="MANAGE CHANNEL close"
+        )
+
+    def close(self) -> None:
+        """Close every channel this session opened (best effort), then the transport."""
+        for number in sorted(self._open_channels):
+            try:
+                self.close_channel(number)
+            except Exception as exc:  # noqa: BLE001 - a dead card must not hide the real error
+                log.debug("closing channel %d failed: %s", number, exc)
+        self._open_channels.clear()
+        self.transport.close()
+
+
+@dataclass(frozen=True)
+class LogicalChannel:
+    """A channel number bound to a session; builds commands with the right CLA."""
+
+    session: CardSession
+    number: int
+
+    def cla(self, *, proprietary: bool = False) -> int:
+        return cla_for_channel(self.number, proprietary=proprietary)
+
+    def exchange(
+        self,
+        ins: int,
+        p1: int,
+        p2: int,
+        data: bytes = b"",
+        le: int | None = None,
+        *,
+        name: str,
+        proprietary: bool = False,
+        accept: Collection[int] = (),
+    ) -> ResponseApdu:
+        command = CommandApdu(self.cla(proprietary=proprietary), ins, p1, p2, data, le)
+        return self.session.exchange(command, name=name, accept=accept)
+
+    def close(self) -> None:
+        self.session.close_channel(self.number)

@@ -1,0 +1,577 @@
+"""GSMA IoT SAFE (IoT.05) applet client: pure encoders/decoders plus ``IotSafeApplet``.
+
+Byte layouts follow iot-safe-apdu.md (§3 command reference, §7 worked example). Where cards
+and libraries disagree the decoders accept every variant seen in the wild: 1- or 2-byte (and
+BER) lengths on the signature TLV, raw r||s or DER signatures, public-key IDs that differ from
+the private-key ID after GENERATE KEY PAIR, responses without the ``84``/``85`` TLVs, object
+lists with several objects per container in any order, and ``63 00`` paging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from est_agent.card.channel import CardSession, LogicalChannel
+from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
+from est_agent.card.uri import IotSafeRef, ObjectKind
+from est_agent.errors import CardProtocolError, InputError, NotFoundError, StatusWordError
+
+__all__ = [
+    "DEFAULT_AID",
+    "AppletInfo",
+    "GeneratedKey",
+    "IotSafeApplet",
+    "ObjectInfo",
+    "ObjectType",
+    "decode_app_info",
+    "decode_der_length",
+    "decode_generate_key_response",
+    "decode_object_list",
+    "decode_public_key",
+    "decode_signature",
+    "encode_object_ref",
+    "encode_sign_init",
+    "raw_signature_to_der",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AID = bytes.fromhex("A0000005590010")
+
+# Instructions (iot-safe-apdu.md §3.0)
+INS_SELECT = 0xA4
+INS_GET_DATA = 0xCB
+INS_GENERATE_KEY_PAIR = 0xB9
+INS_READ_PUBLIC_KEY = 0xCD
+INS_GET_RANDOM = 0x84
+INS_SIGN_INIT = 0x2A
+INS_SIGN_UPDATE = 0x2B
+INS_VERIFY_INIT = 0x2C
+INS_VERIFY_UPDATE = 0x2D
+INS_READ_FILE = 0xB0
+
+SW_MORE_DATA = 0x6300
+SW_SIGNATURE_MISMATCH = 0x6D01
+
+# Data tags
+TAG_PUBLIC_KEY = 0x34
+TAG_ECC_KEY = 0x49
+TAG_EC_POINT = 0x86
+TAG_SIGNATURE = 0x33
+TAG_MODE = 0xA1
+TAG_HASH_ALGS = 0x91
+TAG_SIG_ALGS = 0x92
+TAG_HASH_VALUE = 0x9E
+
+MODE_PAD_AND_SIGN = 0x03  # host supplies the final hash (§3.5): the mode every source uses
+HASH_SHA256 = b"\x00\x01"
+SIGALG_ECDSA = 0x04
+
+_ID_TAG = {ObjectKind.PRIVATE_KEY: 0x84, ObjectKind.PUBLIC_KEY: 0x85, ObjectKind.FILE: 0x83}
+_LABEL_TAG = {ObjectKind.PRIVATE_KEY: 0x74, ObjectKind.PUBLIC_KEY: 0x75, ObjectKind.FILE: 0x73}
+_GET_DATA_P1 = {ObjectKind.PRIVATE_KEY: 0xC1, ObjectKind.PUBLIC_KEY: 0xC2, ObjectKind.FILE: 0xC3}
+_MAX_PAGES = 32
+# Commands are framed as in the reference's worked example (§7): data-carrying commands go
+# without Le (T=0 cards answer 61xx, T=1 cards the data), GET DATA lists and READ FILE with Le.
+_SHORT_LE = 256  # Le byte 00: "up to 256 bytes"
+
+
+class ObjectType(IntEnum):
+    """Info container tags of GET DATA (§3.1)."""
+
+    PRIVATE_KEY = 0xC1
+    PUBLIC_KEY = 0xC2
+    FILE = 0xC3
+    SECRET_KEY = 0xC4
+
+
+# container tag -> (ID tag, label tag)
+_CONTAINER_REF_TAGS = {
+    ObjectType.PRIVATE_KEY: (0x84, 0x74),
+    ObjectType.PUBLIC_KEY: (0x85, 0x75),
+    ObjectType.FILE: (0x83, 0x73),
+    ObjectType.SECRET_KEY: (0x86, 0x76),
+}
+
+
+@dataclass(frozen=True)
+class AppletInfo:
+    """GET DATA P1=00 (§3.1). Bitmaps are kept as integers; see the reference tables."""
+
+    version: int | None
+    applet_id: bytes
+    max_files: int | None
+    max_private_keys: int | None
+    max_public_keys: int | None
+    max_secret_keys: int | None
+    crypto_functions: int | None
+    hash_algorithms: int | None
+    signature_algorithms: int | None
+    key_agreement_algorithms: int | None
+    key_derivation_algorithms: int | None
+    max_sessions: int | None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One entry of the object list (or a single-object GET DATA)."""
+
+    type: ObjectType
+    object_id: bytes | None
+    label: str | None
+    access: int | None = None
+    state: int | None = None
+    key_type: int | None = None
+    key_usage: int | None = None
+    crypto_functions: int | None = None
+    signature_algorithms: int | None = None
+    hash_algorithms: int | None = None
+    file_usage: int | None = None
+    file_size: int | None = None
+    extra: tuple[Tlv, ...] = field(default=(), repr=False)
+
+    @property
+    def activated(self) -> bool:
+        return self.state == 0x01
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    """GENERATE KEY PAIR result: the IDs the card chose (may be absent) and the public point."""
+
+    private_id: bytes | None
+    public_id: bytes | None
+    public_point: bytes  # SEC1 uncompressed 04||X||Y
+
+
+# --- pure encoders ---------------------------------------------------------------------------
+
+
+def encode_object_ref(ref: IotSafeRef, kind: ObjectKind | None = None) -> bytes:
+    """The ID or label TLV addressing ``ref`` as an object of ``kind`` (default: its own)."""
+    kind = kind or ref.kind
+    if ref.object_id is not None:
+        return encode_tlv(_ID_TAG[kind], ref.object_id)
+    assert ref.label is not None  # guaranteed by IotSafeRef
+    return encode_tlv(_LABEL_TAG[kind], ref.label.encode())
+
+
+def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY) -> bytes:
+    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + SHA-256 + ECDSA (§3.5, §7 d)."""
+    return (
+        encode_object_ref(key, kind)
+        + encode_tlv(TAG_MODE, bytes((MODE_PAD_AND_SIGN,)))
+        + encode_tlv(TAG_HASH_ALGS, HASH_SHA256)
+        + encode_tlv(TAG_SIG_ALGS, bytes((SIGALG_ECDSA,)))
+    )
+
+
+def raw_signature_to_der(raw: bytes) -> bytes:
+    """r||s (equal halves) to a minimal DER Ecdsa-Sig-Value."""
+    if len(raw) % 2 or not raw:
+        raise CardProtocolError(f"raw ECDSA signature has odd length {len(raw)}")
+    half = len(raw) // 2
+    r = int.from_bytes(raw[:half], "big")
+    s = int.from_bytes(raw[half:], "big")
+    if r == 0 or s == 0:
+        raise CardProtocolError("card returned a signature with r or s equal to zero")
+    return encode_dss_signature(r, s)
+
+
+# --- pure decoders ---------------------------------------------------------------------------
+
+
+def _int(value: bytes | None) -> int | None:
+    return int.from_bytes(value, "big") if value else None
+
+
+def decode_app_info(data: bytes) -> AppletInfo:
+    """GET DATA P1=00. Tags are looked up, not read in order; the hash bitmap may be 1 byte."""
+    tlvs = decode_tlvs(data)
+    if not tlvs:
+        raise CardProtocolError("GET DATA application info: empty answer")
+    return AppletInfo(
+        version=_int(find_tlv(tlvs, 0x10)),
+        applet_id=find_tlv(tlvs, 0x11) or b"",
+        max_files=_int(find_tlv(tlvs, 0xB1)),
+        max_private_keys=_int(find_tlv(tlvs, 0xB2)),
+        max_public_keys=_int(find_tlv(tlvs, 0xB3)),
+        max_secret_keys=_int(find_tlv(tlvs, 0xB4)),
+        crypto_functions=_int(find_tlv(tlvs, 0x90)),
+        hash_algorithms=_int(find_tlv(tlvs, 0x91)),
+        signature_algorithms=_int(find_tlv(tlvs, 0x92)),
+        key_agreement_algorithms=_int(find_tlv(tlvs, 0x93)),
+        key_derivation_algorithms=_int(find_tlv(tlvs, 0x94)),
+        max_sessions=_int(find_tlv(tlvs, 0xB7)),
+    )
+
+
+def _object_from_tlvs(kind: ObjectType, tlvs: list[Tlv]) -> ObjectInfo:
+    id_tag, label_tag = _CONTAINER_REF_TAGS[kind]
+    known = {id_tag, label_tag, 0x60, 0x4A, 0x4B, 0x4E, 0x61, 0x92, 0x91, 0x21, 0x20}
+    label = find_tlv(tlvs, label_tag)
+    return ObjectInfo(
+        type=kind,
+        object_id=find_tlv(tlvs, id_tag),
+        label=label.decode("utf-8", "replace") if label is not None else None,
+        access=_int(find_tlv(tlvs, 0x60)),
+        state=_int(find_tlv(tlvs, 0x4A)),
+        key_type=_int(find_tlv(tlvs, 0x4B)),
+        key_usage=_int(find_tlv(tlvs, 0x4E)),
+        crypto_functions=_int(find_tlv(tlvs, 0x61)),
+        signature_algorithms=_int(find_tlv(tlvs, 0x92)),
+        hash_algorithms=_int(find_tlv(tlvs, 0x91)),
+        file_usage=_int(find_tlv(tlvs, 0x21)) if kind is ObjectType.FILE else None,
+        # big-endian, as TM/WS/M33 decode it (OR's little-endian reading is a bug, §6.10)
+        file_size=_int(find_tlv(tlvs, 0x20)) if kind is ObjectType.FILE else None,
+        extra=tuple(t for t in tlvs if t.tag not in known),
+    )
+
+
+def _split_objects(kind: ObjectType, tlvs: list[Tlv]) -> list[ObjectInfo]:
+    """Split one container's TLVs into objects: a repeated ID or label tag starts a new one."""
+    id_tag, label_tag = _CONTAINER_REF_TAGS[kind]
+    objects: list[ObjectInfo] = []
+    current: list[Tlv] = []
+    seen: set[int] = set()
+    for tlv in tlvs:
+        if tlv.tag in (id_tag, label_tag) and tlv.tag in seen:
+            objects.append(_object_from_tlvs(kind, current))
+            current, seen = [], set()
+        seen.add(tlv.tag)
+        current.append(tlv)
+    if current:
+        objects.append(_object_from_tlvs(kind, current))
+    return objects
+
+
+def decode_object_list(data: bytes, *, expect: ObjectType | None = None) -> list[ObjectInfo]:
+    """GET DATA P1=01 (or C1/C2/C3): containers in any order, several objects per container.
+
+    Some applets answer a single-object query with the container's content only: pass
+    ``expect`` to accept that form.
+    """
+    tlvs = decode_tlvs(data)
+    container_tags = {t.value for t in ObjectType}
+    if expect is not None and tlvs and tlvs[0].tag not in container_tags:
+        return _split_objects(expect, tlvs)
+    objects: list[ObjectInfo] = []
+    for tlv in tlvs:
+        if tlv.tag not in container_tags:
+            log.debug("object list: ignoring unknown tag %02X", tlv.tag)
+            continue
+        objects.extend(_split_objects(ObjectType(tlv.tag), decode_tlvs(tlv.value)))
+    return objects
+
+
+def decode_public_key(data: bytes) -> bytes:
+    """``34 { 49 { 86 04||X||Y } }`` (§3.2/3.3) to the 65-byte point; bare forms tolerated."""
+    value = data
+    for tag in (TAG_PUBLIC_KEY, TAG_ECC_KEY, TAG_EC_POINT):
+        if value[:1] == bytes((tag,)):
+            inner = find_tlv(decode_tlvs(value), tag)
+            if inner is None:  # pragma: no cover - decode_tlvs found the tag
+                break
+            value = inner
+    if len(value) != 65 or value[0] != 0x04:
+        raise CardProtocolError(
+            f"public key is not an uncompressed P-256 point ({len(value)} bytes)"
+        )
+    return value
+
+
+def decode_generate_key_response(data: bytes) -> GeneratedKey:
+    tlvs = decode_tlvs(data)
+    public = find_tlv(tlvs, TAG_PUBLIC_KEY)
+    if public is None:
+        raise CardProtocolError("GENERATE KEY PAIR: no public key (tag 34) in the answer")
+    return GeneratedKey(
+        private_id=find_tlv(tlvs, 0x84),
+        public_id=find_tlv(tlvs, 0x85),
+        public_point=decode_public_key(encode_tlv(TAG_PUBLIC_KEY, public)),
+    )
+
+
+def _is_der_signature(value: bytes) -> bool:
+    if len(value) < 8 or value[0] != 0x30 or value[1] != len(value) - 2:
+        return False
+    try:
+        decode_dss_signature(value)
+    except ValueError:
+        return False
+    return True
+
+
+def decode_signature(data: bytes) -> bytes:
+    """The last COMPUTE SIGNATURE UPDATE answer to DER (§3.5: ``33 00 40``, ``33 40`` or DER)."""
+    value = data
+    if data[:1] == bytes((TAG_SIGNATURE,)):
+        found = find_tlv(decode_tlvs(data), TAG_SIGNATURE)
+        if found is None:  # pragma: no cover
+            raise CardProtocolError("signature TLV missing")
+        value = found
+    if _is_der_signature(value):
+        r, s = decode_dss_signature(value)
+        return encode_dss_signature(r, s)  # re-encode: some applets emit non-minimal DER
+    if len(value) != 64:
+        raise CardProtocolError(
+            f"signature is neither DER nor a 64-byte P-256 r||s ({len(value)} bytes)"
+        )
+    return raw_signature_to_der(value)
+
+
+def decode_der_length(header: bytes) -> int | None:
+    """Total length of the DER element starting ``header``, or None if it cannot be known yet."""
+    if len(header) < 2:
+        return None
+    first = header[1]
+    if first < 0x80:
+        return 2 + first
+    count = first & 0x7F
+    if count == 0 or count > 3:
+        return None  # indefinite or absurd: the caller falls back to size / short reads
+    if len(header) < 2 + count:
+        return None
+    return 2 + count + int.from_bytes(header[2 : 2 + count], "big")
+
+
+# --- the applet on a channel -----------------------------------------------------------------
+
+
+class IotSafeApplet:
+    """The IoT SAFE applet selected on a logical channel of ``session``.
+
+    ``proprietary_cla`` picks `8N` (default: WS's "default IoT-Safe class" and a real ZARIOT
+    card) or `0N` (OR/TM/TP) for applet commands; SELECT always uses the ISO class (§1.3).
+    """
+
+    def __init__(
+        self,
+        channel: LogicalChannel,
+        *,
+        proprietary_cla: bool = True,
+        session_number: int = 1,
+        aid: bytes = DEFAULT_AID,
+    ) -> None:
+        self.channel = channel
+        self.proprietary_cla = proprietary_cla
+        self.session_number = session_number
+        self.aid = aid
+
+    @classmethod
+    def open(
+        cls,
+        session: CardSession,
+        *,
+        aids: Sequence[bytes] = (DEFAULT_AID,),
+        proprietary_cla: bool = True,
+        session_number: int = 1,
+    ) -> IotSafeApplet:
+        """Open a logical channel and select the first AID that answers (§1.2)."""
+        if not aids:
+            raise InputError("no IoT SAFE AID configured")
+        channel = session.open_channel()
+        try:
+            for aid in aids:
+                try:
+                    channel.exchange(INS_SELECT, 0x04, 0x00, aid, name="SELECT IoT SAFE applet")
+                except NotFoundError:
+                    log.debug("no applet with AID %s", aid.hex().upper())
+                    continue
+                return cls(
+                    channel,
+                    proprietary_cla=proprietary_cla,
+                    session_number=session_number,
+                    aid=aid,
+                )
+        except BaseException:
+            channel.close()
+            raise
+        channel.close()
+        tried = ", ".join(a.hex().upper() for a in aids)
+        raise NotFoundError(0x6A82, "SELECT", f"no IoT SAFE applet on the card (tried {tried})")
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _exchange(
+        self,
+        ins: int,
+        p1: int,
+        p2: int,
+        data: bytes = b"",
+        le: int | None = None,
+        *,
+        name: str,
+        accept: Sequence[int] = (),
+    ) -> tuple[bytes, int]:
+        response = self.channel.exchange(
+            ins, p1, p2, data, le, name=name, proprietary=self.proprietary_cla, accept=accept
+        )
+        return response.data, response.sw
+
+    # GET DATA ------------------------------------------------------------------------------
+
+    def info(self) -> AppletInfo:
+        # Le 44: the 68 bytes the spec defines (§3.1); a card with another length answers 6Cxx
+        data, _ = self._exchange(INS_GET_DATA, 0x00, 0x00, le=0x44, name="GET DATA info")
+        return decode_app_info(data)
+
+    def objects(self) -> list[ObjectInfo]:
+        """The whole object list, following ``63 00`` paging with P2=01 (§3.1, TP)."""
+        collected = b""
+        p2 = 0x00
+        for _ in range(_MAX_PAGES):
+            data, sw = self._exchange(
+                INS_GET_DATA,
+                0x01,
+                p2,
+                le=_SHORT_LE,
+                name="GET DATA object list",
+                accept=(SW_MORE_DATA,),
+            )
+            collected += data
+            if sw != SW_MORE_DATA:
+                return decode_object_list(collected)
+            p2 = 0x01
+        raise CardProtocolError("GET DATA object list: card keeps paging (63 00)")
+
+    def object_info(self, ref: IotSafeRef) -> ObjectInfo:
+        p1 = _GET_DATA_P1[ref.kind]
+        data, _ = self._exchange(
+            INS_GET_DATA, p1, 0x00, encode_object_ref(ref), name="GET DATA object"
+        )
+        found = decode_object_list(data, expect=ObjectType(p1))
+        if not found:
+            raise CardProtocolError(f"GET DATA object: empty answer for {ref}")
+        return found[0]
+
+    # keys ----------------------------------------------------------------------------------
+
+    def generate_key_pair(self, key: IotSafeRef) -> GeneratedKey:
+        data, _ = self._exchange(
+            INS_GENERATE_KEY_PAIR,
+            0x00,
+            0x00,
+            encode_object_ref(key, ObjectKind.PRIVATE_KEY),
+            name="GENERATE KEY PAIR",
+        )
+        return decode_generate_key_response(data)
+
+    def read_public_key(self, public_key: IotSafeRef) -> bytes:
+        data, _ = self._exchange(
+            INS_READ_PUBLIC_KEY,
+            0x00,
+            0x00,
+            encode_object_ref(public_key, ObjectKind.PUBLIC_KEY),
+            name="READ PUBLIC KEY",
+        )
+        return decode_public_key(data)
+
+    def sign_digest(self, key: IotSafeRef, digest: bytes) -> bytes:
+        """ECDSA over a host-computed SHA-256 digest (mode 03, §3.5); returns DER."""
+        if len(digest) != 32:
+            raise InputError(f"expected a 32-byte SHA-256 digest, got {len(digest)} bytes")
+        sess = self.session_number
+        init = encode_sign_init(key, ObjectKind.PRIVATE_KEY)
+        try:
+            self._exchange(INS_SIGN_INIT, 0x00, sess, init, name="COMPUTE SIGNATURE INIT")
+        except StatusWordError as exc:
+            if exc.sw != 0x6985:
+                raise
+            # A session left open by a crashed run: close it and try once more (OR closes
+            # defensively before every INIT; doing it only on failure saves an APDU per sign).
+            self._close_session(INS_SIGN_INIT)
+            self._exchange(INS_SIGN_INIT, 0x00, sess, init, name="COMPUTE SIGNATURE INIT")
+        try:
+            data, _ = self._exchange(
+                INS_SIGN_UPDATE,
+                0x80,
+                sess,
+                encode_tlv(TAG_HASH_VALUE, digest),
+                name="COMPUTE SIGNATURE UPDATE",
+            )
+        finally:
+            self._close_session(INS_SIGN_INIT)
+        return decode_signature(data)
+
+    def verify_signature(self, public_key: IotSafeRef, digest: bytes, der_signature: bytes) -> bool:
+        """VERIFY SIGNATURE on the card (§3.6): True on 9000, False on 6D01."""
+        r, s = decode_dss_signature(der_signature)
+        raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        sess = self.session_number
+        self._exchange(
+            INS_VERIFY_INIT,
+            0x00,
+            sess,
+            encode_sign_init(public_key, ObjectKind.PUBLIC_KEY),
+            name="VERIFY SIGNATURE INIT",
+        )
+        try:
+            _, sw = self._exchange(
+                INS_VERIFY_UPDATE,
+                0x80,
+                sess,
+                encode_tlv(TAG_HASH_VALUE, digest) + encode_tlv(TAG_SIGNATURE, raw, two_byte_length=True),
+                name="VERIFY SIGNATURE UPDATE",
+                accept=(SW_SIGNATURE_MISMATCH,),
+            )
+        finally:
+            self._close_session(INS_VERIFY_INIT)
+        return sw != SW_SIGNATURE_MISMATCH
+
+    def _close_session(self, init_ins: int) -> None:
+        try:
+            self._exchange(init_ins, 0x01, self.session_number, name="close session")
+        except StatusWordError as exc:
+            log.debug("closing session: %s", exc)
+
+    # other ---------------------------------------------------------------------------------
+
+    def get_random(self, length: int) -> bytes:
+        if not 1 <= length <= 256:
+            raise InputError("GET RANDOM length must be 1..256")
+        data, _ = self._exchange(INS_GET_RANDOM, 0x00, 0x00, le=length, name="GET RANDOM")
+        if len(data) != length:
+            raise CardProtocolError(f"GET RANDOM: asked {length} bytes, got {len(data)}")
+        return data
+
+    def read_file(self, file: IotSafeRef, *, size: int | None = None, chunk: int = 256) -> bytes:
+        """READ FILE (§3.11) from offset 0 until ``size``, the DER length, or the end of file.
+
+        Advances by what the card returned (cards cap answers at 240/255/256 bytes); stops at
+        the DER length of a certificate so a container larger than its content costs nothing.
+        """
+        ref = encode_object_ref(file, ObjectKind.FILE)
+        out = b""
+        limit = size
+        while limit is None or len(out) < limit:
+            offset = len(out)
+            if offset > 0x7FFF:
+                raise CardProtocolError("READ FILE: offset beyond 32 KiB")
+            want = chunk if limit is None else min(chunk, limit - offset)
+            try:
+                data, _ = self._exchange(
+                    INS_READ_FILE, offset >> 8, offset & 0xFF, ref, want, name="READ FILE"
+                )
+            except StatusWordError as exc:
+                # offset out of bounds is listed as 6981 and 6A86 (§3.11); 6B00 from UICC habit
+                if offset > 0 and exc.sw in (0x6981, 0x6A86, 0x6B00):
+                    break
+                raise
+            if not data:
+                break
+            out += data
+            if limit is None and out[:1] == b"\x30":
+                limit = decode_der_length(out)
+            # A short answer alone does not mean end of file (cards cap answers at 240/255
+            # bytes): without a size, read on until an empty answer or an out-of-bounds SW.
+        return out if limit is None else out[:limit]

@@ -1,0 +1,41 @@
+"""A transport that replays a recorded card dialogue and fails on any unexpected command."""
+
+from __future__ import annotations
+
+from est_agent.transport.base import CardTransport
+
+
+def h(text: str) -> bytes:
+    return bytes.fromhex(text.replace(" ", ""))
+
+
+class ScriptedTransport(CardTransport):
+    def __init__(self, script: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.script = [(h(c), h(r)) for c, r in script]
+        self.sent: list[bytes] = []
+
+    @property
+    def description(self) -> str:
+        return "scripted"
+
+    def _connect(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def _transmit(self, apdu: bytes) -> bytes:
+        index = len(self.sent)
+        self.sent.append(apdu)
+        assert index < len(self.script), f"unexpected extra command {apdu.hex(' ')}"
+        expected, response = self.script[index]
+        assert apdu == expected, (
+            f"command {index}: sent {apdu.hex(' ')}, script expects {expected.hex(' ')}"
+        )
+        return response
+
+    def assert_done(self) -> None:
+        assert len(self.sent) == len(self.script), (
+            f"{len(self.script) - len(self.sent)} scripted commands were not sent"
+        )
