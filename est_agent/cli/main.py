@@ -1,10 +1,127 @@
-"""est-agent command line: argparse at the edge, one place mapping errors to exit codes."""
+"""est-agent command line: argparse at the edge, the only place errors become exit codes.
+
+Subcommand modules are imported only when their command runs, so `est-agent run` with nothing
+due stays fast and never loads the HTTP or PC/SC stacks.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import logging
 import sys
+from collections.abc import Callable, Sequence
+
+from est_agent import __version__
+from est_agent.errors import EX_SOFTWARE, EX_USAGE, EstAgentError, exit_code_for
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("est_agent")
+
+DEFAULT_READER = "pcsc:"
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("est-agent: not yet wired", file=sys.stderr)
-    return 70
+def _handler(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        target: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f"est_agent.cli.{module}"), function
+        )
+        return target(args)
+
+    return run
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more detail (-vv: APDU headers)"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="est-agent",
+        description="EST enrollment with keys that never leave the SIM (GSMA IoT SAFE).",
+    )
+    parser.add_argument("--version", action="version", version=f"est-agent {__version__}")
+    common = _common()
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    card = commands.add_parser("card", help="inspect the card in a reader")
+    card_cmds = card.add_subparsers(dest="card_command", metavar="SUBCOMMAND", required=True)
+    info = card_cmds.add_parser(
+        "info", parents=[common], help="IoT SAFE applet info, object list and ICCID"
+    )
+    info.add_argument(
+        "--reader",
+        default=DEFAULT_READER,
+        help="pcsc:[NAME] (default: first reader with a card) or sim:STATE_FILE",
+    )
+    info.add_argument("--aid", action="append", default=None, metavar="HEX",
+                      help="IoT SAFE applet AID (repeatable; default A0000005590010)")
+    info.add_argument("--iso-cla", action="store_true",
+                      help="send applet commands with CLA 0N instead of 8N")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_handler("card", "info"))
+
+    sim = commands.add_parser("sim", help="the virtual IoT SAFE SIM (develop without hardware)")
+    sim_cmds = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
+    init = sim_cmds.add_parser(
+        "init", parents=[common], help="factory-personalize a new virtual SIM state file"
+    )
+    init.add_argument("state", help="state file to create")
+    init.add_argument("--bootstrap-ca", metavar="CERT", help="PEM CA certificate issuing the "
+                      "bootstrap certificate (default: self-signed)")
+    init.add_argument("--bootstrap-ca-key", metavar="KEY", help="PEM private key of --bootstrap-ca")
+    init.add_argument("--iccid", help="18-20 digit ICCID (default: random test ICCID)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing state file")
+    init.add_argument("--json", action="store_true", help="machine-readable output")
+    init.set_defaults(func=_handler("sim", "init"))
+
+    serve = sim_cmds.add_parser(
+        "serve",
+        parents=[common],
+        help="insert the virtual SIM into vsmartcard's vpcd reader (pcscd driver)",
+    )
+    serve.add_argument("state", help="state file made by 'sim init'")
+    serve.add_argument("--vpcd", default="127.0.0.1:35963", metavar="HOST:PORT",
+                       help="where vpcd listens (default 127.0.0.1:35963)")
+    serve.add_argument("--t0", action="store_true",
+                       help="T=0 behaviour: data-returning commands answer 61xx")
+    serve.add_argument("--latency-ms", type=float, default=0.0,
+                       help="added delay per APDU, to imitate a real SIM link")
+    serve.add_argument("--trace", metavar="FILE",
+                       help="append a JSON line per APDU (no payloads) to FILE")
+    serve.add_argument("--power-cut-after", type=int, metavar="N",
+                       help="drop the link after N APDUs (crash tests)")
+    serve.set_defaults(func=_handler("sim", "serve"))
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors; sysexits says 64
+        code = exc.code if isinstance(exc.code, int) else EX_USAGE
+        return EX_USAGE if code == 2 else code
+    _configure_logging(getattr(args, "verbose", 0))
+    try:
+        result: int = args.func(args)
+        return result
+    except EstAgentError as exc:
+        print(f"est-agent: error: {exc} [{type(exc).__name__}]", file=sys.stderr)
+        log.debug("details", exc_info=True)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        return EX_SOFTWARE

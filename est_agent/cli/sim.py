@@ -1,0 +1,70 @@
+"""`est-agent sim ...`: create and serve the virtual IoT SAFE SIM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from est_agent.errors import InputError, UsageError
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def load_ca(cert_path: str, key_path: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate(_read(cert_path, "CA certificate"))
+    except ValueError:
+        raise InputError(f"{cert_path} is not a PEM certificate") from None
+    try:
+        key = load_pem_private_key(_read(key_path, "CA key"), password=None)
+    except (ValueError, TypeError):
+        raise InputError(f"{key_path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(f"{key_path}: only EC CA keys are supported")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise InputError(f"{key_path} is not the private key of {cert_path}")
+    return cert, key
+
+
+def init(args: argparse.Namespace) -> int:
+    from est_agent.sim.personalize import personalize
+
+    if bool(args.bootstrap_ca) != bool(args.bootstrap_ca_key):
+        raise UsageError("--bootstrap-ca and --bootstrap-ca-key go together")
+    ca = load_ca(args.bootstrap_ca, args.bootstrap_ca_key) if args.bootstrap_ca else None
+    report = personalize(Path(args.state), iccid=args.iccid, bootstrap_ca=ca, force=args.force)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from est_agent.sim.vpcd import run_sim_server
+
+    host, sep, port = args.vpcd.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--vpcd must be HOST:PORT, got {args.vpcd!r}")
+    if args.latency_ms < 0:
+        raise UsageError("--latency-ms must not be negative")
+    if args.power_cut_after is not None and args.power_cut_after < 0:
+        raise UsageError("--power-cut-after must not be negative")
+    return run_sim_server(
+        Path(args.state),
+        f"{host or '127.0.0.1'}:{port}",
+        t0_mode=args.t0,
+        latency_ms=args.latency_ms,
+        trace_path=Path(args.trace) if args.trace else None,
+        power_cut_after=args.power_cut_after,
+    )
