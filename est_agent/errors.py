@@ -205,7 +205,7 @@ class AuthError(EstAgentError):
     exit_code = EX_NOPERM
 
 
-class EnrollmentPending(EstAgentError):  # noqa: N818 - an outcome, not a failure
+class EnrollmentPending(EstAgentError):
     """Raised when the server accepted the request but has not issued yet (202/503)."""
 
     exit_code = EX_TEMPFAIL

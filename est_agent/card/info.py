@@ -63,8 +63,9 @@ def _object_json(obj: ObjectInfo) -> dict[str, Any]:
     return out
 
 
-def read_card_info(session: CardSession, *, aids: tuple[bytes, ...] = (DEFAULT_AID,),
-                   proprietary_cla: bool = True) -> CardInfo:
+def read_card_info(
+    session: CardSession, *, aids: tuple[bytes, ...] = (DEFAULT_AID,), proprietary_cla: bool = True
+) -> CardInfo:
     """Applet info and object list; the ICCID from EF_ICCID on its own logical channel."""
     applet = IotSafeApplet.open(session, aids=aids, proprietary_cla=proprietary_cla)
     try:

@@ -520,7 +520,8 @@ class IotSafeApplet:
                 INS_VERIFY_UPDATE,
                 0x80,
                 sess,
-                encode_tlv(TAG_HASH_VALUE, digest) + encode_tlv(TAG_SIGNATURE, raw, two_byte_length=True),
+                encode_tlv(TAG_HASH_VALUE, digest)
+                + encode_tlv(TAG_SIGNATURE, raw, two_byte_length=True),
                 name="VERIFY SIGNATURE UPDATE",
                 accept=(SW_SIGNATURE_MISMATCH,),
             )

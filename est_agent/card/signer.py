@@ -66,9 +66,11 @@ class CardSigner:
     ) -> CardSigner:
         """Read the public key from the card: the given public-key object, else the one with
         the private key's ID or label, else the one whose label matches in the object list."""
-        candidates = [public_key] if public_key is not None else [
-            IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=key.object_id, label=key.label)
-        ]
+        candidates = (
+            [public_key]
+            if public_key is not None
+            else [IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=key.object_id, label=key.label)]
+        )
         for ref in candidates:
             try:
                 return cls(applet, key, public_key_from_point(applet.read_public_key(ref)))
@@ -80,11 +82,20 @@ class CardSigner:
         label = key.label
         if label is None:
             label = next(
-                (o.label for o in objects if o.object_id == key.object_id and o.type is ObjectType.PRIVATE_KEY),
+                (
+                    o.label
+                    for o in objects
+                    if o.object_id == key.object_id and o.type is ObjectType.PRIVATE_KEY
+                ),
                 None,
             )
         for obj in objects:
-            if obj.type is ObjectType.PUBLIC_KEY and label is not None and obj.label == label and obj.object_id:
+            if (
+                obj.type is ObjectType.PUBLIC_KEY
+                and label is not None
+                and obj.label == label
+                and obj.object_id
+            ):
                 ref = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=obj.object_id)
                 return cls(applet, key, public_key_from_point(applet.read_public_key(ref)))
         raise NotFoundError(0x6A88, "READ PUBLIC KEY", f"no public key found for {key}")

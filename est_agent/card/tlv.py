@@ -75,9 +75,7 @@ def iter_tlvs(data: bytes, *, wide_length_tags: frozenset[int] = WIDE_LENGTH_TAG
         pos += length
 
 
-def decode_tlvs(
-    data: bytes, *, wide_length_tags: frozenset[int] = WIDE_LENGTH_TAGS
-) -> list[Tlv]:
+def decode_tlvs(data: bytes, *, wide_length_tags: frozenset[int] = WIDE_LENGTH_TAGS) -> list[Tlv]:
     return list(iter_tlvs(data, wide_length_tags=wide_length_tags))
 
 

@@ -1,11 +1,11 @@
 """Card object addresses as strings, for configuration files and the command line.
 
-    iotsafe:key-id=02          IoT SAFE private key by ID (hex bytes, any length)
-    iotsafe:label=op-a         IoT SAFE key by label (what it names depends on where it is used)
-    iotsafe:key-label=op-a     explicit forms of the same
-    iotsafe:file-id=01         IoT SAFE file container by ID
-    iotsafe:file-label=cert    ... by label
-    uicc:path=7FF0/6F01        UICC transparent EF, path from the MF (3F00 implied)
+iotsafe:key-id=02          IoT SAFE private key by ID (hex bytes, any length)
+iotsafe:label=op-a         IoT SAFE key by label (what it names depends on where it is used)
+iotsafe:key-label=op-a     explicit forms of the same
+iotsafe:file-id=01         IoT SAFE file container by ID
+iotsafe:file-label=cert    ... by label
+uicc:path=7FF0/6F01        UICC transparent EF, path from the MF (3F00 implied)
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def parse_iotsafe_ref(uri: str, *, default_kind: ObjectKind) -> IotSafeRef:
     return ref
 
 
-def parse_card_uri(uri: str, *, default_kind: ObjectKind = ObjectKind.PRIVATE_KEY) -> IotSafeRef | UiccPath:
+def parse_card_uri(
+    uri: str, *, default_kind: ObjectKind = ObjectKind.PRIVATE_KEY
+) -> IotSafeRef | UiccPath:
     scheme, sep, rest = uri.partition(":")
     key, eq, value = rest.partition("=")
     if not sep or not eq or not value:

@@ -59,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_READER,
         help="pcsc:[NAME] (default: first reader with a card) or sim:STATE_FILE",
     )
-    info.add_argument("--aid", action="append", default=None, metavar="HEX",
-                      help="IoT SAFE applet AID (repeatable; default A0000005590010)")
-    info.add_argument("--iso-cla", action="store_true",
-                      help="send applet commands with CLA 0N instead of 8N")
+    info.add_argument(
+        "--aid",
+        action="append",
+        default=None,
+        metavar="HEX",
+        help="IoT SAFE applet AID (repeatable; default A0000005590010)",
+    )
+    info.add_argument(
+        "--iso-cla", action="store_true", help="send applet commands with CLA 0N instead of 8N"
+    )
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_handler("card", "info"))
 
@@ -72,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "init", parents=[common], help="factory-personalize a new virtual SIM state file"
     )
     init.add_argument("state", help="state file to create")
-    init.add_argument("--bootstrap-ca", metavar="CERT", help="PEM CA certificate issuing the "
-                      "bootstrap certificate (default: self-signed)")
+    init.add_argument(
+        "--bootstrap-ca",
+        metavar="CERT",
+        help="PEM CA certificate issuing the bootstrap certificate (default: self-signed)",
+    )
     init.add_argument("--bootstrap-ca-key", metavar="KEY", help="PEM private key of --bootstrap-ca")
     init.add_argument("--iccid", help="18-20 digit ICCID (default: random test ICCID)")
     init.add_argument("--force", action="store_true", help="overwrite an existing state file")
@@ -86,23 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="insert the virtual SIM into vsmartcard's vpcd reader (pcscd driver)",
     )
     serve.add_argument("state", help="state file made by 'sim init'")
-    serve.add_argument("--vpcd", default="127.0.0.1:35963", metavar="HOST:PORT",
-                       help="where vpcd listens (default 127.0.0.1:35963)")
-    serve.add_argument("--t0", action="store_true",
-                       help="T=0 behaviour: data-returning commands answer 61xx")
-    serve.add_argument("--latency-ms", type=float, default=0.0,
-                       help="added delay per APDU, to imitate a real SIM link")
-    serve.add_argument("--trace", metavar="FILE",
-                       help="append a JSON line per APDU (no payloads) to FILE")
-    serve.add_argument("--power-cut-after", type=int, metavar="N",
-                       help="drop the link after N APDUs (crash tests)")
+    serve.add_argument(
+        "--vpcd",
+        default="127.0.0.1:35963",
+        metavar="HOST:PORT",
+        help="where vpcd listens (default 127.0.0.1:35963)",
+    )
+    serve.add_argument(
+        "--t0", action="store_true", help="T=0 behaviour: data-returning commands answer 61xx"
+    )
+    serve.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="added delay per APDU, to imitate a real SIM link",
+    )
+    serve.add_argument(
+        "--trace", metavar="FILE", help="append a JSON line per APDU (no payloads) to FILE"
+    )
+    serve.add_argument(
+        "--power-cut-after", type=int, metavar="N", help="drop the link after N APDUs (crash tests)"
+    )
     serve.set_defaults(func=_handler("sim", "serve"))
     return parser
 
 
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Links to a card, chosen by a reader string.
 
-    pcsc:              first PC/SC reader with a card
-    pcsc:<name>        the PC/SC reader with exactly that name
-    sim:<state file>   the virtual SIM, in this process
+pcsc:              first PC/SC reader with a card
+pcsc:<name>        the PC/SC reader with exactly that name
+sim:<state file>   the virtual SIM, in this process
 """
 
 from __future__ import annotations

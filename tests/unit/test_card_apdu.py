@@ -10,16 +10,24 @@ from est_agent.errors import CardProtocolError, InputError
         (CommandApdu(0x00, 0x70, 0x80, 0x01), "00708001"),  # case 1
         (CommandApdu(0x00, 0x70, 0x00, 0x00, le=1), "0070000001"),  # case 2S
         (CommandApdu(0x81, 0xCB, 0x01, 0x00, le=256), "81CB010000"),  # case 2S, Le 00 = 256
-        (CommandApdu(0x01, 0xA4, 0x04, 0x00, bytes.fromhex("A0000005590010")),
-         "01A4040007A0000005590010"),  # case 3S
-        (CommandApdu(0x81, 0xB0, 0x01, 0x00, bytes.fromhex("830103"), 256),
-         "81B00100038301030" "0"),  # case 4S
+        (
+            CommandApdu(0x01, 0xA4, 0x04, 0x00, bytes.fromhex("A0000005590010")),
+            "01A4040007A0000005590010",
+        ),  # case 3S
+        (
+            CommandApdu(0x81, 0xB0, 0x01, 0x00, bytes.fromhex("830103"), 256),
+            "81B001000383010300",
+        ),  # case 4S
         (CommandApdu(0x00, 0xB0, 0x00, 0x00, le=1000), "00B000000003E8"),  # case 2E
         (CommandApdu(0x00, 0xB0, 0x00, 0x00, le=65536), "00B00000000000"),  # 2E, Le 0000
-        (CommandApdu(0x00, 0xD6, 0x00, 0x00, b"\xAA" * 300),
-         "00D6000000012C" + "AA" * 300),  # case 3E
-        (CommandApdu(0x00, 0xD6, 0x00, 0x00, b"\xAA" * 300, 2),
-         "00D6000000012C" + "AA" * 300 + "0002"),  # case 4E
+        (
+            CommandApdu(0x00, 0xD6, 0x00, 0x00, b"\xaa" * 300),
+            "00D6000000012C" + "AA" * 300,
+        ),  # case 3E
+        (
+            CommandApdu(0x00, 0xD6, 0x00, 0x00, b"\xaa" * 300, 2),
+            "00D6000000012C" + "AA" * 300 + "0002",
+        ),  # case 4E
     ],
 )
 def test_encode_decode_every_case(apdu: CommandApdu, encoded: str) -> None:

@@ -105,8 +105,12 @@ def test_manage_channel_garbage() -> None:
 
 def test_session_close_closes_open_channels() -> None:
     transport = ScriptedTransport(
-        [("00 70 00 00 01", "01 90 00"), ("00 70 00 00 01", "02 90 00"),
-         ("00 70 80 01", "90 00"), ("00 70 80 02", "90 00")]
+        [
+            ("00 70 00 00 01", "01 90 00"),
+            ("00 70 00 00 01", "02 90 00"),
+            ("00 70 80 01", "90 00"),
+            ("00 70 80 02", "90 00"),
+        ]
     )
     session = CardSession(transport)
     session.open_channel()

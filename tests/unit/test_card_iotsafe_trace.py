@@ -70,7 +70,7 @@ def test_c_generate_key_pair_uses_returned_ids() -> None:
         [
             ("81 B9 00 00 03 84 01 01", "61 4D"),
             ("81 C0 00 00 4D", f"84 01 01 85 01 02 34 45 49 43 86 41 04 {XY} 90 00"),
-            ("81 CD 00 00 03 85 01 02", f"61 47"),
+            ("81 CD 00 00 03 85 01 02", "61 47"),
             ("81 C0 00 00 47", f"34 45 49 43 86 41 04 {XY} 90 00"),
         ]
     )
@@ -94,8 +94,9 @@ def test_d_sign_digest(sig_header: str) -> None:
             ("81 2A 01 01", "90 00"),
         ]
     )
-    signer = CardSigner(applet, IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01"),
-                        KEY.public_key())
+    signer = CardSigner(
+        applet, IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01"), KEY.public_key()
+    )
     der = signer.sign_digest(digest)
     transport.assert_done()
     KEY.public_key().verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
@@ -130,8 +131,9 @@ def test_d_wrong_key_signature_is_caught() -> None:
             ("81 2A 01 01", "90 00"),
         ]
     )
-    signer = CardSigner(applet, IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01"),
-                        KEY.public_key())
+    signer = CardSigner(
+        applet, IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01"), KEY.public_key()
+    )
     with pytest.raises(CardProtocolError, match="does not verify"):
         signer.sign_digest(digest)
 
@@ -159,8 +161,10 @@ def test_e_read_file_card_capping_answers_at_240() -> None:
     applet, transport = applet_for(
         [
             ("81 B0 00 00 03 83 01 03 00", container[:240].hex() + " 90 00"),
-            (f"81 B0 00 F0 03 83 01 03 {len(cert) - 240:02X}",
-             container[240:len(cert)].hex() + " 90 00"),
+            (
+                f"81 B0 00 F0 03 83 01 03 {len(cert) - 240:02X}",
+                container[240 : len(cert)].hex() + " 90 00",
+            ),
         ]
     )
     assert applet.read_file(IotSafeRef(ObjectKind.FILE, object_id=b"\x03")) == cert
@@ -169,8 +173,12 @@ def test_e_read_file_card_capping_answers_at_240() -> None:
 
 def test_e_get_data_file_info() -> None:
     applet, transport = applet_for(
-        [("81 CB C3 00 03 83 01 03",
-          "C3 16 73 04 43 45 52 54 83 01 03 60 01 01 4A 01 01 21 01 02 20 02 01 F4 90 00")]
+        [
+            (
+                "81 CB C3 00 03 83 01 03",
+                "C3 16 73 04 43 45 52 54 83 01 03 60 01 01 4A 01 01 21 01 02 20 02 01 F4 90 00",
+            )
+        ]
     )
     info = applet.object_info(IotSafeRef(ObjectKind.FILE, object_id=b"\x03"))
     assert (info.label, info.file_size) == ("CERT", 500)
@@ -196,7 +204,7 @@ def test_wrong_aid_is_not_found_and_channel_closed() -> None:
 
 def test_iso_class_option() -> None:
     transport = ScriptedTransport(
-        OPEN + [("01 84 00 00 08", "61 08"), ("01 C0 00 00 08", "0102030405060708 90 00")]
+        [*OPEN, ("01 84 00 00 08", "61 08"), ("01 C0 00 00 08", "0102030405060708 90 00")]
     )
     applet = IotSafeApplet.open(CardSession(transport), proprietary_cla=False)
     assert applet.get_random(8) == bytes(range(1, 9))
