@@ -1,0 +1,265 @@
+"""`est-testserver`: argparse at the edge; `pki`, `serve` and `probe` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import signal
+import ssl
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+from est_agent.errors import EstAgentError, UsageError, exit_code_for
+from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax, parse_label_profile
+from est_agent.testserver.issuer import Profile, parse_eku_names
+from est_agent.testserver.pki import generate_dev_pki
+from est_agent.testserver.server import EstTestServer, write_port_file
+from est_agent.testserver.wire import (
+    CsrAttrsKind,
+    RetryAfterFormat,
+    parse_duration,
+    parse_listen,
+)
+
+__all__ = ["build_parser", "main"]
+
+EX_USAGE = 64
+EX_OSERR = 71
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # sysexits EX_USAGE, like the rest of the project, instead of argparse's 2.
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _label(text: str) -> tuple[str, Profile]:
+    try:
+        return parse_label_profile(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _user_pass(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise argparse.ArgumentTypeError("expected USER:PASS")
+    return user, password
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pki", type=Path, required=True, help="directory made by `pki`")
+    p.add_argument(
+        "--listen",
+        type=_listen,
+        default=("127.0.0.1", 8443),
+        metavar="HOST:PORT",
+        help="address to bind (default 127.0.0.1:8443; port 0 = any free port)",
+    )
+    p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    p.add_argument("--tls-max", choices=[v.value for v in TlsMax], default="1.3")
+    p.add_argument(
+        "--auth",
+        choices=[v.value for v in AuthMode],
+        default="cert",
+        help="what simpleenroll demands (simplereenroll always needs the certificate)",
+    )
+    p.add_argument("--basic", type=_user_pass, metavar="USER:PASS", help="HTTP Basic account")
+    p.add_argument(
+        "--pop",
+        choices=["off", "required"],
+        default="off",
+        help="required: challengePassword = base64(tls-unique) (TLS 1.2 connections only)",
+    )
+    p.add_argument("--csrattrs", choices=[v.value for v in CsrAttrsKind], default="none")
+    p.add_argument("--validity", type=_duration, default=30 * 86400, metavar="DURATION")
+    p.add_argument(
+        "--eku",
+        default="clientAuth",
+        metavar="NAMES",
+        help="comma-separated EKUs of the default profile, or none",
+    )
+    p.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="NAME=DURATION[,EKU...]",
+        help="add a CA profile reachable as /.well-known/est/NAME/...",
+    )
+    p.add_argument("--manual-approval", type=_seconds, metavar="SECONDS")
+    p.add_argument(
+        "--retry-after-format", choices=[v.value for v in RetryAfterFormat], default="seconds"
+    )
+    p.add_argument("--max-concurrent", type=_positive_int, metavar="N")
+    p.add_argument("--busy-retry-after", type=_duration, default=1, metavar="DURATION")
+    p.add_argument(
+        "--unwrapped-base64",
+        action="store_true",
+        help="one base64 line per response (strongSwan's pki --est needs this)",
+    )
+    p.add_argument("--fault", choices=[v.value for v in Fault])
+    p.add_argument("--fault-times", type=int, default=0, metavar="N", help="0 = always")
+    p.add_argument(
+        "--fault-ops",
+        default="simpleenroll,simplereenroll",
+        metavar="OPS",
+        help="comma-separated operations the fault applies to",
+    )
+    p.add_argument("--slow-body", type=_seconds, default=5.0, metavar="SECONDS")
+    p.add_argument("--response-delay", type=_seconds, default=0.0, metavar="SECONDS")
+    p.add_argument("--issuance-log", type=Path, metavar="FILE", help="JSON lines, appended")
+    p.add_argument("--quiet", action="store_true", help="no per-request lines on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="est-testserver", description="RFC 7030 EST test server")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    pki = sub.add_parser("pki", help="generate the development PKI into DIR")
+    pki.add_argument("directory", type=Path, metavar="DIR")
+    pki.add_argument("--force", action="store_true", help="overwrite existing files")
+    serve = sub.add_parser("serve", help="run the EST server")
+    _add_serve_arguments(serve)
+    probe = sub.add_parser("probe", help="health check: GET BASE_URL/cacerts over TLS")
+    probe.add_argument(
+        "url", metavar="BASE_URL", help="e.g. https://localhost:8443/.well-known/est"
+    )
+    probe.add_argument("--cacert", type=Path, required=True, help="TLS trust anchor (tls-ca.pem)")
+    probe.add_argument("--timeout", type=_seconds, default=5.0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    host, port = args.listen
+    try:
+        ekus = parse_eku_names(args.eku.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--eku: {exc}") from None
+    return ServerConfig(
+        pki_dir=args.pki,
+        host=host,
+        port=port,
+        tls_max=TlsMax(args.tls_max),
+        auth=AuthMode(args.auth),
+        basic=args.basic,
+        pop_required=args.pop == "required",
+        csrattrs=CsrAttrsKind(args.csrattrs),
+        default_profile=Profile(validity_s=args.validity, ekus=ekus),
+        labels=dict(args.label),
+        manual_approval_s=args.manual_approval,
+        retry_after_format=RetryAfterFormat(args.retry_after_format),
+        max_concurrent=args.max_concurrent,
+        busy_retry_after_s=args.busy_retry_after,
+        wrap_base64=not args.unwrapped_base64,
+        fault=Fault(args.fault) if args.fault else None,
+        fault_times=args.fault_times,
+        fault_operations=frozenset(op for op in args.fault_ops.split(",") if op),
+        slow_body_s=args.slow_body,
+        response_delay_s=args.response_delay,
+        issuance_log=args.issuance_log,
+        port_file=args.port_file,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    server = EstTestServer(config)
+    if args.quiet:
+        server.quiet()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if config.port_file is not None:
+        write_port_file(config.port_file, server.port)
+    # The ready line: tests and humans learn the real port from it (`--listen ...:0`).
+    print(f"est-testserver: listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    parts = urlsplit(args.url.rstrip("/"))
+    if parts.scheme != "https" or not parts.hostname:
+        print(f"est-testserver probe: not an https URL: {args.url}", file=sys.stderr)
+        return EX_USAGE
+    ctx = ssl.create_default_context(cafile=str(args.cacert))
+    conn = http.client.HTTPSConnection(
+        parts.hostname, parts.port or 443, context=ctx, timeout=args.timeout
+    )
+    try:
+        conn.request("GET", f"{parts.path}/cacerts")
+        response = conn.getresponse()
+        body = response.read()
+        base64.b64decode(body.translate(None, b" \t\r\n"), validate=True)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        print(f"est-testserver probe: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if response.status != 200:
+        print(f"est-testserver probe: HTTP {response.status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pki":
+            for path in generate_dev_pki(args.directory, force=args.force):
+                print(path)
+            return 0
+        if args.command == "serve":
+            return _serve(args)
+        return _probe(args)
+    except EstAgentError as exc:
+        print(f"est-testserver: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except OSError as exc:  # cannot bind, cannot write the PKI, unreadable key file ...
+        print(f"est-testserver: {exc}", file=sys.stderr)
+        return EX_OSERR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The test server's settings: one frozen dataclass, validated once, plus its enums."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from est_agent.errors import ConfigError
+from est_agent.testserver.issuer import Profile, parse_eku_names
+from est_agent.testserver.wire import (
+    ENROLL_OPERATIONS,
+    OPERATIONS,
+    CsrAttrsKind,
+    RetryAfterFormat,
+    parse_duration,
+)
+
+__all__ = [
+    "AuthMode",
+    "Fault",
+    "ServerConfig",
+    "TlsMax",
+    "parse_label_profile",
+]
+
+
+class AuthMode(enum.Enum):
+    """What `simpleenroll` demands (`--auth`); `simplereenroll` always needs the cert."""
+
+    CERT = "cert"
+    BASIC = "basic"
+    CERT_AND_BASIC = "cert+basic"
+    CERT_OR_BASIC = "cert-or-basic"
+
+
+class TlsMax(enum.Enum):
+    """Highest TLS version offered (`--tls-max`); 1.2 behaves like libest."""
+
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
+class Fault(enum.Enum):
+    """Deliberate misbehaviour for client tests (`--fault`), applied after all checks pass."""
+
+    HTTP_500 = "http-500"  # 500 with a short text body
+    DROP_MID_BODY = "drop-mid-body"  # full Content-Length announced, half sent, TCP closed
+    SLOW_BODY = "slow-body"  # correct answer trickled over --slow-body seconds
+    GARBAGE_BASE64 = "garbage-base64"  # 200, PKCS#7 media type, body not base64
+    NOT_PKCS7 = "not-pkcs7"  # 200, base64 of a bare certificate instead of PKCS#7
+    WRONG_KEY = "wrong-key"  # a certificate for a different public key
+    FOREIGN_CA = "foreign-ca"  # the right key, signed by a CA the client never saw
+    EXPIRED_CERT = "expired-cert"  # the right key and CA, validity ended yesterday
+    OVERSIZE_BODY = "oversize-body"  # 200 with a body over 10 MiB
+    WRONG_CONTENT_TYPE = "wrong-content-type"  # right body, Content-Type text/html
+
+
+def parse_label_profile(text: str) -> tuple[str, Profile]:
+    """`NAME=DURATION[,EKU...]`, e.g. `short=30s` or `tls=1d,clientAuth,serverAuth`."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise ValueError(f"not NAME=DURATION[,EKU...]: {text!r}")
+    duration, *ekus = spec.split(",")
+    profile = Profile(
+        validity_s=parse_duration(duration),
+        ekus=parse_eku_names(ekus) if ekus else Profile(validity_s=1).ekus,
+    )
+    return name, profile
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `est-testserver serve` can be told; `validate()` runs at construction."""
+
+    pki_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_max: TlsMax = TlsMax.TLS1_3
+    auth: AuthMode = AuthMode.CERT
+    basic: tuple[str, str] | None = None
+    pop_required: bool = False
+    csrattrs: CsrAttrsKind = CsrAttrsKind.NONE
+    default_profile: Profile = field(default_factory=lambda: Profile(validity_s=30 * 86400))
+    labels: Mapping[str, Profile] = field(default_factory=dict)
+    manual_approval_s: float | None = None
+    retry_after_format: RetryAfterFormat = RetryAfterFormat.SECONDS
+    max_concurrent: int | None = None
+    busy_retry_after_s: int = 1
+    wrap_base64: bool = True
+    fault: Fault | None = None
+    fault_times: int = 0  # 0: every matching request; N: the first N, then behave
+    fault_operations: frozenset[str] = ENROLL_OPERATIONS
+    slow_body_s: float = 5.0
+    response_delay_s: float = 0.0
+    issuance_log: Path | None = None
+    port_file: Path | None = None
+    max_request_bytes: int = 64 * 1024
+    io_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.auth is not AuthMode.CERT and self.basic is None:
+            raise ConfigError(f"--auth {self.auth.value} needs --basic USER:PASS")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError("--max-concurrent must be at least 1")
+        if self.manual_approval_s is not None and self.manual_approval_s < 0:
+            raise ConfigError("--manual-approval must not be negative")
+        if self.fault_times < 0:
+            raise ConfigError("--fault-times must not be negative")
+        unknown = self.fault_operations - OPERATIONS
+        if unknown:
+            raise ConfigError(f"--fault-ops: unknown operation {sorted(unknown)[0]!r}")

@@ -1,0 +1,700 @@
+"""The RFC 7030 test server: TLS, HTTP routing, authentication, issuance and fault injection.
+
+Theory of operation: one `ThreadingHTTPServer`; the TLS handshake runs in each connection's own
+thread (a stalled or garbage-speaking client never blocks `accept`). Every request goes
+through `_Handler._dispatch`: route -> admission (`--max-concurrent`) -> authentication ->
+body and CSR checks -> PoP -> manual approval -> issue (or a fault) -> issuance log. Each
+refusal is an `HttpRefusal` turned into a short text answer; anything else is a bug, logged
+with its traceback and answered 500, and the server keeps serving.
+
+Client certificates: OpenSSL verifies the chain against both the bootstrap CA and the EST CA,
+with its time check switched off so that an expired certificate reaches the handler and gets
+a readable 403 instead of a bare TLS alert; which CA issued it decides what it may do.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hmac
+import http
+import json
+import socket
+import ssl
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax
+from est_agent.testserver.csrcheck import (
+    CheckedCsr,
+    check_challenge_password,
+    check_csr,
+    check_reenroll,
+)
+from est_agent.testserver.issuer import (
+    CertificateAuthority,
+    Profile,
+    issue_from_csr,
+    make_ca,
+    random_serial,
+)
+from est_agent.testserver.pki import DevPki, load_dev_pki
+from est_agent.testserver.wire import (
+    UNSUPPORTED_OPERATIONS,
+    HttpRefusal,
+    decode_base64_body,
+    encode_base64_body,
+    encode_certs_only,
+    encode_csrattrs,
+    format_retry_after,
+    media_type_of,
+    parse_basic_authorization,
+    parse_est_path,
+)
+
+__all__ = ["EstTestServer"]
+
+# X509_V_FLAG_NO_CHECK_TIME (openssl/x509_vfy.h); Python exposes no name for it but passes
+# verify_flags through to X509_VERIFY_PARAM_set_flags unchanged.
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000
+_PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
+_OVERSIZE_BYTES = 10 * 1024 * 1024 + 64 * 1024
+_BASIC_REALM = 'Basic realm="est", charset="UTF-8"'
+
+
+class _Delivery:
+    NORMAL = "normal"
+    DROP_MID_BODY = "drop"
+    SLOW = "slow"
+    OVERSIZE = "oversize"
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    delivery: str = _Delivery.NORMAL
+
+
+@dataclass(frozen=True)
+class _ClientCert:
+    certificate: x509.Certificate
+    #: "bootstrap" or "est": which of the two trusted CAs issued it
+    issuer: str
+
+
+class _State:
+    """Mutable state shared by the handler threads; every field behind one lock."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._lock = threading.Lock()
+        self._first_seen: dict[str, float] = {}
+        self._faults_done = 0
+        self._config = config
+        self._slots = (
+            threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None
+        )
+        self._log = config.issuance_log.open("a", encoding="utf-8") if config.issuance_log else None
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+    @contextmanager
+    def admission(self) -> Iterator[bool]:
+        """Yields whether this request got one of the `--max-concurrent` slots."""
+        if self._slots is None:
+            yield True
+            return
+        if not self._slots.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._slots.release()
+
+    def pending_for(self, key_sha256: str, now_s: float) -> float | None:
+        """Seconds still to wait for this key under `--manual-approval`, None when issued."""
+        approval_s = self._config.manual_approval_s
+        if approval_s is None:
+            return None
+        with self._lock:
+            first = self._first_seen.get(key_sha256)
+            if first is None:
+                self._first_seen[key_sha256] = now_s
+                return approval_s
+        remaining = first + approval_s - now_s
+        return remaining if remaining > 0 else None
+
+    def take_fault(self, operation: str) -> Fault | None:
+        """The fault to apply to this request, counting it against `--fault-times`."""
+        fault = self._config.fault
+        if fault is None or operation not in self._config.fault_operations:
+            return None
+        with self._lock:
+            if self._config.fault_times and self._faults_done >= self._config.fault_times:
+                return None
+            self._faults_done += 1
+        return fault
+
+    def log(self, entry: dict[str, Any]) -> None:
+        if self._log is None:
+            return
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        with self._lock:
+            self._log.write(line)
+            self._log.flush()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # Do not wait for idle keep-alive connections (up to io_timeout_s each) on close.
+    block_on_close = False
+    # 200 clients connecting at once must not overflow the listen backlog (default 5).
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], est: EstTestServer) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.est = est
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        # Handshake failures, resets and timeouts are the peer's doing: one line, no traceback.
+        if isinstance(exc, OSError):  # ssl.SSLError, resets and timeouts included
+            self.est.note(f"{client_address[0]}: connection ended: {type(exc).__name__}: {exc}")
+            return
+        super().handle_error(request, client_address)
+
+
+class EstTestServer:
+    """An RFC 7030 server for tests; `serve_forever` in the CLI, `start` in-process."""
+
+    def __init__(self, config: ServerConfig, pki: DevPki | None = None) -> None:
+        self.config = config
+        self.pki = pki or load_dev_pki(config.pki_dir)
+        self.ssl_context = self._make_ssl_context()
+        self._state = _State(config)
+        self._foreign_ca: CertificateAuthority | None = None
+        self._foreign_lock = threading.Lock()
+        self._quiet = False
+        self._httpd = _HTTPServer((config.host, config.port), self)
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"https://{host}:{self.port}/.well-known/est"
+
+    def quiet(self) -> None:
+        """Stop writing per-request lines to stderr (the issuance log is unaffected)."""
+        self._quiet = True
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever(poll_interval=0.2)
+
+    def request_stop(self) -> None:
+        """Make `serve_forever` return; safe from a signal handler on the serving thread."""
+        threading.Thread(target=self._httpd.shutdown, daemon=True).start()
+
+    def start(self) -> EstTestServer:
+        """Serve from a background thread (tests and benchmarks); returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="est-testserver")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+        self._state.close()
+
+    def __enter__(self) -> EstTestServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def note(self, message: str) -> None:
+        if not self._quiet:
+            sys.stderr.write(f"est-testserver: {message}\n")
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = (
+            ssl.TLSVersion.TLSv1_2
+            if self.config.tls_max is TlsMax.TLS1_2
+            else ssl.TLSVersion.TLSv1_3
+        )
+        ctx.load_cert_chain(self.pki.server_cert_path, self.pki.server_key_path)
+        # Optional, not required: Basic-only clients (strongSwan's first enrollment) and
+        # /cacerts fetches come without a certificate.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        trusted = b"".join(
+            ca.certificate.public_bytes(serialization.Encoding.PEM)
+            for ca in (self.pki.bootstrap_ca, self.pki.est_ca)
+        )
+        ctx.load_verify_locations(cadata=trusted.decode("ascii"))
+        ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+        ctx.num_tickets = 0  # no session resumption: every connection is a full handshake
+        return ctx
+
+    # -- helpers used by the handler ---------------------------------------------------------
+    def profile_for(self, label: str | None) -> Profile:
+        if label is None:
+            return self.config.default_profile
+        profile = self.config.labels.get(label)
+        if profile is None:
+            raise HttpRefusal(404, f"unknown EST label {label!r}")
+        return profile
+
+    def classify_client(self, der: bytes | None) -> _ClientCert | None:
+        if not der:
+            return None
+        cert = x509.load_der_x509_certificate(der)
+        for name, ca in (("bootstrap", self.pki.bootstrap_ca), ("est", self.pki.est_ca)):
+            try:
+                cert.verify_directly_issued_by(ca.certificate)
+            except (ValueError, TypeError, InvalidSignature):  # not issued by this CA
+                continue
+            return _ClientCert(certificate=cert, issuer=name)
+        return None
+
+    def foreign_ca(self) -> CertificateAuthority:
+        with self._foreign_lock:
+            if self._foreign_ca is None:
+                self._foreign_ca = make_ca(
+                    "est-testserver foreign CA", datetime.now(UTC), timedelta(days=365)
+                )
+            return self._foreign_ca
+
+    @property
+    def state(self) -> _State:
+        return self._state
+
+
+def _valid_now(cert: x509.Certificate, now: datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # strongSwan's client refuses an HTTP/1.0 status line
+    server_version = "est-testserver/0.1"
+    sys_version = ""
+    disable_nagle_algorithm = True
+    error_message_format = "%(code)d %(message)s\n"
+    error_content_type = "text/plain; charset=utf-8"
+
+    # -- connection setup --------------------------------------------------------------------
+    @property
+    def _est(self) -> EstTestServer:
+        return cast(_HTTPServer, self.server).est
+
+    def setup(self) -> None:
+        est = self._est
+        raw = cast(socket.socket, self.request)
+        # Bounds the handshake and every later read and write; the TLS socket inherits it.
+        raw.settimeout(est.config.io_timeout_s)
+        self.request = est.ssl_context.wrap_socket(raw, server_side=True)
+        super().setup()
+
+    @property
+    def _tls(self) -> ssl.SSLSocket:
+        return cast(ssl.SSLSocket, self.connection)
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ssl.SSLError, ConnectionError):
+            # The peer closed (often without close_notify) between requests: not an error.
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self._est.note(f"{self.client_address[0]} {format % args}")
+
+    # -- methods ------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def _dispatch(self, method: str) -> None:
+        self._body_consumed = False
+        try:
+            response = self._route(method)
+        except HttpRefusal as refusal:
+            self._refuse(refusal)
+            return
+        except Exception:
+            self._est.note("internal error:\n" + traceback.format_exc())
+            self._refuse(HttpRefusal(500, "internal server error"))
+            return
+        self._send(response)
+
+    def _route(self, method: str) -> _Response:
+        path = parse_est_path(self.path)
+        op = path.operation
+        if op in UNSUPPORTED_OPERATIONS:
+            raise HttpRefusal(501, f"{op} is not offered by this server")
+        profile = self._est.profile_for(path.label)
+        expected = "GET" if op in ("cacerts", "csrattrs") else "POST"
+        if method != expected:
+            raise HttpRefusal(405, f"{op} takes {expected}", {"Allow": expected})
+        with self._est.state.admission() as admitted:
+            if not admitted:
+                retry = format_retry_after(
+                    self._est.config.busy_retry_after_s,
+                    self._est.config.retry_after_format,
+                    datetime.now(UTC),
+                )
+                raise HttpRefusal(503, "server busy, retry later", {"Retry-After": retry})
+            if op == "cacerts":
+                return self._cacerts()
+            if op == "csrattrs":
+                return self._csrattrs()
+            return self._enroll(op, path.label, profile)
+
+    # -- operations ---------------------------------------------------------------------------
+    def _cacerts(self) -> _Response:
+        der = encode_certs_only([self._est.pki.est_ca.certificate])
+        ok = _Response(
+            status=200,
+            body=encode_base64_body(der, wrap=self._est.config.wrap_base64),
+            content_type="application/pkcs7-mime",
+            headers=(("Content-Transfer-Encoding", "base64"),),
+        )
+        fault = self._est.state.take_fault("cacerts")
+        return ok if fault is None else self._faulty(fault, ok, issued_der=None)
+
+    def _csrattrs(self) -> _Response:
+        der = encode_csrattrs(self._est.config.csrattrs)
+        if der is None:
+            return _Response(status=204)
+        return _Response(
+            status=200,
+            body=encode_base64_body(der, wrap=self._est.config.wrap_base64),
+            content_type="application/csrattrs",
+            headers=(("Content-Transfer-Encoding", "base64"),),
+        )
+
+    def _authenticate_enroll(self, client: _ClientCert | None, now: datetime) -> str:
+        """RFC 7030 §3.2.3/§3.3.2 for simpleenroll; returns the method for the log."""
+        config = self._est.config
+        mode = config.auth
+        cert_ok = client is not None and client.issuer == "bootstrap"
+        if cert_ok and client is not None and not _valid_now(client.certificate, now):
+            raise HttpRefusal(403, "client certificate is expired or not yet valid")
+        creds = parse_basic_authorization(self.headers.get("Authorization"))
+        basic_ok = creds is not None and config.basic is not None and _same(creds, config.basic)
+        challenge = {"WWW-Authenticate": _BASIC_REALM}
+        if mode is AuthMode.CERT or mode is AuthMode.CERT_AND_BASIC:
+            if not cert_ok:
+                why = (
+                    "simpleenroll needs a bootstrap CA certificate, not an EST CA one"
+                    if client is not None
+                    else "simpleenroll needs a TLS client certificate from the bootstrap CA"
+                )
+                raise HttpRefusal(403, why)
+            if mode is AuthMode.CERT:
+                return "cert"
+            if not basic_ok:
+                raise HttpRefusal(401, "HTTP Basic credentials required", challenge)
+            return "cert+basic"
+        if mode is AuthMode.CERT_OR_BASIC and cert_ok:
+            return "cert+basic" if basic_ok else "cert"
+        if not basic_ok:
+            raise HttpRefusal(401, "HTTP Basic credentials required", challenge)
+        return "basic"
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise HttpRefusal(411, "chunked request bodies are not accepted; send Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise HttpRefusal(411, "Content-Length required")
+        if not length_text.strip().isdigit():
+            self.close_connection = True
+            raise HttpRefusal(400, "malformed Content-Length")
+        length = int(length_text)
+        if length > self._est.config.max_request_bytes:
+            self.close_connection = True
+            raise HttpRefusal(413, "request body too large")
+        body = self.rfile.read(length)
+        self._body_consumed = True
+        if len(body) != length:
+            self.close_connection = True
+            raise HttpRefusal(400, "request body shorter than Content-Length")
+        return body
+
+    def _enroll(self, op: str, label: str | None, profile: Profile) -> _Response:
+        est = self._est
+        config = est.config
+        now = datetime.now(UTC).replace(microsecond=0)
+        client = est.classify_client(self._tls.getpeercert(binary_form=True))
+        if op == "simpleenroll":
+            auth = self._authenticate_enroll(client, now)
+        else:
+            # §4.2.2: re-enrollment is authenticated by the certificate being renewed.
+            if client is None or client.issuer != "est":
+                raise HttpRefusal(
+                    403, "simplereenroll needs the certificate being renewed (EST CA) for TLS"
+                )
+            if not _valid_now(client.certificate, now):
+                raise HttpRefusal(403, "client certificate is expired or not yet valid")
+            auth = "cert"
+        if media_type_of(self.headers.get("Content-Type")) != "application/pkcs10":
+            raise HttpRefusal(415, "Content-Type must be application/pkcs10")
+        checked = check_csr(decode_base64_body(self._read_body()))
+        if op == "simplereenroll" and client is not None:
+            check_reenroll(checked, client.certificate, now)
+        if config.pop_required:
+            self._check_pop(checked)
+        pending = est.state.pending_for(checked.public_key_sha256, time.monotonic())
+        if pending is not None:
+            est.state.log(
+                _log_entry("pending", op=op, label=label, checked=checked, auth=auth, cert=None)
+            )
+            retry = format_retry_after(pending, config.retry_after_format, datetime.now(UTC))
+            return _Response(
+                status=202,
+                body=b"request accepted, pending manual approval\n",
+                content_type="text/plain; charset=utf-8",
+                headers=(("Retry-After", retry),),
+            )
+        if config.response_delay_s:
+            time.sleep(config.response_delay_s)
+        fault = est.state.take_fault(op)
+        cert = self._issue(checked, profile, now, fault)
+        est.state.log(
+            _log_entry(
+                "issued", op=op, label=label, checked=checked, auth=auth, cert=cert, fault=fault
+            )
+        )
+        der = encode_certs_only([cert])
+        ok = _Response(
+            status=200,
+            body=encode_base64_body(der, wrap=config.wrap_base64),
+            content_type=_PKCS7_CERTS_ONLY,
+            headers=(("Content-Transfer-Encoding", "base64"),),
+        )
+        if fault is None:
+            return ok
+        return self._faulty(fault, ok, issued_der=cert.public_bytes(serialization.Encoding.DER))
+
+    def _check_pop(self, checked: CheckedCsr) -> None:
+        # RFC 7030 §3.5 binds to tls-unique (RFC 5929), which TLS 1.3 does not define
+        # (RFC 9266 replaces it with tls-exporter, which Python's ssl cannot compute); the
+        # stdlib would return a meaningless value, so refuse plainly instead.
+        if self._tls.version() != "TLSv1.2":
+            raise HttpRefusal(
+                400,
+                "PoP required: tls-unique is undefined under TLS 1.3; connect with TLS 1.2",
+            )
+        binding = self._tls.get_channel_binding("tls-unique")
+        if not binding:
+            raise HttpRefusal(400, "PoP required: no tls-unique for this connection")
+        check_challenge_password(checked, binding)
+
+    def _issue(
+        self, checked: CheckedCsr, profile: Profile, now: datetime, fault: Fault | None
+    ) -> x509.Certificate:
+        est = self._est
+        ca = est.pki.est_ca
+        public_key = cast(ec.EllipticCurvePublicKey, checked.csr.public_key())
+        not_before, not_after = now, now + timedelta(seconds=profile.validity_s)
+        if fault is Fault.WRONG_KEY:
+            public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        elif fault is Fault.FOREIGN_CA:
+            ca = est.foreign_ca()
+        elif fault is Fault.EXPIRED_CERT:
+            not_before, not_after = now - timedelta(days=2), now - timedelta(days=1)
+        return issue_from_csr(
+            ca,
+            subject=checked.csr.subject,
+            public_key=public_key,
+            san_der=checked.san_der,
+            san_critical=checked.san_critical,
+            ekus=profile.ekus,
+            not_before=not_before,
+            not_after=not_after,
+            serial=random_serial(),
+        )
+
+    def _faulty(self, fault: Fault, ok: _Response, issued_der: bytes | None) -> _Response:
+        if fault is Fault.HTTP_500:
+            return _Response(
+                status=500,
+                body=b"internal error (injected fault)\n",
+                content_type="text/plain; charset=utf-8",
+            )
+        if fault is Fault.DROP_MID_BODY:
+            return replace(ok, delivery=_Delivery.DROP_MID_BODY)
+        if fault is Fault.SLOW_BODY:
+            return replace(ok, delivery=_Delivery.SLOW)
+        if fault is Fault.GARBAGE_BASE64:
+            return replace(ok, body=b"%%% this is not base64 @@@\r\n")
+        if fault is Fault.NOT_PKCS7:
+            payload = issued_der or self._est.pki.est_ca.certificate.public_bytes(
+                serialization.Encoding.DER
+            )
+            return replace(ok, body=encode_base64_body(payload, wrap=self._est.config.wrap_base64))
+        if fault is Fault.OVERSIZE_BODY:
+            return replace(ok, delivery=_Delivery.OVERSIZE)
+        if fault is Fault.WRONG_CONTENT_TYPE:
+            return replace(ok, content_type="text/html; charset=utf-8")
+        # WRONG_KEY, FOREIGN_CA, EXPIRED_CERT were applied when issuing.
+        return ok
+
+    # -- output -------------------------------------------------------------------------------
+    def _refuse(self, refusal: HttpRefusal) -> None:
+        if not self._body_consumed and not self.close_connection:
+            self._discard_body()
+        self._send(
+            _Response(
+                status=refusal.status,
+                body=(refusal.text + "\n").encode("utf-8"),
+                content_type="text/plain; charset=utf-8",
+                headers=tuple(refusal.headers.items()),
+            )
+        )
+
+    def _discard_body(self) -> None:
+        # Keep-alive needs the unread body gone, or its bytes would parse as the next request;
+        # when that cannot be done cheaply, close after answering.
+        length_text = self.headers.get("Content-Length", "0").strip()
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        if chunked or not length_text.isdigit():
+            self.close_connection = True
+            return
+        length = int(length_text)
+        if length > self._est.config.max_request_bytes:
+            self.close_connection = True
+            return
+        if length and len(self.rfile.read(length)) != length:
+            self.close_connection = True
+        self._body_consumed = True
+
+    def _send(self, response: _Response) -> None:
+        body = response.body
+        length = _OVERSIZE_BYTES if response.delivery == _Delivery.OVERSIZE else len(body)
+        if response.delivery != _Delivery.NORMAL or response.status >= 500:
+            self.close_connection = True
+        try:
+            reason = http.HTTPStatus(response.status).phrase
+        except ValueError:
+            reason = ""
+        lines = [
+            f"HTTP/1.1 {response.status} {reason}",
+            f"Server: {self.server_version}",
+            f"Date: {email.utils.formatdate(usegmt=True)}",
+        ]
+        if response.content_type:
+            lines.append(f"Content-Type: {response.content_type}")
+        lines.extend(f"{name}: {value}" for name, value in response.headers)
+        if response.status != 204:
+            lines.append(f"Content-Length: {length}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.log_request(response.status, length)
+        # One write for head and body: some clients (strongSwan) parse the first TLS record
+        # as if it held the whole answer.
+        if response.delivery == _Delivery.NORMAL:
+            self.wfile.write(head + body)
+        elif response.delivery == _Delivery.DROP_MID_BODY:
+            self.wfile.write(head + body[: len(body) // 2])
+            # TCP-level shutdown without TLS close_notify: the peer sees a truncated stream.
+            self._tls.shutdown(socket.SHUT_RDWR)
+        elif response.delivery == _Delivery.SLOW:
+            self.wfile.write(head)
+            pieces = 10
+            step = max(1, -(-len(body) // pieces))
+            for start in range(0, len(body), step):
+                time.sleep(self._est.config.slow_body_s / pieces)
+                self.wfile.write(body[start : start + step])
+        else:
+            self.wfile.write(head)
+            line = b"A" * 62 + b"\r\n"
+            chunk = line * 1024
+            sent = 0
+            while sent < length:
+                piece = chunk[: length - sent]
+                self.wfile.write(piece)
+                sent += len(piece)
+
+
+def _same(given: tuple[str, str], expected: tuple[str, str]) -> bool:
+    # Constant-time on both parts, so that timing does not tell which one was wrong.
+    user_ok = hmac.compare_digest(given[0].encode(), expected[0].encode())
+    pass_ok = hmac.compare_digest(given[1].encode(), expected[1].encode())
+    return user_ok and pass_ok
+
+
+def _log_entry(
+    event: str,
+    *,
+    op: str,
+    label: str | None,
+    checked: CheckedCsr,
+    auth: str,
+    cert: x509.Certificate | None,
+    fault: Fault | None = None,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "event": event,
+        "operation": op,
+        "label": label,
+        "subject": checked.csr.subject.rfc4514_string(),
+        "public_key_sha256": checked.public_key_sha256,
+        "auth": auth,
+    }
+    if cert is not None:
+        entry["serial"] = f"{cert.serial_number:x}"
+        entry["not_after"] = cert.not_valid_after_utc.isoformat()
+    if fault is not None:
+        entry["fault"] = fault.value
+    return entry
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port atomically, so a poller never reads a half-written number."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n", encoding="ascii")
+    tmp.replace(path)

@@ -1,0 +1,41 @@
+"""Fixtures for the test server's tests: one throwaway dev PKI per session, servers per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from est_agent.testserver import DevPki, EstTestServer, ServerConfig, generate_dev_pki, load_dev_pki
+
+
+@pytest.fixture(scope="session")
+def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    directory = tmp_path_factory.mktemp("pki")
+    generate_dev_pki(directory)
+    return load_dev_pki(directory)
+
+
+@pytest.fixture
+def issuance_log(tmp_path: Path) -> Path:
+    return tmp_path / "issuance.jsonl"
+
+
+@pytest.fixture
+def start_server(dev_pki: DevPki, issuance_log: Path) -> Iterator[Callable[..., EstTestServer]]:
+    """Start an in-process server on 127.0.0.1 and a free port with the given settings."""
+    servers: list[EstTestServer] = []
+
+    def start(**settings: Any) -> EstTestServer:
+        settings.setdefault("issuance_log", issuance_log)
+        config = ServerConfig(pki_dir=dev_pki.directory, host="127.0.0.1", port=0, **settings)
+        server = EstTestServer(config, pki=dev_pki)
+        server.quiet()
+        servers.append(server.start())
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
