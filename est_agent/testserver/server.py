@@ -14,6 +14,7 @@ a readable 403 instead of a bare TLS alert; which CA issued it decides what it m
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hmac
 import http
@@ -25,7 +26,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -115,7 +115,7 @@ class _State:
         if self._log is not None:
             self._log.close()
 
-    @contextmanager
+    @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:
         """Yields whether this request got one of the `--max-concurrent` slots."""
         if self._slots is None:
@@ -212,7 +212,8 @@ class EstTestServer:
         self._quiet = True
 
     def serve_forever(self) -> None:
-        self._httpd.serve_forever(poll_interval=0.2)
+        # A short poll keeps shutdown quick (tests start and stop many servers).
+        self._httpd.serve_forever(poll_interval=0.05)
 
     def request_stop(self) -> None:
         """Make `serve_forever` return; safe from a signal handler on the serving thread."""
@@ -322,6 +323,17 @@ class _Handler(BaseHTTPRequestHandler):
         raw.settimeout(est.config.io_timeout_s)
         self.request = est.ssl_context.wrap_socket(raw, server_side=True)
         super().setup()
+
+    def finish(self) -> None:
+        # socketserver closes the plain socket it accepted, which wrap_socket detached; the
+        # TLS socket that now owns the descriptor is ours to close.
+        try:
+            super().finish()
+        finally:
+            tls = self._tls
+            with contextlib.suppress(OSError):  # the peer may be gone already
+                tls.shutdown(socket.SHUT_WR)
+            tls.close()
 
     @property
     def _tls(self) -> ssl.SSLSocket:
