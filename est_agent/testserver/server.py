@@ -310,6 +310,9 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     error_message_format = "%(code)d %(message)s\n"
     error_content_type = "text/plain; charset=utf-8"
+    # Without this, a malformed request line is answered HTTP/0.9-style: a bare body with no
+    # status line, which a client cannot tell from garbage.
+    default_request_version = "HTTP/1.1"
 
     # -- connection setup --------------------------------------------------------------------
     @property
@@ -338,6 +341,15 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def _tls(self) -> ssl.SSLSocket:
         return cast(ssl.SSLSocket, self.connection)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) != 3:
+            # HTTP/0.9 simple requests ("GET /path") are not HTTP/1.x: refuse them.
+            self.send_error(400, "request line must be METHOD TARGET HTTP/1.x")
+            return False
+        return True
 
     def handle_one_request(self) -> None:
         try:
