@@ -1,0 +1,541 @@
+"""The GSMA IoT SAFE applet (IoT.05) as the card sees it; commands per iot-safe-apdu.md §3.
+
+Implemented: GET DATA (``CB``), GENERATE KEY PAIR (``B9``), READ PUBLIC KEY (``CD``), GET RANDOM
+(``84``), COMPUTE SIGNATURE INIT/UPDATE (``2A``/``2B``, mode 03 = host-hashed SHA-256, ECDSA
+P-256), VERIFY SIGNATURE INIT/UPDATE (``2C``/``2D``) and READ FILE (``B0``). Anything else is
+``6D00``. The object store is issuer-made: the device creates no objects and writes no files
+(§3.12); ``put_file`` is the simulated-OTA back door for that.
+
+Private key scalars are only ever used inside ``ecc``; no answer built here contains one.
+Volatile applet state (signature/verification sessions, the object-list cursor) is kept per
+logical channel and dropped on deselection, channel close and reset.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from est_agent.card.apdu import CommandApdu
+from est_agent.card.tlv import decode_tlvs, encode_tlv
+from est_agent.errors import CardProtocolError, InputError
+from est_agent.sim import ecc
+from est_agent.sim.options import CardOptions
+from est_agent.sim.reply import (
+    SW_CONDITIONS,
+    SW_INCORRECT_DATA,
+    SW_INS_NOT_SUPPORTED,
+    SW_MORE_DATA,
+    SW_OK,
+    SW_P1P2,
+    SW_REF_NOT_FOUND,
+    SW_SECURITY,
+    SW_SIGNATURE_MISMATCH,
+    SW_WRONG_LENGTH,
+    Reply,
+)
+from est_agent.sim.state import (
+    ACCESS_READ,
+    CRYPTO_KEY_GENERATION,
+    CRYPTO_SIGNATURE,
+    HASH_SHA256,
+    SIGNATURE_ECDSA,
+    AppletState,
+    CardState,
+    FileObject,
+    PrivateKeyObject,
+    PublicKeyObject,
+)
+
+__all__ = [
+    "APPLET_IDENTIFIER",
+    "MAX_SESSIONS",
+    "IotSafeApplet",
+    "generate_key_pair",
+    "put_file",
+]
+
+INS_GET_DATA = 0xCB
+INS_GENERATE_KEY_PAIR = 0xB9
+INS_READ_PUBLIC_KEY = 0xCD
+INS_GET_RANDOM = 0x84
+INS_SIGN_INIT = 0x2A
+INS_SIGN_UPDATE = 0x2B
+INS_VERIFY_INIT = 0x2C
+INS_VERIFY_UPDATE = 0x2D
+INS_READ_FILE = 0xB0
+
+#: sessions per command family and channel; numbers 0..MAX_SESSIONS-1 (GET DATA tag B7)
+MAX_SESSIONS = 4
+APPLET_VERSION = 0x01
+#: GET DATA tag 11 is 32 bytes by the spec (OR#2)
+APPLET_IDENTIFIER = b"est-agent virtual IoT SAFE".ljust(32, b"\x00")
+
+_P1_OPEN = 0x00
+_P1_CLOSE = 0x01
+_P1_LAST_BLOCK = 0x80
+_P1_MORE_BLOCKS = 0x00
+
+_MODE_FULL_TEXT = 0x01
+_MODE_LAST_BLOCK = 0x02
+_MODE_PAD_AND_SIGN = 0x03
+_SHA256_BYTES = 32
+
+# GET DATA P1
+_APP_INFO = 0x00
+_OBJECT_LIST = 0x01
+_PRIVATE_KEY_INFO = 0xC1
+_PUBLIC_KEY_INFO = 0xC2
+_FILE_INFO = 0xC3
+
+
+class _RefusedError(Exception):
+    """A command handler gives up with this status word."""
+
+    def __init__(self, sw: int) -> None:
+        super().__init__(f"{sw:04X}")
+        self.sw = sw
+
+
+class _Named(Protocol):
+    object_id: bytes
+    label: str
+
+
+_O = TypeVar("_O", PrivateKeyObject, PublicKeyObject, FileObject)
+
+
+def _tlvs(cmd: CommandApdu) -> dict[int, bytes]:
+    """The data field as tag → value; 6700 when empty, 6A80 when malformed or repeated."""
+    if not cmd.data:
+        raise _RefusedError(SW_WRONG_LENGTH)
+    try:
+        items = decode_tlvs(cmd.data)
+    except CardProtocolError:
+        raise _RefusedError(SW_INCORRECT_DATA) from None
+    tags = {item.tag: item.value for item in items}
+    if len(tags) != len(items):
+        raise _RefusedError(SW_INCORRECT_DATA)
+    return tags
+
+
+def _pick(
+    tlvs: dict[int, bytes],
+    id_tag: int,
+    label_tag: int,
+    objects: Sequence[_O],
+    id_of: Callable[[_O], bytes],
+) -> _O:
+    """The one object an ID or a label TLV names (IoT.05: never both)."""
+    object_id = tlvs.get(id_tag)
+    label = tlvs.get(label_tag)
+    if (object_id is None) == (label is None):
+        raise _RefusedError(SW_INCORRECT_DATA)
+    for obj in objects:
+        if object_id is not None and id_of(obj) == object_id:
+            return obj
+        if label is not None and obj.label.encode("utf-8") == label:
+            return obj
+    raise _RefusedError(SW_REF_NOT_FOUND)
+
+
+def _own_id(obj: _Named) -> bytes:
+    return obj.object_id
+
+
+def _check_p1p2(cmd: CommandApdu) -> None:
+    if cmd.p1 or cmd.p2:
+        raise _RefusedError(SW_P1P2)
+
+
+def _check_session(p2: int) -> None:
+    if p2 >= MAX_SESSIONS:
+        raise _RefusedError(SW_P1P2)
+
+
+def _check_algorithms(tlvs: dict[int, bytes]) -> None:
+    """Only mode 03 (host hashed), SHA-256 and ECDSA are offered (GET DATA 90/91/92)."""
+    mode, hash_alg, sig_alg = tlvs.get(0xA1), tlvs.get(0x91), tlvs.get(0x92)
+    if mode is None or hash_alg is None or sig_alg is None or len(mode) != 1:
+        raise _RefusedError(SW_INCORRECT_DATA)
+    if mode[0] in (_MODE_FULL_TEXT, _MODE_LAST_BLOCK):
+        raise _RefusedError(SW_P1P2)  # valid IoT.05 modes, not offered by this card
+    if mode[0] != _MODE_PAD_AND_SIGN:
+        raise _RefusedError(SW_INCORRECT_DATA)
+    if hash_alg != HASH_SHA256.to_bytes(2, "big") or sig_alg != bytes((SIGNATURE_ECDSA,)):
+        raise _RefusedError(SW_INCORRECT_DATA)
+
+
+def _check_key_use(key: PrivateKeyObject | PublicKeyObject) -> None:
+    if not (
+        key.crypto_functions & CRYPTO_SIGNATURE
+        and key.signature_algorithms & SIGNATURE_ECDSA
+        and key.hash_algorithms & HASH_SHA256
+        and key.filled
+    ):
+        raise _RefusedError(SW_CONDITIONS)
+
+
+def _public_key_tlv(point: bytes) -> bytes:
+    return encode_tlv(0x34, encode_tlv(0x49, encode_tlv(0x86, point)))
+
+
+def _install_key_pair(applet: AppletState, private_id: bytes, scalar: bytes, point: bytes) -> None:
+    private = next(k for k in applet.private_keys if k.object_id == private_id)
+    public = next(k for k in applet.public_keys if k.object_id == private.public_id)
+    private.scalar = scalar
+    public.point = point
+
+
+def generate_key_pair(applet: AppletState, private_id: bytes) -> bytes:
+    """The card's own key generation into a private key slot and its public key slot.
+
+    Returns the public point. No policy check here: the factory may fill slots that a device
+    may not (the bootstrap key); GENERATE KEY PAIR checks crypto function bit 02 itself.
+    """
+    if not any(k.object_id == private_id for k in applet.private_keys):
+        raise InputError(f"no private key object {private_id.hex().upper()}")
+    scalar, point = ecc.generate_key_pair()
+    _install_key_pair(applet, private_id, scalar, point)
+    return point
+
+
+def put_file(applet: AppletState, file_id: bytes, data: bytes) -> None:
+    """Simulated OTA: place ``data`` in a file container (no APDU can do this, IoT.05 §3.12)."""
+    for obj in applet.files:
+        if obj.object_id == file_id:
+            if len(data) > obj.capacity:
+                raise InputError(
+                    f"{len(data)} bytes do not fit file {file_id.hex().upper()} "
+                    f"(capacity {obj.capacity})"
+                )
+            obj.data = bytes(data)
+            return
+    raise InputError(f"no file object {file_id.hex().upper()}")
+
+
+class IotSafeApplet:
+    """Answers IoT SAFE commands for the channels on which it is selected."""
+
+    def __init__(self, options: CardOptions) -> None:
+        self._options = options
+        # (channel, INIT INS, session number) -> ID of the key object the session uses
+        self._sessions: dict[tuple[int, int, int], bytes] = {}
+        # channel -> index of the next object-list container (P2 01 continues from there)
+        self._list_cursor: dict[int, int] = {}
+        self._handlers: dict[int, Callable[[int, CommandApdu, AppletState], Reply]] = {
+            INS_GET_DATA: self._get_data,
+            INS_GENERATE_KEY_PAIR: self._generate_key_pair,
+            INS_READ_PUBLIC_KEY: self._read_public_key,
+            INS_GET_RANDOM: self._get_random,
+            INS_SIGN_INIT: self._sign_init,
+            INS_SIGN_UPDATE: self._sign_update,
+            INS_VERIFY_INIT: self._verify_init,
+            INS_VERIFY_UPDATE: self._verify_update,
+            INS_READ_FILE: self._read_file,
+        }
+
+    def reset(self) -> None:
+        self._sessions.clear()
+        self._list_cursor.clear()
+
+    def deselect(self, channel: int) -> None:
+        """Drop the channel's sessions, as a Java Card applet's transient state is on deselect."""
+        self._sessions = {k: v for k, v in self._sessions.items() if k[0] != channel}
+        self._list_cursor.pop(channel, None)
+
+    def process(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        handler = self._handlers.get(cmd.ins)
+        if handler is None:
+            return Reply(SW_INS_NOT_SUPPORTED)
+        try:
+            return handler(channel, cmd, applet)
+        except _RefusedError as refused:
+            return Reply(refused.sw)
+
+    # -- identifiers -----------------------------------------------------------------------
+
+    def _public_id(self, key: PublicKeyObject) -> bytes:
+        """The ID a public key has on the APDU interface (see ``CardOptions.pubkey_id_offset``)."""
+        offset = self._options.pubkey_id_offset
+        if not offset:
+            return key.object_id
+        return key.object_id[:-1] + bytes(((key.object_id[-1] + offset) & 0xFF,))
+
+    # -- GET DATA --------------------------------------------------------------------------
+
+    def _app_info(self, applet: AppletState) -> bytes:
+        def count(n: int) -> bytes:
+            return bytes((min(n, 0xFF),))
+
+        return b"".join(
+            (
+                encode_tlv(0x10, bytes((APPLET_VERSION,))),
+                encode_tlv(0x11, APPLET_IDENTIFIER),
+                encode_tlv(0xB1, count(len(applet.files))),
+                encode_tlv(0xB2, count(len(applet.private_keys))),
+                encode_tlv(0xB3, count(len(applet.public_keys))),
+                encode_tlv(0xB4, b"\x00"),  # no secret keys
+                encode_tlv(0x90, bytes((CRYPTO_SIGNATURE | CRYPTO_KEY_GENERATION,))),
+                encode_tlv(0x91, HASH_SHA256.to_bytes(2, "big")),
+                encode_tlv(0x92, bytes((SIGNATURE_ECDSA,))),
+                encode_tlv(0x93, b"\x00"),  # no key agreement (COMPUTE DH not offered)
+                encode_tlv(0x94, b"\x00"),  # no key derivation
+                encode_tlv(0xB7, bytes((MAX_SESSIONS,))),
+            )
+        )
+
+    @staticmethod
+    def _key_container(
+        tag: int,
+        label_tag: int,
+        id_tag: int,
+        key: PrivateKeyObject | PublicKeyObject,
+        key_id: bytes,
+    ) -> bytes:
+        body = b"".join(
+            (
+                encode_tlv(label_tag, key.label.encode("utf-8")) if key.label else b"",
+                encode_tlv(id_tag, key_id),
+                encode_tlv(0x60, bytes((key.access,))),
+                encode_tlv(0x4A, b"\x01" if key.filled else b"\x00"),
+                encode_tlv(0x4B, bytes((key.key_type,))),
+                encode_tlv(0x4E, bytes((key.usage,))),
+                encode_tlv(0x61, bytes((key.crypto_functions,))),
+                encode_tlv(0x92, bytes((key.signature_algorithms,))),
+                encode_tlv(0x91, key.hash_algorithms.to_bytes(2, "big")),
+                (
+                    encode_tlv(0x6F, bytes((key.key_agreement_algorithms,)))
+                    if key.key_agreement_algorithms
+                    else b""
+                ),
+            )
+        )
+        return encode_tlv(tag, body)
+
+    def _private_container(self, key: PrivateKeyObject) -> bytes:
+        return self._key_container(_PRIVATE_KEY_INFO, 0x74, 0x84, key, key.object_id)
+
+    def _public_container(self, key: PublicKeyObject) -> bytes:
+        return self._key_container(_PUBLIC_KEY_INFO, 0x75, 0x85, key, self._public_id(key))
+
+    @staticmethod
+    def _file_container(obj: FileObject) -> bytes:
+        body = b"".join(
+            (
+                encode_tlv(0x73, obj.label.encode("utf-8")) if obj.label else b"",
+                encode_tlv(0x83, obj.object_id),
+                encode_tlv(0x60, bytes((obj.access,))),
+                encode_tlv(0x4A, b"\x01" if obj.filled else b"\x00"),
+                encode_tlv(0x21, bytes((obj.usage,))),
+                encode_tlv(0x20, len(obj.data).to_bytes(2, "big")),  # big-endian (TM, WS)
+            )
+        )
+        return encode_tlv(_FILE_INFO, body)
+
+    def _containers(self, applet: AppletState) -> list[bytes]:
+        # OR's parser wants private keys, public keys, (secret keys,) files, in that order
+        return (
+            [self._private_container(k) for k in applet.private_keys]
+            + [self._public_container(k) for k in applet.public_keys]
+            + [self._file_container(f) for f in applet.files]
+        )
+
+    def _object_list(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        if cmd.p2 == 0x00:
+            start = 0
+        elif cmd.p2 == 0x01:
+            cursor = self._list_cursor.get(channel)
+            if cursor is None:
+                raise _RefusedError(SW_CONDITIONS)
+            start = cursor
+        else:
+            raise _RefusedError(SW_P1P2)
+        containers = self._containers(applet)
+        end = start
+        size = 0
+        while end < len(containers):
+            size += len(containers[end])
+            # a container larger than a page still goes out, alone
+            if size > self._options.object_list_page_bytes and end > start:
+                break
+            end += 1
+        more = end < len(containers)
+
+        def move_cursor() -> None:
+            if more:
+                self._list_cursor[channel] = end
+            else:
+                self._list_cursor.pop(channel, None)
+
+        page = b"".join(containers[start:end])
+        return Reply(SW_MORE_DATA if more else SW_OK, page, exact=True, transient=move_cursor)
+
+    def _get_data(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        if cmd.p1 == _APP_INFO:
+            if cmd.p2:
+                raise _RefusedError(SW_P1P2)
+            return Reply(SW_OK, self._app_info(applet), exact=True)
+        if cmd.p1 == _OBJECT_LIST:
+            return self._object_list(channel, cmd, applet)
+        if cmd.p1 not in (_PRIVATE_KEY_INFO, _PUBLIC_KEY_INFO, _FILE_INFO):
+            raise _RefusedError(SW_P1P2)
+        if cmd.p2:
+            raise _RefusedError(SW_P1P2)
+        tlvs = _tlvs(cmd)
+        if cmd.p1 == _PRIVATE_KEY_INFO:
+            private = _pick(tlvs, 0x84, 0x74, applet.private_keys, _own_id)
+            data = self._private_container(private)
+        elif cmd.p1 == _PUBLIC_KEY_INFO:
+            public = _pick(tlvs, 0x85, 0x75, applet.public_keys, self._public_id)
+            data = self._public_container(public)
+        else:
+            data = self._file_container(_pick(tlvs, 0x83, 0x73, applet.files, _own_id))
+        return Reply(SW_OK, data, exact=True)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _paired_public(self, applet: AppletState, private: PrivateKeyObject) -> PublicKeyObject:
+        for key in applet.public_keys:
+            if key.object_id == private.public_id:
+                return key
+        raise _RefusedError(SW_REF_NOT_FOUND)
+
+    def _generate_key_pair(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        _check_p1p2(cmd)
+        private = _pick(_tlvs(cmd), 0x84, 0x74, applet.private_keys, _own_id)
+        if not private.crypto_functions & CRYPTO_KEY_GENERATION:
+            raise _RefusedError(SW_CONDITIONS)
+        public = self._paired_public(applet, private)
+        scalar, point = ecc.generate_key_pair()
+        private_id = private.object_id
+
+        def install(state: CardState) -> None:
+            _install_key_pair(state.applet, private_id, scalar, point)
+
+        data = (
+            encode_tlv(0x84, private.object_id)
+            + encode_tlv(0x85, self._public_id(public))
+            + _public_key_tlv(point)
+        )
+        return Reply(SW_OK, data, exact=True, update=install)
+
+    def _read_public_key(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        _check_p1p2(cmd)
+        public = _pick(_tlvs(cmd), 0x85, 0x75, applet.public_keys, self._public_id)
+        if not public.access & ACCESS_READ:
+            raise _RefusedError(SW_SECURITY)
+        if not public.filled:
+            raise _RefusedError(SW_CONDITIONS)
+        return Reply(SW_OK, _public_key_tlv(public.point), exact=True)
+
+    def _get_random(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        _check_p1p2(cmd)
+        if cmd.le is None or cmd.le > 256:
+            raise _RefusedError(SW_WRONG_LENGTH)
+        return Reply(SW_OK, secrets.token_bytes(cmd.le))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _init(
+        self,
+        channel: int,
+        cmd: CommandApdu,
+        pick: Callable[[dict[int, bytes]], PrivateKeyObject | PublicKeyObject],
+    ) -> Reply:
+        _check_session(cmd.p2)
+        key = (channel, cmd.ins, cmd.p2)
+        if cmd.p1 == _P1_CLOSE:
+
+            def close_session() -> None:
+                # Closing a session that is not open is harmless: clients do it to clear stale ones.
+                self._sessions.pop(key, None)
+
+            return Reply(SW_OK, transient=close_session)
+        if cmd.p1 != _P1_OPEN:
+            raise _RefusedError(SW_P1P2)
+        tlvs = _tlvs(cmd)
+        obj = pick(tlvs)
+        _check_algorithms(tlvs)
+        _check_key_use(obj)
+        object_id = obj.object_id
+
+        def open_session() -> None:
+            self._sessions[key] = object_id  # replaces a session already open
+
+        return Reply(SW_OK, transient=open_session)
+
+    def _session_update(self, channel: int, cmd: CommandApdu, init_ins: int) -> tuple[bytes, bytes]:
+        """(key object ID, SHA-256 digest) for a last-block UPDATE of an open session."""
+        if cmd.p1 not in (_P1_LAST_BLOCK, _P1_MORE_BLOCKS):
+            raise _RefusedError(SW_P1P2)
+        _check_session(cmd.p2)
+        object_id = self._sessions.get((channel, init_ins, cmd.p2))
+        if object_id is None:
+            raise _RefusedError(SW_CONDITIONS)
+        if cmd.p1 != _P1_LAST_BLOCK:
+            raise _RefusedError(SW_P1P2)  # mode 03 takes the whole hash in one block
+        return object_id, self._digest(cmd)
+
+    @staticmethod
+    def _digest(cmd: CommandApdu) -> bytes:
+        digest = _tlvs(cmd).get(0x9E)
+        if digest is None or len(digest) != _SHA256_BYTES:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        return digest
+
+    def _sign_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        return self._init(
+            channel, cmd, lambda tlvs: _pick(tlvs, 0x84, 0x74, applet.private_keys, _own_id)
+        )
+
+    def _verify_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        return self._init(
+            channel, cmd, lambda tlvs: _pick(tlvs, 0x85, 0x75, applet.public_keys, self._public_id)
+        )
+
+    def _sign_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        object_id, digest = self._session_update(channel, cmd, INS_SIGN_INIT)
+        private = next((k for k in applet.private_keys if k.object_id == object_id), None)
+        if private is None or not private.filled:
+            raise _RefusedError(SW_CONDITIONS)
+        r, s = ecc.sign_digest(private.scalar, digest)
+        return Reply(SW_OK, self._signature_tlv(r, s), exact=True)
+
+    def _signature_tlv(self, r: int, s: int) -> bytes:
+        fmt = self._options.signature_format
+        if fmt == "der":
+            return encode_tlv(0x33, encode_dss_signature(r, s))
+        raw = r.to_bytes(ecc.COORDINATE_BYTES, "big") + s.to_bytes(ecc.COORDINATE_BYTES, "big")
+        return encode_tlv(0x33, raw, two_byte_length=fmt == "wide")
+
+    def _verify_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        object_id, digest = self._session_update(channel, cmd, INS_VERIFY_INIT)
+        public = next((k for k in applet.public_keys if k.object_id == object_id), None)
+        if public is None or not public.filled:
+            raise _RefusedError(SW_CONDITIONS)
+        signature = _tlvs(cmd).get(0x33)
+        rs = None if signature is None else ecc.decode_signature(signature)
+        if rs is None:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        ok = ecc.verify_digest(public.point, digest, *rs)
+        return Reply(SW_OK if ok else SW_SIGNATURE_MISMATCH)
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _read_file(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        obj = _pick(_tlvs(cmd), 0x83, 0x73, applet.files, _own_id)
+        if not obj.access & ACCESS_READ:
+            raise _RefusedError(SW_SECURITY)
+        if not obj.filled:
+            raise _RefusedError(SW_CONDITIONS)
+        offset = (cmd.p1 << 8) | cmd.p2
+        if offset >= len(obj.data):
+            raise _RefusedError(self._options.read_oob_sw)
+        # Le 00 or absent: IoT.05 §2.21 answers up to 256 bytes; a smaller Le is a chunk size.
+        wanted = 256 if cmd.le is None else min(cmd.le, 256)
+        count = min(wanted, self._options.read_file_max, len(obj.data) - offset)
+        return Reply(SW_OK, obj.data[offset : offset + count])

@@ -1,0 +1,70 @@
+"""The card's P-256 arithmetic: key generation, ECDSA over a host-supplied digest, verification.
+
+Keys are kept as raw bytes (a 32-byte scalar, a 65-byte SEC1 point) because that is how the card
+stores them; ``cryptography`` objects are built per operation.
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+__all__ = [
+    "COORDINATE_BYTES",
+    "decode_signature",
+    "generate_key_pair",
+    "private_key_from_scalar",
+    "sign_digest",
+    "verify_digest",
+]
+
+COORDINATE_BYTES = 32
+_CURVE = ec.SECP256R1()
+_PREHASHED_SHA256 = ec.ECDSA(Prehashed(hashes.SHA256()))
+
+
+def generate_key_pair() -> tuple[bytes, bytes]:
+    """A fresh key: (32-byte scalar, 65-byte uncompressed point)."""
+    key = ec.generate_private_key(_CURVE)
+    scalar = key.private_numbers().private_value.to_bytes(COORDINATE_BYTES, "big")
+    point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    return scalar, point
+
+
+def private_key_from_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), _CURVE)
+
+
+def sign_digest(scalar: bytes, digest: bytes) -> tuple[int, int]:
+    """ECDSA (r, s) over a SHA-256 digest computed by the host (IoT.05 mode 03)."""
+    der = private_key_from_scalar(scalar).sign(digest, _PREHASHED_SHA256)
+    return decode_dss_signature(der)
+
+
+def decode_signature(value: bytes) -> tuple[int, int] | None:
+    """(r, s) from raw ``r||s`` (64 bytes) or DER; None if it is neither."""
+    if len(value) == 2 * COORDINATE_BYTES:
+        return (
+            int.from_bytes(value[:COORDINATE_BYTES], "big"),
+            int.from_bytes(value[COORDINATE_BYTES:], "big"),
+        )
+    try:
+        return decode_dss_signature(value)
+    except ValueError:
+        return None
+
+
+def verify_digest(point: bytes, digest: bytes, r: int, s: int) -> bool:
+    try:
+        public_key = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
+        public_key.verify(encode_dss_signature(r, s), digest, _PREHASHED_SHA256)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

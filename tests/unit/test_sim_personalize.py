@@ -1,0 +1,204 @@
+"""Factory personalization of the virtual SIM, checked through the card's APDU interface."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from est_agent.errors import InputError, SimStateError
+from est_agent.sim.card import VirtualCard
+from est_agent.sim.personalize import encode_iccid, luhn_check_digit, personalize
+
+AID = "A0 00 00 05 59 00 10"
+NOW = datetime(2024, 2, 29, 12, 0, 0, tzinfo=UTC)
+
+
+def h(text: str) -> bytes:
+    return bytes.fromhex(text.replace(" ", ""))
+
+
+def tx(card: VirtualCard, command: str | bytes) -> tuple[bytes, int]:
+    raw = h(command) if isinstance(command, str) else command
+    response = card.process(raw)
+    return response[:-2], int.from_bytes(response[-2:], "big")
+
+
+def luhn_valid(number: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(number)):
+        d = int(char) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def applet_card(path: Path) -> VirtualCard:
+    card = VirtualCard.load(path)
+    assert tx(card, "00 70 00 00 01") == (b"\x01", 0x9000)
+    assert tx(card, f"01 A4 04 00 07 {AID}") == (b"", 0x9000)
+    return card
+
+
+def read_file(card: VirtualCard, file_id: bytes) -> bytes:
+    info, sw = tx(card, h("81 CB C3 00 03 83 01") + file_id)
+    assert sw == 0x9000
+    size = int.from_bytes(info[info.index(b"\x20\x02") + 2 :][:2], "big")
+    out = b""
+    while len(out) < size:
+        cmd = h("81 B0") + len(out).to_bytes(2, "big") + h("03 83 01") + file_id + b"\x00"
+        data, sw = tx(card, cmd)
+        assert sw == 0x9000
+        out += data
+    return out
+
+
+def containers(listing: bytes) -> list[tuple[int, dict[int, bytes]]]:
+    out = []
+    pos = 0
+    while pos < len(listing):
+        tag, length = listing[pos], listing[pos + 1]
+        body = listing[pos + 2 : pos + 2 + length]
+        fields = {}
+        i = 0
+        while i < len(body):
+            fields[body[i]] = body[i + 2 : i + 2 + body[i + 1]]
+            i += 2 + body[i + 1]
+        out.append((tag, fields))
+        pos += 2 + length
+    return out
+
+
+def test_luhn_and_iccid_coding() -> None:
+    assert luhn_check_digit("7992739871") == "3"  # the textbook example
+    assert luhn_check_digit("898800000000000001") == "6"
+    assert luhn_valid("8988000000000000016")
+    assert encode_iccid("8988000000000000018") == h("98 88 00 00 00 00 00 00 10 F8")
+    assert encode_iccid("89882000000000000015") == h("98 88 02 00 00 00 00 00 00 51")
+
+
+def test_random_iccid_and_report(tmp_path: Path) -> None:
+    report = personalize(tmp_path / "a.json", now=NOW)
+    assert len(report.iccid) == 19 and report.iccid.startswith("8988")
+    assert luhn_valid(report.iccid)
+    other = personalize(tmp_path / "b.json", now=NOW)
+    assert other.iccid != report.iccid and other.atr != report.atr
+    text = str(report)
+    assert report.iccid in text and "bootstrap-cert" in text and "7FF0/6F10" in text
+    assert "op-a" in text and "op-b" in text and "read ADM" in text
+    assert report.path == tmp_path / "a.json"
+    assert VirtualCard.load(report.path).atr == report.atr
+
+
+@pytest.mark.parametrize(
+    "iccid", ["12345678901234567", "123456789012345678901", "8988x0000000000001"]
+)
+def test_bad_iccid_is_refused(tmp_path: Path, iccid: str) -> None:
+    with pytest.raises(InputError):
+        personalize(tmp_path / "card.json", iccid=iccid)
+    assert not (tmp_path / "card.json").exists()
+
+
+def test_objects_and_files(tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    personalize(path, iccid="898800000000000001", now=NOW)
+    card = applet_card(path)
+    listing = b""
+    data, sw = tx(card, "81 CB 01 00 00")
+    listing += data
+    while sw == 0x6300:
+        data, sw = tx(card, "81 CB 01 01 00")
+        listing += data
+    assert sw == 0x9000
+    objects = {(tag, f.get(0x84, f.get(0x85, f.get(0x83)))): f for tag, f in containers(listing)}
+    boot = objects[(0xC1, b"\x01")]
+    assert boot[0x74] == b"bootstrap" and boot[0x4A] == b"\x01" and boot[0x61] == b"\x01"
+    assert boot[0x4E] == b"\x01" and boot[0x4B] == b"\x13"
+    for key_id, label in ((b"\x02", b"op-a"), (b"\x03", b"op-b")):
+        slot = objects[(0xC1, key_id)]
+        assert slot[0x74] == label and slot[0x4A] == b"\x00" and slot[0x61] == b"\x03"
+        assert objects[(0xC2, key_id)][0x4A] == b"\x00"
+    assert objects[(0xC2, b"\x01")][0x4A] == b"\x01"
+    cert_file = objects[(0xC3, b"\x01")]
+    assert cert_file[0x73] == b"bootstrap-cert" and cert_file[0x21] == b"\x02"
+    # the bootstrap key can never be regenerated by a device; the operational ones can
+    assert tx(card, "81 B9 00 00 03 84 01 01") == (b"", 0x6985)
+    assert tx(card, "81 B9 00 00 03 84 01 02")[1] == 0x9000
+    # UICC side
+    assert tx(card, "00 A4 00 0C 02 2F E2") == (b"", 0x9000)
+    assert tx(card, "00 B0 00 00 0A") == (encode_iccid("898800000000000001"), 0x9000)
+    for fid in ("6F 01", "6F 02"):
+        fcp, sw = tx(card, f"00 A4 08 04 04 7F F0 {fid}")
+        assert sw == 0x9000 and h("80 02 08 00") in fcp
+        assert tx(card, "00 D6 07 FF 01 00") == (b"", 0x9000)
+    tx(card, "00 A4 08 0C 04 7F F0 6F 10")
+    assert tx(card, "00 D6 00 00 01 00") == (b"", 0x6982)
+
+
+def test_self_signed_bootstrap_certificate(tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    report = personalize(path, iccid="898800000000000001", now=NOW)
+    card = applet_card(path)
+    der = read_file(card, b"\x01")
+    cert = x509.load_der_x509_certificate(der)
+    assert cert == report.bootstrap_certificate
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == "bootstrap-898800000000000001"
+    assert cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value == report.iccid
+    assert cert.issuer == cert.subject
+    assert cert.not_valid_before_utc == NOW
+    assert cert.not_valid_after_utc == datetime(2044, 2, 29, 12, 0, 0, tzinfo=UTC)
+    key_usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert key_usage.critical and key_usage.value.digital_signature
+    assert not key_usage.value.key_cert_sign
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    # the certified key is the card's key 01
+    point = tx(card, "81 CD 00 00 03 85 01 01")[0][6:]
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) == point
+    cert.verify_directly_issued_by(cert)
+
+
+def test_certificate_issued_by_a_ca(tmp_path: Path) -> None:
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Bootstrap CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=9000))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    report = personalize(tmp_path / "card.json", bootstrap_ca=(ca_cert, ca_key), now=NOW)
+    cert = report.bootstrap_certificate
+    assert cert.issuer == ca_name
+    cert.verify_directly_issued_by(ca_cert)
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+
+
+def test_existing_file_is_not_overwritten_without_force(tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    first = personalize(path)
+    before = path.read_bytes()
+    with pytest.raises(SimStateError, match="already exists"):
+        personalize(path)
+    assert path.read_bytes() == before
+    second = personalize(path, force=True)
+    assert second.iccid != first.iccid
+    assert VirtualCard.load(path).state.iccid == second.iccid
