@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -44,7 +45,26 @@ def init(args: argparse.Namespace) -> int:
     ca = load_ca(args.bootstrap_ca, args.bootstrap_ca_key) if args.bootstrap_ca else None
     report = personalize(Path(args.state), iccid=args.iccid, bootstrap_ca=ca, force=args.force)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        cert = report.bootstrap_certificate
+        print(
+            json.dumps(
+                {
+                    "path": str(report.path),
+                    "iccid": report.iccid,
+                    "card_serial": report.card_serial.hex().upper(),
+                    "atr": report.atr.hex().upper(),
+                    "objects": list(report.objects),
+                    "files": list(report.files),
+                    "bootstrap_certificate": {
+                        "subject": cert.subject.rfc4514_string(),
+                        "issuer": cert.issuer.rfc4514_string(),
+                        "not_after": cert.not_valid_after_utc.isoformat(),
+                        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+                    },
+                },
+                indent=2,
+            )
+        )
     else:
         print(report)
     return 0

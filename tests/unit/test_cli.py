@@ -1,0 +1,154 @@
+"""The command line, run in process: output, JSON and exit codes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from est_agent.cli.main import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make_ca(tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SIM provider bootstrap CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "ca.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, cert
+
+
+def test_sim_init_with_ca_then_card_info_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca_cert, ca_key, ca = make_ca(tmp_path)
+    state = tmp_path / "sim.json"
+    code, out, _ = run(
+        capsys,
+        "sim",
+        "init",
+        str(state),
+        "--bootstrap-ca",
+        str(ca_cert),
+        "--bootstrap-ca-key",
+        str(ca_key),
+        "--iccid",
+        "8988247000001234567",
+        "--json",
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["bootstrap_certificate"]["issuer"] == "CN=SIM provider bootstrap CA"
+
+    code, out, _ = run(capsys, "card", "info", "--reader", f"sim:{state}", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["iccid"] == "8988247000001234567"
+    assert info["applet"]["aid"] == "A0000005590010"
+    labels = {(o["type"], o["label"], o["state"]) for o in info["objects"]}
+    assert ("private-key", "bootstrap", "activated") in labels
+    assert ("private-key", "op-a", "empty") in labels
+    assert ("file", "bootstrap-cert", "activated") in labels
+
+    code, out, _ = run(capsys, "card", "info", "--reader", f"sim:{state}")
+    assert code == 0 and "ICCID:    8988247000001234567" in out
+
+
+def test_sim_init_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "sim.json"
+    assert run(capsys, "sim", "init", str(state))[0] == 0
+    before = state.read_bytes()
+    code, _, err = run(capsys, "sim", "init", str(state))
+    assert code == 65 and "SimStateError" in err
+    assert state.read_bytes() == before
+    assert run(capsys, "sim", "init", str(state), "--force")[0] == 0
+    assert state.read_bytes() != before
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        (["card", "info", "--reader", "sim:/nonexistent/sim.json"], 65, "SimStateError"),
+        (["card", "info", "--reader", "floppy:a"], 64, "unknown reader type"),
+        (["card", "info", "--aid", "zz", "--reader", "sim:x"], 64, "--aid"),
+        (["sim", "init", "x", "--bootstrap-ca", "ca.pem"], 64, "go together"),
+        (["sim", "serve", "x", "--vpcd", "nohost"], 64, "HOST:PORT"),
+        (["frobnicate"], 64, ""),
+        (["sim", "init", "{tmp}/s.json", "--iccid", "12ab"], 65, "ICCID"),
+        (
+            [
+                "sim",
+                "init",
+                "{tmp}/s.json",
+                "--bootstrap-ca",
+                "{tmp}/nope.pem",
+                "--bootstrap-ca-key",
+                "{tmp}/nope.key",
+            ],
+            65,
+            "cannot read",
+        ),
+    ],
+)
+def test_errors_have_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, needle: str
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    got, _, err = run(capsys, *argv)
+    assert got == code, err
+    assert needle in err
+
+
+def test_wrong_aid_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "sim.json"
+    run(capsys, "sim", "init", str(state))
+    code, _, err = run(
+        capsys, "card", "info", "--reader", f"sim:{state}", "--aid", "A0000002480400"
+    )
+    assert code == 76 and "6A82" in err
+
+
+def test_ca_key_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca_cert, _, _ = make_ca(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path)
+    _, other_key, _ = make_ca(tmp_path / "b" if (tmp_path / "b").mkdir() is None else tmp_path)
+    code, _, err = run(
+        capsys,
+        "sim",
+        "init",
+        str(tmp_path / "s.json"),
+        "--bootstrap-ca",
+        str(ca_cert),
+        "--bootstrap-ca-key",
+        str(other_key),
+    )
+    assert code == 65 and "not the private key" in err
