@@ -68,7 +68,7 @@ def test_sim_init_with_ca_then_card_info_json(
     )
     assert code == 0
     report = json.loads(out)
-    assert report["bootstrap_certificate"]["issuer"] == "CN=SIM provider bootstrap CA"
+    assert report["bootstrap_certificate"]["issuer"] == ca.subject.rfc4514_string()
 
     code, out, _ = run(capsys, "card", "info", "--reader", f"sim:{state}", "--json")
     assert code == 0
@@ -139,8 +139,10 @@ def test_wrong_aid_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_ca_key_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ca_cert, _, _ = make_ca(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path)
-    _, other_key, _ = make_ca(tmp_path / "b" if (tmp_path / "b").mkdir() is None else tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ca_cert, _, _ = make_ca(tmp_path / "a")
+    _, other_key, _ = make_ca(tmp_path / "b")
     code, _, err = run(
         capsys,
         "sim",
