@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax
 from est_agent.testserver.csrcheck import (
@@ -190,12 +191,16 @@ class EstTestServer:
         self.config = config
         self.pki = pki or load_dev_pki(config.pki_dir)
         self.ssl_context = self._make_ssl_context()
-        self._state = _State(config)
         self._foreign_ca: CertificateAuthority | None = None
         self._foreign_lock = threading.Lock()
         self._quiet = False
-        self._httpd = _HTTPServer((config.host, config.port), self)
         self._thread: threading.Thread | None = None
+        self._httpd = _HTTPServer((config.host, config.port), self)
+        try:
+            self._state = _State(config)
+        except OSError:
+            self._httpd.server_close()  # e.g. an unwritable --issuance-log: free the port
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -301,6 +306,14 @@ class EstTestServer:
 
 def _valid_now(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def _has_client_auth(cert: x509.Certificate) -> bool:
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -501,6 +514,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             if not _valid_now(client.certificate, now):
                 raise HttpRefusal(403, "client certificate is expired or not yet valid")
+            # OpenSSL's purpose check only refuses an EKU that lacks clientAuth; a certificate
+            # with no EKU at all passes it, so the policy is enforced here.
+            if not _has_client_auth(client.certificate):
+                raise HttpRefusal(403, "client certificate lacks the clientAuth EKU")
             auth = "cert"
         if media_type_of(self.headers.get("Content-Type")) != "application/pkcs10":
             raise HttpRefusal(415, "Content-Type must be application/pkcs10")

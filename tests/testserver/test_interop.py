@@ -20,9 +20,26 @@ pytestmark = pytest.mark.integration
 needs_curl_openssl = pytest.mark.skipif(
     not (shutil.which("curl") and shutil.which("openssl")), reason="needs curl and openssl"
 )
+
+
+def _strongswan_missing() -> str | None:
+    """Why strongSwan's pki cannot run these tests, or None when it can."""
+    if shutil.which("pki") is None:
+        return "needs strongSwan's pki (apt: strongswan-pki libstrongswan-standard-plugins)"
+    # Without the openssl plugin (Debian: libstrongswan-standard-plugins) pki has no ECDSA
+    # and no ECDH, so it can neither read a P-256 key nor complete the TLS handshake.
+    out = subprocess.run(["pki", "--help"], capture_output=True, text=True, check=False)
+    loaded = next(
+        (ln for ln in (out.stdout + out.stderr).splitlines() if "loaded plugins" in ln), ""
+    )
+    if " openssl" not in loaded:
+        return "strongSwan pki lacks its openssl plugin (apt: libstrongswan-standard-plugins)"
+    return None
+
+
+_STRONGSWAN_MISSING = _strongswan_missing()
 needs_strongswan = pytest.mark.skipif(
-    shutil.which("pki") is None,
-    reason="needs strongSwan's pki (apt: strongswan-pki libstrongswan-standard-plugins)",
+    _STRONGSWAN_MISSING is not None, reason=_STRONGSWAN_MISSING or ""
 )
 
 

@@ -416,3 +416,25 @@ def test_bad_requests_get_short_text_answers(
     assert reply.status == status
     assert reply.headers["Content-Type"].startswith("text/plain")
     assert 0 < len(reply.body) < 200
+
+
+def test_reenroll_needs_client_auth_eku(
+    start_server: Start, dev_pki: DevPki, boot: ssl.SSLContext, tmp_path: Path
+) -> None:
+    server = start_server(
+        labels={
+            "noeku": Profile(validity_s=600, ekus=()),
+            "server": Profile(validity_s=600, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,)),
+        }
+    )
+    # No EKU at all passes OpenSSL's purpose check; the server's policy refuses it readably.
+    key = new_key()
+    (cert,) = certs_of(_enroll(server, boot, make_csr(key, "dev", ()), label="noeku").body)
+    ctx = client_context(dev_pki.directory, write_credential(tmp_path, "n", cert, key))
+    reply = _enroll(server, ctx, make_csr(new_key(), "dev", ()), "simplereenroll", label="noeku")
+    assert (reply.status, "clientAuth" in reply.text) == (403, True)
+    # An EKU without clientAuth is refused by OpenSSL during the handshake.
+    (cert,) = certs_of(_enroll(server, boot, make_csr(key, "dev", ()), label="server").body)
+    ctx = client_context(dev_pki.directory, write_credential(tmp_path, "s", cert, key))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _enroll(server, ctx, make_csr(new_key(), "dev", ()), "simplereenroll", label="server")
