@@ -10,7 +10,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from esttls_helpers import make_csr, new_key
 
 from est_agent.testserver.csrcheck import (
     check_challenge_password,
@@ -20,6 +19,7 @@ from est_agent.testserver.csrcheck import (
 )
 from est_agent.testserver.issuer import issue_from_csr, make_ca, random_serial
 from est_agent.testserver.wire import HttpRefusal
+from tests.testserver.esttls_helpers import make_csr, new_key
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from esttls_helpers import ServerProcess
 
 from est_agent.testserver import DevPki
+from tests.testserver.esttls_helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from esttls_helpers import (
+
+from est_agent.testserver import DevPki
+from tests.testserver.esttls_helpers import (
     EST,
     ServerProcess,
     b64,
@@ -26,8 +28,6 @@ from esttls_helpers import (
     new_key,
     request,
 )
-
-from est_agent.testserver import DevPki
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from esttls_helpers import (
+
+from est_agent.testserver import (
+    AuthMode,
+    CsrAttrsKind,
+    DevPki,
+    EstTestServer,
+    Profile,
+    RetryAfterFormat,
+    TlsMax,
+)
+from tests.testserver.esttls_helpers import (
     EST,
     b64,
     basic,
@@ -28,16 +38,6 @@ from esttls_helpers import (
     request,
     send,
     write_credential,
-)
-
-from est_agent.testserver import (
-    AuthMode,
-    CsrAttrsKind,
-    DevPki,
-    EstTestServer,
-    Profile,
-    RetryAfterFormat,
-    TlsMax,
 )
 
 pytestmark = pytest.mark.integration

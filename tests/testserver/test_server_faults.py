@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
-from esttls_helpers import (
+
+from est_agent.testserver import DevPki, EstTestServer, Fault
+from tests.testserver.esttls_helpers import (
     EST,
     b64,
     bootstrap_credential,
@@ -26,8 +28,6 @@ from esttls_helpers import (
     new_key,
     request,
 )
-
-from est_agent.testserver import DevPki, EstTestServer, Fault
 
 pytestmark = pytest.mark.integration
 
