@@ -47,6 +47,28 @@ class CardInfo:
             "objects": [_object_json(o) for o in self.objects],
         }
 
+    def render(self) -> str:
+        """The human-readable form `est-agent card info` prints."""
+        a = self.applet
+        lines = [
+            f"reader:   {self.reader}",
+            f"ATR:      {self.atr.hex(' ').upper() or '-'}",
+            f"ICCID:    {self.iccid or '-'}",
+            f"applet:   IoT SAFE {self.aid.hex().upper()} version {a.version}",
+            f"          max files {a.max_files}, private keys {a.max_private_keys}, public keys "
+            f"{a.max_public_keys}, secret keys {a.max_secret_keys}, sessions {a.max_sessions}",
+            "objects:",
+        ]
+        for obj in self.objects:
+            oid = obj.object_id.hex().upper() if obj.object_id is not None else "-"
+            state = "activated" if obj.activated else "empty"
+            extra = f", {obj.file_size} bytes" if obj.file_size is not None else ""
+            lines.append(
+                f"  {obj.type.name.lower().replace('_', ' '):12} id {oid:6} label "
+                f"{obj.label or '-':16} {state}{extra}"
+            )
+        return "\n".join(lines)
+
 
 def _object_json(obj: ObjectInfo) -> dict[str, Any]:
     out: dict[str, Any] = {

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from est_agent.card.channel import CardSession
-from est_agent.card.info import CardInfo, read_card_info
+from est_agent.card.info import read_card_info
 from est_agent.card.iotsafe import DEFAULT_AID
 from est_agent.errors import UsageError
 from est_agent.transport import open_transport
@@ -36,27 +36,5 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(card.to_json(), indent=2))
     else:
-        print(render_card_info(card))
+        print(card.render())
     return 0
-
-
-def render_card_info(card: CardInfo) -> str:
-    a = card.applet
-    lines = [
-        f"reader:   {card.reader}",
-        f"ATR:      {card.atr.hex(' ').upper() or '-'}",
-        f"ICCID:    {card.iccid or '-'}",
-        f"applet:   IoT SAFE {card.aid.hex().upper()} version {a.version}",
-        f"          max files {a.max_files}, private keys {a.max_private_keys}, public keys "
-        f"{a.max_public_keys}, secret keys {a.max_secret_keys}, sessions {a.max_sessions}",
-        "objects:",
-    ]
-    for obj in card.objects:
-        oid = obj.object_id.hex().upper() if obj.object_id is not None else "-"
-        state = "activated" if obj.activated else "empty"
-        extra = f", {obj.file_size} bytes" if obj.file_size is not None else ""
-        lines.append(
-            f"  {obj.type.name.lower().replace('_', ' '):12} id {oid:6} label "
-            f"{obj.label or '-':16} {state}{extra}"
-        )
-    return "\n".join(lines)

@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--power-cut-after", type=int, metavar="N", help="drop the link after N APDUs (crash tests)"
     )
     serve.set_defaults(func=_handler("sim", "serve"))
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="virtual SIM -> private pcscd + vpcd -> card info, end to end",
+    )
+    demo.add_argument("--dir", help="keep the SIM state and pcscd log here (default: temporary)")
+    demo.add_argument("--json", action="store_true", help="machine-readable card info")
+    demo.set_defaults(func=_handler("sim", "demo"))
     return parser
 
 

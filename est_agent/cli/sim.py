@@ -88,3 +88,9 @@ def serve(args: argparse.Namespace) -> int:
         trace_path=Path(args.trace) if args.trace else None,
         power_cut_after=args.power_cut_after,
     )
+
+
+def demo(args: argparse.Namespace) -> int:
+    from est_agent.sim.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None, as_json=args.json)
