@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import enum
 import hmac
 import http
 import json
@@ -76,7 +77,9 @@ _OVERSIZE_BYTES = 10 * 1024 * 1024 + 64 * 1024
 _BASIC_REALM = 'Basic realm="est", charset="UTF-8"'
 
 
-class _Delivery:
+class _Delivery(enum.Enum):
+    """How the response bytes go out: normally, or misbehaving for a fault switch."""
+
     NORMAL = "normal"
     DROP_MID_BODY = "drop"
     SLOW = "slow"
@@ -89,7 +92,7 @@ class _Response:
     body: bytes = b""
     content_type: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
-    delivery: str = _Delivery.NORMAL
+    delivery: _Delivery = _Delivery.NORMAL
 
 
 @dataclass(frozen=True)
@@ -653,8 +656,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, response: _Response) -> None:
         body = response.body
-        length = _OVERSIZE_BYTES if response.delivery == _Delivery.OVERSIZE else len(body)
-        if response.delivery != _Delivery.NORMAL or response.status >= 500:
+        length = _OVERSIZE_BYTES if response.delivery is _Delivery.OVERSIZE else len(body)
+        if response.delivery is not _Delivery.NORMAL or response.status >= 500:
             self.close_connection = True
         try:
             reason = http.HTTPStatus(response.status).phrase
@@ -676,13 +679,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.log_request(response.status, length)
         # One write for head and body: some clients (strongSwan) parse the first TLS record
         # as if it held the whole answer.
-        if response.delivery == _Delivery.NORMAL:
+        if response.delivery is _Delivery.NORMAL:
             self.wfile.write(head + body)
-        elif response.delivery == _Delivery.DROP_MID_BODY:
+        elif response.delivery is _Delivery.DROP_MID_BODY:
             self.wfile.write(head + body[: len(body) // 2])
             # TCP-level shutdown without TLS close_notify: the peer sees a truncated stream.
             self._tls.shutdown(socket.SHUT_RDWR)
-        elif response.delivery == _Delivery.SLOW:
+        elif response.delivery is _Delivery.SLOW:
             self.wfile.write(head)
             pieces = 10
             step = max(1, -(-len(body) // pieces))
