@@ -456,23 +456,19 @@ class IotSafeApplet:
 
     # keys ----------------------------------------------------------------------------------
 
+    def _object_command(self, ins: int, ref: IotSafeRef, kind: ObjectKind, name: str) -> bytes:
+        data, _ = self._exchange(ins, 0x00, 0x00, encode_object_ref(ref, kind), name=name)
+        return data
+
     def generate_key_pair(self, key: IotSafeRef) -> GeneratedKey:
-        data, _ = self._exchange(
-            INS_GENERATE_KEY_PAIR,
-            0x00,
-            0x00,
-            encode_object_ref(key, ObjectKind.PRIVATE_KEY),
-            name="GENERATE KEY PAIR",
+        data = self._object_command(
+            INS_GENERATE_KEY_PAIR, key, ObjectKind.PRIVATE_KEY, "GENERATE KEY PAIR"
         )
         return decode_generate_key_response(data)
 
     def read_public_key(self, public_key: IotSafeRef) -> bytes:
-        data, _ = self._exchange(
-            INS_READ_PUBLIC_KEY,
-            0x00,
-            0x00,
-            encode_object_ref(public_key, ObjectKind.PUBLIC_KEY),
-            name="READ PUBLIC KEY",
+        data = self._object_command(
+            INS_READ_PUBLIC_KEY, public_key, ObjectKind.PUBLIC_KEY, "READ PUBLIC KEY"
         )
         return decode_public_key(data)
 

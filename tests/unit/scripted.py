@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from est_agent.transport.base import CardTransport
+
+AID = "A0 00 00 05 59 00 10"
 
 
 def h(text: str) -> bytes:
     return bytes.fromhex(text.replace(" ", ""))
+
+
+class _Card(Protocol):
+    def process(self, apdu: bytes) -> bytes: ...
+
+
+def tx(card: _Card, command: str | bytes) -> tuple[bytes, int]:
+    """Send one raw command (hex text or bytes) to a virtual card: (data, SW)."""
+    raw = h(command) if isinstance(command, str) else command
+    response = card.process(raw)
+    assert len(response) >= 2
+    return response[:-2], int.from_bytes(response[-2:], "big")
 
 
 class ScriptedTransport(CardTransport):

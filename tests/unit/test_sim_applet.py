@@ -26,22 +26,11 @@ from est_agent.sim.state import (
     PrivateKeyObject,
     PublicKeyObject,
 )
+from tests.unit.scripted import AID, h, tx
 
 CERT = bytes((i * 7 + 3) & 0xFF for i in range(500))
 DIGEST = hashlib.sha256(b"to be signed").digest()
-AID = "A0 00 00 05 59 00 10"
 SIGN_INIT_01 = "81 2A 00 01 0D 84 01 01 A1 01 03 91 02 00 01 92 01 04"
-
-
-def h(text: str) -> bytes:
-    return bytes.fromhex(text.replace(" ", ""))
-
-
-def tx(card: VirtualCard, command: str | bytes) -> tuple[bytes, int]:
-    raw = h(command) if isinstance(command, str) else command
-    response = card.process(raw)
-    assert len(response) >= 2
-    return response[:-2], int.from_bytes(response[-2:], "big")
 
 
 def example_state() -> CardState:

@@ -15,19 +15,7 @@ import pytest
 from est_agent.sim.card import ApduEvent, CardOptions, VirtualCard
 from est_agent.sim.personalize import personalize
 from est_agent.sim.trace import TraceWriter, attach_trace
-
-AID = "A0 00 00 05 59 00 10"
-
-
-def h(text: str) -> bytes:
-    return bytes.fromhex(text.replace(" ", ""))
-
-
-def tx(card: VirtualCard, command: str | bytes) -> tuple[bytes, int]:
-    raw = h(command) if isinstance(command, str) else command
-    response = card.process(raw)
-    assert len(response) >= 2
-    return response[:-2], int.from_bytes(response[-2:], "big")
+from tests.unit.scripted import AID, h, tx
 
 
 @pytest.fixture(scope="module")
