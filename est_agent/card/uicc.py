@@ -26,6 +26,7 @@ INS_SELECT = 0xA4
 INS_READ_BINARY = 0xB0
 INS_UPDATE_BINARY = 0xD6
 
+SELECT_BY_FID = 0x00
 SELECT_BY_PATH_FROM_MF = 0x08
 SELECT_RETURN_FCP = 0x04
 SELECT_NO_DATA = 0x0C
@@ -103,6 +104,19 @@ class UiccFiles:
         self._selected = path
         self._selected_size = fcp.size
         return fcp
+
+    def select_fid(self, fid: int) -> FileControlParameters:
+        """SELECT by file ID (P1 00) from the current DF: children, parent, or the MF 3F00."""
+        response = self.channel.exchange(
+            INS_SELECT,
+            SELECT_BY_FID,
+            SELECT_RETURN_FCP,
+            fid.to_bytes(2, "big"),
+            256,
+            name=f"SELECT {fid:04X}",
+        )
+        self._selected = None  # a relative selection: the path is no longer known
+        return decode_fcp(response.data)
 
     def _ensure(self, path: UiccPath) -> int | None:
         if self._selected != path:

@@ -202,3 +202,13 @@ def test_card_info(state: Path) -> None:
         "crypto_functions": 0x01,
     }
     session.close()
+
+
+def test_uicc_select_by_fid_walks_the_tree(state: Path) -> None:
+    files = UiccFiles(CardSession(SimTransport(state)).open_channel())
+    assert files.select_fid(0x3F00).is_df
+    assert files.select_fid(0x7FF0).is_df
+    ef = files.select_fid(0x6F02)
+    assert (ef.fid, ef.size, ef.is_transparent_ef) == (0x6F02, 2048, True)
+    with pytest.raises(NotFoundError):
+        files.select_fid(0x2FE2)  # EF_ICCID lives under the MF, not under 7FF0
