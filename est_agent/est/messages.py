@@ -253,7 +253,7 @@ def decode_certs_only(body: bytes) -> list[x509.Certificate]:
     for der in ders:
         try:
             certs.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise EstResponseError(f"malformed certificate in PKCS#7: {_short(exc)}") from None
     return certs
 

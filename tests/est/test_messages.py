@@ -1,0 +1,624 @@
+"""EST message codecs: vectors rebuilt from RFC 7030 / RFC 8951 text, generated CAs, properties."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+
+import pytest
+from asn1crypto import core
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from est_agent.errors import EstAgentError, EstResponseError, InputError
+from est_agent.est.messages import (
+    MEDIA_CERTS_ONLY,
+    MEDIA_CSRATTRS,
+    OID_CHALLENGE_PASSWORD,
+    OID_EC_PUBLIC_KEY,
+    OID_EXTENSION_REQUEST,
+    CsrAttributes,
+    challenge_password_value,
+    classify_cacerts,
+    decode_certs_only,
+    encode_pkcs10_body,
+    error_excerpt,
+    est_url,
+    media_type_matches,
+    parse_csrattrs,
+    parse_retry_after,
+)
+from est_agent.testserver.wire import decode_base64_body
+
+NOW = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.UTC)
+
+# RFC 7030 §4.5.2 example response, as printed in the RFC (base64 of CsrAttrs). It asks for a
+# challengePassword, an EC key on secp384r1, a macAddress extension (given as a bare OID where
+# RFC 2985 wants Extensions: the lenient case of RFC 8951 §4) and ecdsa-with-SHA384.
+RFC7030_CSRATTRS = (
+    b"MEEGCSqGSIb3DQEJBzASBgcqhkjOPQIBMQcGBSuBBAAiMBYGCSqGSIb3DQEJDjEJ\r\n"
+    b"BgcrBgEBAQEWBggqhkjOPQQDAw==\r\n"
+)
+SECP384R1 = "1.3.132.0.34"
+MAC_ADDRESS = "1.3.6.1.1.1.1.22"
+ECDSA_SHA384 = "1.2.840.10045.4.3.3"
+
+
+# --- URLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "operation", "label", "expected"),
+    [
+        (
+            "https://est.example:8443/.well-known/est",
+            "cacerts",
+            "",
+            "https://est.example:8443/.well-known/est/cacerts",
+        ),
+        (
+            "https://est.example/.well-known/est/",
+            "simpleenroll",
+            "arbitraryLabel1",
+            "https://est.example/.well-known/est/arbitraryLabel1/simpleenroll",
+        ),
+        ("https://est.example", "csrattrs", "", "https://est.example/.well-known/est/csrattrs"),
+        (
+            "HTTPS://[::1]:9443/",
+            "simplereenroll",
+            "",
+            "https://[::1]:9443/.well-known/est/simplereenroll",
+        ),
+        (
+            "https://proxy.example/ca1/.well-known/est//",
+            "cacerts",
+            "a.b-c_d~e",
+            "https://proxy.example/ca1/.well-known/est/a.b-c_d~e/cacerts",
+        ),
+    ],
+)
+def test_est_url_joins_without_double_slashes(
+    base: str, operation: str, label: str, expected: str
+) -> None:
+    url = est_url(base, operation, label)
+    assert url == expected
+    assert "//" not in url.removeprefix("https://")
+
+
+@pytest.mark.parametrize(
+    ("base", "operation", "label"),
+    [
+        ("http://est.example/.well-known/est", "cacerts", ""),
+        ("est.example/.well-known/est", "cacerts", ""),
+        ("https:///.well-known/est", "cacerts", ""),
+        ("https://user:pw@est.example/.well-known/est", "cacerts", ""),
+        ("https://est.example/.well-known/est?x=1", "cacerts", ""),
+        ("https://est.example:99999/", "cacerts", ""),
+        ("https://est.example/", "serverkeygen", ""),  # the key lives in the SIM
+        ("https://est.example/", "simpleenroll", "a/b"),
+        ("https://est.example/", "simpleenroll", ".."),
+        ("https://est.example/", "simpleenroll", "a b"),
+        ("https://est.example/", "simpleenroll", "a%2Fb"),
+    ],
+)
+def test_est_url_refuses(base: str, operation: str, label: str) -> None:
+    with pytest.raises(InputError):
+        est_url(base, operation, label)
+
+
+# --- media types -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected", "matches"),
+    [
+        ("application/pkcs7-mime; smime-type=certs-only", MEDIA_CERTS_ONLY, True),
+        ("Application/PKCS7-MIME", MEDIA_CERTS_ONLY, True),
+        ("application/pkcs7-mime;smime-type=CERTS-ONLY;charset=x", MEDIA_CERTS_ONLY, True),
+        ("  application/csrattrs  ", MEDIA_CSRATTRS, True),
+        ("application/pkcs7-mime", "application/pkcs7-mime; smime-type=certs-only", True),
+        ("application/pkcs7", MEDIA_CERTS_ONLY, False),
+        ("text/html; charset=utf-8", MEDIA_CERTS_ONLY, False),
+        ("application/pkcs7-mime-x", MEDIA_CERTS_ONLY, False),
+        ("", MEDIA_CERTS_ONLY, False),
+        (None, MEDIA_CERTS_ONLY, False),
+        (";", "", False),
+    ],
+)
+def test_media_type_matches(content_type: str | None, expected: str, matches: bool) -> None:
+    assert media_type_matches(content_type, expected) is matches
+
+
+# --- request body ----------------------------------------------------------------------------
+
+
+def test_pkcs10_body_is_wrapped_at_64_with_crlf() -> None:
+    der = bytes(range(256)) * 2  # 512 bytes -> 684 base64 characters -> 11 lines
+    body = encode_pkcs10_body(der)
+    lines = body.split(b"\r\n")
+    assert lines[-1] == b""  # every line, the last included, ends in CRLF
+    assert [len(line) for line in lines[:-1]] == [64] * 10 + [44]
+    assert b"\n" not in body.replace(b"\r\n", b"")
+    # the test server's independent strict decoder accepts it
+    assert decode_base64_body(body) == der
+
+
+def test_pkcs10_body_exact_multiple_has_no_empty_line() -> None:
+    body = encode_pkcs10_body(b"\x00" * 48)  # exactly 64 base64 characters
+    assert body == b"A" * 64 + b"\r\n"
+
+
+def test_pkcs10_body_refuses_empty() -> None:
+    with pytest.raises(InputError):
+        encode_pkcs10_body(b"")
+
+
+# --- certs-only PKCS#7 -----------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str | None = None,
+    signer: ec.EllipticCurvePrivateKey | None = None,
+    *,
+    days_before: int = 1,
+    ca: bool = True,
+) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer or subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=days_before))
+        .not_valid_after(NOW + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(signer or key, hashes.SHA256())
+    )
+
+
+@pytest.fixture(scope="module")
+def chain() -> list[x509.Certificate]:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    root = _cert("Root", root_key)
+    leaf = _cert("leaf", leaf_key, "Root", root_key, ca=False)
+    return [leaf, root]
+
+
+def _wrap(text: bytes, width: int, eol: bytes) -> bytes:
+    return b"".join(text[i : i + width] + eol for i in range(0, len(text), width))
+
+
+def test_certs_only_all_encodings(chain: list[x509.Certificate]) -> None:
+    der = pkcs7.serialize_certificates(chain, Encoding.DER)
+    b64 = base64.b64encode(der)
+    pem = pkcs7.serialize_certificates(chain, Encoding.PEM)
+    variants = {
+        "der": der,
+        "unwrapped": b64,
+        "unwrapped+newline": b64 + b"\n",
+        "crlf64": _wrap(b64, 64, b"\r\n"),
+        "lf76": _wrap(b64, 76, b"\n"),
+        "spaces-tabs": _wrap(b64, 10, b" \t"),
+        "pem": pem,
+        "pem-crlf": pem.replace(b"\n", b"\r\n"),
+        "pem-with-leading-blank": b"\r\n\r\n" + pem,
+    }
+    for name, body in variants.items():
+        got = decode_certs_only(body)
+        assert [c.subject for c in got] == [c.subject for c in chain], name
+        assert got == chain, name
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"", "empty"),
+        (b"   \r\n", "empty"),
+        (b"not base64 at all!", "neither DER nor base64"),
+        (b"QUJD", "ContentInfo"),  # valid base64 of b"ABC"
+        (b"MIIBIjAN", "ContentInfo"),  # truncated DER in base64
+        (b"-----BEGIN PKCS7-----\nQUJD\n", "complete PKCS7"),
+        (b"-----BEGIN CERTIFICATE-----\nQUJD\n-----END CERTIFICATE-----\n", "PKCS7"),
+        (b"<html><body>500</body></html>", "base64"),
+    ],
+)
+def test_certs_only_garbage(body: bytes, fragment: str) -> None:
+    with pytest.raises(EstResponseError, match=fragment):
+        decode_certs_only(body)
+
+
+def test_certs_only_with_zero_certificates_is_an_error() -> None:
+    from asn1crypto import cms
+
+    signed = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [],
+            "encap_content_info": {"content_type": "data"},
+            "signer_infos": [],
+        }
+    )
+    der = cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    with pytest.raises(EstResponseError, match="no certificate"):
+        decode_certs_only(der)
+    with pytest.raises(EstResponseError, match="no certificate"):
+        decode_certs_only(base64.b64encode(der))
+
+
+def test_certs_only_refuses_other_content_types() -> None:
+    from asn1crypto import cms
+
+    der = cms.ContentInfo({"content_type": "data", "content": b"x"}).dump()
+    with pytest.raises(EstResponseError, match="signedData"):
+        decode_certs_only(der)
+
+
+# --- csrattrs --------------------------------------------------------------------------------
+
+
+def test_csrattrs_rfc7030_example() -> None:
+    attrs = parse_csrattrs(RFC7030_CSRATTRS)
+    assert attrs.oids == (OID_CHALLENGE_PASSWORD, ECDSA_SHA384)
+    assert attrs.challenge_password
+    assert attrs.hash_oids == (ECDSA_SHA384,)
+    assert attrs.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+    assert attrs.extension_requests == (MAC_ADDRESS,)
+    assert set(attrs.attributes) == {OID_EC_PUBLIC_KEY, OID_EXTENSION_REQUEST}
+    assert attrs.attributes[OID_EC_PUBLIC_KEY] == (core.ObjectIdentifier(SECP384R1).dump(),)
+    assert attrs.unknown == ()
+    assert not attrs.empty
+
+
+def test_csrattrs_unwrapped_and_der_forms_agree() -> None:
+    der = base64.b64decode(RFC7030_CSRATTRS)
+    reference = parse_csrattrs(RFC7030_CSRATTRS)
+    assert parse_csrattrs(der) == reference
+    assert parse_csrattrs(base64.b64encode(der)) == reference
+    assert parse_csrattrs(_wrap(base64.b64encode(der), 4, b" \t\n")) == reference
+
+
+@pytest.mark.parametrize("body", [b"", b"\r\n", b"MAA=", b"MAA=\r\n", b"\x30\x00"])
+def test_csrattrs_empty_means_nothing_asked(body: bytes) -> None:
+    attrs = parse_csrattrs(body)
+    assert attrs == CsrAttributes()
+    assert attrs.empty
+    assert not attrs.challenge_password
+
+
+def _attribute(oid: str, *values: core.Asn1Value) -> core.Sequence:
+    class _Attr(core.Sequence):  # type: ignore[misc]
+        _fields = [("type", core.ObjectIdentifier), ("values", core.SetOf, {"spec": core.Any})]  # noqa: RUF012
+
+    return _Attr({"type": oid, "values": [core.Any.load(v.dump()) for v in values]})
+
+
+def _csrattrs(*items: core.Asn1Value) -> bytes:
+    class _Seq(core.SequenceOf):  # type: ignore[misc]
+        _child_spec = core.Any
+
+    return base64.b64encode(_Seq([core.Any.load(i.dump()) for i in items]).dump())
+
+
+def test_csrattrs_rfc2985_extensions_and_unknown_items() -> None:
+    class _Ext(core.Sequence):  # type: ignore[misc]
+        _fields = [("extn_id", core.ObjectIdentifier), ("extn_value", core.OctetString)]  # noqa: RUF012
+
+    class _Exts(core.SequenceOf):  # type: ignore[misc]
+        _child_spec = _Ext
+
+    exts = _Exts(
+        [
+            {"extn_id": "2.5.29.17", "extn_value": b"\x30\x00"},
+            {"extn_id": "2.5.29.37", "extn_value": b"\x30\x00"},
+        ]
+    )
+    body = _csrattrs(
+        core.ObjectIdentifier("1.2.3.4.5"),  # unknown bare OID: kept, ignored
+        _attribute(OID_EXTENSION_REQUEST, exts),
+        core.Integer(7),  # neither OID nor Attribute: kept in unknown
+        _attribute(OID_CHALLENGE_PASSWORD, core.PrintableString("x")),
+    )
+    attrs = parse_csrattrs(body)
+    assert attrs.oids == ("1.2.3.4.5",)
+    assert attrs.extension_requests == ("2.5.29.17", "2.5.29.37")
+    assert attrs.unknown == (core.Integer(7).dump(),)
+    assert attrs.challenge_password  # given as an Attribute rather than a bare OID
+    assert attrs.hash_oids == ()
+    assert attrs.key_algorithms == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"MEEG",  # truncated
+        b"\x30\x03\x06\x01",  # DER with a short length, not base64 either
+        base64.b64encode(b"\x02\x01\x01"),  # an INTEGER, not a SEQUENCE
+        base64.b64encode(base64.b64decode(RFC7030_CSRATTRS) + b"\x00"),  # trailing byte
+        b"<html>404</html>",
+    ],
+)
+def test_csrattrs_malformed(body: bytes) -> None:
+    with pytest.raises(EstResponseError):
+        parse_csrattrs(body)
+
+
+# --- Retry-After -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("120", 120.0),
+        (" 0 ", 0.0),
+        ("7200", 3600.0),  # capped
+        ("99999999999999999999999", 3600.0),
+        ("Sat, 28 Nov 2026 12:05:00 GMT", 300.0),  # IMF-fixdate
+        ("Saturday, 28-Nov-26 12:01:30 GMT", 90.0),  # obsolete RFC 850 form
+        ("Sat Nov 28 12:00:45 2026", 45.0),  # obsolete asctime form (GMT by definition)
+        ("Fri, 27 Nov 2026 12:00:00 GMT", 0.0),  # in the past
+        ("Sat, 28 Nov 2027 12:00:00 GMT", 3600.0),  # far future: capped
+        (None, 60.0),
+        ("", 60.0),
+        ("soon", 60.0),
+        ("-5", 60.0),  # not 1*DIGIT
+        ("1.5", 60.0),
+        ("Sat, 99 Nov 2026 12:00:00 GMT", 60.0),
+    ],
+)
+def test_retry_after(value: str | None, expected: float) -> None:
+    assert parse_retry_after(value, now=NOW) == pytest.approx(expected)
+
+
+def test_retry_after_naive_now_is_utc_and_custom_bounds() -> None:
+    naive = NOW.replace(tzinfo=None)
+    assert parse_retry_after("Sat, 28 Nov 2026 12:00:10 GMT", now=naive) == 10.0
+    assert parse_retry_after("garbage", now=NOW, default_s=5, cap_s=3) == 3.0
+    assert parse_retry_after("100", now=NOW, cap_s=-1) == 0.0
+
+
+# --- error excerpts --------------------------------------------------------------------------
+
+
+def test_error_excerpt() -> None:
+    assert error_excerpt(b"<html><body><h1>400</h1>\r\n  Bad\trequest</body></html>") == (
+        "400 Bad request"
+    )
+    assert error_excerpt(b"\x00\x01bad\x1b[31m red") == "bad [31m red"
+    assert error_excerpt(b"caf\xc3\xa9 \xff") == "café"
+    long = error_excerpt(b"x" * 10_000, limit=50)
+    assert len(long) == 50
+    assert long.endswith("…")
+    assert error_excerpt(b"") == ""
+    assert error_excerpt(b"abc", limit=0) in ("a", "…")
+
+
+# --- CA rollover -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rollover() -> dict[str, x509.Certificate]:
+    old_key = ec.generate_private_key(ec.SECP256R1())
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    sub_key = ec.generate_private_key(ec.SECP256R1())
+    # RFC 4210 §4.4: the same CA name, a new key pair; the links cross-sign the keys.
+    return {
+        "old_with_old": _cert("EST CA", old_key, days_before=300),
+        "new_with_new": _cert("EST CA", new_key, days_before=1),
+        "new_with_old": _cert("EST CA", new_key, "EST CA", old_key, days_before=1),
+        "old_with_new": _cert("EST CA", old_key, "EST CA", new_key, days_before=1),
+        "sub": _cert("Issuing CA", sub_key, "EST CA", new_key),
+    }
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4), (4, 3, 2, 1, 0), (2, 4, 0, 3, 1)])
+def test_rollover_classified_by_signatures_not_order(
+    rollover: dict[str, x509.Certificate], order: tuple[int, ...]
+) -> None:
+    listed = list(rollover.values())
+    result = classify_cacerts([listed[i] for i in order])
+    assert result.anchor == rollover["old_with_old"]
+    assert result.new_root == rollover["new_with_new"]
+    assert result.new_with_old == rollover["new_with_old"]
+    assert result.old_with_new == rollover["old_with_new"]
+    assert set(result.roots) == {rollover["old_with_old"], rollover["new_with_new"]}
+    assert result.roots[0] == result.anchor
+    assert result.intermediates == (rollover["sub"],)
+    assert len(result.all) == 5
+
+
+def test_rollover_known_anchor_decides_which_root_is_old(
+    rollover: dict[str, x509.Certificate],
+) -> None:
+    # A device that already trusts the *new* key (say after the switch) keeps it as anchor,
+    # whatever the dates say; the link certified by it is then NewWithOld from its viewpoint.
+    result = classify_cacerts(list(rollover.values()), current_anchor=rollover["new_with_new"])
+    assert result.anchor == rollover["new_with_new"]
+    assert result.new_root == rollover["old_with_old"]
+    assert result.new_with_old == rollover["old_with_new"]
+    # an anchor given as a different certificate with the same key still matches
+    same_key = classify_cacerts(list(rollover.values()), current_anchor=rollover["new_with_old"])
+    assert same_key.anchor == rollover["new_with_new"]
+
+
+def test_rollover_without_link_does_not_trust_second_root(
+    rollover: dict[str, x509.Certificate],
+) -> None:
+    result = classify_cacerts(
+        [rollover["new_with_new"], rollover["old_with_old"], rollover["old_with_new"]]
+    )
+    assert result.anchor == rollover["old_with_old"]
+    assert result.new_root is None  # not certified by the old key: no NewWithOld
+    assert result.old_with_new == rollover["old_with_new"]
+
+
+def test_single_root_and_duplicates(chain: list[x509.Certificate]) -> None:
+    leaf, root = chain
+    result = classify_cacerts([root, leaf, root])
+    assert result.anchor == root
+    assert result.roots == (root,)
+    assert result.new_root is None
+    assert result.intermediates == (leaf,)
+
+
+def test_link_is_not_a_root_even_if_self_issued(rollover: dict[str, x509.Certificate]) -> None:
+    # NewWithOld is self-issued (subject == issuer) but not self-signed
+    link = rollover["new_with_old"]
+    assert link.subject == link.issuer
+    result = classify_cacerts([rollover["old_with_old"], link])
+    assert result.roots == (rollover["old_with_old"],)
+    assert result.new_root is None  # NewWithNew itself is missing
+    assert link in result.intermediates
+    assert _spki(link) != _spki(result.anchor)
+
+
+def test_no_root_is_an_error(rollover: dict[str, x509.Certificate]) -> None:
+    with pytest.raises(EstResponseError, match="root"):
+        classify_cacerts([rollover["sub"]])
+    with pytest.raises(EstResponseError):
+        classify_cacerts([])
+
+
+# --- PoP -------------------------------------------------------------------------------------
+
+
+def test_challenge_password_value() -> None:
+    # TLS 1.2 tls-unique is the 12-byte Finished verify_data: 16 base64 characters
+    value = challenge_password_value(bytes(range(12)))
+    assert value == "AAECAwQFBgcICQoL"
+    assert len(challenge_password_value(b"\xff" * 32)) == 44  # RFC 9266 tls-exporter
+    assert "\n" not in challenge_password_value(b"\x01" * 200)
+    with pytest.raises(InputError):
+        challenge_password_value(b"")
+
+
+# --- properties: typed errors only, never a crash --------------------------------------------
+
+
+def _der_like() -> st.SearchStrategy[bytes]:
+    """Random bytes, and random bytes behind a plausible SEQUENCE header (reaches the parser)."""
+    return st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=200).map(lambda b: b"\x30" + bytes([len(b) & 0x7F]) + b),
+        st.binary(max_size=200).map(
+            lambda b: base64.b64encode(b"\x30" + bytes([len(b) & 0x7F]) + b)
+        ),
+        st.binary(max_size=200).map(
+            lambda b: b"-----BEGIN PKCS7-----\n" + base64.b64encode(b) + b"\n-----END PKCS7-----\n"
+        ),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(_der_like())
+def test_decode_certs_only_raises_only_typed_errors(body: bytes) -> None:
+    try:
+        certs = decode_certs_only(body)
+    except EstAgentError:
+        return
+    assert certs  # if it parsed, there are certificates
+
+
+@settings(max_examples=400, deadline=None)
+@given(_der_like())
+def test_parse_csrattrs_raises_only_typed_errors(body: bytes) -> None:
+    try:
+        attrs = parse_csrattrs(body)
+    except EstAgentError:
+        return
+    assert isinstance(attrs, CsrAttributes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(
+                lambda first, second, rest: core.ObjectIdentifier(
+                    ".".join(map(str, [first, second, *rest]))
+                ),
+                st.integers(0, 2),
+                st.integers(0, 39),
+                st.lists(st.integers(0, 10**6), max_size=4),
+            ),
+            st.integers().map(core.Integer),
+            st.text(max_size=10).map(core.UTF8String),
+        ),
+        max_size=6,
+    )
+)
+def test_parse_csrattrs_keeps_every_item(items: list[core.Asn1Value]) -> None:
+    attrs = parse_csrattrs(_csrattrs(*items))
+    oids = [i.dotted for i in items if isinstance(i, core.ObjectIdentifier)]
+    assert list(attrs.oids) == oids
+    assert len(attrs.unknown) == len(items) - len(oids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.text(max_size=60)), st.floats(min_value=-10, max_value=1e6))
+def test_parse_retry_after_always_within_bounds(value: str | None, cap: float) -> None:
+    got = parse_retry_after(value, now=NOW, cap_s=cap)
+    assert 0.0 <= got <= max(cap, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.integers(min_value=-5, max_value=300))
+def test_error_excerpt_bounded_and_printable(body: bytes, limit: int) -> None:
+    text = error_excerpt(body, limit)
+    assert len(text) <= max(limit, 1)
+    assert all(ch.isprintable() for ch in text)
+    assert "  " not in text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=40), st.sampled_from(["cacerts", "simpleenroll", "x"]), st.text(max_size=12)
+)
+def test_est_url_raises_only_typed_errors(base: str, operation: str, label: str) -> None:
+    try:
+        url = est_url(base, operation, label)
+    except EstAgentError:
+        return
+    assert url.startswith("https://")
+    assert url.endswith("/" + operation)
+
+
+# built once: the strategy below must draw the same way on every run
+_VALID_CERTS_ONLY = pkcs7.serialize_certificates(
+    [_cert("Root", ec.derive_private_key(1234567, ec.SECP256R1()))], Encoding.DER
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.data())
+def test_mutated_certs_only_and_csrattrs_raise_only_typed_errors(data: st.DataObject) -> None:
+    # Valid bodies with one byte changed or cut short reach deep into the ASN.1 parsers.
+    for valid, parse in (
+        (_VALID_CERTS_ONLY, decode_certs_only),
+        (base64.b64decode(RFC7030_CSRATTRS), parse_csrattrs),
+    ):
+        body = bytearray(valid)
+        index = data.draw(st.integers(0, len(body) - 1))
+        body[index] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(1, len(body)))
+        for candidate in (bytes(body), bytes(body[:cut]), base64.b64encode(bytes(body[:cut]))):
+            with contextlib.suppress(EstAgentError):
+                parse(candidate)  # type: ignore[operator]
