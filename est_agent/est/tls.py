@@ -1,0 +1,732 @@
+"""TLS for the EST client: an httpx transport whose client authentication can sign on the card.
+
+Two ways to do TLS, one verification policy:
+
+* ``TlsliteTls``: tlslite-ng (pure Python) runs the handshake, so the client's CertificateVerify
+  can be signed by a ``Signer`` (the SIM's bootstrap or operational key; card-tls.md). tlslite
+  does not verify the server at all, so ``_VerifyingConnection`` checks the server's chain
+  (explicit trust anchors, hostname/IP per RFC 6125) with ``cryptography.x509.verification`` as
+  soon as the server's Certificate message is parsed, and aborts with ``bad_certificate``
+  before the card is ever asked to sign: the card must never sign for an unauthenticated peer
+  (est-notes.md, RFC 7030 §3.3.1).
+* ``StdlibTls``: the stdlib ``ssl`` module, for server-only authentication and for file-based
+  keys (devices whose bootstrap credential is a PEM file). OpenSSL checks the chain against the
+  same explicit anchors (no system store) and the hostname/IP.
+
+Both: TLS 1.2 minimum (RFC 8996, RFC 7030 §3.3.1), 1.3 allowed; one connection carries the
+whole exchange (``max_connections=1``, keep-alive) so the channel binding the CSR carries stays
+valid (RFC 7030 §3.5); the binding of the live connection is tls-unique (RFC 5929) under TLS 1.2
+and tls-exporter (RFC 9266) under TLS 1.3. ``EstTransport.pinned()`` forbids opening a new
+connection, so a CSR bound to one connection is never sent on another.
+
+Errors leave this module typed: ``TlsVerificationError`` (server not authenticated, handshake
+refused), ``AuthError`` (server refused our client certificate), ``EstConnectionError``
+(unreachable, reset, timeout), always chained with ``from``. Heavy imports (tlslite, httpcore,
+cryptography's verifier) happen when a connection is first made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import ssl
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import httpcore
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from est_agent.errors import (
+    AuthError,
+    EstAgentError,
+    EstConnectionError,
+    EstError,
+    TlsVerificationError,
+)
+
+if TYPE_CHECKING:
+    from est_agent.card.signer import Signer
+
+__all__ = [
+    "ChannelBinding",
+    "ConnectionChangedError",
+    "EstTransport",
+    "StdlibTls",
+    "TlsliteTls",
+    "verify_server_chain",
+]
+
+#: RFC 9266 §2: the tls-exporter channel binding: this label, an empty context, 32 bytes.
+TLS_EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
+TLS_EXPORTER_LENGTH = 32
+
+# TLS alerts (RFC 8446 §6.2) by which a server says it refused *our* certificate.
+_CLIENT_CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48, 49, 116})  # ... certificate_required
+
+
+@dataclass(frozen=True)
+class ChannelBinding:
+    """The channel binding of one TLS connection (RFC 5929 / RFC 9266).
+
+    ``kind`` is ``"tls-unique"`` (TLS 1.2: the first Finished message's verify_data, 12 bytes)
+    or ``"tls-exporter"`` (TLS 1.3: 32 bytes exported with ``EXPORTER-Channel-Binding``).
+    """
+
+    kind: str
+    value: bytes
+    tls_version: str
+
+    def __repr__(self) -> str:
+        # The value is a per-connection secret-ish token (it authorises a CSR): keep it out
+        # of logs and tracebacks.
+        return f"ChannelBinding(kind={self.kind!r}, tls_version={self.tls_version!r})"
+
+
+class ConnectionChangedError(EstConnectionError):
+    """Raised when a request would need a new TLS connection while the transport is pinned
+    (the CSR is bound to the old connection and must be signed again)."""
+
+
+def _server_identity(host: str) -> Any:
+    # The verifier's subject types are x509's GeneralName classes.
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def verify_server_chain(
+    chain: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    host: str,
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Verify a server's certificate chain (leaf first) to an explicit trust anchor + host.
+
+    cryptography's RFC 5280 / CA/B web-PKI profile: the leaf must name ``host`` in its
+    subjectAltName (DNS name or IP address; RFC 6125 §6.4.4: no CN fallback), carry serverAuth
+    when it has an EKU, and chain to one of ``anchors``. Raises ``TlsVerificationError``.
+    """
+    from cryptography.x509 import verification
+
+    if not chain:
+        raise TlsVerificationError("the server sent no certificate")
+    if not anchors:
+        raise TlsVerificationError("no trust anchor configured for the EST server")
+    try:
+        builder = verification.PolicyBuilder().store(verification.Store(list(anchors)))
+        if now is not None:
+            builder = builder.time(now)
+        verifier = builder.build_server_verifier(_server_identity(host))
+        verifier.verify(chain[0], list(chain[1:]))
+    except verification.VerificationError as exc:
+        raise TlsVerificationError(f"EST server certificate for {host!r} refused: {exc}") from exc
+    except ValueError as exc:  # e.g. a host name that is not a valid DNS name
+        raise TlsVerificationError(f"cannot verify the EST server as {host!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# TLS configurations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsliteTls:
+    """Handshake with tlslite-ng; client authentication (optional) signs through ``signer``.
+
+    ``client_chain`` is the client certificate first, then any intermediates. ``max_version``
+    may be ``"1.2"`` to stay on TLS 1.2 (servers that require tls-unique PoP).
+    """
+
+    trust_anchors: tuple[x509.Certificate, ...]
+    client_chain: tuple[x509.Certificate, ...] = ()
+    signer: Signer | None = None
+    max_version: str = "1.3"
+
+    def __post_init__(self) -> None:
+        if bool(self.client_chain) != (self.signer is not None):
+            raise EstError("a client certificate chain and a signer go together")
+        if self.max_version not in ("1.2", "1.3"):
+            raise EstError(f"max TLS version must be 1.2 or 1.3, not {self.max_version}")
+        if self.signer is not None and self.client_chain[0].public_key() != (
+            self.signer.public_key()
+        ):
+            raise EstError("the client certificate does not belong to the signer's key")
+
+
+@dataclass(frozen=True)
+class StdlibTls:
+    """Handshake with the stdlib ``ssl`` module: no client certificate, or a file key.
+
+    Channel binding: tls-unique under TLS 1.2; none under TLS 1.3 (the stdlib has no
+    exporter API and its "tls-unique" there is meaningless; est-notes.md).
+    """
+
+    trust_anchors: tuple[x509.Certificate, ...]
+    cert_file: str | None = None
+    key_file: str | None = None
+    max_version: str = "1.3"
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = (
+            ssl.TLSVersion.TLSv1_2 if self.max_version == "1.2" else ssl.TLSVersion.TLSv1_3
+        )
+        # The configured anchors only, never the system store (RFC 7030 §3.6.1 explicit TA);
+        # PARTIAL_CHAIN lets an intermediate be an anchor, as cryptography's Store does, and
+        # X509_STRICT applies RFC 5280 as strictly as the tlslite path's verifier.
+        if not self.trust_anchors:
+            raise TlsVerificationError("no trust anchor configured for the EST server")
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trust_anchors)
+        ctx.load_verify_locations(cadata=pem.decode("ascii"))
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+        if self.cert_file is not None:
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise EstError(f"cannot load client credential {self.cert_file}: {exc}") from exc
+        return ctx
+
+
+# --------------------------------------------------------------------------------------------
+# tlslite-ng: card key, verifying connection, stream
+# --------------------------------------------------------------------------------------------
+
+
+def _tlslite_classes() -> tuple[type[Any], type[Any]]:
+    """Build the tlslite subclasses on first use (tlslite costs ~100 ms to import)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # tlslite-ng 0.8.2's package __init__ imports its asyncore integration, deprecated
+        # since Python 3.6; nothing here uses it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import tlslite  # type: ignore[import-untyped]  # noqa: F401
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+    from tlslite.constants import AlertDescription, ContentType  # type: ignore[import-untyped]
+    from tlslite.errors import TLSInternalError  # type: ignore[import-untyped]
+    from tlslite.messages import Finished  # type: ignore[import-untyped]
+    from tlslite.tlsconnection import TLSConnection  # type: ignore[import-untyped]
+    from tlslite.utils.ecdsakey import ECDSAKey  # type: ignore[import-untyped]
+
+    class _Curve:
+        baselen = 32  # P-256: tlslite truncates the TLS 1.2 digest to this many bytes
+
+    class _PrivateKeyShim:
+        curve = _Curve()
+
+    class CardEcdsaKey(ECDSAKey):  # type: ignore[misc]
+        """A tlslite ECDSA private key whose signatures come from a ``Signer``."""
+
+        key_type = "ecdsa"
+
+        def __init__(self, signer: Signer) -> None:  # no super().__init__: it raises
+            self._signer = signer
+            self._public = signer.public_key()
+            self.private_key = _PrivateKeyShim()
+            self.public_key = self._public
+
+        def __len__(self) -> int:
+            return 256
+
+        def hasPrivateKey(self) -> bool:
+            return True
+
+        def _sign(self, data: bytearray, hash_alg: str) -> bytearray:
+            # The card signs SHA-256 digests only (IoT SAFE, P-256): sha256 is first in the
+            # preference list and TLS 1.3 binds P-256 to SHA-256 (RFC 8446 §4.2.3).
+            if hash_alg.lower() != "sha256" or len(data) != 32:
+                raise TLSInternalError(f"the card key cannot sign with {hash_alg}")
+            return bytearray(self._signer.sign_digest(bytes(data)))
+
+        def _verify(self, signature: bytearray, hash_bytes: bytearray) -> bool:
+            # tlslite checks its own signature right after making it.
+            try:
+                self._public.verify(
+                    bytes(signature), bytes(hash_bytes), ec.ECDSA(Prehashed(hashes.SHA256()))
+                )
+            except InvalidSignature:
+                return False
+            return True
+
+    class VerifyingConnection(TLSConnection):  # type: ignore[misc]
+        """A client TLSConnection that verifies the server before anything is signed."""
+
+        def __init__(self, sock: socket.socket, anchors: Sequence[x509.Certificate], host: str):
+            super().__init__(sock)
+            self.est_anchors = anchors
+            self.est_host = host
+            self.est_verification_error: TlsVerificationError | None = None
+            self.est_first_finished: bytes | None = None
+
+        def _clientGetKeyFromChain(
+            self, certificate: Any, settings: Any, tack_ext: Any = None
+        ) -> Iterator[Any]:
+            # Called for the server's Certificate in TLS 1.2 (before our Certificate and
+            # CertificateVerify) and TLS 1.3 (before its CertificateVerify is even checked):
+            # the one point where refusing costs no card signature.
+            try:
+                chain = [
+                    x509.load_der_x509_certificate(bytes(c.bytes))
+                    for c in (certificate.cert_chain.x509List if certificate.cert_chain else [])
+                ]
+                verify_server_chain(chain, self.est_anchors, self.est_host)
+            except (TlsVerificationError, ValueError) as exc:
+                self.est_verification_error = (
+                    exc
+                    if isinstance(exc, TlsVerificationError)
+                    else TlsVerificationError(f"unparseable server certificate: {exc}")
+                )
+                yield from self._sendError(AlertDescription.bad_certificate, str(exc))
+            yield from super()._clientGetKeyFromChain(certificate, settings, tack_ext)
+
+        def _sendMsg(
+            self, msg: Any, randomizeFirstBlock: bool = True, update_hashes: bool = True
+        ) -> Iterator[Any]:
+            # RFC 5929 §3.1: tls-unique is the first Finished message of the connection; for
+            # a full handshake (we never resume) that is the client's own.
+            if (
+                self.est_first_finished is None
+                and isinstance(msg, Finished)
+                and msg.contentType == ContentType.handshake
+            ):
+                self.est_first_finished = bytes(msg.verify_data)
+            yield from super()._sendMsg(msg, randomizeFirstBlock, update_hashes)
+
+    return CardEcdsaKey, VerifyingConnection
+
+
+_CLASSES: tuple[type[Any], type[Any]] | None = None
+
+
+def _classes() -> tuple[type[Any], type[Any]]:
+    global _CLASSES  # noqa: PLW0603 - a lazily built, immutable cache
+    if _CLASSES is None:
+        _CLASSES = _tlslite_classes()
+    return _CLASSES
+
+
+class TlsliteSslObject:
+    """What ``get_extra_info("ssl_object")`` returns on the tlslite path (ssl.SSLObject-like)."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def selected_alpn_protocol(self) -> str | None:
+        return None  # HTTP/1.1 only; no ALPN offered
+
+    def version(self) -> str:
+        return "TLSv1.3" if tuple(self._connection.version) >= (3, 4) else "TLSv1.2"
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        chain = self._connection.session.serverCertChain
+        if not binary_form:
+            return {}  # the dict form is an OpenSSL-ism; nothing here needs it
+        return bytes(chain.x509List[0].bytes) if chain else None
+
+    def get_channel_binding(self, cb_type: str = "tls-unique") -> bytes | None:
+        if cb_type != "tls-unique":
+            raise ValueError(f"{cb_type} channel binding type not implemented")
+        if self.version() != "TLSv1.2":
+            return None  # RFC 9266 §1: tls-unique is not defined for TLS 1.3
+        first: bytes | None = self._connection.est_first_finished
+        return first
+
+    def export_keying_material(self, label: bytes, length: int) -> bytes:
+        # RFC 8446 §7.5 exporter with an empty context (what RFC 9266 asks for).
+        return bytes(self._connection.keyingMaterialExporter(bytearray(label), length))
+
+
+def channel_binding_of(ssl_object: Any) -> ChannelBinding | None:
+    """tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) of a live connection, when available."""
+    if ssl_object is None:
+        return None
+    version = ssl_object.version()
+    if version == "TLSv1.2":
+        value = ssl_object.get_channel_binding("tls-unique")
+        return ChannelBinding("tls-unique", bytes(value), version) if value else None
+    if version == "TLSv1.3" and isinstance(ssl_object, TlsliteSslObject):
+        value = ssl_object.export_keying_material(TLS_EXPORTER_LABEL, TLS_EXPORTER_LENGTH)
+        return ChannelBinding("tls-exporter", value, version)
+    return None  # stdlib ssl under TLS 1.3: no exporter API
+
+
+class _TcpStream(httpcore.NetworkStream):
+    """A TCP socket; ``start_tls`` runs tlslite (tlslite path) and returns ``_TlsliteStream``."""
+
+    def __init__(self, sock: socket.socket, config: TlsliteTls, transport: EstTransport) -> None:
+        self._sock = sock
+        self._config = config
+        self._transport = transport
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        raise httpcore.ReadError("plain-text HTTP is refused")  # https only
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        raise httpcore.WriteError("plain-text HTTP is refused")
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._sock if info == "socket" else None
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        card_key_class, connection_class = _classes()  # first: imports tlslite quietly
+        from tlslite.errors import TLSError, TLSLocalAlert, TLSRemoteAlert
+        from tlslite.handshakesettings import HandshakeSettings  # type: ignore[import-untyped]
+        from tlslite.x509 import X509  # type: ignore[import-untyped]
+        from tlslite.x509certchain import X509CertChain  # type: ignore[import-untyped]
+
+        host = server_hostname or ""
+        config = self._config
+        settings = HandshakeSettings()
+        settings.minVersion = (3, 3)  # RFC 8996: nothing below TLS 1.2
+        settings.maxVersion = (3, 3) if config.max_version == "1.2" else (3, 4)
+        # tlslite 0.8.2 sends a compressed client Certificate under TLS 1.3 whenever it can,
+        # which OpenSSL 3.0 servers reject (card-tls.md).
+        settings.certificate_compression_send = []
+        # The card signs SHA-256 digests: sha256 first, so TLS 1.2 CertificateVerify uses it.
+        settings.ecdsaSigHashes = ["sha256"] + [h for h in settings.ecdsaSigHashes if h != "sha256"]
+        chain = key = None
+        if config.signer is not None:
+            certs = []
+            for cert in config.client_chain:
+                parsed = X509()
+                parsed.parseBinary(bytearray(cert.public_bytes(serialization.Encoding.DER)))
+                certs.append(parsed)
+            chain = X509CertChain(certs)
+            key = card_key_class(config.signer)
+        self._sock.settimeout(timeout)
+        connection = connection_class(self._sock, config.trust_anchors, host)
+        try:
+            server_name = None if _is_ip(host) else host  # RFC 6066 §3: no IP literals in SNI
+            connection.handshakeClientCert(
+                certChain=chain, privateKey=key, settings=settings, serverName=server_name
+            )
+        except TLSLocalAlert as exc:
+            if connection.est_verification_error is not None:
+                raise connection.est_verification_error from exc
+            raise TlsVerificationError(f"TLS handshake with {host} aborted: {exc}") from exc
+        except TLSRemoteAlert as exc:
+            if exc.description in _CLIENT_CERT_ALERTS and chain is not None:
+                raise AuthError(f"{host} refused the TLS client certificate: {exc}") from exc
+            raise TlsVerificationError(f"{host} refused the TLS handshake: {exc}") from exc
+        except TLSError as exc:
+            raise TlsVerificationError(f"TLS handshake with {host} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"TLS handshake with {host} timed out") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(f"TLS handshake with {host}: {exc}") from exc
+        stream = _TlsliteStream(self._sock, connection)
+        self._transport._note_stream(stream, channel_binding_of(stream.ssl_object))
+        return stream
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+class _TlsliteStream(httpcore.NetworkStream):
+    def __init__(self, sock: socket.socket, connection: Any) -> None:
+        self._sock = sock
+        self._connection = connection
+        self.ssl_object = TlsliteSslObject(connection)
+        self.closed = False
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        from tlslite.errors import TLSAbruptCloseError, TLSError
+
+        self._sock.settimeout(timeout)
+        try:
+            return bytes(self._connection.recv(max_bytes))
+        except TLSAbruptCloseError:
+            return b""  # TCP closed without close_notify: httpcore judges the truncation
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(str(exc)) from exc
+        except (OSError, TLSError) as exc:
+            raise httpcore.ReadError(f"{type(exc).__name__}: {exc}") from exc
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        from tlslite.errors import TLSError
+
+        self._sock.settimeout(timeout)
+        try:
+            self._connection.sendall(buffer)
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(str(exc)) from exc
+        except (OSError, TLSError) as exc:
+            raise httpcore.WriteError(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        from tlslite.errors import TLSError
+
+        with contextlib.suppress(OSError, TLSError):  # tlslite closes it on fatal errors
+            self._sock.settimeout(1.0)
+            self._connection.close()  # close_notify (RFC 8446 §6.1)
+        self._sock.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "ssl_object":
+            return self.ssl_object
+        if info == "socket":
+            return self._sock
+        if info == "is_readable":
+            # An idle keep-alive connection that is readable has been closed by the server.
+            return self.closed or _socket_readable(self._sock)
+        if info == "client_addr":
+            return self._sock.getsockname()
+        if info == "server_addr":
+            return self._sock.getpeername()
+        return None
+
+
+def _socket_readable(sock: socket.socket) -> bool:
+    import select
+
+    if sock.fileno() < 0:
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+class _StdlibStream(httpcore.NetworkStream):
+    """httpcore's own sync stream, with the channel binding noted after ``start_tls``."""
+
+    def __init__(self, inner: httpcore.NetworkStream, transport: EstTransport) -> None:
+        self._inner = inner
+        self._transport = transport
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        except httpcore.ConnectError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise TlsVerificationError(
+                    f"EST server certificate for {server_hostname!r} refused: "
+                    f"{cause.verify_message}"
+                ) from cause
+            if isinstance(cause, ssl.SSLError):
+                raise TlsVerificationError(
+                    f"TLS handshake with {server_hostname} failed: {cause.reason or cause}"
+                ) from cause
+            raise
+        self._transport._note_stream(tls, channel_binding_of(tls.get_extra_info("ssl_object")))
+        return tls
+
+
+class _Backend(httpcore.NetworkBackend):
+    def __init__(self, transport: EstTransport) -> None:
+        self._transport = transport
+        self._sync = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        transport = self._transport
+        if transport.is_pinned:
+            raise ConnectionChangedError(
+                "the TLS connection closed between requests; the CSR is bound to it and must "
+                "be signed again on a new connection"
+            )
+        transport.connections_opened += 1
+        if isinstance(transport.tls, StdlibTls):
+            inner = self._sync.connect_tcp(host, port, timeout, local_address, socket_options)
+            return _StdlibStream(inner, transport)
+        try:
+            sock = socket.create_connection((host, port), timeout)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"connect to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(f"connect to {host}:{port}: {exc}") from exc
+        # Small request/response exchanges: no Nagle delay (card-tls.md).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _TcpStream(sock, transport.tls, transport)
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not supported")
+
+    def sleep(self, seconds: float) -> None:
+        self._sync.sleep(seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# The httpx transport
+# --------------------------------------------------------------------------------------------
+
+_CONNECTION_ERRORS = (
+    httpcore.ConnectError,
+    httpcore.ConnectTimeout,
+    httpcore.ReadError,
+    httpcore.ReadTimeout,
+    httpcore.WriteError,
+    httpcore.WriteTimeout,
+    httpcore.PoolTimeout,
+    httpcore.RemoteProtocolError,  # e.g. a body cut short: the server or the path failed
+)
+
+
+@contextlib.contextmanager
+def _mapped(url: str) -> Iterator[None]:
+    """httpcore's exceptions as est_agent's (httpx's ``map_httpcore_exceptions`` idea)."""
+    try:
+        yield
+    except EstAgentError:
+        raise
+    except _CONNECTION_ERRORS as exc:
+        raise EstConnectionError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    except httpcore.UnsupportedProtocol as exc:
+        raise EstError(f"{url}: {exc}") from exc
+    except httpcore.ProtocolError as exc:
+        raise EstError(f"{url}: HTTP protocol error: {exc}") from exc
+
+
+class _ResponseStream(httpx.SyncByteStream):
+    def __init__(self, inner: Iterable[bytes], url: str) -> None:
+        self._inner = inner
+        self._url = url
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _mapped(self._url):
+            yield from self._inner
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class EstTransport(httpx.BaseTransport):
+    """httpx transport over one keep-alive TLS connection (tlslite-ng or stdlib ``ssl``).
+
+    ``connections_opened`` counts TCP connections; ``channel_binding`` is that of the most
+    recently established TLS connection; ``pinned()`` forbids new connections.
+    """
+
+    def __init__(self, tls: TlsliteTls | StdlibTls, *, keepalive_s: float = 30.0) -> None:
+        self.tls = tls
+        self.connections_opened = 0
+        self.channel_binding: ChannelBinding | None = None
+        self.is_pinned = False
+        self._stream: httpcore.NetworkStream | None = None
+        # The stdlib path's context does the verification; the tlslite path ignores the
+        # context httpcore hands to start_tls, so give it an empty one (no CA bundle load).
+        ssl_context = (
+            tls.context() if isinstance(tls, StdlibTls) else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        )
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=1,
+            max_keepalive_connections=1,
+            keepalive_expiry=keepalive_s,
+            http1=True,
+            http2=False,
+            retries=0,  # retries belong to the EST client (it must re-sign the CSR)
+            network_backend=_Backend(self),
+        )
+
+    def _note_stream(self, stream: httpcore.NetworkStream, binding: ChannelBinding | None) -> None:
+        self._stream = stream
+        self.channel_binding = binding
+
+    def connection_alive(self) -> bool:
+        """Whether the noted TLS connection is still open and idle (not closed by the peer)."""
+        stream = self._stream
+        if stream is None or getattr(stream, "closed", False):
+            return False
+        return not stream.get_extra_info("is_readable")
+
+    def is_current(self, stream: object) -> bool:
+        """Whether ``stream`` (a response's ``network_stream``) is the noted TLS connection."""
+        return stream is not None and stream is self._stream
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """No new connection inside: a request that would need one raises
+        ``ConnectionChangedError`` before anything is sent on it."""
+        self.is_pinned = True
+        try:
+            yield
+        finally:
+            self.is_pinned = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme != "https":
+            raise EstError(f"refusing {request.url.scheme}:// (EST needs TLS, RFC 7030 §3.3)")
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        url = str(request.url.copy_with(query=None))
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _mapped(url):
+            response = self._pool.handle_request(core_request)
+        assert isinstance(response.stream, Iterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream, url),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
