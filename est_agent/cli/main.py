@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_handler("card", "info"))
 
+    csr = commands.add_parser(
+        "csr", parents=[common], help="print a PEM CSR signed by a key inside the card"
+    )
+    csr.add_argument("--reader", default=DEFAULT_READER, help="pcsc:[NAME] or sim:STATE_FILE")
+    csr.add_argument("--key", required=True, metavar="URI", help="e.g. iotsafe:key-id=02")
+    csr.add_argument("--subject", required=True, help='RFC 4514 DN, e.g. "CN=dev-1,O=Acme"')
+    csr.add_argument(
+        "--san", action="append", metavar="TYPE:VALUE", help="dns:, ip: or uri: (repeatable)"
+    )
+    csr.add_argument(
+        "--generate", action="store_true", help="first generate a fresh key pair in that slot"
+    )
+    csr.add_argument("--eku-client-auth", action="store_true", help="request EKU clientAuth")
+    csr.add_argument("--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)")
+    csr.add_argument("--iso-cla", action="store_true", help="applet commands with CLA 0N")
+    csr.set_defaults(func=_handler("csr", "csr"))
+
     sim = commands.add_parser("sim", help="the virtual IoT SAFE SIM (develop without hardware)")
     sim_cmds = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
     init = sim_cmds.add_parser(
