@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from est_agent import __version__
 from est_agent.errors import EX_SOFTWARE, EX_USAGE, EstAgentError, exit_code_for
@@ -38,6 +39,24 @@ def _common() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more detail (-vv: APDU headers)"
     )
     return common
+
+
+def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`cacerts` and `csrattrs`: diagnostics against an EST server (est_agent/cli/est.py)."""
+    for name, text in (
+        ("cacerts", "fetch and print the EST CA certificates (RFC 7030 §4.1)"),
+        ("csrattrs", "show what the EST server asks CSRs to contain (RFC 7030 §4.5)"),
+    ):
+        est_cmd = commands.add_parser(name, parents=[common], help=text)
+        est_cmd.add_argument("--server", required=True, help="EST server, e.g. https://host:8443")
+        est_cmd.add_argument("--label", default="", help="EST CA label (path segment)")
+        est_cmd.add_argument(
+            "--trust-anchor", required=True, metavar="PEM", help="CA that signed the TLS cert"
+        )
+        est_cmd.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+        est_cmd.add_argument("--attempts", type=int, default=3, help="tries on transient errors")
+        est_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        est_cmd.set_defaults(func=_handler("est", name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="keep the SIM state and pcscd log here (default: temporary)")
     demo.add_argument("--json", action="store_true", help="machine-readable card info")
     demo.set_defaults(func=_handler("sim", "demo"))
+
+    _add_est_commands(commands, common)
     return parser
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from est_agent.csr import CsrBuilder
 from est_agent.errors import (
     AuthError,
     EnrollmentPending,
@@ -43,6 +44,13 @@ from tests.testserver.esttls_helpers import bootstrap_credential
 pytestmark = pytest.mark.integration
 
 StartServer = Callable[..., EstTestServer]
+# The project's CSR builder, as the enrollment workflow will use it.
+DEVICE_CSR = (
+    CsrBuilder()
+    .subject([(NameOID.COMMON_NAME, "device-8988247000001234567")])
+    .subject_alt_names([x509.DNSName("device-1.example")])
+    .eku_client_auth()
+)
 
 
 class Sleeps:
@@ -100,7 +108,7 @@ def test_enroll_and_reenroll_with_card_keys(
 
     def csr_a(binding: ChannelBinding | None) -> bytes:
         bindings.append(binding)
-        return build_csr(op_a)
+        return DEVICE_CSR.build(op_a)
 
     apdus_before = sim.transport.stats.apdus
     with card_client(server, dev_pki, sim) as client:
@@ -124,15 +132,14 @@ def test_enroll_and_reenroll_with_card_keys(
     # Re-enroll: TLS authenticated by the issued certificate and its card key (RFC 7030
     # §4.2.2), rekey into slot 03 with the same raw Subject and SAN.
     op_b = sim.new_key(OP_KEY_B)
-    subject_der, san_der = raw_subject_and_san(cert)
+    renewal_csr = CsrBuilder().copy_from_certificate(cert).eku_client_auth()
     with card_client(server, dev_pki, sim, cert=cert, signer=op_a) as client:
-        renewed = client.simplereenroll(
-            lambda _b: build_csr(op_b, subject_der=subject_der, san_der=san_der)
-        )
+        renewed = client.simplereenroll(lambda _b: renewal_csr.build(op_b))
     assert op_a.signatures == 2  # the CSR earlier + this handshake
     assert op_b.signatures == 1
     assert renewed.certificate.public_key() == op_b.public_key()
     assert renewed.certificate.subject == cert.subject
+    assert raw_subject_and_san(renewed.certificate) == raw_subject_and_san(cert)
     assert [e["operation"] for e in issued_log(server)] == ["simpleenroll", "simplereenroll"]
 
 
@@ -162,7 +169,7 @@ def test_pop_tls_unique(
         value = binding.value
         if tampered:
             value = bytes([value[0] ^ 1]) + value[1:]
-        return build_csr(op_a, challenge_password=challenge_password_value(value))
+        return DEVICE_CSR.challenge_password(challenge_password_value(value)).build(op_a)
 
     with card_client(server, dev_pki, sim, tls_max="1.2") as client:
         if tampered:

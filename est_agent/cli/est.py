@@ -1,0 +1,110 @@
+"""`est-agent cacerts` / `est-agent csrattrs`: diagnostics against an EST server (RFC 7030).
+
+Both use server-only TLS (stdlib ``ssl``) verified against the given trust anchor: they never
+touch the card and never send credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from est_agent.errors import InputError
+from est_agent.est.client import EstCaCerts, EstClient, RetryPolicy
+
+
+def _anchors(path: str) -> list[x509.Certificate]:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise InputError(f"--trust-anchor {path}: {exc.strerror}") from exc
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise InputError(f"--trust-anchor {path}: no PEM certificate ({exc})") from exc
+
+
+def _client(args: argparse.Namespace) -> EstClient:
+    return EstClient(
+        args.server,
+        trust_anchors=_anchors(args.trust_anchor),
+        label=args.label or "",
+        timeout_s=args.timeout,
+        retry=RetryPolicy(attempts=args.attempts),
+    )
+
+
+def _roles(ca: EstCaCerts) -> dict[bytes, str]:
+    roles = ca.roles
+    named = {
+        "new-root": roles.new_root,
+        "new-with-old": roles.new_with_old,
+        "old-with-new": roles.old_with_new,
+    }
+    result = {c.fingerprint(hashes.SHA256()): "intermediate" for c in roles.intermediates}
+    result.update({c.fingerprint(hashes.SHA256()): "root" for c in roles.roots})
+    result.update({c.fingerprint(hashes.SHA256()): n for n, c in named.items() if c is not None})
+    result[roles.anchor.fingerprint(hashes.SHA256())] = "anchor"
+    return result
+
+
+def _describe(cert: x509.Certificate, role: str) -> dict[str, Any]:
+    return {
+        "role": role,
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "pem": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+    }
+
+
+def cacerts(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ca = client.cacerts()
+    roles = _roles(ca)
+    described = [
+        _describe(c, roles.get(c.fingerprint(hashes.SHA256()), "other")) for c in ca.certificates
+    ]
+    if args.json:
+        print(json.dumps({"server": args.server, "label": args.label, "certificates": described}))
+        return 0
+    for item in described:
+        # Text before BEGIN is ignored by PEM readers (openssl, cryptography): the output
+        # stays usable as a CA bundle.
+        print(f"# {item['role']}: {item['subject']} (until {item['not_after'][:10]})")
+        print(item["pem"], end="")
+    return 0
+
+
+def csrattrs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        attrs = client.csrattrs()
+    if attrs is None or attrs.empty:
+        if args.json:
+            print(json.dumps({"server": args.server, "label": args.label, "requested": None}))
+        else:
+            print("the server asks for nothing (RFC 7030 §4.5.2)")
+        return 0
+    summary = {
+        "challenge_password": attrs.challenge_password,
+        "oids": list(attrs.oids),
+        "attributes": sorted(attrs.attributes),
+        "hash_oids": list(attrs.hash_oids),
+        "key_algorithms": {k: list(v) for k, v in attrs.key_algorithms.items()},
+        "extension_requests": list(attrs.extension_requests),
+        "unknown_items": len(attrs.unknown),
+    }
+    if args.json:
+        print(json.dumps({"server": args.server, "label": args.label, "requested": summary}))
+        return 0
+    for key, value in summary.items():
+        print(f"{key:20} {value}")
+    return 0

@@ -1,0 +1,97 @@
+"""`est-agent cacerts` / `est-agent csrattrs` against the test EST server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from cryptography import x509
+
+from est_agent.cli.main import main
+from est_agent.testserver import DevPki, EstTestServer
+from est_agent.testserver.wire import CsrAttrsKind
+
+pytestmark = pytest.mark.integration
+
+StartServer = Callable[..., EstTestServer]
+
+
+def _args(server: EstTestServer, pki: DevPki, *extra: str) -> list[str]:
+    return [
+        "--server",
+        server.url.removesuffix("/.well-known/est"),
+        "--trust-anchor",
+        str(pki.directory / "tls-ca.pem"),
+        *extra,
+    ]
+
+
+def test_cacerts_prints_pem_bundle(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server()
+    assert main(["cacerts", *_args(server, dev_pki)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# anchor: CN=est-agent dev EST CA")
+    assert x509.load_pem_x509_certificates(out.encode()) == [dev_pki.est_ca.certificate]
+
+
+def test_cacerts_json_with_label(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from est_agent.testserver.issuer import Profile
+
+    server = start_server(labels={"iot": Profile(validity_s=60)})
+    assert main(["cacerts", *_args(server, dev_pki, "--label", "iot", "--json")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["label"] == "iot"
+    (cert,) = data["certificates"]
+    assert cert["role"] == "anchor"
+    assert cert["subject"] == dev_pki.est_ca.certificate.subject.rfc4514_string()
+
+
+def test_cacerts_untrusted_server_exit_76(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server()
+    argv = [
+        "cacerts",
+        "--server",
+        server.url.removesuffix("/.well-known/est"),
+        "--trust-anchor",
+        str(dev_pki.directory / "ca.pem"),  # the EST CA did not sign the TLS certificate
+    ]
+    assert main(argv) == 76
+    assert "TlsVerificationError" in capsys.readouterr().err
+
+
+def test_csrattrs_none_and_pop(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = start_server()
+    assert main(["csrattrs", *_args(plain, dev_pki)]) == 0
+    assert "asks for nothing" in capsys.readouterr().out
+    pop = start_server(csrattrs=CsrAttrsKind.CHALLENGE_PASSWORD)
+    assert main(["csrattrs", *_args(pop, dev_pki, "--json")]) == 0
+    assert json.loads(capsys.readouterr().out)["requested"]["challenge_password"] is True
+
+
+def test_cacerts_console_script(start_server: StartServer, dev_pki: DevPki) -> None:
+    server = start_server()
+    done = subprocess.run(
+        [sys.executable, "-m", "est_agent", "cacerts", *_args(server, dev_pki), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["certificates"][0]["role"] == "anchor"
+
+
+def test_http_server_url_is_a_data_error(dev_pki: DevPki) -> None:
+    argv = ["cacerts", "--server", "http://127.0.0.1:1", "--trust-anchor"]
+    assert main([*argv, str(dev_pki.directory / "tls-ca.pem")]) == 65
