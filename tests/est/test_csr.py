@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -18,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
@@ -497,3 +500,64 @@ def test_card_reenroll_copies_bootstrap_certificate(
     assert checked.subject_der == raw_subject_and_san_of_certificate(cert_der)[0]
     check_reenroll(checked, cert, dt.datetime.now(dt.UTC))
     assert "bootstrap-8988247000001234567" in openssl_text(der, tmp_path)
+
+
+# --- properties: text and DER parsers raise CsrError only ------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parse_subject_raises_only_csr_error(text: str) -> None:
+    try:
+        name = parse_subject(text)
+    except CsrError:
+        return
+    assert isinstance(name, x509.Name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(["dns:", "ip:", "uri:"]).flatmap(
+            lambda prefix: st.text(max_size=40).map(lambda rest: prefix + rest)
+        ),
+    )
+)
+def test_parse_san_raises_only_csr_error(text: str) -> None:
+    try:
+        name = parse_san(text)
+    except CsrError:
+        return
+    assert isinstance(name, x509.GeneralName)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["CN", "O", "C", "serialNumber", "2.5.4.5", "bogus", "1.2.3"]),
+        st.text(max_size=30),
+        max_size=3,
+    ),
+    st.dictionaries(st.sampled_from(["iccid", "imei"]), st.text(max_size=10), max_size=2),
+)
+def test_subject_from_template_raises_only_csr_error(
+    template: dict[str, str], values: dict[str, str]
+) -> None:
+    try:
+        name = subject_from_template(template, values)
+    except CsrError:
+        return
+    assert len(name) == len(template)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_raw_der_inputs_raise_only_csr_error(data: bytes) -> None:
+    for call in (
+        lambda: CsrBuilder().subject(data),
+        lambda: CsrBuilder().subject_alt_names(data),
+        lambda: raw_subject_and_san(data),
+    ):
+        with contextlib.suppress(CsrError):
+            call()
