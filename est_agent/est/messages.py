@@ -223,7 +223,8 @@ def decode_certs_only(body: bytes) -> list[x509.Certificate]:
     elif stripped[:1] == b"\x30":
         # A DER SEQUENCE; base64 text never starts with 0x30 followed by a valid length (the
         # base64 of a SEQUENCE starts with "MI"), but fall back to base64 if it does not parse.
-        info = _load_der(stripped)
+        # The unstripped body is tried first: DER may end in a byte that looks like whitespace.
+        info = _load_der(body) or _load_der(stripped)
     if info is None:
         if stripped.startswith(b"-----BEGIN"):
             raise EstResponseError("PEM response does not hold a PKCS#7 ContentInfo")
@@ -347,7 +348,8 @@ def parse_csrattrs(body: bytes) -> CsrAttributes:
     stripped = body.strip(_B64_WHITESPACE)
     if not stripped:
         return CsrAttributes()
-    der = stripped if stripped[:1] == b"\x30" and _is_der(stripped) else None
+    # Raw DER (unstripped first: its last byte may be 0x0A or 0x20), else base64.
+    der = next((d for d in (body, stripped) if d[:1] == b"\x30" and _is_der(d)), None)
     if der is None:
         der = _strip_base64(stripped, "csrattrs response")
     try:

@@ -622,3 +622,16 @@ def test_mutated_certs_only_and_csrattrs_raise_only_typed_errors(data: st.DataOb
         for candidate in (bytes(body), bytes(body[:cut]), base64.b64encode(bytes(body[:cut]))):
             with contextlib.suppress(EstAgentError):
                 parse(candidate)  # type: ignore[operator]
+
+
+def test_raw_der_ending_in_whitespace_bytes_is_not_trimmed() -> None:
+    # The last OID arc 10 is encoded as 0x0A (LF), 32 as 0x20 (space): trimming whitespace
+    # from a DER body before parsing would cut it.
+    for arc in (9, 10, 13, 32):
+        der = _csrattrs_der(core.ObjectIdentifier(f"1.2.3.{arc}"))
+        assert der[-1] == arc
+        assert parse_csrattrs(der).oids == (f"1.2.3.{arc}",)
+
+
+def _csrattrs_der(*items: core.Asn1Value) -> bytes:
+    return base64.b64decode(_csrattrs(*items))
