@@ -19,6 +19,7 @@ travel inside a verified TLS session and only in answer to a 401 challenge (RFC 
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -146,7 +147,8 @@ class EstClient:
     ``client_key_file`` for a PEM credential). ``tls_max="1.2"`` pins TLS 1.2 (servers that
     want tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
     + ``tls_server_name`` when given (the name to expect and send as SNI, e.g. when the URL
-    holds an address; curl's ``--connect-to`` idea).
+    holds an address; curl's ``--connect-to`` idea). ``transport`` replaces the TLS transport
+    (tests: ``httpx.MockTransport``; no channel binding then).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class EstClient:
         require_client_auth_eku: bool = True,
         use_tlslite: bool | None = None,
         tls_server_name: str | None = None,
+        transport: httpx.BaseTransport | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         import httpx
@@ -193,9 +196,10 @@ class EstClient:
                 key_file=client_key_file,
                 max_version=tls_max,
             )
-        self.transport = EstTransport(tls)
+        #: the TLS transport (connection count, channel binding); None when one was injected
+        self.transport: EstTransport | None = EstTransport(tls) if transport is None else None
         self._http = httpx.Client(
-            transport=self.transport,
+            transport=self.transport or transport,
             trust_env=False,  # trust and proxies from configuration only (style-anchors §1)
             follow_redirects=False,  # redirects are vetted here: same origin only
             timeout=httpx.Timeout(timeout_s),
@@ -264,13 +268,13 @@ class EstClient:
 
     def _enroll_once(self, operation: str, csr_factory: CsrFactory) -> Enrollment:
         transport = self.transport
-        if self._cacerts is None or not transport.connection_alive():
+        if self._cacerts is None or (transport is not None and not transport.connection_alive()):
             self._fetch_cacerts()  # also (re)establishes the TLS connection the CSR binds to
         cacerts = self._cacerts
         assert cacerts is not None
-        binding = transport.channel_binding
+        binding = transport.channel_binding if transport is not None else None
         csr = csr_factory(binding)
-        with transport.pinned():
+        with transport.pinned() if transport is not None else contextlib.nullcontext():
             reply = self._exchange(
                 "POST", operation, body=encode_pkcs10_body(csr), content_type=MEDIA_PKCS10
             )
@@ -399,7 +403,7 @@ class EstClient:
                 )
             chunks: list[bytes] = []
             size = 0
-            for chunk in response.iter_raw():
+            for chunk in response.iter_bytes():  # decoded: the cap bounds what we hold
                 size += len(chunk)
                 if size > self._max_bytes:
                     raise EstResponseError(

@@ -1,0 +1,270 @@
+"""EstClient's HTTP logic offline, through httpx.MockTransport: no socket is opened.
+
+Retries and their waits, Retry-After, the 401 challenge, redirects, size caps, status mapping
+and the validation of an issued certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from est_agent.card.signer import SoftwareSigner
+from est_agent.errors import (
+    AuthError,
+    EnrollmentPending,
+    EstConnectionError,
+    EstRejectedError,
+    EstResponseError,
+)
+from est_agent.est.client import EstClient, RetryPolicy
+from tests.est.card_helpers import build_csr
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+BASE = "https://est.example:8443"
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("mock EST CA"))
+        .issuer_name(_name("mock EST CA"))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+CA_CERT, CA_KEY = _ca()
+DEVICE = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
+
+
+def _issue(public_key: ec.EllipticCurvePublicKey, *, eku: bool = True) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name("device-1"))
+        .issuer_name(CA_CERT.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(minutes=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(CA_KEY.public_key()), False
+        )
+    )
+    if eku:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    return builder.sign(CA_KEY, hashes.SHA256())
+
+
+def _certs_only(*certs: x509.Certificate) -> bytes:
+    return base64.encodebytes(pkcs7.serialize_certificates(list(certs), Encoding.DER))
+
+
+CACERTS = httpx.Response(
+    200, content=_certs_only(CA_CERT), headers={"Content-Type": "application/pkcs7-mime"}
+)
+
+
+def _issued(eku: bool = True) -> httpx.Response:
+    return httpx.Response(
+        200,
+        content=_certs_only(_issue(DEVICE.public_key(), eku=eku)),
+        headers={"Content-Type": "application/pkcs7-mime; smime-type=certs-only"},
+    )
+
+
+def _fresh(template: httpx.Response) -> httpx.Response:
+    # A response body streams once: answer each request with a copy.
+    return httpx.Response(template.status_code, headers=template.headers, content=template.content)
+
+
+class Recorder:
+    def __init__(self, *answers: httpx.Response | Handler) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+        self.sleeps: list[float] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path.endswith("/cacerts"):
+            return _fresh(CACERTS)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return answer(request) if callable(answer) else _fresh(answer)
+
+    def client(self, **options: object) -> EstClient:
+        options.setdefault("retry", RetryPolicy(attempts=3, cap_s=4.0, sleep=self.sleeps.append))
+        return EstClient(
+            BASE,
+            trust_anchors=[CA_CERT],
+            transport=httpx.MockTransport(self),
+            **options,  # type: ignore[arg-type]
+        )
+
+    def posts(self) -> list[httpx.Request]:
+        return [r for r in self.requests if r.method == "POST"]
+
+
+def _enroll(client: EstClient) -> x509.Certificate:
+    with client:
+        return client.simpleenroll(lambda _b: build_csr(DEVICE)).certificate
+
+
+def test_enroll_validates_and_returns_the_certificate() -> None:
+    rec = Recorder(_issued())
+    assert _enroll(rec.client()).public_key() == DEVICE.public_key()
+    (post,) = rec.posts()
+    assert post.headers["Content-Type"] == "application/pkcs10"
+    assert "Authorization" not in post.headers  # never preemptive
+    assert post.url == f"{BASE}/.well-known/est/simpleenroll"
+    # RFC 7030 §4.2.1 body: base64 of the DER CSR, wrapped lines
+    assert b"\n" in post.content
+
+
+def test_retry_after_is_a_lower_bound_and_backoff_is_capped() -> None:
+    rec = Recorder(
+        httpx.Response(500, headers={"Retry-After": "7"}, text="busy"),
+        httpx.Response(502, text="bad gateway"),
+        _issued(),
+    )
+    _enroll(rec.client())
+    assert len(rec.posts()) == 3
+    assert rec.sleeps[0] >= 7
+    assert 0 <= rec.sleeps[1] <= 4.0  # full jitter within the cap
+
+
+def test_transient_errors_give_up_after_the_attempt_limit() -> None:
+    rec = Recorder(httpx.Response(500, text="<h1>internal</h1> error"))
+    with pytest.raises(EstConnectionError, match="500: internal error"):
+        _enroll(rec.client())
+    assert len(rec.posts()) == 3 and len(rec.sleeps) == 2
+
+
+def test_connection_errors_are_retried() -> None:
+    calls: list[int] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise EstConnectionError("reset")
+        return _issued()
+
+    rec = Recorder(flaky)
+    _enroll(rec.client())
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "match"),
+    [
+        (httpx.Response(400, text="bad CSR"), EstRejectedError, "400: bad CSR"),
+        (httpx.Response(404, text="no such label"), EstRejectedError, "404"),
+        (httpx.Response(403, text="not you"), AuthError, "403: not you"),
+        (httpx.Response(401, text="who"), AuthError, "401"),
+        (httpx.Response(204), EstResponseError, "204"),
+        (
+            httpx.Response(200, text="hello", headers={"Content-Type": "text/plain"}),
+            EstResponseError,
+            "Content-Type",
+        ),
+    ],
+)
+def test_status_mapping(response: httpx.Response, error: type[Exception], match: str) -> None:
+    rec = Recorder(response)
+    with pytest.raises(error, match=match):
+        _enroll(rec.client())
+    assert len(rec.posts()) == 1  # permanent: not retried
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected_s"),
+    [(202, "120", 120.0), (503, "5", 5.0), (202, None, 60.0)],
+)
+def test_pending(status: int, retry_after: str | None, expected_s: float) -> None:
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    rec = Recorder(httpx.Response(status, headers=headers))
+    with pytest.raises(EnrollmentPending) as info:
+        _enroll(rec.client())
+    assert info.value.retry_after_s == expected_s
+    assert rec.sleeps == []  # the caller decides when to come back
+
+
+def test_basic_answers_one_challenge() -> None:
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
+    rec = Recorder(challenge, _issued())
+    _enroll(rec.client(basic_auth=("dev", "pw")))
+    first, second = rec.posts()
+    assert "Authorization" not in first.headers
+    assert second.headers["Authorization"] == "Basic " + base64.b64encode(b"dev:pw").decode()
+
+    rec = Recorder(challenge)
+    with pytest.raises(AuthError):
+        _enroll(rec.client(basic_auth=("dev", "wrong")))
+    assert len(rec.posts()) == 2  # once, not in a loop
+
+
+def test_redirects_same_origin_only() -> None:
+    moved = httpx.Response(307, headers={"Location": "/.well-known/est/other/simpleenroll"})
+    rec = Recorder(moved, _issued())
+    _enroll(rec.client())
+    assert rec.posts()[1].url.path == "/.well-known/est/other/simpleenroll"
+
+    away = httpx.Response(307, headers={"Location": "https://evil.example/simpleenroll"})
+    rec = Recorder(away)
+    with pytest.raises(EstRejectedError, match="another origin"):
+        _enroll(rec.client(basic_auth=("dev", "pw")))
+    assert {r.url.host for r in rec.requests} == {"est.example"}
+
+
+def test_response_size_cap() -> None:
+    big = httpx.Response(
+        200, content=b"A" * 5000, headers={"Content-Type": "application/pkcs7-mime"}
+    )
+    rec = Recorder(big)
+    with pytest.raises(EstResponseError, match="cap"):
+        _enroll(rec.client(max_response_bytes=4096))
+
+
+def test_clientauth_eku_required_unless_told_otherwise() -> None:
+    with pytest.raises(EstResponseError, match="clientAuth"):
+        _enroll(Recorder(_issued(eku=False)).client())
+    assert _enroll(Recorder(_issued(eku=False)).client(require_client_auth_eku=False))
+
+
+def test_issued_certificate_must_be_valid_now() -> None:
+    later = lambda: NOW + timedelta(days=31)  # noqa: E731
+    with pytest.raises(EstResponseError, match="not valid now"):
+        _enroll(Recorder(_issued()).client(clock=later))
+
+
+def test_csrattrs_not_offered_is_none() -> None:
+    rec = Recorder(httpx.Response(404, text="not here"))
+    with rec.client() as client:
+        assert client.csrattrs() is None
