@@ -200,16 +200,67 @@ class StdlibTls:
 # --------------------------------------------------------------------------------------------
 
 
+def _import_tlslite_core() -> None:
+    """Load tlslite-ng's package object without running its ``__init__``.
+
+    tlslite-ng 0.8.2's ``__init__`` star-imports ``tlslite.api``, which pulls in every
+    integration helper (asyncio, asyncore, xmlrpc, smtplib, imaplib, poplib, httplib): ~33 ms
+    and ~8 MiB of a process that only needs the TLS connection classes (measured with
+    ``-X importtime`` on Python 3.11), plus a DeprecationWarning for asyncore. The submodules
+    used here import each other by full or relative name, never through the package's
+    re-exports, so an unexecuted package module is enough.
+    """
+    import importlib.util
+    import sys
+
+    if "tlslite" in sys.modules:
+        return
+    spec = importlib.util.find_spec("tlslite")
+    if spec is None or spec.submodule_search_locations is None:
+        raise EstError("tlslite-ng is not installed (needed for TLS with a card key)")
+    sys.modules["tlslite"] = importlib.util.module_from_spec(spec)
+
+
+def _install_fast_aes_gcm() -> None:
+    """Let tlslite's AES-GCM record protection run in OpenSSL (via ``cryptography``).
+
+    Without M2Crypto or pycryptodome, tlslite-ng encrypts records with its pure-Python AES,
+    whose constructor also inspects the caller's source on every call (a deprecation shim for
+    an old class name): ~35 ms of a ~50 ms handshake. ``cipherfactory.createAESGCM`` calls
+    ``python_aesgcm.new(key)`` at run time; this replaces that factory with an object of the
+    same interface (``seal``/``open``; ``open`` returns None on a bad tag, as tlslite expects).
+    """
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from tlslite.utils import python_aesgcm  # type: ignore[import-untyped]
+
+    class OpenSslAesGcm:
+        isBlockCipher = False
+        isAEAD = True
+        nonceLength = 12
+        tagLength = 16
+        implementation = "openssl"
+
+        def __init__(self, key: bytearray) -> None:
+            self.key = key
+            self.name = "aes128gcm" if len(key) == 16 else "aes256gcm"
+            self._aead = AESGCM(bytes(key))
+
+        def seal(self, nonce: bytearray, plaintext: bytearray, data: bytearray) -> bytearray:
+            return bytearray(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
+
+        def open(self, nonce: bytearray, ciphertext: bytearray, data: bytearray) -> Any:
+            try:
+                return bytearray(self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
+            except InvalidTag:
+                return None
+
+    python_aesgcm.new = OpenSslAesGcm
+
+
 def _tlslite_classes() -> tuple[type[Any], type[Any]]:
-    """Build the tlslite subclasses on first use (tlslite costs ~100 ms to import)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        # tlslite-ng 0.8.2's package __init__ imports its asyncore integration, deprecated
-        # since Python 3.6; nothing here uses it.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import tlslite  # type: ignore[import-untyped]  # noqa: F401
-
+    """Build the tlslite subclasses on first use (tlslite costs ~40 ms to import)."""
+    _import_tlslite_core()
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -219,6 +270,8 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
     from tlslite.messages import Finished  # type: ignore[import-untyped]
     from tlslite.tlsconnection import TLSConnection  # type: ignore[import-untyped]
     from tlslite.utils.ecdsakey import ECDSAKey  # type: ignore[import-untyped]
+
+    _install_fast_aes_gcm()
 
     class _Curve:
         baselen = 32  # P-256: tlslite truncates the TLS 1.2 digest to this many bytes
