@@ -360,11 +360,13 @@ class IotSafeApplet:
         proprietary_cla: bool = True,
         session_number: int = 1,
         aid: bytes = DEFAULT_AID,
+        close_sessions: bool = False,
     ) -> None:
         self.channel = channel
         self.proprietary_cla = proprietary_cla
         self.session_number = session_number
         self.aid = aid
+        self.close_sessions = close_sessions
 
     @classmethod
     def open(
@@ -374,8 +376,15 @@ class IotSafeApplet:
         aids: Sequence[bytes] = (DEFAULT_AID,),
         proprietary_cla: bool = True,
         session_number: int = 1,
+        close_sessions: bool = False,
     ) -> IotSafeApplet:
-        """Open a logical channel and select the first AID that answers (§1.2)."""
+        """Open a logical channel and select the first AID that answers (§1.2).
+
+        ``close_sessions``: close the signature session after every signature. Off by default:
+        closing the channel deselects the applet, which ends its sessions (Java Card clears
+        session state on deselect), and an INIT that finds a stale session (6985) closes it
+        and retries. That saves one APDU per signature on links where each costs tens of ms.
+        """
         if not aids:
             raise InputError("no IoT SAFE AID configured")
         channel = session.open_channel()
@@ -391,6 +400,7 @@ class IotSafeApplet:
                     proprietary_cla=proprietary_cla,
                     session_number=session_number,
                     aid=aid,
+                    close_sessions=close_sessions,
                 )
         except BaseException:
             channel.close()
@@ -496,7 +506,8 @@ class IotSafeApplet:
                 name="COMPUTE SIGNATURE UPDATE",
             )
         finally:
-            self._close_session(INS_SIGN_INIT)
+            if self.close_sessions:
+                self._close_session(INS_SIGN_INIT)
         return decode_signature(data)
 
     def verify_signature(self, public_key: IotSafeRef, digest: bytes, der_signature: bytes) -> bool:

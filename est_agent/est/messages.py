@@ -16,6 +16,7 @@ import binascii
 import email.utils
 import re
 import string
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.utils import CryptographyDeprecationWarning
 
 from est_agent.errors import EstResponseError, InputError
 
@@ -252,10 +254,14 @@ def decode_certs_only(body: bytes) -> list[x509.Certificate]:
         raise EstResponseError("PKCS#7 response holds no certificate")
     certs = []
     for der in ders:
-        try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise EstResponseError(f"malformed certificate in PKCS#7: {_short(exc)}") from None
+        # cryptography only warns about some RFC 5280 violations (a non-positive serial
+        # number, §4.1.2.2) that later releases reject: refuse them now, consistently.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            try:
+                certs.append(x509.load_der_x509_certificate(der))
+            except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
+                raise EstResponseError(f"malformed certificate in PKCS#7: {_short(exc)}") from None
     return certs
 
 

@@ -635,3 +635,41 @@ def test_raw_der_ending_in_whitespace_bytes_is_not_trimmed() -> None:
 
 def _csrattrs_der(*items: core.Asn1Value) -> bytes:
     return base64.b64decode(_csrattrs(*items))
+
+
+def test_certificate_with_non_positive_serial_is_refused() -> None:
+    # Found by the mutation property test: cryptography only warns about serial 0 (RFC 5280
+    # §4.1.2.2 forbids it); the decoder must refuse it with a typed error, not pass it on.
+    from asn1crypto import cms
+    from asn1crypto import x509 as asn1_x509
+
+    generated = _cert("serial", ec.generate_private_key(ec.SECP256R1()))
+    good = pkcs7.serialize_certificates([generated], Encoding.DER)
+    assert decode_certs_only(good) == [generated]
+    info = cms.ContentInfo.load(good)
+    cert = info["content"]["certificates"][0].chosen
+    tbs = cert["tbs_certificate"].copy()
+    tbs["serial_number"] = 0
+    cert = asn1_x509.Certificate(
+        {
+            "tbs_certificate": tbs,
+            "signature_algorithm": cert["signature_algorithm"],
+            "signature_value": cert["signature_value"],
+        }
+    )
+    bad = cms.ContentInfo(
+        {
+            "content_type": "signed_data",
+            "content": cms.SignedData(
+                {
+                    "version": "v1",
+                    "digest_algorithms": [],
+                    "encap_content_info": {"content_type": "data"},
+                    "certificates": [cert],
+                    "signer_infos": [],
+                }
+            ),
+        }
+    ).dump()
+    with pytest.raises(EstResponseError, match="malformed certificate"):
+        decode_certs_only(bad)

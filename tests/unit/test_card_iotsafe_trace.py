@@ -91,7 +91,6 @@ def test_d_sign_digest(sig_header: str) -> None:
             ("81 2A 00 01 0D 84 01 01 A1 01 03 91 02 00 01 92 01 04", "90 00"),
             ("81 2B 80 01 22 9E 20 " + digest.hex(), f"61 {length:02X}"),
             (f"81 C0 00 00 {length:02X}", f"{sig_header} {raw_sig(digest)} 90 00"),
-            ("81 2A 01 01", "90 00"),
         ]
     )
     signer = CardSigner(
@@ -103,6 +102,21 @@ def test_d_sign_digest(sig_header: str) -> None:
     assert signer.signatures == 1
 
 
+def test_d_close_sessions_option_closes_after_signing() -> None:
+    digest = hashlib.sha256(b"z").digest()
+    transport = ScriptedTransport(
+        [
+            *OPEN,
+            ("81 2A 00 01 0D 84 01 01 A1 01 03 91 02 00 01 92 01 04", "90 00"),
+            ("81 2B 80 01 22 9E 20 " + digest.hex(), f"33 00 40 {raw_sig(digest)} 90 00"),
+            ("81 2A 01 01", "90 00"),
+        ]
+    )
+    applet = IotSafeApplet.open(CardSession(transport), close_sessions=True)
+    applet.sign_digest(IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01"), digest)
+    transport.assert_done()
+
+
 def test_d_stale_session_is_closed_and_retried() -> None:
     digest = hashlib.sha256(b"x").digest()
     init = "81 2A 00 01 0D 84 01 01 A1 01 03 91 02 00 01 92 01 04"
@@ -112,7 +126,6 @@ def test_d_stale_session_is_closed_and_retried() -> None:
             ("81 2A 01 01", "90 00"),
             (init, "90 00"),
             ("81 2B 80 01 22 9E 20 " + digest.hex(), f"33 00 40 {raw_sig(digest)} 90 00"),
-            ("81 2A 01 01", "90 00"),
         ]
     )
     applet.sign_digest(IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01"), digest)
@@ -128,7 +141,6 @@ def test_d_wrong_key_signature_is_caught() -> None:
         [
             ("81 2A 00 01 0D 84 01 01 A1 01 03 91 02 00 01 92 01 04", "90 00"),
             ("81 2B 80 01 22 9E 20 " + digest.hex(), f"33 40 {raw} 90 00"),
-            ("81 2A 01 01", "90 00"),
         ]
     )
     signer = CardSigner(

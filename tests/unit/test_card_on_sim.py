@@ -107,12 +107,14 @@ def test_bootstrap_key_cannot_be_regenerated(state: Path) -> None:
         applet.generate_key_pair(BOOTSTRAP)
 
 
-def test_sign_costs_three_apdus(state: Path) -> None:
+def test_sign_costs_two_apdus_and_sessions_are_reused(state: Path) -> None:
     applet, transport = open_applet(state, CardOptions())
     applet.generate_key_pair(OP_A)
     before = transport.stats.apdus
     applet.sign_digest(OP_A, bytes(32))
-    assert transport.stats.apdus - before == 3
+    assert transport.stats.apdus - before == 2  # INIT + UPDATE; the session is left open
+    applet.sign_digest(OP_A, bytes(32))  # INIT on the still-open session must work
+    assert transport.stats.apdus - before == 4
 
 
 def test_new_key_replaces_old_and_survives_reload(state: Path) -> None:
