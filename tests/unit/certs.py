@@ -24,3 +24,23 @@ def self_signed_der(key: ec.EllipticCurvePrivateKey, cn: str = "unit-test") -> b
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def cert_for_public_key_der(
+    public_key: ec.EllipticCurvePublicKey, issuer_key: ec.EllipticCurvePrivateKey
+) -> bytes:
+    """A certificate for ``public_key`` (e.g. a card key) issued by ``issuer_key``."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")])
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test issuer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(issuer_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)

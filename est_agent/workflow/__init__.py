@@ -1,0 +1,1 @@
+"""What the user runs: first-boot enrollment, renewal and status (enroll|renew|run|status)."""
