@@ -1,0 +1,885 @@
+"""The agent's configuration: frozen dataclasses read from TOML and validated once.
+
+    Config
+    ├── card       CardConfig       which reader, which IoT SAFE applet, how to talk to it
+    ├── bootstrap  BootstrapConfig  the factory credential (on the SIM, or PEM files)
+    ├── slots      (SlotConfig, SlotConfig)  the two operational slots ([[slot]] in TOML)
+    ├── est        EstConfig        server URL, label, trust, PoP, Basic credentials
+    ├── subject    SubjectConfig    subject / SAN templates for the first enrollment
+    ├── renewal    RenewalConfig    when renewal is due, jitter, retry cap
+    └── paths      PathsConfig      state directory, PEM export, deploy hook
+
+Every TOML key is a dataclass field of the same name (``[[slot]]`` is ``Config.slots``), so the
+parser, the example file and the README can be checked against each other by a test. Each
+dataclass validates itself at construction, so an invalid configuration cannot exist in memory
+whether it came from a file or from code; errors are `ConfigError` (exit 78) naming the full
+key, e.g. ``est.pop``.
+
+Nothing is read from disk at parse time apart from the configuration file itself: PEM files,
+the trust anchor and the Basic password are read when used, so that ``status`` works with a
+missing trust anchor and the password never sits in a long-lived object (or in its repr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TypeAlias, TypeVar
+
+from cryptography import x509
+
+from est_agent.card.iotsafe import DEFAULT_AID
+from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
+from est_agent.csr import parse_san, subject_from_template
+from est_agent.errors import ConfigError, CsrError, InputError
+from est_agent.est.messages import est_url
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_SLOTS",
+    "PLACEHOLDERS",
+    "BootstrapConfig",
+    "CardConfig",
+    "CertificateRef",
+    "Config",
+    "EstConfig",
+    "KeyRef",
+    "PathsConfig",
+    "PopMode",
+    "RenewalConfig",
+    "SlotConfig",
+    "SubjectConfig",
+    "TrustAnchorRef",
+    "UiccChannel",
+    "config_from_dict",
+    "config_keys",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/est-agent/est-agent.toml")
+
+#: Template placeholders for subject and SAN values, with stand-ins used to check templates at
+#: load time (the real values are only known once the card has been read).
+PLACEHOLDERS: Mapping[str, str] = {"iccid": "8988211000000000000", "imei": "350000000000000"}
+
+#: A private key: an IoT SAFE key on the card, or a PEM file (file-based bootstrap only).
+KeyRef: TypeAlias = IotSafeRef | Path
+#: A certificate: an IoT SAFE file container, a UICC EF, or a PEM file.
+CertificateRef: TypeAlias = IotSafeRef | UiccPath | Path
+#: TLS trust anchor for the EST server: a PEM file, or a certificate stored on the SIM.
+TrustAnchorRef: TypeAlias = Path | IotSafeRef | UiccPath
+
+_CARD_SCHEMES = ("iotsafe:", "uicc:")
+_READER_SCHEMES = ("pcsc", "sim", "modem")
+_AID_BYTES = (5, 16)  # ISO/IEC 7816-4 §12.2.3: RID (5 bytes) + PIX (up to 11)
+_MAX_TIMEOUT_S = 3600.0
+# Sanity bounds: a larger value is a unit mistake (ms for s), not a policy.
+_MAX_DELAY_S = 30 * 86400.0
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SLOT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,15}")
+# Subject attributes of [subject] and their RFC 4514 names for csr.subject_from_template.
+_SUBJECT_ATTRIBUTES = (
+    ("common_name", "CN"),
+    ("organization", "O"),
+    ("serial_number", "serialNumber"),
+)
+
+
+class PopMode(Enum):
+    """Proof-of-possession (RFC 7030 §3.5): bind the CSR to the TLS session, or not."""
+
+    AUTO = "auto"  # bind when the TLS version offers a binding, else send none
+    TLS_UNIQUE = "tls-unique"  # RFC 5929: forces TLS 1.2
+    TLS_EXPORTER = "tls-exporter"  # RFC 9266: forces TLS 1.3
+    OFF = "off"
+
+
+class UiccChannel(Enum):
+    """Which channel the IoT SAFE applet is selected on (TS 102 221 §11.1.17)."""
+
+    LOGICAL = "logical"  # MANAGE CHANNEL: leaves the modem's basic channel alone
+    BASIC = "basic"  # channel 0, for readers or modems that refuse MANAGE CHANNEL
+
+
+# --- small validators ------------------------------------------------------------------------
+
+
+def _fail(key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{key}: {problem}")
+
+
+def _check_type(key: str, value: object, expected: type | tuple[type, ...]) -> None:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    # bool is an int subclass: `timeout_s = true` must not pass as 1.
+    wrong_bool = isinstance(value, bool) and bool not in types
+    if wrong_bool or not isinstance(value, types):
+        raise _fail(key, f"expected {_type_name_of(expected)}, got {_toml_type(value)}")
+
+
+def _type_name_of(expected: type | tuple[type, ...]) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if set(types) == {int, float}:
+        return "a number"
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        tuple: "an array",
+        list: "an array",
+        dict: "a table",
+    }
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _toml_type(value: object) -> str:
+    """The TOML name of a parsed value's type, for error messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, datetime.datetime):
+        return "date-time"
+    if isinstance(value, datetime.date):
+        return "date"
+    if isinstance(value, datetime.time):
+        return "time"
+    return type(value).__name__
+
+
+def _check_seconds(key: str, value: float, *, allow_zero: bool, maximum: float) -> None:
+    _check_type(key, value, (int, float))
+    # Compared without float(): a huge integer would overflow it. NaN fails both comparisons.
+    in_range = (value >= 0 if allow_zero else value > 0) and value <= maximum
+    if not in_range:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise _fail(key, f"expected seconds {bound} and <= {maximum:g}, got {value!r}")
+
+
+def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
+    if isinstance(ref, Path):
+        return "a file path"
+    if isinstance(ref, UiccPath):
+        return "a uicc:path= EF"
+    return {
+        ObjectKind.PRIVATE_KEY: "an IoT SAFE key",
+        ObjectKind.PUBLIC_KEY: "an IoT SAFE public key",
+        ObjectKind.FILE: "an IoT SAFE file",
+    }[ref.kind]
+
+
+def _fill_template(key: str, pattern: str, values: Mapping[str, str]) -> str:
+    """Fill a SAN template with the rules of csr.subject_from_template (plain ``{name}`` only)."""
+    parts = []
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as exc:
+        raise _fail(key, f"invalid template {pattern!r}: {exc}") from None
+    for literal, name, spec, conversion in parsed:
+        parts.append(literal)
+        if name is None:
+            continue
+        if spec or conversion or not name.isidentifier():
+            raise _fail(key, f"template {pattern!r}: use plain {{name}} placeholders")
+        if name not in values:
+            raise _fail(key, _unknown_placeholder(name))
+        parts.append(values[name])
+    return "".join(parts)
+
+
+def _unknown_placeholder(name: str) -> str:
+    if name in PLACEHOLDERS:
+        return f"placeholder {{{name}}} has no value for this device"
+    known = ", ".join(f"{{{n}}}" for n in PLACEHOLDERS)
+    return f"unknown placeholder {{{name}}} (known: {known})"
+
+
+# --- the sections ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardConfig:
+    """``[card]``: the reader and how to reach the IoT SAFE applet on the card in it."""
+
+    #: ``pcsc:`` (first reader with a card), ``pcsc:<name>``, ``sim:<state file>``, ``modem:<port>``
+    reader: str = "pcsc:"
+    #: IoT SAFE applet AIDs, tried in order (GSMA IoT.05 default first)
+    aids: tuple[bytes, ...] = (DEFAULT_AID,)
+    #: send applet commands with an ISO class byte (0N) instead of the proprietary 8N
+    iso_cla: bool = False
+    uicc_channel: UiccChannel = UiccChannel.LOGICAL
+
+    def __post_init__(self) -> None:
+        _check_type("card.reader", self.reader, str)
+        scheme, sep, rest = self.reader.partition(":")
+        if not sep or scheme.lower() not in _READER_SCHEMES:
+            raise _fail(
+                "card.reader",
+                f"expected pcsc:[NAME], sim:STATE_FILE or modem:PORT, got {self.reader!r}",
+            )
+        if scheme.lower() in ("sim", "modem") and not rest:
+            raise _fail(
+                "card.reader", f"{scheme}: needs a {'state file' if scheme == 'sim' else 'port'}"
+            )
+        _check_type("card.aids", self.aids, tuple)
+        if not self.aids:
+            raise _fail("card.aids", "needs at least one AID")
+        for aid in self.aids:
+            _check_type("card.aids", aid, bytes)
+            if not _AID_BYTES[0] <= len(aid) <= _AID_BYTES[1]:
+                raise _fail("card.aids", f"an AID is 5..16 bytes, got {aid.hex().upper()!r}")
+        _check_type("card.iso_cla", self.iso_cla, bool)
+        _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
+
+
+_BOOTSTRAP_KEY = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01")
+_BOOTSTRAP_CERTIFICATE = IotSafeRef(ObjectKind.FILE, object_id=b"\x01")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootstrapConfig:
+    """``[bootstrap]``: the factory credential that authenticates the first enrollment."""
+
+    key: KeyRef = _BOOTSTRAP_KEY
+    certificate: CertificateRef = _BOOTSTRAP_CERTIFICATE
+
+    def __post_init__(self) -> None:
+        _check_type("bootstrap.key", self.key, (IotSafeRef, Path))
+        if isinstance(self.key, IotSafeRef) and self.key.kind is not ObjectKind.PRIVATE_KEY:
+            raise _fail("bootstrap.key", f"expected a private key, got {_card_uri_kind(self.key)}")
+        _check_type("bootstrap.certificate", self.certificate, (IotSafeRef, UiccPath, Path))
+        if (
+            isinstance(self.certificate, IotSafeRef)
+            and self.certificate.kind is not ObjectKind.FILE
+        ):
+            raise _fail(
+                "bootstrap.certificate",
+                f"expected a file, got {_card_uri_kind(self.certificate)}",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotConfig:
+    """One ``[[slot]]``: an IoT SAFE key plus the EF that holds its certificate record."""
+
+    #: the name used in progress lines, status output and the deploy hook's environment
+    name: str
+    key: IotSafeRef
+    certificate: UiccPath
+
+    def __post_init__(self) -> None:
+        _check_type("slot.name", self.name, str)
+        if not _SLOT_NAME_RE.fullmatch(self.name):
+            raise _fail(
+                "slot.name", f"expected 1..16 of a-z, 0-9, '-', '_' (not first), got {self.name!r}"
+            )
+        _check_type("slot.key", self.key, IotSafeRef)
+        if self.key.kind is not ObjectKind.PRIVATE_KEY:
+            raise _fail("slot.key", f"expected a private key, got {_card_uri_kind(self.key)}")
+        _check_type("slot.certificate", self.certificate, UiccPath)
+
+
+DEFAULT_SLOTS = (
+    SlotConfig(
+        name="op-a",
+        key=IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x02"),
+        certificate=UiccPath((0x7FF0, 0x6F01)),
+    ),
+    SlotConfig(
+        name="op-b",
+        key=IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x03"),
+        certificate=UiccPath((0x7FF0, 0x6F02)),
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstConfig:
+    """``[est]``: the EST server and how to authenticate to it.
+
+    The Basic password is deliberately not a field: only where to find it is stored, and
+    `basic_password` reads it at use time (so it never shows up in a repr or a log line).
+    """
+
+    #: ``https://host[:port][/path]``; a bare origin gets ``/.well-known/est``
+    url: str
+    label: str = ""
+    #: None only when `cacerts_fingerprint` is set (RFC 7030 §4.1.1 bootstrap distribution)
+    trust_anchor: TrustAnchorRef | None = Path("/etc/est-agent/tls-ca.pem")
+    #: SHA-256 of the EST CA root accepted from an unauthenticated ``/cacerts``
+    cacerts_fingerprint: bytes | None = None
+    pop: PopMode = PopMode.AUTO
+    basic_username: str | None = None
+    basic_password_file: Path | None = None
+    basic_password_env: str | None = None
+    timeout_s: float = 30.0
+    #: refuse an issued certificate without the id-kp-clientAuth extended key usage
+    require_client_auth_eku: bool = True
+
+    def __post_init__(self) -> None:
+        _check_type("est.url", self.url, str)
+        _check_type("est.label", self.label, str)
+        try:
+            est_url(self.url, "cacerts")
+        except InputError as exc:
+            raise _fail("est.url", str(exc)) from None
+        try:
+            est_url(self.url, "cacerts", self.label)
+        except InputError as exc:
+            raise _fail("est.label", str(exc)) from None
+        if self.trust_anchor is not None:
+            _check_type("est.trust_anchor", self.trust_anchor, (Path, IotSafeRef, UiccPath))
+            if (
+                isinstance(self.trust_anchor, IotSafeRef)
+                and self.trust_anchor.kind is not ObjectKind.FILE
+            ):
+                raise _fail(
+                    "est.trust_anchor",
+                    f"expected a certificate file, got {_card_uri_kind(self.trust_anchor)}",
+                )
+        elif self.cacerts_fingerprint is None:
+            # Without either, the server could only be trusted blindly.
+            raise _fail("est.trust_anchor", "required unless est.cacerts_fingerprint is set")
+        if self.cacerts_fingerprint is not None:
+            _check_type("est.cacerts_fingerprint", self.cacerts_fingerprint, bytes)
+            if len(self.cacerts_fingerprint) != 32:
+                raise _fail(
+                    "est.cacerts_fingerprint",
+                    f"a SHA-256 fingerprint is 32 bytes, got {len(self.cacerts_fingerprint)}",
+                )
+        _check_type("est.pop", self.pop, PopMode)
+        if self.basic_username is not None:
+            _check_type("est.basic_username", self.basic_username, str)
+            if not self.basic_username or ":" in self.basic_username:
+                # RFC 7617 §2: the user-id cannot contain a colon.
+                raise _fail("est.basic_username", "must be non-empty and contain no ':'")
+        if self.basic_password_file is not None:
+            _check_type("est.basic_password_file", self.basic_password_file, Path)
+        if self.basic_password_env is not None:
+            _check_type("est.basic_password_env", self.basic_password_env, str)
+            if not _ENV_NAME_RE.fullmatch(self.basic_password_env):
+                raise _fail(
+                    "est.basic_password_env",
+                    f"not an environment variable name: {self.basic_password_env!r}",
+                )
+        if self.basic_password_file is not None and self.basic_password_env is not None:
+            raise _fail("est.basic_password_env", "set only one of basic_password_file / _env")
+        has_password = self.basic_password_file is not None or self.basic_password_env is not None
+        if has_password and self.basic_username is None:
+            raise _fail("est.basic_username", "required when a Basic password is configured")
+        if self.basic_username is not None and not has_password:
+            raise _fail(
+                "est.basic_password_file",
+                "Basic username set without basic_password_file or basic_password_env",
+            )
+        _check_seconds("est.timeout_s", self.timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S)
+        _check_type("est.require_client_auth_eku", self.require_client_auth_eku, bool)
+
+    def operation_url(self, operation: str) -> str:
+        """The URL of an EST operation (``cacerts``, ``simpleenroll`` ...) with the label."""
+        return est_url(self.url, operation, self.label)
+
+    def basic_password(self) -> str | None:
+        """The Basic password, read now from its file (first line) or variable; None if unset."""
+        if self.basic_password_file is not None:
+            path = self.basic_password_file
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"est.basic_password_file: cannot read {path}: {exc.strerror or exc}"
+                ) from None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"est.basic_password_file: {path} is not UTF-8") from None
+            lines = text.splitlines()
+            password = lines[0] if lines else ""
+            if not password:
+                raise ConfigError(f"est.basic_password_file: the first line of {path} is empty")
+            return password
+        if self.basic_password_env is not None:
+            name = self.basic_password_env
+            value = os.environ.get(name)
+            if not value:
+                raise ConfigError(
+                    f"est.basic_password_env: environment variable {name} is not set or empty"
+                )
+            return value
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubjectConfig:
+    """``[subject]``: templates for the first enrollment's subject and SANs.
+
+    Renewal copies Subject/SAN from the current certificate instead (RFC 7030 §4.2.2).
+    Empty attributes are left out; placeholders are `PLACEHOLDERS`.
+    """
+
+    common_name: str = "{iccid}"
+    organization: str = ""
+    serial_number: str = ""
+    san_dns: tuple[str, ...] = ()
+    san_uri: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, _ in _SUBJECT_ATTRIBUTES:
+            _check_type(f"subject.{name}", getattr(self, name), str)
+        for name in ("san_dns", "san_uri"):
+            values = getattr(self, name)
+            _check_type(f"subject.{name}", values, tuple)
+            for value in values:
+                _check_type(f"subject.{name}", value, str)
+        if not any(getattr(self, name) for name, _ in _SUBJECT_ATTRIBUTES) and not (
+            self.san_dns or self.san_uri
+        ):
+            raise _fail("subject.common_name", "the subject is empty and there is no SAN")
+        # Fill every template with stand-in values so that a typo fails now, not in the field.
+        self.render(PLACEHOLDERS)
+
+    def render(self, values: Mapping[str, str]) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
+        """Subject and SANs with the placeholders filled (``{"iccid": ..., "imei": ...}``).
+
+        Leave ``imei`` out of `values` when it is not known; a template that needs it then
+        raises ConfigError naming the key.
+        """
+        rdns: list[x509.RelativeDistinguishedName] = []
+        for name, short in _SUBJECT_ATTRIBUTES:
+            pattern = getattr(self, name)
+            if not pattern:
+                continue
+            key = f"subject.{name}"
+            _fill_template(key, pattern, values)  # names the key on unknown placeholders
+            try:
+                rdns.extend(subject_from_template({short: pattern}, values).rdns)
+            except CsrError as exc:
+                raise _fail(key, str(exc)) from None
+        sans: list[x509.GeneralName] = []
+        for name, kind in (("san_dns", "dns"), ("san_uri", "uri")):
+            for pattern in getattr(self, name):
+                key = f"subject.{name}"
+                value = _fill_template(key, pattern, values)
+                try:
+                    sans.append(parse_san(f"{kind}:{value}"))
+                except CsrError as exc:
+                    raise _fail(key, str(exc)) from None
+        return x509.Name(rdns), tuple(sans)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenewalConfig:
+    """``[renewal]``: when a certificate is due, and how runs spread and back off."""
+
+    #: fraction of the certificate's lifetime after which renewal is due
+    threshold: float = 0.67
+    #: upper bound of the random delay ``run`` waits before contacting the server
+    jitter_s: float = 3600.0
+    #: upper bound of the retry delay after failures (and of an honoured Retry-After)
+    retry_cap_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        _check_type("renewal.threshold", self.threshold, (int, float))
+        if not 0 < self.threshold < 1:
+            raise _fail("renewal.threshold", f"expected 0 < threshold < 1, got {self.threshold!r}")
+        _check_seconds("renewal.jitter_s", self.jitter_s, allow_zero=True, maximum=_MAX_DELAY_S)
+        _check_seconds(
+            "renewal.retry_cap_s", self.retry_cap_s, allow_zero=False, maximum=_MAX_DELAY_S
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathsConfig:
+    """``[paths]``: local files the agent writes and the hook it runs."""
+
+    #: pending enrollments and the run lock (the credentials themselves live on the SIM)
+    state_dir: Path = Path("/var/lib/est-agent")
+    export_pem: Path | None = None
+    #: argv (no shell) run after a new certificate became active
+    deploy_hook: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_type("paths.state_dir", self.state_dir, Path)
+        if self.export_pem is not None:
+            _check_type("paths.export_pem", self.export_pem, Path)
+        _check_type("paths.deploy_hook", self.deploy_hook, tuple)
+        for arg in self.deploy_hook:
+            _check_type("paths.deploy_hook", arg, str)
+            if "\x00" in arg:
+                raise _fail("paths.deploy_hook", "arguments cannot contain NUL")
+        if self.deploy_hook and not self.deploy_hook[0]:
+            raise _fail("paths.deploy_hook", "the program (first element) is empty")
+
+
+_Section = TypeVar("_Section")
+_E = TypeVar("_E", bound=Enum)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole configuration; build it with `load_config`, `parse_config` or `defaults`."""
+
+    card: CardConfig = field(default_factory=CardConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    slots: tuple[SlotConfig, SlotConfig] = DEFAULT_SLOTS
+    est: EstConfig  # required: the EST server URL has no default
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    renewal: RenewalConfig = field(default_factory=RenewalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (
+            ("card", CardConfig),
+            ("bootstrap", BootstrapConfig),
+            ("est", EstConfig),
+            ("subject", SubjectConfig),
+            ("renewal", RenewalConfig),
+            ("paths", PathsConfig),
+        ):
+            _check_type(name, getattr(self, name), cls)
+        _check_type("slot", self.slots, tuple)
+        if len(self.slots) != 2:
+            raise _fail("slot", f"expected exactly two [[slot]] tables, got {len(self.slots)}")
+        for slot in self.slots:
+            _check_type("slot", slot, SlotConfig)
+        # The store alternates between the slots: sharing a key or an EF would let a new
+        # credential overwrite the active one, and the bootstrap key must survive every renewal.
+        a, b = self.slots
+        if a.name == b.name:
+            raise _fail("slot[1].name", f"same name as slot[0]: {a.name!r}")
+        if a.key == b.key:
+            raise _fail("slot[1].key", f"same key as slot[0]: {a.key}")
+        if a.certificate == b.certificate:
+            raise _fail("slot[1].certificate", f"same EF as slot[0]: {a.certificate}")
+        for i, slot in enumerate(self.slots):
+            if slot.key == self.bootstrap.key:
+                raise _fail(f"slot[{i}].key", f"is the bootstrap key {slot.key}")
+            if slot.certificate == self.bootstrap.certificate:
+                raise _fail(
+                    f"slot[{i}].certificate", f"is the bootstrap certificate {slot.certificate}"
+                )
+
+    @classmethod
+    def defaults(cls, *, est_url: str) -> Config:
+        """The built-in defaults; the EST server URL has none (there is no sensible one)."""
+        return cls(est=EstConfig(url=est_url))
+
+    def basic_password(self) -> str | None:
+        """See `EstConfig.basic_password`."""
+        return self.est.basic_password()
+
+
+# --- TOML -> dataclasses ---------------------------------------------------------------------
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+# TOML section name -> dataclass (``slot`` is an array of tables).
+_SECTIONS: Mapping[str, type] = {
+    "card": CardConfig,
+    "bootstrap": BootstrapConfig,
+    "slot": SlotConfig,
+    "est": EstConfig,
+    "subject": SubjectConfig,
+    "renewal": RenewalConfig,
+    "paths": PathsConfig,
+}
+
+
+def config_keys() -> tuple[str, ...]:
+    """Every TOML key as ``section.key`` (what the example file and the README document)."""
+    return tuple(f"{section}.{name}" for section, cls in _SECTIONS.items() for name in _fields(cls))
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the full key, no unknown keys."""
+
+    def __init__(self, data: object, prefix: str, known: tuple[str, ...]) -> None:
+        if not isinstance(data, dict):
+            raise _fail(prefix, f"expected a table, got {_toml_type(data)}")
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"unknown key {self._join(prefix, key)}")
+        self.data: dict[str, object] = data
+        self.prefix = prefix
+
+    @staticmethod
+    def _join(prefix: str, name: object) -> str:
+        return f"{prefix}.{name}" if prefix else str(name)
+
+    def key(self, name: str) -> str:
+        return self._join(self.prefix, name)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(self, name: str, expected: type | tuple[type, ...]) -> object:
+        value = self.data[name]
+        _check_type(self.key(name), value, expected)
+        return value
+
+    def string(self, name: str) -> str:
+        value = self.get(name, str)
+        assert isinstance(value, str)
+        return value
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.get(name, list)
+        assert isinstance(value, list)
+        for item in value:
+            if not isinstance(item, str):
+                raise _fail(
+                    self.key(name), f"expected an array of strings, got {_toml_type(item)} in it"
+                )
+        return tuple(value)
+
+    def number(self, name: str) -> float:
+        value = self.get(name, (int, float))
+        assert isinstance(value, int | float)
+        return value
+
+    def boolean(self, name: str) -> bool:
+        value = self.get(name, bool)
+        assert isinstance(value, bool)
+        return value
+
+
+def _path(key: str, text: str, base_dir: Path | None) -> Path:
+    if not text:
+        raise _fail(key, "empty path")
+    if "\x00" in text:
+        raise _fail(key, "path contains NUL")
+    path = Path(text)
+    # Relative to the configuration file, not to wherever the timer happened to start us.
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def _card_ref(
+    key: str, text: str, default_kind: ObjectKind, base_dir: Path | None, *, allow_path: bool
+) -> IotSafeRef | UiccPath | Path:
+    if not text.lower().startswith(_CARD_SCHEMES):
+        if allow_path:
+            return _path(key, text, base_dir)
+        raise _fail(key, f"expected an iotsafe: or uicc: URI, got {text!r}")
+    try:
+        return parse_card_uri(text, default_kind=default_kind)
+    except InputError as exc:
+        raise _fail(key, str(exc)) from None
+
+
+def _enum(table: _Table, name: str, enum: type[_E]) -> _E:
+    text = table.string(name)
+    try:
+        return enum(text)
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in enum)
+        raise _fail(table.key(name), f"expected one of {choices}, got {text!r}") from None
+
+
+def _build(cls: type[_Section], kwargs: dict[str, object]) -> _Section:
+    # The readers hand over typed values; the dataclass checks them and names the key itself.
+    return cls(**kwargs)
+
+
+def _card(data: object, base_dir: Path | None) -> CardConfig:
+    t = _Table(data, "card", _fields(CardConfig))
+    kwargs: dict[str, object] = {}
+    if t.has("reader"):
+        reader = t.string("reader")
+        scheme, sep, rest = reader.partition(":")
+        if sep and scheme.lower() == "sim" and rest:
+            reader = f"{scheme}:{_path(t.key('reader'), rest, base_dir)}"
+        kwargs["reader"] = reader
+    if t.has("aids"):
+        aids = []
+        for text in t.strings("aids"):
+            try:
+                aids.append(bytes.fromhex(text))
+            except ValueError:
+                raise _fail(t.key("aids"), f"not hex: {text!r}") from None
+        kwargs["aids"] = tuple(aids)
+    if t.has("iso_cla"):
+        kwargs["iso_cla"] = t.boolean("iso_cla")
+    if t.has("uicc_channel"):
+        kwargs["uicc_channel"] = _enum(t, "uicc_channel", UiccChannel)
+    return _build(CardConfig, kwargs)
+
+
+def _bootstrap(data: object, base_dir: Path | None) -> BootstrapConfig:
+    t = _Table(data, "bootstrap", _fields(BootstrapConfig))
+    kwargs: dict[str, object] = {}
+    for name, kind in (("key", ObjectKind.PRIVATE_KEY), ("certificate", ObjectKind.FILE)):
+        if t.has(name):
+            kwargs[name] = _card_ref(t.key(name), t.string(name), kind, base_dir, allow_path=True)
+    return _build(BootstrapConfig, kwargs)
+
+
+def _slots(data: object) -> tuple[SlotConfig, SlotConfig]:
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise _fail("slot", f"expected an array of tables ([[slot]]), got {_toml_type(data)}")
+    if len(data) != 2:
+        raise _fail("slot", f"expected exactly two [[slot]] tables, got {len(data)}")
+    slots = []
+    for i, item in enumerate(data):
+        t = _Table(item, f"slot[{i}]", _fields(SlotConfig))
+        for name in ("key", "certificate"):
+            if not t.has(name):
+                raise _fail(t.key(name), "required in every [[slot]]")
+        key = _card_ref(
+            t.key("key"), t.string("key"), ObjectKind.PRIVATE_KEY, None, allow_path=False
+        )
+        if not isinstance(key, IotSafeRef) or key.kind is not ObjectKind.PRIVATE_KEY:
+            raise _fail(t.key("key"), f"expected an IoT SAFE key, got {_card_uri_kind(key)}")
+        cert = _card_ref(
+            t.key("certificate"), t.string("certificate"), ObjectKind.FILE, None, allow_path=False
+        )
+        if not isinstance(cert, UiccPath):
+            # The store writes its own record format (header + DER) into a transparent EF.
+            raise _fail(
+                t.key("certificate"), f"expected a uicc:path= EF, got {_card_uri_kind(cert)}"
+            )
+        name = t.string("name") if t.has("name") else DEFAULT_SLOTS[i].name
+        try:
+            slots.append(SlotConfig(name=name, key=key, certificate=cert))
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("slot.", f"slot[{i}].", 1)) from None
+    return slots[0], slots[1]
+
+
+def _est(data: object, base_dir: Path | None) -> EstConfig:
+    t = _Table(data, "est", _fields(EstConfig))
+    if not t.has("url"):
+        raise _fail("est.url", "required (the EST server, https://host/.well-known/est)")
+    kwargs: dict[str, object] = {"url": t.string("url")}
+    if t.has("label"):
+        kwargs["label"] = t.string("label")
+    if t.has("trust_anchor"):
+        text = t.string("trust_anchor")
+        kwargs["trust_anchor"] = (
+            _card_ref(t.key("trust_anchor"), text, ObjectKind.FILE, base_dir, allow_path=True)
+            if text
+            else None
+        )
+    if t.has("cacerts_fingerprint"):
+        text = t.string("cacerts_fingerprint")
+        if text:
+            try:
+                kwargs["cacerts_fingerprint"] = bytes.fromhex(text.replace(":", ""))
+            except ValueError:
+                raise _fail(t.key("cacerts_fingerprint"), f"not hex: {text!r}") from None
+    if t.has("pop"):
+        kwargs["pop"] = _enum(t, "pop", PopMode)
+    for name in ("basic_username", "basic_password_env"):
+        if t.has(name) and (text := t.string(name)):
+            kwargs[name] = text
+    if t.has("basic_password_file") and (text := t.string("basic_password_file")):
+        kwargs["basic_password_file"] = _path(t.key("basic_password_file"), text, base_dir)
+    if t.has("timeout_s"):
+        kwargs["timeout_s"] = t.number("timeout_s")
+    if t.has("require_client_auth_eku"):
+        kwargs["require_client_auth_eku"] = t.boolean("require_client_auth_eku")
+    return _build(EstConfig, kwargs)
+
+
+def _subject(data: object) -> SubjectConfig:
+    t = _Table(data, "subject", _fields(SubjectConfig))
+    kwargs: dict[str, object] = {}
+    for name, _ in _SUBJECT_ATTRIBUTES:
+        if t.has(name):
+            kwargs[name] = t.string(name)
+    for name in ("san_dns", "san_uri"):
+        if t.has(name):
+            kwargs[name] = t.strings(name)
+    return _build(SubjectConfig, kwargs)
+
+
+def _renewal(data: object) -> RenewalConfig:
+    t = _Table(data, "renewal", _fields(RenewalConfig))
+    kwargs = {name: t.number(name) for name in _fields(RenewalConfig) if t.has(name)}
+    return _build(RenewalConfig, dict(kwargs))
+
+
+def _paths(data: object, base_dir: Path | None) -> PathsConfig:
+    t = _Table(data, "paths", _fields(PathsConfig))
+    kwargs: dict[str, object] = {}
+    if t.has("state_dir"):
+        kwargs["state_dir"] = _path(t.key("state_dir"), t.string("state_dir"), base_dir)
+    if t.has("export_pem") and (text := t.string("export_pem")):
+        kwargs["export_pem"] = _path(t.key("export_pem"), text, base_dir)
+    if t.has("deploy_hook"):
+        argv = list(t.strings("deploy_hook"))
+        # "./hook" next to the config file is meant, not one in the working directory; a bare
+        # name is left to PATH.
+        if argv and "/" in argv[0]:
+            argv[0] = str(_path(t.key("deploy_hook"), argv[0], base_dir))
+        kwargs["deploy_hook"] = tuple(argv)
+    return _build(PathsConfig, kwargs)
+
+
+def config_from_dict(data: Mapping[str, object], *, base_dir: Path | None = None) -> Config:
+    """A Config from already-parsed TOML (a dict of tables); relative paths against base_dir."""
+    top = _Table(dict(data), "", tuple(_SECTIONS))
+    if "est" not in top.data:
+        raise _fail("est.url", "required (the EST server, https://host/.well-known/est)")
+    kwargs: dict[str, object] = {"est": _est(top.data["est"], base_dir)}
+    if "card" in top.data:
+        kwargs["card"] = _card(top.data["card"], base_dir)
+    if "bootstrap" in top.data:
+        kwargs["bootstrap"] = _bootstrap(top.data["bootstrap"], base_dir)
+    if "slot" in top.data:
+        kwargs["slots"] = _slots(top.data["slot"])
+    if "subject" in top.data:
+        kwargs["subject"] = _subject(top.data["subject"])
+    if "renewal" in top.data:
+        kwargs["renewal"] = _renewal(top.data["renewal"])
+    if "paths" in top.data:
+        kwargs["paths"] = _paths(top.data["paths"], base_dir)
+    return _build(Config, kwargs)
+
+
+def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """A Config from TOML text; errors start with `source`. Relative paths against base_dir
+    (the configuration file's directory), or as given when it is None."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message carries "(at line L, column C)".
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    try:
+        return config_from_dict(data, base_dir=base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and validate the configuration file at `path`."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")  # TOML 1.0 §"Spec": a TOML file must be valid UTF-8
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    return parse_config(text, source=str(path), base_dir=path.absolute().parent)
