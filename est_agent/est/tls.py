@@ -286,6 +286,7 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
 
         def __init__(self, signer: Signer) -> None:  # no super().__init__: it raises
             self._signer = signer
+            self.used = False  # whether CertificateVerify was signed in this handshake
             self._public = signer.public_key()
             self.private_key = _PrivateKeyShim()
             self.public_key = self._public
@@ -301,6 +302,7 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
             # preference list and TLS 1.3 binds P-256 to SHA-256 (RFC 8446 §4.2.3).
             if hash_alg.lower() != "sha256" or len(data) != 32:
                 raise TLSInternalError(f"the card key cannot sign with {hash_alg}")
+            self.used = True
             return bytearray(self._signer.sign_digest(bytes(data)))
 
         def _verify(self, signature: bytearray, hash_bytes: bytearray) -> bool:
@@ -477,17 +479,20 @@ class _TcpStream(httpcore.NetworkStream):
             if connection.est_verification_error is not None:
                 raise connection.est_verification_error from exc
             raise TlsVerificationError(f"TLS handshake with {host} aborted: {exc}") from exc
-        except TLSRemoteAlert as exc:
-            if exc.description in _CLIENT_CERT_ALERTS and chain is not None:
-                raise AuthError(f"{host} refused the TLS client certificate: {exc}") from exc
-            raise TlsVerificationError(f"{host} refused the TLS handshake: {exc}") from exc
-        except TLSError as exc:
-            raise TlsVerificationError(f"TLS handshake with {host} failed: {exc}") from exc
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(f"TLS handshake with {host} timed out") from exc
-        except OSError as exc:
+        except (TLSError, OSError) as exc:
+            if key is not None and key.used:
+                # The server dropped the handshake after our CertificateVerify: it refused
+                # our certificate (an alert, or a reset as OpenSSL-based servers close with
+                # our records unread). Permanent: a retry would cost another card signature.
+                raise AuthError(f"{host} refused the TLS client certificate: {exc}") from exc
+            if isinstance(exc, TLSRemoteAlert) and exc.description in _CLIENT_CERT_ALERTS:
+                raise AuthError(f"{host} refused the TLS client certificate: {exc}") from exc
+            if isinstance(exc, TLSError):
+                raise TlsVerificationError(f"TLS handshake with {host} failed: {exc}") from exc
             raise httpcore.ConnectError(f"TLS handshake with {host}: {exc}") from exc
-        stream = _TlsliteStream(self._sock, connection)
+        stream = _TlsliteStream(self._sock, connection, client_auth=chain is not None)
         self._transport._note_stream(stream, channel_binding_of(stream.ssl_object))
         return stream
 
@@ -501,34 +506,68 @@ def _is_ip(host: str) -> bool:
 
 
 class _TlsliteStream(httpcore.NetworkStream):
-    def __init__(self, sock: socket.socket, connection: Any) -> None:
+    def __init__(self, sock: socket.socket, connection: Any, *, client_auth: bool) -> None:
         self._sock = sock
         self._connection = connection
         self.ssl_object = TlsliteSslObject(connection)
         self.closed = False
+        # TLS 1.3 (RFC 8446 §4.4.2): the server judges our Certificate only after the client
+        # has finished the handshake, so a refusal shows up on the first write or read: as a
+        # certificate alert, or (Python/OpenSSL servers closing with unread data) a reset.
+        self._judged_late = client_auth and self.ssl_object.version() == "TLSv1.3"
+        self._answered = False
+
+    def _refused(self, exc: BaseException) -> AuthError | None:
+        """The client certificate was refused after the handshake (not worth retrying: a new
+        handshake costs a card signature and gets the same answer)."""
+        from tlslite.errors import TLSRemoteAlert
+
+        if isinstance(exc, TLSRemoteAlert) and exc.description in _CLIENT_CERT_ALERTS:
+            return AuthError(f"the server refused the TLS client certificate: {exc}")
+        if self._judged_late and not self._answered and not isinstance(exc, TimeoutError):
+            return AuthError(
+                "the TLS 1.3 server closed the connection right after the handshake: it "
+                f"most likely refused the client certificate ({type(exc).__name__}: {exc})"
+            )
+        return None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         from tlslite.errors import TLSAbruptCloseError, TLSError
 
-        self._sock.settimeout(timeout)
         try:
-            return bytes(self._connection.recv(max_bytes))
-        except TLSAbruptCloseError:
+            self._sock.settimeout(timeout)
+            data = bytes(self._connection.recv(max_bytes))
+        except TLSAbruptCloseError as exc:
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from exc
             return b""  # TCP closed without close_notify: httpcore judges the truncation
         except TimeoutError as exc:
             raise httpcore.ReadTimeout(str(exc)) from exc
         except (OSError, TLSError) as exc:
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from exc
             raise httpcore.ReadError(f"{type(exc).__name__}: {exc}") from exc
+        if not data and not self._answered:
+            refused = self._refused(ConnectionError("closed before any response"))
+            if refused is not None:
+                raise refused
+        self._answered = self._answered or bool(data)
+        return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         from tlslite.errors import TLSError
 
-        self._sock.settimeout(timeout)
         try:
+            self._sock.settimeout(timeout)
             self._connection.sendall(buffer)
         except TimeoutError as exc:
             raise httpcore.WriteTimeout(str(exc)) from exc
         except (OSError, TLSError) as exc:
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from exc
             raise httpcore.WriteError(f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:

@@ -455,3 +455,26 @@ def test_http_url_is_refused(dev_pki: DevPki) -> None:
 
     with pytest.raises(InputError, match="https"):
         EstClient("http://127.0.0.1:1", trust_anchors=[dev_pki.tls_ca_certificate])
+
+
+@pytest.mark.parametrize("tls_max", [TlsMax.TLS1_2, TlsMax.TLS1_3])
+def test_client_certificate_refused_by_server_is_auth_error_not_retried(
+    start_server: StartServer, dev_pki: DevPki, tmp_path: Path, tls_max: TlsMax
+) -> None:
+    # A SIM whose bootstrap certificate is self-signed: the server's TLS stack refuses it
+    # (unknown_ca). Under TLS 1.3 that alert only comes after the handshake, on the first read.
+    from est_agent.sim.personalize import personalize
+    from tests.est.card_helpers import open_sim_card
+
+    personalize(tmp_path / "stray.json")
+    card = open_sim_card(tmp_path / "stray.json")
+    server = start_server(tls_max=tls_max)
+    try:
+        with (
+            card_client(server, dev_pki, card) as client,
+            pytest.raises(AuthError, match="refused"),
+        ):
+            client.cacerts()
+        assert card.bootstrap.signatures == 1  # one handshake, no retry
+    finally:
+        card.close()
