@@ -1,0 +1,53 @@
+"""The server-verification policy of est/tls.py, offline (the dev PKI's certificates)."""
+
+from __future__ import annotations
+
+import pytest
+
+from est_agent.errors import EstError, TlsVerificationError
+from est_agent.est.tls import ChannelBinding, TlsliteTls, verify_server_chain
+from est_agent.testserver import DevPki
+
+
+def _server_cert(pki: DevPki):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pki.server_cert_path.read_bytes())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "est-server", "::1", "[::1]"])
+def test_names_in_the_san_verify(dev_pki: DevPki, host: str) -> None:
+    verify_server_chain([_server_cert(dev_pki)], [dev_pki.tls_ca_certificate], host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "est.example.org", "EST-SERVER.evil"])
+def test_other_names_are_refused(dev_pki: DevPki, host: str) -> None:
+    with pytest.raises(TlsVerificationError, match="subjectAltName"):
+        verify_server_chain([_server_cert(dev_pki)], [dev_pki.tls_ca_certificate], host)
+
+
+def test_wrong_anchor_empty_chain_and_no_anchor_are_refused(dev_pki: DevPki) -> None:
+    cert = _server_cert(dev_pki)
+    with pytest.raises(TlsVerificationError, match="refused"):
+        verify_server_chain([cert], [dev_pki.est_ca.certificate], "localhost")
+    with pytest.raises(TlsVerificationError, match="no certificate"):
+        verify_server_chain([], [dev_pki.tls_ca_certificate], "localhost")
+    with pytest.raises(TlsVerificationError, match="no trust anchor"):
+        verify_server_chain([cert], [], "localhost")
+
+
+def test_client_chain_must_match_the_signer(dev_pki: DevPki) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from est_agent.card.signer import SoftwareSigner
+
+    other = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(EstError, match="does not belong"):
+        TlsliteTls((dev_pki.tls_ca_certificate,), (_server_cert(dev_pki),), other)
+    with pytest.raises(EstError, match="go together"):
+        TlsliteTls((dev_pki.tls_ca_certificate,), (), other)
+
+
+def test_channel_binding_repr_hides_the_value() -> None:
+    binding = ChannelBinding("tls-unique", b"\x01" * 12, "TLSv1.2")
+    assert "value" not in repr(binding) and "\\x01" not in repr(binding)
