@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import selectors
-import shlex
 import shutil
 import signal
 import subprocess
@@ -36,8 +35,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from est_agent.errors import ConfigError
-
 __all__ = [
     "DEFAULT_HOOK_TIMEOUT_S",
     "DEFAULT_PATH",
@@ -49,7 +46,6 @@ __all__ = [
     "check_hook_command",
     "deploy_new_certificate",
     "hook_environment",
-    "parse_hook_command",
     "pem_bundle",
     "run_deploy_hook",
     "write_pem_export",
@@ -200,19 +196,6 @@ class HookResult:
         else:
             how = f"exited with status {status}"
         return f"deploy hook {name} {how} after {self.duration_s:.1f} s"
-
-
-def parse_hook_command(text: str) -> tuple[str, ...]:
-    """Split a configured hook command line into argv with shell quoting rules, without a shell.
-
-    No variable expansion, globbing, pipes or redirections happen: a hook that needs them is a
-    script. An empty string means "no hook" and gives an empty tuple.
-    """
-    try:
-        argv = tuple(shlex.split(text, comments=False, posix=True))
-    except ValueError as exc:  # unbalanced quotes, a trailing backslash
-        raise ConfigError(f"deploy hook command {text!r}: {exc}") from exc
-    return argv
 
 
 def check_hook_command(argv: Sequence[str], *, path: str | None = None) -> str | None:

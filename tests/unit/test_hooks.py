@@ -18,14 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from est_agent import hooks
-from est_agent.errors import ConfigError
 from est_agent.hooks import (
     HOOK_ENV_NAMES,
     OUTPUT_EXCERPT_BYTES,
     check_hook_command,
     deploy_new_certificate,
     hook_environment,
-    parse_hook_command,
     run_deploy_hook,
     write_pem_export,
 )
@@ -253,18 +251,6 @@ def test_check_hook_command(tmp_path: Path) -> None:
     assert check_hook_command([ENV]) is None
     assert check_hook_command(["env"], path="/usr/bin") is None
     assert "does not exist" in (check_hook_command([str(tmp_path / "x")]) or "")
-
-
-def test_parse_hook_command() -> None:
-    assert parse_hook_command("") == ()
-    assert parse_hook_command("systemctl reload 'my service' $HOME") == (
-        "systemctl",
-        "reload",
-        "my service",
-        "$HOME",
-    )
-    with pytest.raises(ConfigError, match="deploy hook command"):
-        parse_hook_command("echo 'unbalanced")
 
 
 # --- timeouts and output ----------------------------------------------------------------------
