@@ -104,10 +104,23 @@ class PopMode(Enum):
 
 
 class UiccChannel(Enum):
-    """Which channel the IoT SAFE applet is selected on (TS 102 221 §11.1.17)."""
+    """Where the UICC file commands (SELECT / READ / UPDATE BINARY of the certificate EFs) run.
 
+    The IoT SAFE applet always gets a logical channel of its own (a SELECT by FID on its channel
+    would go to the applet); the file commands need another one (TS 102 221 §11.1.17).
+    """
+
+    AUTO = "auto"  # basic for PC/SC readers and the virtual SIM, logical for modems
     LOGICAL = "logical"  # MANAGE CHANNEL: leaves the modem's basic channel alone
-    BASIC = "basic"  # channel 0, for readers or modems that refuse MANAGE CHANNEL
+    BASIC = "basic"  # channel 0: two APDUs fewer per run where nothing else uses it
+
+    def resolve(self, reader: str) -> UiccChannel:
+        """AUTO made concrete: a modem's baseband owns channel 0 (its current EF must not move
+        under it); a reader dedicated to this agent does not."""
+        if self is not UiccChannel.AUTO:
+            return self
+        modem = reader.lower().startswith("modem:")
+        return UiccChannel.LOGICAL if modem else UiccChannel.BASIC
 
 
 # --- small validators ------------------------------------------------------------------------
@@ -224,7 +237,8 @@ class CardConfig:
     aids: tuple[bytes, ...] = (DEFAULT_AID,)
     #: send applet commands with an ISO class byte (0N) instead of the proprietary 8N
     iso_cla: bool = False
-    uicc_channel: UiccChannel = UiccChannel.LOGICAL
+    #: channel for the certificate EFs' file commands (see UiccChannel)
+    uicc_channel: UiccChannel = UiccChannel.AUTO
 
     def __post_init__(self) -> None:
         _check_type("card.reader", self.reader, str)

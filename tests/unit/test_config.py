@@ -53,7 +53,7 @@ def test_defaults() -> None:
         reader="pcsc:",
         aids=(bytes.fromhex("A0000005590010"),),
         iso_cla=False,
-        uicc_channel=UiccChannel.LOGICAL,
+        uicc_channel=UiccChannel.AUTO,
     )
     assert config.bootstrap.key == IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01")
     assert config.bootstrap.certificate == IotSafeRef(ObjectKind.FILE, object_id=b"\x01")
@@ -220,7 +220,7 @@ BAD = [
     ("card.aids", "[card]\naids = 'A0000005590010'", "card.aids: expected an array"),
     ("card.aids", "[card]\naids = [1]", "card.aids: expected an array of strings"),
     ("card.iso_cla", "[card]\niso_cla = 'no'", "card.iso_cla: expected a boolean, got string"),
-    ("card.uicc_channel", "[card]\nuicc_channel = 'x'", "expected one of logical, basic"),
+    ("card.uicc_channel", "[card]\nuicc_channel = 'x'", "expected one of auto, logical, basic"),
     ("bootstrap.key", "[bootstrap]\nkey = 'iotsafe:file-id=01'", "expected a private key"),
     ("bootstrap.key", "[bootstrap]\nkey = 'uicc:path=6F01'", "bootstrap.key"),
     ("bootstrap.key", "[bootstrap]\nkey = 'iotsafe:key-id=zz'", "not hex"),
@@ -631,3 +631,16 @@ def test_random_documents_raise_only_config_error(data: dict[str, object]) -> No
 def test_random_text_raises_only_config_error(text: str) -> None:
     with contextlib.suppress(ConfigError):
         parse_config(MINIMAL + text)
+
+
+@pytest.mark.parametrize(
+    ("reader", "channel"),
+    [
+        ("pcsc:", UiccChannel.BASIC),
+        ("sim:/x.json", UiccChannel.BASIC),
+        ("modem:/dev/ttyUSB2", UiccChannel.LOGICAL),
+    ],
+)
+def test_uicc_channel_auto_resolves_by_reader(reader: str, channel: UiccChannel) -> None:
+    assert UiccChannel.AUTO.resolve(reader) is channel
+    assert UiccChannel.LOGICAL.resolve(reader) is UiccChannel.LOGICAL

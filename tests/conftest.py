@@ -1,4 +1,8 @@
-"""Fixtures for the test server's tests: one throwaway dev PKI per session, servers per test."""
+"""Fixtures shared by every test package: a throwaway dev PKI and in-process EST test servers.
+
+Servers are `EstTestServer` instances on 127.0.0.1 and a free port (the same code as
+`est-testserver serve`), stopped after each test. Keys are generated per session, never stored.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ def start_server(dev_pki: DevPki, issuance_log: Path) -> Iterator[Callable[..., 
     servers: list[EstTestServer] = []
 
     def start(**settings: Any) -> EstTestServer:
-        settings.setdefault("issuance_log", issuance_log)
+        # the first server logs to the `issuance_log` fixture's path, later ones beside it
+        log = issuance_log.with_name(f"issuance-{len(servers)}.jsonl") if servers else issuance_log
+        settings.setdefault("issuance_log", log)
         config = ServerConfig(pki_dir=dev_pki.directory, host="127.0.0.1", port=0, **settings)
         server = EstTestServer(config, pki=dev_pki)
         server.quiet()
