@@ -304,7 +304,9 @@ def run_deploy_hook(
         return HookResult(argv, None, 0.0, error=problem)
     try:
         process = subprocess.Popen(
-            [executable, *argv[1:]],
+            list(argv),
+            # The resolved path runs, the hook still sees argv[0] as configured.
+            executable=executable,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

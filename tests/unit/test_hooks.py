@@ -192,6 +192,16 @@ def test_bare_name_is_looked_up_in_the_hook_path(tmp_path: Path) -> None:
     assert result.stdout == "ran op-b\n"
 
 
+def test_a_bare_name_keeps_its_argv0() -> None:
+    result = run_deploy_hook(
+        ["cat", "/proc/self/cmdline"],
+        **HOOK_ARGS,  # type: ignore[arg-type]
+        base_env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.ok, result
+    assert result.stdout == "cat\0/proc/self/cmdline\0"
+
+
 # --- failures are results, not exceptions -----------------------------------------------------
 
 
