@@ -63,10 +63,11 @@ class Slot:
     index: int  # 0 or 1
     key: IotSafeRef
     ef: UiccPath
+    label: str = ""
 
     @property
     def name(self) -> str:
-        return "ab"[self.index] if self.index < 2 else str(self.index)
+        return self.label or str(self.index)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,12 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument(
         "-v", "--verbose", action="count", default=0, help="more detail (-vv: APDU headers)"
     )
+    common.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log and progress lines on stderr as text or JSON lines (journald, fleet tools)",
+    )
     return common
 
 
@@ -57,6 +63,26 @@ def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         est_cmd.add_argument("--attempts", type=int, default=3, help="tries on transient errors")
         est_cmd.add_argument("--json", action="store_true", help="machine-readable output")
         est_cmd.set_defaults(func=_handler("est", name))
+
+
+def _add_workflow_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    workflow = [
+        ("enroll", "first boot: obtain the operational certificate (no-op when one is valid)"),
+        ("renew", "renew the certificate when due (or --force), rekeying in the other slot"),
+        ("run", "what the timer calls: enroll if nothing is installed, else renew if due"),
+        ("status", "reader, applet, both slots, active slot, next renewal, pending request"),
+    ]
+    for name, text in workflow:
+        cmd = commands.add_parser(name, parents=[common], help=text, description=text)
+        cmd.add_argument(
+            "--config",
+            default="/etc/est-agent/est-agent.toml",
+            help="configuration file (default /etc/est-agent/est-agent.toml)",
+        )
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "renew":
+            cmd.add_argument("--force", action="store_true", help="renew even if not due")
+        cmd.set_defaults(func=_handler("workflow", name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_handler("sim", "serve"))
 
+    _add_workflow_commands(commands, common)
+
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -167,11 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(verbosity: int, fmt: str) -> None:
+    from est_agent.logs import configure_logging
+
+    configure_logging(verbosity, "json" if fmt == "json" else "text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors; sysexits says 64
         code = exc.code if isinstance(exc.code, int) else EX_USAGE
         return EX_USAGE if code == 2 else code
-    _configure_logging(getattr(args, "verbose", 0))
+    _configure_logging(getattr(args, "verbose", 0), getattr(args, "log_format", "text"))
     try:
         result: int = args.func(args)
         return result

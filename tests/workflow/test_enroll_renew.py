@@ -1,0 +1,258 @@
+"""First boot, renewal, status and the 202 path against the EST test server over real TLS,
+with every key inside the (in-process) virtual SIM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from est_agent.card.channel import CardSession
+from est_agent.card.iotsafe import IotSafeApplet
+from est_agent.card.signer import CardSigner
+from est_agent.card.uicc import UiccFiles
+from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
+from est_agent.sim.transport import SimTransport
+from est_agent.store import HEADER_SIZE, decode_header
+from est_agent.testserver import DevPki, EstTestServer
+from est_agent.testserver.config import Profile
+from tests.workflow.conftest import ICCID, Device, Run
+
+pytestmark = pytest.mark.integration
+
+SLOT_EF = {"op-a": UiccPath((0x7FF0, 0x6F01)), "op-b": UiccPath((0x7FF0, 0x6F02))}
+SLOT_KEY = {"op-a": b"\x02", "op-b": b"\x03"}
+
+
+def certificate_on_sim(sim: Path, slot: str) -> x509.Certificate:
+    """Read a slot straight from the SIM with the card layer (not through the store)."""
+    session = CardSession(SimTransport(sim))
+    try:
+        files = UiccFiles(session.basic_channel)
+        raw = files.read(SLOT_EF[slot])
+        header = decode_header(raw)
+        assert header is not None, f"no record in slot {slot}"
+        cert = x509.load_der_x509_certificate(raw[HEADER_SIZE : HEADER_SIZE + header.length])
+        applet = IotSafeApplet.open(session)
+        key = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=SLOT_KEY[slot])
+        assert CardSigner.from_card(applet, key).public_key() == cert.public_key()
+        return cert
+    finally:
+        session.close()
+
+
+def openssl_verify(cert: x509.Certificate, dev_pki: DevPki, tmp_path: Path) -> None:
+    leaf = tmp_path / "leaf.pem"
+    ca = tmp_path / "ca.pem"
+    leaf.write_bytes(cert.public_bytes(Encoding.PEM))
+    ca.write_bytes(dev_pki.est_ca.certificate.public_bytes(Encoding.PEM))
+    result = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca), str(leaf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_first_boot_enroll_then_nothing_to_do(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+    tmp_path: Path,
+) -> None:
+    server = start_server()
+    device.write_config(server, dev_pki)
+    code, out, err = cli("enroll", "--config", str(device.config), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["outcome"] == "enrolled" and result["slot"] == "op-a"
+    assert "[1/6] reading the credential slots on the SIM" in err
+    cert = certificate_on_sim(device.sim, "op-a")
+    assert f"{cert.serial_number:X}" == result["serial"]
+    assert cert.subject.rfc4514_string() == f"CN={ICCID}"
+    openssl_verify(cert, dev_pki, tmp_path)
+    log = [json.loads(line) for line in server.config.issuance_log.read_text().splitlines()]
+    assert [entry["operation"] for entry in log] == ["simpleenroll"]
+
+    code, out, _ = cli("enroll", "--config", str(device.config), "--json")
+    assert code == 0 and json.loads(out)["outcome"] == "already-enrolled"
+    code, out, _ = cli("run", "--config", str(device.config), "--json")
+    assert code == 0 and json.loads(out)["outcome"] == "not-due"
+    # neither touched the server
+    assert len(server.config.issuance_log.read_text().splitlines()) == 1
+
+
+def test_renew_rotates_to_the_other_slot_and_back(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    server = start_server()
+    device.write_config(server, dev_pki)
+    assert cli("enroll", "--config", str(device.config))[0] == 0
+    first = certificate_on_sim(device.sim, "op-a")
+
+    code, out, err = cli("renew", "--force", "--config", str(device.config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["outcome"] == "renewed" and json.loads(out)["slot"] == "op-b"
+    second = certificate_on_sim(device.sim, "op-b")
+    assert second.public_key() != first.public_key()  # rekeyed inside the SIM
+    assert second.subject.public_bytes() == first.subject.public_bytes()
+    # the old credential is still intact in its slot
+    assert certificate_on_sim(device.sim, "op-a") == first
+
+    code, out, _ = cli("renew", "--force", "--config", str(device.config), "--json")
+    assert code == 0 and json.loads(out)["slot"] == "op-a"
+    ops = [json.loads(x)["operation"] for x in server.config.issuance_log.read_text().splitlines()]
+    assert ops == ["simpleenroll", "simplereenroll", "simplereenroll"]
+
+    code, out, _ = cli("status", "--config", str(device.config), "--json")
+    status = json.loads(out)
+    assert status["active_slot"] == "op-a" and status["iccid"] == ICCID
+    assert {s["name"]: s["status"] for s in status["slots"]} == {"op-a": "valid", "op-b": "valid"}
+
+
+def test_renewal_when_due_and_bootstrap_fallback_after_expiry(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    server = start_server(default_profile=Profile(validity_s=4))
+    device.write_config(server, dev_pki)
+    assert cli("enroll", "--config", str(device.config))[0] == 0
+    code, out, _ = cli("run", "--config", str(device.config), "--json")
+    assert json.loads(out)["outcome"] == "not-due"
+    time.sleep(3)  # past 2/3 of a 4 s lifetime: due
+    code, out, err = cli("run", "--config", str(device.config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["outcome"] == "renewed"
+    time.sleep(4.2)  # now expired: renewal must fall back to the bootstrap credential
+    code, out, err = cli("run", "--config", str(device.config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["outcome"] == "enrolled"
+    ops = [json.loads(x)["operation"] for x in server.config.issuance_log.read_text().splitlines()]
+    assert ops == ["simpleenroll", "simplereenroll", "simpleenroll"]
+
+
+def test_pending_202_is_stored_and_resumed_with_the_same_key(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    server = start_server(manual_approval_s=1.0)
+    device.write_config(server, dev_pki)
+    code, _, err = cli("enroll", "--config", str(device.config))
+    assert code == 75, err
+    state = json.loads((device.state_dir / "state.json").read_text())
+    assert state["pending"]["operation"] == "simpleenroll"
+    key_hex = state["pending"]["public_key"]
+    code, _, err = cli("enroll", "--config", str(device.config))  # before Retry-After: no network
+    assert code == 75 and "pending" in err
+    time.sleep(1.2)
+    code, _, err = cli("enroll", "--config", str(device.config), "--json")
+    assert code == 0, err
+    cert = certificate_on_sim(device.sim, "op-a")
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    assert (
+        cert.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint).hex()
+        == key_hex
+    )
+    assert json.loads((device.state_dir / "state.json").read_text())["pending"] is None
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "http-500",
+        "drop-mid-body",
+        "garbage-base64",
+        "not-pkcs7",
+        "wrong-key",
+        "foreign-ca",
+        "expired-cert",
+        "oversize-body",
+        "wrong-content-type",
+    ],
+)
+def test_hostile_server_leaves_the_active_credential(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+    fault: str,
+) -> None:
+    good = start_server()
+    device.write_config(good, dev_pki)
+    assert cli("enroll", "--config", str(device.config))[0] == 0
+    before = certificate_on_sim(device.sim, "op-a")
+    from est_agent.testserver.config import Fault
+
+    bad = start_server(fault=Fault(fault))
+    device.write_config(bad, dev_pki)
+    code, _, err = cli("renew", "--force", "--config", str(device.config))
+    assert code in (69, 75, 76), err
+    code, out, _ = cli("status", "--config", str(device.config), "--json")
+    status = json.loads(out)
+    assert status["active_slot"] == "op-a"
+    assert certificate_on_sim(device.sim, "op-a") == before
+
+
+def test_untrusted_server_gets_no_card_signature(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    server = start_server()
+    device.write_config(server, dev_pki)
+    # trust the EST CA instead of the TLS CA: the server's certificate does not verify
+    (device.root / "tls-ca.pem").write_bytes(dev_pki.est_ca.certificate.public_bytes(Encoding.PEM))
+    text = device.config.read_text()
+    device.config.write_text(
+        text.replace(str(device.root / "tls-ca.pem"), str(device.root / "est-ca.pem"))
+    )
+    (device.root / "est-ca.pem").write_bytes(dev_pki.est_ca.certificate.public_bytes(Encoding.PEM))
+    code, _, err = cli("enroll", "--config", str(device.config))
+    assert code == 76 and "TlsVerificationError" in err
+    assert not server.config.issuance_log.exists() or not server.config.issuance_log.read_text()
+
+
+def test_export_and_deploy_hook_after_install(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    server = start_server()
+    hook = device.root / "hook.sh"
+    seen = device.root / "hook-env.txt"
+    hook.write_text(f"#!/bin/sh\nenv | grep ^EST_AGENT_ | sort > {seen}\nexit 3\n")
+    hook.chmod(0o755)
+    export = device.root / "out" / "device.pem"
+    export.parent.mkdir()
+    device.write_config(
+        server, dev_pki, paths__export_pem=f'"{export}"', paths__deploy_hook=f'["{hook}"]'
+    )
+    code, out, err = cli("enroll", "--config", str(device.config), "--json")
+    assert code == 0, err  # a failing hook is reported, the certificate stays installed
+    assert json.loads(out)["deploy_hook"]["exit_status"] == 3
+    cert = certificate_on_sim(device.sim, "op-a")
+    exported = x509.load_pem_x509_certificates(export.read_bytes())
+    assert exported[0] == cert
+    assert export.stat().st_mode & 0o777 == 0o644
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines())
+    assert env["EST_AGENT_SLOT"] == "op-a"
+    assert env["EST_AGENT_SERIAL"] == f"{cert.serial_number:X}"
+    assert env["EST_AGENT_PEM"] == str(export)
