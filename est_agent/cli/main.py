@@ -185,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         parents=[common],
-        help="virtual SIM -> private pcscd + vpcd -> card info, end to end",
+        help="the whole job on built-in defaults: test EST server + virtual SIM + enroll, "
+        "status, renew --force, status",
     )
-    demo.add_argument("--dir", help="keep the SIM state and pcscd log here (default: temporary)")
-    demo.add_argument("--json", action="store_true", help="machine-readable card info")
+    demo.add_argument("--dir", help="keep the PKI, SIM state and config here (default: temporary)")
+    demo.add_argument(
+        "--pcsc", action="store_true", help="serve the SIM through a private pcscd + vpcd"
+    )
     demo.set_defaults(func=_handler("sim", "demo"))
 
     _add_est_commands(commands, common)

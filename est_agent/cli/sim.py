@@ -93,4 +93,4 @@ def serve(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from est_agent.sim.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None, as_json=args.json)
+    return run_demo(Path(args.dir) if args.dir else None, pcsc=args.pcsc)

@@ -1,67 +1,161 @@
-"""`est-agent demo`: the virtual SIM through the real PC/SC stack, end to end.
+"""`est-agent demo`: the whole job on built-in defaults, with nothing but this package.
 
-Personalizes a virtual SIM, starts a private pcscd with vsmartcard's vpcd driver, inserts the
-card with `est-agent sim serve` (a separate process, exactly as an operator would run it) and
-reads it back with `est-agent card info --reader pcsc:`. Everything it starts is stopped.
+In a scratch directory: a dev PKI and the RFC 7030 test server on 127.0.0.1 (a separate
+`est-testserver serve` process), a freshly personalized virtual SIM, a configuration file, and
+then the real commands an operator or a timer runs, each as its own process:
+`est-agent enroll`, `status`, `renew --force`, `status`, and finally `openssl verify` of the
+active certificate against the EST CA. With ``pcsc=True`` the SIM is served through a private
+pcscd + vpcd (`est-agent sim serve`) and the agent reaches it as `pcsc:`; otherwise in process
+(`sim:`), which needs no daemon at all. Everything started is stopped.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from est_agent.card.channel import CardSession
-from est_agent.card.info import read_card_info
-from est_agent.errors import ReaderError
-from est_agent.sim.pcsc_stack import start_pcscd, stop_process, wait_for_card
+from est_agent.errors import EstAgentError, InputError
 from est_agent.sim.personalize import personalize
-from est_agent.transport import open_transport
 
 __all__ = ["run_demo"]
+
+_ICCID = "8988247000001234567"
 
 
 def _say(text: str) -> None:
     print(f"demo: {text}", file=sys.stderr, flush=True)
 
 
-def run_demo(workdir: Path | None = None, *, as_json: bool = False) -> int:
-    with tempfile.TemporaryDirectory(prefix="est-agent-demo-") as scratch:
-        base = workdir or Path(scratch)
-        base.mkdir(parents=True, exist_ok=True)
-        state = base / "sim.json"
-        report = personalize(state, force=True)
-        _say(f"est-agent sim init {state}  (ICCID {report.iccid})")
+def _run(argv: Sequence[str], *, env: dict[str, str] | None = None, check: bool = True) -> str:
+    shown = [Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv)]
+    print(f"\n$ {shlex.join(shown)}", flush=True)
+    result = subprocess.run(list(argv), capture_output=True, text=True, env=env, check=False)
+    sys.stderr.write(result.stderr)
+    sys.stdout.write(result.stdout)
+    sys.stdout.flush()
+    if check and result.returncode != 0:
+        raise DemoStepError(f"`{shlex.join(shown)}` exited {result.returncode}")
+    return result.stdout
 
-        stack = start_pcscd(base / "pcsc")
+
+class DemoStepError(EstAgentError):
+    """Raised when a step of the demo fails (its own output says why)."""
+
+
+def _agent(*args: str) -> list[str]:
+    return [sys.executable, "-m", "est_agent", *args]
+
+
+@contextmanager
+def _test_server(base: Path) -> Iterator[str]:
+    port_file = base / "est-server.port"
+    log = (base / "est-server.log").open("wb")
+    argv = [
+        sys.executable, "-m", "est_agent.testserver.cli", "serve", "--pki", str(base / "pki"),
+        "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+        "--issuance-log", str(base / "issuance.jsonl"), "--quiet",
+    ]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not port_file.exists() or not port_file.read_text().strip():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise DemoStepError(
+                    f"est-testserver did not start: {(base / 'est-server.log').read_text()[-500:]}"
+                )
+            time.sleep(0.02)
+        port = int(port_file.read_text().strip())
+        _say(f"est-testserver listening on https://127.0.0.1:{port}/.well-known/est")
+        yield f"https://127.0.0.1:{port}/.well-known/est"
+    finally:
+        server.terminate()
         try:
-            stack.activate()  # this process's PC/SC client talks to the private pcscd
-            _say(f"pcscd started (vpcd reader on port {stack.vpcd_port})")
-            serve_argv = [
-                sys.executable, "-m", "est_agent", "sim", "serve", str(state),
-                "--vpcd", f"127.0.0.1:{stack.vpcd_port}",
-            ]  # fmt: skip
-            _say("est-agent " + " ".join(serve_argv[3:]))
-            server = subprocess.Popen(serve_argv, env=stack.client_env(), stdin=subprocess.DEVNULL)
-            try:
-                wait_for_card(stack.reader_name, atr=report.atr, timeout_s=10.0)
-                _say(f"card present in {stack.reader_name!r}")
-                _say("est-agent card info --reader pcsc:" + (" --json" if as_json else ""))
-                session = CardSession(open_transport("pcsc:"))
-                try:
-                    info = read_card_info(session)
-                finally:
-                    session.close()
-            finally:
-                stop_process(server)
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@contextmanager
+def _pcsc_reader(base: Path, state: Path, atr: bytes) -> Iterator[dict[str, str]]:
+    from est_agent.sim.pcsc_stack import start_pcscd, stop_process, wait_for_card
+
+    stack = start_pcscd(base / "pcsc")
+    try:
+        _say(f"private pcscd started (vpcd reader on port {stack.vpcd_port})")
+        env = stack.client_env()
+        argv = _agent("sim", "serve", str(state), "--vpcd", f"127.0.0.1:{stack.vpcd_port}")
+        print(f"\n$ est-agent sim serve {state} --vpcd 127.0.0.1:{stack.vpcd_port} &", flush=True)
+        card = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        try:
+            stack.activate()
+            wait_for_card(stack.reader_name, atr=atr, timeout_s=10.0)
+            _say(f"virtual SIM inserted in {stack.reader_name!r}")
+            yield env
         finally:
-            stack.stop()
-    if info.atr != report.atr:
-        raise ReaderError("the card read through pcscd is not the one just personalized")
-    if as_json:
-        print(json.dumps(info.to_json(), indent=2))
-    else:
-        print(info.render())
+            stop_process(card)
+    finally:
+        stack.stop()
+
+
+def _write_config(path: Path, *, reader: str, url: str, base: Path) -> None:
+    path.write_text(
+        "# written by `est-agent demo`; every key: est-agent.example.toml\n"
+        f'[card]\nreader = "{reader}"\n\n'
+        f'[est]\nurl = "{url}"\ntrust_anchor = "{base / "pki" / "tls-ca.pem"}"\n\n'
+        '[subject]\ncommon_name = "{iccid}"\n\n'
+        f'[paths]\nstate_dir = "{base / "state"}"\nexport_pem = "{base / "device.pem"}"\n',
+        encoding="utf-8",
+    )
+
+
+def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
+    with tempfile.TemporaryDirectory(prefix="est-agent-demo-") as scratch, ExitStack() as stack:
+        base = (workdir or Path(scratch)).resolve()
+        base.mkdir(parents=True, exist_ok=True)
+        _run(_agent_testserver("pki", "--force", str(base / "pki")))
+        url = stack.enter_context(_test_server(base))
+
+        from est_agent.testserver import load_dev_pki
+
+        pki = load_dev_pki(base / "pki")
+        state = base / "sim.json"
+        ca = pki.bootstrap_ca
+        report = personalize(state, iccid=_ICCID, bootstrap_ca=(ca.certificate, ca.key), force=True)
+        print(f"\n$ est-agent sim init {state} --bootstrap-ca pki/bootstrap-ca.pem ...")
+        print(report)
+
+        env = None
+        reader = f"sim:{state}"
+        if pcsc:
+            env = stack.enter_context(_pcsc_reader(base, state, report.atr))
+            reader = "pcsc:"
+        config = base / "est-agent.toml"
+        _write_config(config, reader=reader, url=url, base=base)
+        _say(f"configuration: {config}")
+
+        cfg = ["--config", str(config)]
+        _run(_agent("enroll", *cfg), env=env)
+        _run(_agent("status", *cfg), env=env)
+        _run(_agent("renew", "--force", *cfg), env=env)
+        status = json.loads(_run(_agent("status", "--json", *cfg), env=env))
+        if status["active_slot"] is None:
+            raise InputError("no active credential after the demo")
+        _run(
+            ["openssl", "verify", "-CAfile", str(base / "pki" / "ca.pem"), str(base / "device.pem")]
+        )
+        kept = f"; files kept in {base}" if workdir else ""
+        _say(f"done: active credential in SIM slot {status['active_slot']}{kept}")
     return 0
+
+
+def _agent_testserver(*args: str) -> list[str]:
+    return [sys.executable, "-m", "est_agent.testserver.cli", *args]

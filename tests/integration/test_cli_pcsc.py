@@ -110,10 +110,18 @@ def test_agent_client_over_pcsc(cards: Cards, tmp_path: Path) -> None:
         session.close()
 
 
-def test_demo_command_end_to_end(tmp_path: Path) -> None:
-    result = est_agent("demo", "--json", "--dir", str(tmp_path / "demo"))
+def test_demo_command_end_to_end_through_pcscd(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    result = est_agent("demo", "--pcsc", "--dir", str(demo))
     assert result.returncode == 0, result.stderr
-    card = json.loads(result.stdout)
-    assert card["reader"].startswith("PC/SC reader 'Virtual PCD")
-    assert {o["label"] for o in card["objects"]} == {"bootstrap", "op-a", "op-b", "bootstrap-cert"}
-    assert "pcscd started" in result.stderr
+    assert "private pcscd started" in result.stderr
+    assert "enrolled: slot op-a" in result.stdout and "renewed: slot op-b" in result.stdout
+    assert "PC/SC reader 'Virtual PCD 00 00'" in result.stdout
+    # the exported certificate chains to the demo's EST CA (checked here again, independently)
+    check = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(demo / "pki" / "ca.pem"), str(demo / "device.pem")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
