@@ -32,15 +32,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TypeAlias, TypeVar
-
-from cryptography import x509
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from est_agent.card.iotsafe import DEFAULT_AID
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
-from est_agent.csr import parse_san, subject_from_template
 from est_agent.errors import ConfigError, CsrError, InputError
-from est_agent.est.messages import est_url
+
+if TYPE_CHECKING:
+    from cryptography import x509
+from est_agent.est.url import est_url
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -69,6 +69,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/est-agent/est-agent.toml")
 
 #: Template placeholders for subject and SAN values, with stand-ins used to check templates at
 #: load time (the real values are only known once the card has been read).
+# ub-common-name, ub-organization-name, ub-serial-number (RFC 5280 Appendix A.1)
+_UB_NAME = 64
 PLACEHOLDERS: Mapping[str, str] = {"iccid": "8988211000000000000", "imei": "350000000000000"}
 
 #: A private key: an IoT SAFE key on the card, or a PEM file (file-based bootstrap only).
@@ -467,7 +469,21 @@ class SubjectConfig:
         ):
             raise _fail("subject.common_name", "the subject is empty and there is no SAN")
         # Fill every template with stand-in values so that a typo fails now, not in the field.
-        self.render(PLACEHOLDERS)
+        # Only the text is checked here (stdlib): building the X.509 name needs cryptography,
+        # which `est-agent run` with nothing due must not load; render() does it at enrollment.
+        for name, _ in _SUBJECT_ATTRIBUTES:
+            pattern = getattr(self, name)
+            if pattern:
+                filled = _fill_template(f"subject.{name}", pattern, PLACEHOLDERS)
+                if len(filled) > _UB_NAME:
+                    raise _fail(
+                        f"subject.{name}",
+                        f"longer than {_UB_NAME} characters (RFC 5280 upper bound)",
+                    )
+        for name in ("san_dns", "san_uri"):
+            for pattern in getattr(self, name):
+                if not _fill_template(f"subject.{name}", pattern, PLACEHOLDERS):
+                    raise _fail(f"subject.{name}", "empty SAN")
 
     def render(self, values: Mapping[str, str]) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
         """Subject and SANs with the placeholders filled (``{"iccid": ..., "imei": ...}``).
@@ -475,6 +491,10 @@ class SubjectConfig:
         Leave ``imei`` out of `values` when it is not known; a template that needs it then
         raises ConfigError naming the key.
         """
+        from cryptography import x509
+
+        from est_agent.csr import parse_san, subject_from_template
+
         rdns: list[x509.RelativeDistinguishedName] = []
         for name, short in _SUBJECT_ATTRIBUTES:
             pattern = getattr(self, name)

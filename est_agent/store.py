@@ -25,14 +25,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING
 
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, UiccPath
 from est_agent.errors import CardError, StoreError
+
+if TYPE_CHECKING:
+    # cryptography is imported where certificates are parsed: `est-agent run` with nothing due
+    # only decodes a record header and must start fast.
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "HEADER_SIZE",
@@ -131,6 +134,8 @@ def decode_header(data: bytes) -> RecordHeader | None:
 
 
 def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 
 
@@ -141,6 +146,9 @@ def check_record(
     card_public_key: ec.EllipticCurvePublicKey | None,
 ) -> SlotView:
     """Pure verdict on a record read from ``slot`` (``body`` = bytes after the header)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     der = body[: header.length]
     if len(der) != header.length or hashlib.sha256(der).digest() != header.sha256:
         return SlotView(slot, SlotStatus.TORN, header, detail="certificate does not match its hash")
@@ -170,7 +178,7 @@ def pick_active(views: list[SlotView]) -> SlotView | None:
 
 
 #: reads the public key now in a slot's key object (None when the slot has no key)
-PublicKeyReader = Callable[[Slot], ec.EllipticCurvePublicKey | None]
+PublicKeyReader = Callable[[Slot], "ec.EllipticCurvePublicKey | None"]
 
 
 def read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> SlotView:

@@ -14,11 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
-
 from est_agent.card.channel import CardSession, LogicalChannel
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
 from est_agent.card.uri import IotSafeRef, ObjectKind
@@ -176,6 +171,8 @@ def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY)
 
 def raw_signature_to_der(raw: bytes) -> bytes:
     """r||s (equal halves) to a minimal DER Ecdsa-Sig-Value."""
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
     if len(raw) % 2 or not raw:
         raise CardProtocolError(f"raw ECDSA signature has odd length {len(raw)}")
     half = len(raw) // 2
@@ -301,6 +298,8 @@ def decode_generate_key_response(data: bytes) -> GeneratedKey:
 
 
 def _is_der_signature(value: bytes) -> bool:
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     if len(value) < 8 or value[0] != 0x30 or value[1] != len(value) - 2:
         return False
     try:
@@ -319,6 +318,11 @@ def decode_signature(data: bytes) -> bytes:
             raise CardProtocolError("signature TLV missing")
         value = found
     if _is_der_signature(value):
+        from cryptography.hazmat.primitives.asymmetric.utils import (
+            decode_dss_signature,
+            encode_dss_signature,
+        )
+
         r, s = decode_dss_signature(value)
         return encode_dss_signature(r, s)  # re-encode: some applets emit non-minimal DER
     if len(value) != 64:
@@ -512,6 +516,8 @@ class IotSafeApplet:
 
     def verify_signature(self, public_key: IotSafeRef, digest: bytes, der_signature: bytes) -> bool:
         """VERIFY SIGNATURE on the card (§3.6): True on 9000, False on 6D01."""
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
         r, s = decode_dss_signature(der_signature)
         raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
         sess = self.session_number

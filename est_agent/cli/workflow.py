@@ -1,29 +1,49 @@
-"""`est-agent enroll | renew | run | status`: the commands a device (and its timer) runs."""
+"""`est-agent enroll | renew | run | status`: the commands a device (and its timer) runs.
+
+`run` (and `renew` without --force) first try the fast path of workflow/quick.py, which never
+imports the EST or certificate stacks; only when something may be due does the full workflow
+load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from est_agent.workflow.agent import Agent, Result
+    from est_agent.config import Config
+    from est_agent.workflow.agent import Agent
+    from est_agent.workflow.result import Result
 
 
-def _agent(args: argparse.Namespace, total_steps: int) -> Agent:
+def _config(args: argparse.Namespace) -> Config:
     from est_agent.config import load_config
+
+    return load_config(Path(args.config))
+
+
+def _agent(args: argparse.Namespace, config: Config, total_steps: int) -> Agent:
     from est_agent.logs import Progress
     from est_agent.workflow.agent import Agent
 
-    config = load_config(Path(args.config))
-    progress = Progress(total_steps, args.log_format)
-    return Agent(config, progress=progress.step)
+    return Agent(config, progress=Progress(total_steps, args.log_format).step)
 
 
-def _print_result(args: argparse.Namespace, result: Result) -> int:
+def _card_link(agent: Agent) -> dict[str, Any]:
+    stats = agent.link_stats
+    return {
+        "apdus": stats.apdus if stats else 0,
+        "bytes": stats.bytes_total if stats else 0,
+        "signatures": agent.card_signatures,
+    }
+
+
+def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str, Any]) -> int:
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), "card_link": card_link}, indent=2))
         return 0
     messages = {
         "enrolled": "enrolled",
@@ -42,20 +62,42 @@ def _print_result(args: argparse.Namespace, result: Result) -> int:
     return 0
 
 
+def _quick(args: argparse.Namespace, config: Config) -> int | None:
+    from est_agent.workflow.quick import run_if_not_due
+
+    result, apdus = run_if_not_due(config, datetime.now(UTC))
+    if result is None:
+        return None
+    return _print_result(args, result, {"apdus": apdus, "signatures": 0})
+
+
 def enroll(args: argparse.Namespace) -> int:
-    return _print_result(args, _agent(args, 6).enroll())
+    config = _config(args)
+    agent = _agent(args, config, 6)
+    return _print_result(args, agent.enroll(), _card_link(agent))
 
 
 def renew(args: argparse.Namespace) -> int:
-    return _print_result(args, _agent(args, 6).renew(force=args.force))
+    config = _config(args)
+    if not args.force:
+        done = _quick(args, config)
+        if done is not None:
+            return done
+    agent = _agent(args, config, 6)
+    return _print_result(args, agent.renew(force=args.force), _card_link(agent))
 
 
 def run(args: argparse.Namespace) -> int:
-    return _print_result(args, _agent(args, 6).run())
+    config = _config(args)
+    done = _quick(args, config)
+    if done is not None:
+        return done
+    agent = _agent(args, config, 6)
+    return _print_result(args, agent.run(), _card_link(agent))
 
 
 def status(args: argparse.Namespace) -> int:
-    report = _agent(args, 1).status()
+    report = _agent(args, _config(args), 1).status()
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0

@@ -44,10 +44,8 @@ from est_agent.errors import (
     StatusWordError,
 )
 from est_agent.store import (
-    HEADER_SIZE,
     Slot,
     SlotView,
-    decode_header,
     pick_active,
     read_slot,
     write_slot,
@@ -60,7 +58,9 @@ from est_agent.workflow.hoststate import (
     load_host_state,
     save_host_state,
 )
+from est_agent.workflow.quick import cached_not_due
 from est_agent.workflow.renewal import is_expired, renewal_due_at
+from est_agent.workflow.result import Outcome, Result
 
 if TYPE_CHECKING:
     from est_agent.card.signer import Signer
@@ -76,37 +76,6 @@ log = logging.getLogger(__name__)
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class Outcome:
-    ENROLLED = "enrolled"
-    RENEWED = "renewed"
-    ALREADY_ENROLLED = "already-enrolled"
-    NOT_DUE = "not-due"
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a run did, for the CLI to print (text or JSON)."""
-
-    outcome: str
-    slot: str
-    subject: str
-    serial: str
-    not_after: datetime
-    renew_at: datetime | None = None
-    hook: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "outcome": self.outcome,
-            "slot": self.slot,
-            "subject": self.subject,
-            "serial": self.serial,
-            "not_after": self.not_after.isoformat(),
-            "renew_at": self.renew_at.isoformat() if self.renew_at else None,
-            "deploy_hook": self.hook,
-        }
 
 
 @dataclass(frozen=True)
@@ -327,33 +296,7 @@ class Agent:
         return views
 
     def _not_due_from_cache(self, card: _Card, host: HostState) -> Result | None:
-        """Nothing due, decided from the cache plus one record-header read from the SIM."""
-        cache = host.active
-        if cache is None or host.pending is not None or cache.slot >= len(self.slots):
-            return None
-        now = self._clock()
-        due = renewal_due_at(
-            cache.not_before,
-            cache.not_after,
-            threshold=self.config.renewal.threshold,
-            jitter_s=self.config.renewal.jitter_s,
-            serial=int(cache.serial, 16),
-        )
-        if now >= due:
-            return None
-        slot = self.slots[cache.slot]
-        try:
-            header = decode_header(card.files.read(slot.ef, 0, HEADER_SIZE))
-        except CardError as exc:
-            log.info("cached slot unreadable (%s): full check", exc)
-            return None
-        if header is None or (header.sequence, header.sha256.hex()) != (
-            cache.sequence,
-            cache.sha256,
-        ):
-            log.info("SIM record differs from the cache: full check")
-            return None
-        return Result(Outcome.NOT_DUE, slot.name, cache.subject, cache.serial, cache.not_after, due)
+        return cached_not_due(self.config, card.files, host, self._clock())
 
     def _bootstrap_enroll(self, card: _Card, views: list[SlotView]) -> Result:
         host = load_host_state(self._state_dir)

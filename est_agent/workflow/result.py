@@ -1,0 +1,40 @@
+"""What a workflow command did (kept apart from the workflow so the fast path stays light)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = ["Outcome", "Result"]
+
+
+class Outcome:
+    ENROLLED = "enrolled"
+    RENEWED = "renewed"
+    ALREADY_ENROLLED = "already-enrolled"
+    NOT_DUE = "not-due"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run did, for the CLI to print (text or JSON)."""
+
+    outcome: str
+    slot: str
+    subject: str
+    serial: str
+    not_after: datetime
+    renew_at: datetime | None = None
+    hook: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "slot": self.slot,
+            "subject": self.subject,
+            "serial": self.serial,
+            "not_after": self.not_after.isoformat(),
+            "renew_at": self.renew_at.isoformat() if self.renew_at else None,
+            "deploy_hook": self.hook,
+        }
