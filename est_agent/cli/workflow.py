@@ -65,10 +65,11 @@ def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str,
 def _quick(args: argparse.Namespace, config: Config) -> int | None:
     from est_agent.workflow.quick import run_if_not_due
 
-    result, apdus = run_if_not_due(config, datetime.now(UTC))
-    if result is None:
+    result, stats = run_if_not_due(config, datetime.now(UTC))
+    if result is None or stats is None:
         return None
-    return _print_result(args, result, {"apdus": apdus, "signatures": 0})
+    link = {"apdus": stats.apdus, "bytes": stats.bytes_total, "signatures": 0}
+    return _print_result(args, result, link)
 
 
 def enroll(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from est_agent.errors import EstAgentError, InputError
 from est_agent.sim.personalize import personalize
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "running_test_server", "write_demo_config"]
 
 _ICCID = "8988247000001234567"
 
@@ -54,7 +54,8 @@ def _agent(*args: str) -> list[str]:
 
 
 @contextmanager
-def _test_server(base: Path) -> Iterator[str]:
+def running_test_server(base: Path) -> Iterator[str]:
+    """`est-testserver serve` on 127.0.0.1 (PKI in ``base/pki``), yielding its EST base URL."""
     port_file = base / "est-server.port"
     log = (base / "est-server.log").open("wb")
     argv = [
@@ -106,7 +107,7 @@ def _pcsc_reader(base: Path, state: Path, atr: bytes) -> Iterator[dict[str, str]
         stack.stop()
 
 
-def _write_config(path: Path, *, reader: str, url: str, base: Path) -> None:
+def write_demo_config(path: Path, *, reader: str, url: str, base: Path) -> None:
     path.write_text(
         "# written by `est-agent demo`; every key: est-agent.example.toml\n"
         f'[card]\nreader = "{reader}"\n\n'
@@ -122,7 +123,7 @@ def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
         base = (workdir or Path(scratch)).resolve()
         base.mkdir(parents=True, exist_ok=True)
         _run(_agent_testserver("pki", "--force", str(base / "pki")))
-        url = stack.enter_context(_test_server(base))
+        url = stack.enter_context(running_test_server(base))
 
         from est_agent.testserver import load_dev_pki
 
@@ -139,7 +140,7 @@ def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
             env = stack.enter_context(_pcsc_reader(base, state, report.atr))
             reader = "pcsc:"
         config = base / "est-agent.toml"
-        _write_config(config, reader=reader, url=url, base=base)
+        write_demo_config(config, reader=reader, url=url, base=base)
         _say(f"configuration: {config}")
 
         cfg = ["--config", str(config)]

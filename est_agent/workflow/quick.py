@@ -21,6 +21,7 @@ from est_agent.workflow.result import Outcome, Result
 
 if TYPE_CHECKING:
     from est_agent.config import Config
+    from est_agent.transport.base import LinkStats
 
 __all__ = ["cached_not_due", "run_if_not_due"]
 
@@ -55,8 +56,8 @@ def cached_not_due(
     return Result(Outcome.NOT_DUE, slot.name, cache.subject, cache.serial, cache.not_after, due)
 
 
-def run_if_not_due(config: Config, now: datetime) -> tuple[Result | None, int]:
-    """(result or None, APDUs used): the whole fast path, card opened and closed here."""
+def run_if_not_due(config: Config, now: datetime) -> tuple[Result | None, LinkStats | None]:
+    """(result or None, card-link counters): the whole fast path, card opened and closed here."""
     from est_agent.card.channel import CardSession
     from est_agent.config import UiccChannel
     from est_agent.transport import open_transport
@@ -64,7 +65,7 @@ def run_if_not_due(config: Config, now: datetime) -> tuple[Result | None, int]:
 
     host = load_host_state(config.paths.state_dir)
     if host.active is None or host.pending is not None:
-        return None, 0
+        return None, None
     session = CardSession(open_transport(config.card.reader))
     try:
         session.transport.connect()
@@ -73,4 +74,4 @@ def run_if_not_due(config: Config, now: datetime) -> tuple[Result | None, int]:
         result = cached_not_due(config, UiccFiles(channel), host, now)
     finally:
         session.close()
-    return result, session.transport.stats.apdus
+    return result, session.transport.stats
