@@ -45,12 +45,6 @@ pytestmark = pytest.mark.integration
 Start = Callable[..., EstTestServer]
 
 
-@pytest.fixture
-def boot(dev_pki: DevPki, tmp_path: Path) -> ssl.SSLContext:
-    cert, key, _ = bootstrap_credential(dev_pki, tmp_path)
-    return client_context(dev_pki.directory, (cert, key))
-
-
 def _log(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

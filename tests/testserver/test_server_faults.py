@@ -19,7 +19,6 @@ from est_agent.testserver import DevPki, EstTestServer, Fault
 from tests.testserver.esttls_helpers import (
     EST,
     b64,
-    bootstrap_credential,
     certs_of,
     client_context,
     connect,
@@ -32,12 +31,6 @@ from tests.testserver.esttls_helpers import (
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., EstTestServer]
-
-
-@pytest.fixture
-def boot(dev_pki: DevPki, tmp_path: Path) -> ssl.SSLContext:
-    cert, key, _ = bootstrap_credential(dev_pki, tmp_path)
-    return client_context(dev_pki.directory, (cert, key))
 
 
 def _enroll(server: EstTestServer, ctx: ssl.SSLContext, key=None):  # type: ignore[no-untyped-def]
