@@ -164,3 +164,16 @@ def test_sim_and_agent_commands_parse(model: dict[str, Any]) -> None:
     agent = services["agent"]["command"]
     assert agent[0] == "est-agent"
     agent_parser().parse_args(agent[1:])
+
+
+def test_agent_config_is_valid_and_points_at_the_compose_services(model: dict[str, Any]) -> None:
+    from est_agent.config import load_config
+
+    agent = model["services"]["agent"]
+    command = agent["command"]
+    config_path = command[command.index("--config") + 1]
+    mounts = {v["target"]: v["source"] for v in agent["volumes"] if v.get("type") == "bind"}
+    config = load_config(Path(mounts[config_path]))
+    assert config.card.reader == "pcsc:"
+    assert config.est.url.startswith("https://est-server:8443/")
+    assert str(config.est.trust_anchor) in {f"{t}/tls-ca.pem" for t in mounts if t == "/pki"}
