@@ -190,8 +190,9 @@ class Agent:
             views = self._scan(card)
             active = pick_active(views)
             if active is not None and active.certificate is not None:
-                self._remember(active)
-                return self._result(Outcome.ALREADY_ENROLLED, active)
+                hook = self._adopt(active)
+                result = self._result(Outcome.ALREADY_ENROLLED, active)
+                return Result(**{**vars(result), "hook": hook})
             return self._bootstrap_enroll(card, views)
 
     def renew(self, *, force: bool = False) -> Result:
@@ -210,13 +211,14 @@ class Agent:
                 return self._bootstrap_enroll(card, views)
             cert = active.certificate
             now = self._clock()
-            self._remember(active)
+            hook = self._adopt(active)
             if is_expired(cert.not_valid_after_utc, now):
                 log.warning("the active certificate expired: falling back to bootstrap")
                 return self._bootstrap_enroll(card, views)
             due = self._due_at(cert)
             if not force and now < due:
-                return self._result(Outcome.NOT_DUE, active)
+                result = self._result(Outcome.NOT_DUE, active)
+                return Result(**{**vars(result), "hook": hook})
             return self._reenroll(card, views, active)
 
     def run(self) -> Result:
@@ -368,9 +370,11 @@ class Agent:
         sequence = 1 + max((v.header.sequence for v in views if v.header), default=0)
         der = enrollment.certificate.public_bytes(Encoding.DER)
         installed = write_slot(card.files, target, sequence, der, key)
-        self._remember(installed)
         outcome = Outcome.RENEWED if current is not None else Outcome.ENROLLED
-        hook = self._after_install(installed, enrollment)
+        # deploy first, remember second: a run that dies in between leaves the host state on
+        # the previous credential, so the next run sees the new one as not deployed (_adopt)
+        hook = self._after_install(installed, enrollment.chain)
+        self._remember(installed)
         result = self._result(outcome, installed)
         return Result(**{**vars(result), "hook": hook})
 
@@ -592,7 +596,36 @@ class Agent:
         if host.active != cache or pending != host.pending:
             save_host_state(self._state_dir, HostState(active=cache, pending=pending))
 
-    def _after_install(self, view: SlotView, enrollment: Enrollment) -> dict[str, Any] | None:
+    def _adopt(self, view: SlotView) -> dict[str, Any] | None:
+        """Remember the active credential found on the SIM. When it is not the one the host
+        state records, a run died after writing it but before its PEM export and deploy hook:
+        deploy it now (leaf only: the chain the server sent is not kept on the SIM)."""
+        hook = None
+        cache = load_host_state(self._state_dir).active
+        paths = self.config.paths
+        cert = view.certificate
+        deployed = (
+            cache is not None
+            and view.header is not None
+            and (cache.slot, cache.sequence, cache.sha256)
+            == (view.slot.index, view.header.sequence, view.header.sha256.hex())
+        )
+        if (
+            not deployed
+            and cert is not None
+            and (paths.export_pem is not None or paths.deploy_hook)
+            and not is_expired(cert.not_valid_after_utc, self._clock())
+        ):
+            log.warning(
+                "slot %s: active certificate not deployed yet: deploying it", view.slot.name
+            )
+            hook = self._after_install(view, ())
+        self._remember(view)
+        return hook
+
+    def _after_install(
+        self, view: SlotView, chain: Sequence[x509.Certificate]
+    ) -> dict[str, Any] | None:
         """PEM export and deploy hook (certbot's deploy hook): only after a successful install,
         reported but never undoing the installed credential."""
         from est_agent import hooks
@@ -600,7 +633,7 @@ class Agent:
         assert view.certificate is not None
         paths = self.config.paths
         report = hooks.deploy_new_certificate(
-            [view.certificate, *enrollment.chain],
+            [view.certificate, *chain],
             slot=view.slot.name,
             export_path=paths.export_pem,
             hook_argv=paths.deploy_hook,
