@@ -628,10 +628,12 @@ class Agent:
     ) -> dict[str, Any] | None:
         """PEM export and deploy hook (certbot's deploy hook): only after a successful install,
         reported but never undoing the installed credential."""
+        paths = self.config.paths
+        if paths.export_pem is None and not paths.deploy_hook:
+            return None  # nothing to do: skip importing hooks (subprocess, selectors, ...)
         from est_agent import hooks
 
         assert view.certificate is not None
-        paths = self.config.paths
         report = hooks.deploy_new_certificate(
             [view.certificate, *chain],
             slot=view.slot.name,
