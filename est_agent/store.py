@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, UiccPath
-from est_agent.errors import CardError, StoreError
+from est_agent.errors import CardError, StoreError, TransportError
 
 if TYPE_CHECKING:
     # cryptography is imported where certificates are parsed: `est-agent run` with nothing due
@@ -219,6 +219,11 @@ def write_slot(
     try:
         files.update(slot.ef, record)
         back = files.read(slot.ef, 0, len(record))
+    except TransportError:
+        # The card went away mid-write: whether the record is complete is unknown (the next
+        # run reads it and adopts it only if intact), so this is "card unavailable", not
+        # "not installed".
+        raise
     except CardError as exc:
         raise StoreError(f"writing the certificate to {slot.ef} failed: {exc}") from exc
     header = decode_header(back)
