@@ -162,7 +162,15 @@ class ReaderError(TransportError):
 
 
 class ModemError(TransportError):
-    """Raised when the cellular modem's serial link or AT dialogue fails."""
+    """Raised when the cellular modem's serial link or AT dialogue fails.
+
+    ``cme_error``: the numeric ``+CME ERROR: <err>`` (3GPP TS 27.007 §9.2) when the modem gave
+    one, so callers can tell "operation not allowed" (3) from "SIM busy" (14).
+    """
+
+    def __init__(self, message: str, *, cme_error: int | None = None) -> None:
+        self.cme_error = cme_error
+        super().__init__(message)
 
 
 class StoreError(EstAgentError):

@@ -3,6 +3,8 @@
 pcsc:              first PC/SC reader with a card
 pcsc:<name>        the PC/SC reader with exactly that name
 sim:<state file>   the virtual SIM, in this process
+modem:<port>[?baud=N&timeout=S]
+                   the SIM behind a cellular modem's AT port (3GPP TS 27.007 AT+CSIM/AT+CGLA)
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def open_transport(reader: str) -> CardTransport:
     """
     scheme, sep, rest = reader.partition(":")
     if not sep:
-        raise UsageError(f"reader must be pcsc:[NAME] or sim:STATE_FILE, got {reader!r}")
+        raise UsageError(
+            f"reader must be pcsc:[NAME], sim:STATE_FILE or modem:PORT, got {reader!r}"
+        )
     scheme = scheme.lower()
     if scheme == "pcsc":
         from est_agent.transport.pcsc import PcscTransport
@@ -36,4 +40,8 @@ def open_transport(reader: str) -> CardTransport:
         from est_agent.sim.transport import SimTransport
 
         return SimTransport(Path(rest))
-    raise UsageError(f"unknown reader type {scheme!r} (expected pcsc: or sim:)")
+    if scheme == "modem":
+        from est_agent.transport.modem import ModemTransport
+
+        return ModemTransport.from_reader(rest)
+    raise UsageError(f"unknown reader type {scheme!r} (expected pcsc:, sim: or modem:)")

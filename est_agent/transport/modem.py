@@ -1,0 +1,431 @@
+"""The SIM behind a cellular modem, reached with AT commands over a serial port (pyserial).
+
+Reader string: ``modem:<port>[?baud=115200&timeout=10]``, e.g. ``modem:/dev/ttyUSB2``.
+``timeout`` (seconds) bounds each APDU's AT round trip: generous by default because key
+generation on a real SIM takes seconds. This module is only the serial loop; every byte is
+encoded and parsed by the pure codec ``est_agent.transport.at``.
+
+Connecting costs three round trips: ``ATE0`` (V.250 §6.2.4: no echo; echo is still recognised
+if the modem ignores it), ``AT+CMEE=1`` (TS 27.007 §9.1: numeric ``+CME ERROR`` codes instead
+of a bare ``ERROR``; a failure here is ignored) and ``AT+CSIM=?`` (§8.17: is generic SIM access
+there at all).
+
+Which AT command carries an APDU, and why. ``CardSession`` opens logical channels itself with
+MANAGE CHANNEL and codes the channel in CLA (TS 102 221 §10.1.1, §11.1.17), so the simplest
+correct mapping is one ``AT+CSIM`` per APDU, whatever the channel: one round trip, the SELECT
+answer comes back, and the card (not the modem) assigns channel numbers. ``AT+CCHO`` /
+``AT+CGLA`` / ``AT+CCHC`` (§8.43-§8.45) cannot express a bare MANAGE CHANNEL (CCHO opens *and*
+selects an AID), so they are used only where ``AT+CSIM`` cannot reach logical channels: when
+the modem has no ``AT+CSIM``, or refuses a MANAGE CHANNEL sent through it (some basebands keep
+logical channels to themselves). That is found out once, at the first MANAGE CHANNEL, and
+remembered for the connection; ``AT+CGLA=?`` is asked only then.
+
+In CGLA mode the transport plays the card's part of MANAGE CHANNEL: "open" answers a channel
+number of its own without talking to the modem; the SELECT by AID that follows on it becomes
+``AT+CCHO`` (a refusal reads as SW 6A82 so the next configured AID is tried); later APDUs on it
+go through ``AT+CGLA`` with the session id in CLA's channel bits; "close" is ``AT+CCHC``.
+Commands other than SELECT by AID on such a channel (UICC files) answer SW 6881: with no
+``AT+CSIM`` channel access, keep them on the basic channel (``card.uicc_channel = "basic"``).
+
+A case-1 APDU (4 bytes) gets P3 = ``00`` over ``AT+CSIM``: the modem forwards a T=0 TPDU, whose
+header is always five bytes (ISO/IEC 7816-3 §12.2.2), and many modems refuse four.
+
+61xx / 6Cxx pass through untouched to ``est_agent.card.channel``, as on PC/SC.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from est_agent.errors import ModemError, NoCardError, TransportError, UsageError
+from est_agent.transport.at import (
+    AtReader,
+    AtReply,
+    encode_cchc,
+    encode_ccho,
+    encode_cgla,
+    encode_command,
+    encode_csim,
+    parse_ccho,
+    parse_cgla,
+    parse_csim,
+    parse_digits,
+)
+from est_agent.transport.base import CardTransport
+
+__all__ = ["DEFAULT_BAUD", "DEFAULT_TIMEOUT_S", "ChannelAccess", "ModemTransport", "parse_reader"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BAUD = 115200
+#: per APDU: an ECC key generation on a real SIM takes a few seconds, behind a busy baseband more
+DEFAULT_TIMEOUT_S = 20.0
+#: for the setup commands, which the modem answers itself
+_SETUP_TIMEOUT_S = 3.0
+_READ_POLL_S = 0.2
+
+# TS 27.007 §9.2.1 codes meaning the card is not there (or not usable at all)
+_CME_NO_CARD = {10: "SIM not inserted", 13: "SIM failure", 15: "SIM wrong"}
+# ... meaning the modem will not relay this (so another AT command may)
+_CME_REFUSED = {3, 4}
+_MAX_CHANNEL = 19
+_INS_MANAGE_CHANNEL = 0x70
+_INS_SELECT = 0xA4
+_SW_OK = b"\x90\x00"
+_SW_NOT_FOUND = b"\x6a\x82"
+_SW_CHANNEL_NOT_SUPPORTED = b"\x68\x81"
+_SW_FUNCTION_NOT_SUPPORTED = b"\x6a\x81"
+
+
+class ChannelAccess:
+    """How logical channels are reached (decided once per connection)."""
+
+    CSIM = "AT+CSIM"  # MANAGE CHANNEL and CLA channel coding inside AT+CSIM
+    CGLA = "AT+CCHO/AT+CGLA"  # the modem's own channel commands
+
+
+def _channel(cla: int) -> int:
+    """TS 102 221 §10.1.1: `0N`/`8N`/`AN` -> N (0..3), `4X`/`CX` -> 4 + X."""
+    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
+
+
+def _with_channel(cla: int, channel: int) -> int:
+    """``cla`` moved to ``channel``, keeping its class (ISO or proprietary) and, for `0N`/`8N`,
+    the secure-messaging bits (TS 102 221 §10.1.1)."""
+    proprietary = cla & 0x80
+    if channel <= 3:
+        base = proprietary if cla & 0x40 else cla & 0xFC
+        return base | channel
+    return proprietary | 0x40 | (channel - 4)
+
+
+def _serial_module() -> Any:
+    import serial
+
+    return serial
+
+
+def parse_reader(rest: str) -> tuple[str, int, float]:
+    """``<port>[?baud=N&timeout=S]`` -> (port, baud, timeout_s); UsageError names what is wrong."""
+    port, _, query = rest.partition("?")
+    if not port:
+        raise UsageError("modem: needs a serial port, e.g. modem:/dev/ttyUSB2")
+    baud, timeout_s = DEFAULT_BAUD, DEFAULT_TIMEOUT_S
+    for key, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
+        value = values[-1]
+        try:
+            if key == "baud":
+                baud = int(value)
+                if baud <= 0:
+                    raise ValueError
+            elif key == "timeout":
+                timeout_s = float(value)
+                if not 0 < timeout_s <= 600:
+                    raise ValueError
+            else:
+                raise UsageError(f"modem: unknown option {key!r} (baud, timeout)")
+        except ValueError:
+            raise UsageError(f"modem: bad {key} {value!r}") from None
+    return port, baud, timeout_s
+
+
+class ModemTransport(CardTransport):
+    """One SIM behind one modem AT port. ``serial_factory`` is for tests (a pyserial-like object
+    with ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``, ``close``)."""
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baud: int = DEFAULT_BAUD,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        serial_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.port = port
+        self.baud = baud
+        self.timeout_s = timeout_s
+        self._factory = serial_factory
+        self._serial: Any = None
+        self._broken: str | None = None
+        self.csim = False
+        self._cgla: bool | None = None  # None: not asked yet
+        self.access: str | None = None  # a ChannelAccess once a logical channel was opened
+        # CGLA mode: our channel number -> the modem's session id (None: opened, no AID yet)
+        self._sessions: dict[int, int | None] = {}
+        #: AT command round trips (a real modem costs tens of ms each)
+        self.at_commands = 0
+        #: URCs seen while waiting for answers (the latest few)
+        self.urcs: list[str] = []
+
+    @classmethod
+    def from_reader(cls, rest: str) -> ModemTransport:
+        port, baud, timeout_s = parse_reader(rest)
+        return cls(port, baud=baud, timeout_s=timeout_s)
+
+    @property
+    def description(self) -> str:
+        return f"modem {self.port}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._broken = None
+        self._sessions.clear()
+        self.access = None
+        self._cgla = None
+        self._serial = self._open_port()
+        try:
+            self.command("ATE0", _SETUP_TIMEOUT_S)
+            self.command("AT+CMEE=1", _SETUP_TIMEOUT_S, check=False)
+            self.csim = self.command("AT+CSIM=?", _SETUP_TIMEOUT_S, check=False).ok
+            if not self.csim and not self._has_cgla():
+                raise ModemError(
+                    f"modem {self.port} offers neither AT+CSIM nor AT+CGLA (TS 27.007 §8.17, "
+                    "§8.45): no way to reach the SIM"
+                )
+        except BaseException:
+            self._release()
+            raise
+        log.debug("modem %s: AT+CSIM %s", self.port, "yes" if self.csim else "no")
+
+    def _open_port(self) -> Any:
+        if self._factory is not None:
+            return self._factory()
+        serial = _serial_module()
+        try:
+            # exclusive: an flock, so a second agent (or ModemManager honouring it) cannot
+            # interleave its own commands with ours on the same AT port.
+            return serial.Serial(
+                self.port,
+                self.baud,
+                # a short read timeout: the loop above keeps the real deadline
+                timeout=_READ_POLL_S,
+                write_timeout=_SETUP_TIMEOUT_S,
+                exclusive=True,
+            )
+        except serial.SerialException as exc:
+            code = exc.errno
+            if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+                why = "no such port (modem unplugged or not enumerated?)"
+            elif code in (errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK):
+                why = "port busy (another program holds it: ModemManager, a second agent?)"
+            elif code in (errno.EACCES, errno.EPERM):
+                why = "permission denied (is the user in the dialout group?)"
+            else:
+                why = str(exc)
+            raise ModemError(f"cannot open modem port {self.port}: {why}") from exc
+        except (OSError, ValueError) as exc:
+            raise ModemError(f"cannot open modem port {self.port}: {exc}") from exc
+
+    def _close(self) -> None:
+        for number, session in sorted(self._sessions.items()):
+            if session is not None and self._broken is None:
+                try:
+                    self.command(encode_cchc(session), _SETUP_TIMEOUT_S, check=False)
+                except TransportError as exc:
+                    log.debug("closing session %d of channel %d: %s", session, number, exc)
+        self._sessions.clear()
+        self._release()
+
+    def _release(self) -> None:
+        if self._serial is not None:
+            try:
+                self._serial.close()
+            except (OSError, ValueError) as exc:  # closing after a failure: already reported
+                log.debug("closing %s: %s", self.port, exc)
+            self._serial = None
+
+    # -- the serial loop ---------------------------------------------------------------------
+
+    def command(self, text: str, timeout_s: float | None = None, *, check: bool = True) -> AtReply:
+        """Send one command line and wait for its final result code.
+
+        ``check``: raise the typed error for ``ERROR`` / ``+CME ERROR`` (else return it).
+        A silent modem raises ModemError and leaves the link unusable until reconnected: a late
+        answer would otherwise be taken for the answer to the next command.
+        """
+        if self._broken is not None:
+            raise ModemError(f"modem {self.port}: link unusable since {self._broken}; reconnect")
+        if self._serial is None:
+            raise ModemError(f"modem {self.port} is not open")
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        reader = AtReader(text)
+        port = self._serial
+        try:
+            # Drop what arrived between commands (URCs): it is nobody's answer.
+            port.reset_input_buffer()
+            port.write(encode_command(text))
+            self.at_commands += 1
+            deadline = time.monotonic() + limit
+            while (reply := reader.next_reply()) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._broken = f"{_name(text)} went unanswered"
+                    raise ModemError(
+                        f"modem {self.port} did not answer {_name(text)} within {limit:g} s "
+                        "(hung, or the SIM is still busy: raise ?timeout=)"
+                    )
+                chunk = port.read(max(1, port.in_waiting))
+                if chunk:
+                    reader.receive_data(chunk)
+        except ModemError:
+            raise
+        except (OSError, ValueError) as exc:
+            # pyserial's SerialException is an OSError: the device vanished (USB reset)
+            self._broken = f"{_name(text)} failed on the port"
+            raise ModemError(f"modem {self.port}: {_name(text)} failed: {exc}") from exc
+        self._note_urcs(reader.trailing)
+        if check and not reply.ok:
+            raise self._error_for(reply, text)
+        return reply
+
+    def _note_urcs(self, lines: list[str]) -> None:
+        if lines:
+            self.urcs = (self.urcs + lines)[-16:]
+
+    def _error_for(self, reply: AtReply, text: str) -> TransportError:
+        what = f"modem {self.port}: {_name(text)} answered {reply.describe()}"
+        code = reply.error_code
+        if code in _CME_NO_CARD:
+            cause = ModemError(what, cme_error=code)
+            error: TransportError = NoCardError(f"{what} ({_CME_NO_CARD[code]})")
+            error.__cause__ = cause
+            return error
+        return ModemError(what, cme_error=code)
+
+    # -- APDUs -------------------------------------------------------------------------------
+
+    def _transmit(self, apdu: bytes) -> bytes:
+        if len(apdu) < 4:
+            raise ModemError(f"not an APDU ({len(apdu)} bytes)")
+        if self.access == ChannelAccess.CGLA:
+            return self._transmit_cgla(apdu)
+        is_open = apdu[1] == _INS_MANAGE_CHANNEL and apdu[2] == 0x00
+        if not self.csim:
+            self.access = ChannelAccess.CGLA
+            return self._transmit_cgla(apdu)
+        if is_open and self.access is None:
+            return self._first_open(apdu)
+        return self._csim(apdu)
+
+    def _csim(self, apdu: bytes) -> bytes:
+        wire = apdu + b"\x00" if len(apdu) == 4 else apdu
+        reply = self.command(encode_csim(wire))
+        self._note_urcs(list(_others(reply, "+CSIM")))
+        return parse_csim(reply)
+
+    def _first_open(self, apdu: bytes) -> bytes:
+        """MANAGE CHANNEL through AT+CSIM once; on refusal, use the channel commands instead."""
+        try:
+            response = self._csim(apdu)
+        except ModemError as exc:
+            if exc.cme_error not in _CME_REFUSED and exc.cme_error is not None:
+                raise
+            if not self._has_cgla():
+                raise ModemError(
+                    f"modem {self.port} refuses MANAGE CHANNEL in AT+CSIM and has no AT+CGLA: "
+                    'no logical channel (set card.uicc_channel = "basic")',
+                    cme_error=exc.cme_error,
+                ) from exc
+            log.info("modem %s: logical channels through AT+CCHO/AT+CGLA", self.port)
+            self.access = ChannelAccess.CGLA
+            return self._transmit_cgla(apdu)
+        self.access = ChannelAccess.CSIM
+        return response
+
+    def _has_cgla(self) -> bool:
+        if self._cgla is None:
+            self._cgla = self.command("AT+CGLA=?", _SETUP_TIMEOUT_S, check=False).ok
+        return self._cgla
+
+    def _transmit_cgla(self, apdu: bytes) -> bytes:
+        cla, ins, p1, p2 = apdu[:4]
+        number = _channel(cla)
+        if ins == _INS_MANAGE_CHANNEL and p1 == 0x00:
+            if p2 != 0x00:  # "open channel P2": we cannot promise the modem's numbering
+                return _SW_FUNCTION_NOT_SUPPORTED
+            free = next((n for n in range(1, _MAX_CHANNEL + 1) if n not in self._sessions), None)
+            if free is None:
+                return _SW_FUNCTION_NOT_SUPPORTED
+            self._sessions[free] = None
+            return bytes([free]) + _SW_OK
+        if ins == _INS_MANAGE_CHANNEL and p1 == 0x80:
+            target = p2 or number
+            if target not in self._sessions:
+                return _SW_CHANNEL_NOT_SUPPORTED
+            session = self._sessions.pop(target)
+            if session is not None:
+                self.command(encode_cchc(session))
+            return _SW_OK
+        if number == 0:
+            if not self.csim:
+                raise ModemError(
+                    f"modem {self.port} has no AT+CSIM: the basic channel is out of reach "
+                    '(set card.uicc_channel = "logical")'
+                )
+            return self._csim(apdu)
+        if number not in self._sessions:
+            return _SW_CHANNEL_NOT_SUPPORTED
+        session = self._sessions[number]
+        if session is None:
+            if ins == _INS_SELECT and p1 == 0x04 and len(apdu) > 5:
+                return self._open_session(number, apdu[5 : 5 + apdu[4]])
+            log.warning(
+                "modem %s: INS %02X on channel %d needs AT+CSIM channel access; this modem "
+                'only opens channels onto an application (set card.uicc_channel = "basic")',
+                self.port,
+                ins,
+                number,
+            )
+            return _SW_CHANNEL_NOT_SUPPORTED
+        wire = bytes([_with_channel(cla, session)]) + apdu[1:] if session <= _MAX_CHANNEL else apdu
+        reply = self.command(encode_cgla(session, wire))
+        self._note_urcs(list(_others(reply, "+CGLA")))
+        return parse_cgla(reply)
+
+    def _open_session(self, number: int, aid: bytes) -> bytes:
+        try:
+            reply = self.command(encode_ccho(aid))
+        except NoCardError:
+            raise
+        except ModemError as exc:
+            if self._broken is not None:
+                raise
+            # TS 27.007 §8.43 gives no SW back: a refused CCHO is most often "no such AID".
+            log.debug("AT+CCHO %s refused: %s", aid.hex().upper(), exc)
+            return _SW_NOT_FOUND
+        self._sessions[number] = parse_ccho(reply)
+        return _SW_OK
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def imei(self) -> str:
+        """The modem's IMEI (``AT+CGSN``, TS 27.007 §5.4), for ``{imei}`` subject templates."""
+        self.connect()
+        return parse_digits(self.command("AT+CGSN"), ("+CGSN",))
+
+    def iccid(self) -> str:
+        """The SIM's ICCID as the modem reports it (``AT+CCID``: not in 27.007, but common)."""
+        self.connect()
+        return parse_digits(self.command("AT+CCID"), ("+CCID", "+ICCID", "+QCCID"))
+
+    def imsi(self) -> str:
+        """``AT+CIMI`` (TS 27.007 §5.6)."""
+        self.connect()
+        return parse_digits(self.command("AT+CIMI"), ("+CIMI",))
+
+
+def _others(reply: AtReply, prefix: str) -> list[str]:
+    head = prefix.upper()
+    return [line for line in reply.lines if not line.upper().startswith(head)]
+
+
+def _name(text: str) -> str:
+    """The command without its arguments (APDUs carry digests and certificates)."""
+    return text.partition("=")[0] + ("=?" if text.endswith("=?") else "")
