@@ -34,7 +34,7 @@ import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpcore
 import httpx
@@ -739,6 +739,15 @@ class _ResponseStream(httpx.SyncByteStream):
             close()
 
 
+class _UnusedSslContext:
+    """What httpcore gets as ``ssl_context`` on the tlslite path: it only calls
+    ``set_alpn_protocols`` on it before handing it to ``_TcpStream.start_tls``, which ignores
+    it (tlslite offers no ALPN; HTTP/1.1 only)."""
+
+    def set_alpn_protocols(self, protocols: Iterable[str]) -> None:
+        pass
+
+
 class EstTransport(httpx.BaseTransport):
     """httpx transport over one keep-alive TLS connection (tlslite-ng or stdlib ``ssl``).
 
@@ -753,9 +762,12 @@ class EstTransport(httpx.BaseTransport):
         self.is_pinned = False
         self._stream: httpcore.NetworkStream | None = None
         # The stdlib path's context does the verification; the tlslite path ignores the
-        # context httpcore hands to start_tls, so give it an empty one (no CA bundle load).
+        # context httpcore hands to start_tls, so give it a stand-in (an empty SSLContext would
+        # load no CA bundle, but still costs ~1 ms and ~0.4 MiB of OpenSSL state).
         ssl_context = (
-            tls.context() if isinstance(tls, StdlibTls) else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            tls.context()
+            if isinstance(tls, StdlibTls)
+            else cast("ssl.SSLContext", _UnusedSslContext())
         )
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
