@@ -2,8 +2,9 @@
 
 Nothing here imports cryptography, httpx or the IoT SAFE applet client: the timer runs this
 daily on every device, and real SIM links cost tens of milliseconds per APDU. The cost is one
-SELECT and one READ BINARY (plus MANAGE CHANNEL open/close when the certificate EFs are on a
-logical channel), no network. Anything unexpected returns None and the full workflow runs.
+SELECT and one READ BINARY of each slot's record header (plus MANAGE CHANNEL open/close when
+the certificate EFs are on a logical channel), no network. Anything unexpected returns None
+and the full workflow runs.
 """
 
 from __future__ import annotations
@@ -47,11 +48,21 @@ def cached_not_due(
     slot = config.slots[cache.slot]
     try:
         header = decode_header(files.read(slot.certificate, 0, HEADER_SIZE))
+        # A newer record in another slot means a run stored a certificate and died before
+        # deploying it (or before updating this cache): the full workflow adopts it.
+        others = [
+            decode_header(files.read(other.certificate, 0, HEADER_SIZE))
+            for index, other in enumerate(config.slots)
+            if index != cache.slot
+        ]
     except CardError as exc:
-        log.info("cached slot unreadable (%s): full check", exc)
+        log.info("slot records unreadable (%s): full check", exc)
         return None
     if header is None or (header.sequence, header.sha256.hex()) != (cache.sequence, cache.sha256):
         log.info("SIM record differs from the cache: full check")
+        return None
+    if any(h is not None and h.sequence > cache.sequence for h in others):
+        log.info("a newer record is on the SIM: full check")
         return None
     return Result(Outcome.NOT_DUE, slot.name, cache.subject, cache.serial, cache.not_after, due)
 
