@@ -85,6 +85,36 @@ def _add_workflow_commands(commands: Any, common: argparse.ArgumentParser) -> No
         cmd.set_defaults(func=_handler("workflow", name))
 
 
+def _add_modem_options(serve: argparse.ArgumentParser) -> None:
+    """`sim serve --modem-pty`: the emulated modem and its quirks (est_agent/sim/modem.py)."""
+    modem = serve.add_argument_group("emulated cellular modem (3GPP TS 27.007 AT commands)")
+    modem.add_argument(
+        "--modem-pty",
+        metavar="LINK",
+        help="answer AT+CSIM/AT+CCHO/AT+CGLA on a new pty, symlinked at LINK (reader modem:LINK)",
+    )
+    modem.add_argument("--modem-echo", action="store_true", help="echo that ATE0 cannot stop")
+    modem.add_argument(
+        "--modem-urc", action="store_true", help="inject URCs (+CREG, RING, +QIND) into answers"
+    )
+    modem.add_argument("--modem-csim-only", action="store_true", help="no AT+CCHO/AT+CGLA/AT+CCHC")
+    modem.add_argument(
+        "--modem-no-csim-channels",
+        action="store_true",
+        help="AT+CSIM refuses logical channels (only AT+CCHO/AT+CGLA reach them)",
+    )
+    modem.add_argument(
+        "--modem-slow-ms", type=float, default=0.0, metavar="MS", help="delay before every answer"
+    )
+    modem.add_argument(
+        "--modem-hang-after", type=int, metavar="N", help="stop answering after N commands"
+    )
+    modem.add_argument(
+        "--modem-lowercase-hex", action="store_true", help="answer hex in lowercase, unquoted"
+    )
+    modem.add_argument("--modem-imei", metavar="DIGITS", help="IMEI for AT+CGSN")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="est-agent",
@@ -159,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("state", help="state file made by 'sim init'")
     serve.add_argument(
         "--vpcd",
-        default="127.0.0.1:35963",
+        default=None,
         metavar="HOST:PORT",
-        help="where vpcd listens (default 127.0.0.1:35963)",
+        help="where vpcd listens (default 127.0.0.1:35963; with --modem-pty only if given)",
     )
     serve.add_argument(
         "--t0", action="store_true", help="T=0 behaviour: data-returning commands answer 61xx"
@@ -178,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--power-cut-after", type=int, metavar="N", help="drop the link after N APDUs (crash tests)"
     )
+    _add_modem_options(serve)
     serve.set_defaults(func=_handler("sim", "serve"))
 
     _add_workflow_commands(commands, common)

@@ -71,9 +71,11 @@ def init(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.modem_pty:
+        return _serve_modem(args)
     from est_agent.sim.vpcd import run_sim_server
 
-    host, sep, port = args.vpcd.rpartition(":")
+    host, sep, port = (args.vpcd or "127.0.0.1:35963").rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"--vpcd must be HOST:PORT, got {args.vpcd!r}")
     if args.latency_ms < 0:
@@ -87,6 +89,24 @@ def serve(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         trace_path=Path(args.trace) if args.trace else None,
         power_cut_after=args.power_cut_after,
+    )
+
+
+def _serve_modem(args: argparse.Namespace) -> int:
+    from est_agent.sim.modem import DEFAULT_IMEI, ModemQuirks, run_modem_server
+
+    quirks = ModemQuirks(
+        echo=args.modem_echo,
+        urc=args.modem_urc,
+        csim_only=args.modem_csim_only,
+        csim_basic_only=args.modem_no_csim_channels,
+        slow_ms=args.modem_slow_ms,
+        hang_after=args.modem_hang_after,
+        lowercase_hex=args.modem_lowercase_hex,
+        imei=args.modem_imei or DEFAULT_IMEI,
+    )
+    return run_modem_server(
+        Path(args.state), Path(args.modem_pty), quirks, t0_mode=args.t0, vpcd=args.vpcd
     )
 
 

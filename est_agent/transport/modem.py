@@ -317,27 +317,32 @@ class ModemTransport(CardTransport):
     def _csim(self, apdu: bytes) -> bytes:
         wire = apdu + b"\x00" if len(apdu) == 4 else apdu
         reply = self.command(encode_csim(wire))
-        self._note_urcs(list(_others(reply, "+CSIM")))
+        self._note_urcs(_others(reply, "+CSIM"))
         return parse_csim(reply)
 
     def _first_open(self, apdu: bytes) -> bytes:
-        """MANAGE CHANNEL through AT+CSIM once; on refusal, use the channel commands instead."""
-        try:
-            response = self._csim(apdu)
-        except ModemError as exc:
-            if exc.cme_error not in _CME_REFUSED and exc.cme_error is not None:
-                raise
-            if not self._has_cgla():
-                raise ModemError(
-                    f"modem {self.port} refuses MANAGE CHANNEL in AT+CSIM and has no AT+CGLA: "
-                    'no logical channel (set card.uicc_channel = "basic")',
-                    cme_error=exc.cme_error,
-                ) from exc
-            log.info("modem %s: logical channels through AT+CCHO/AT+CGLA", self.port)
-            self.access = ChannelAccess.CGLA
-            return self._transmit_cgla(apdu)
-        self.access = ChannelAccess.CSIM
-        return response
+        """MANAGE CHANNEL through AT+CSIM once; on refusal, use the channel commands instead.
+
+        A refusal is ``+CME ERROR: 3/4`` (operation not allowed / supported, TS 27.007 §9.2.1)
+        or a bare ``ERROR`` (``AT+CMEE`` ignored); a silent modem or a garbled answer is not.
+        """
+        text = encode_csim(apdu + b"\x00" if len(apdu) == 4 else apdu)
+        reply = self.command(text, check=False)
+        if reply.ok:
+            self.access = ChannelAccess.CSIM
+            self._note_urcs(_others(reply, "+CSIM"))
+            return parse_csim(reply)
+        if reply.error_code is not None and reply.error_code not in _CME_REFUSED:
+            raise self._error_for(reply, text)
+        if not self._has_cgla():
+            raise ModemError(
+                f"modem {self.port} refuses MANAGE CHANNEL in AT+CSIM ({reply.describe()}) and "
+                'has no AT+CGLA: no logical channel (set card.uicc_channel = "basic")',
+                cme_error=reply.error_code,
+            )
+        log.info("modem %s: logical channels through AT+CCHO/AT+CGLA", self.port)
+        self.access = ChannelAccess.CGLA
+        return self._transmit_cgla(apdu)
 
     def _has_cgla(self) -> bool:
         if self._cgla is None:
@@ -386,7 +391,7 @@ class ModemTransport(CardTransport):
             return _SW_CHANNEL_NOT_SUPPORTED
         wire = bytes([_with_channel(cla, session)]) + apdu[1:] if session <= _MAX_CHANNEL else apdu
         reply = self.command(encode_cgla(session, wire))
-        self._note_urcs(list(_others(reply, "+CGLA")))
+        self._note_urcs(_others(reply, "+CGLA"))
         return parse_cgla(reply)
 
     def _open_session(self, number: int, aid: bytes) -> bytes:
