@@ -20,6 +20,8 @@ __all__ = [
     "UiccFiles",
     "decode_fcp",
     "decode_iccid",
+    "is_valid_iccid",
+    "luhn_check_digit",
 ]
 
 INS_SELECT = 0xA4
@@ -67,6 +69,24 @@ def decode_fcp(data: bytes) -> FileControlParameters:
         is_transparent_ef=kind & 0b10111111 == 0x01,
         is_df=kind & 0x38 == 0x38,
     )
+
+
+def luhn_check_digit(digits: str) -> str:
+    """The Luhn (mod 10) digit that completes ``digits`` (ITU-T E.118 ICCID check digit)."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2 == 0:  # doubled: it will sit in an odd position once the check digit follows
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+    return str((10 - total % 10) % 10)
+
+
+def is_valid_iccid(value: str) -> bool:
+    """18-20 digits ending in a correct Luhn check digit (ITU-T E.118)."""
+    return value.isdigit() and 18 <= len(value) <= 20 and luhn_check_digit(value[:-1]) == value[-1]
 
 
 def decode_iccid(data: bytes) -> str:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from est_agent.card.uicc import luhn_check_digit
 from est_agent.errors import InputError, SimStateError
 from est_agent.sim import ecc
 from est_agent.sim.applet import generate_key_pair, put_file
@@ -100,19 +101,6 @@ class PersonalizationReport:
             *(f"    {line}" for line in self.files),
         ]
         return "\n".join(lines)
-
-
-def luhn_check_digit(digits: str) -> str:
-    """The Luhn (mod 10) digit that completes ``digits`` (ITU-T E.118 ICCID check digit)."""
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 0:  # doubled: it will sit in an odd position once the check digit follows
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return str((10 - total % 10) % 10)
 
 
 def _random_iccid() -> str:

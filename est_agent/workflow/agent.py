@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.signer import CardSigner, public_key_from_point
-from est_agent.card.uicc import EF_ICCID, UiccFiles, decode_iccid
+from est_agent.card.uicc import EF_ICCID, UiccFiles, decode_iccid, is_valid_iccid
 from est_agent.card.uri import IotSafeRef, UiccPath
 from est_agent.errors import (
     CardError,
@@ -190,9 +190,7 @@ class Agent:
             views = self._scan(card)
             active = pick_active(views)
             if active is not None and active.certificate is not None:
-                hook = self._adopt(active)
-                result = self._result(Outcome.ALREADY_ENROLLED, active)
-                return Result(**{**vars(result), "hook": hook})
+                return self._result(Outcome.ALREADY_ENROLLED, active, self._adopt(active))
             return self._bootstrap_enroll(card, views)
 
     def renew(self, *, force: bool = False) -> Result:
@@ -217,8 +215,7 @@ class Agent:
                 return self._bootstrap_enroll(card, views)
             due = self._due_at(cert)
             if not force and now < due:
-                result = self._result(Outcome.NOT_DUE, active)
-                return Result(**{**vars(result), "hook": hook})
+                return self._result(Outcome.NOT_DUE, active, hook)
             return self._reenroll(card, views, active)
 
     def run(self) -> Result:
@@ -336,8 +333,6 @@ class Agent:
         operation: str,
         current: x509.Certificate | None,
     ) -> Result:
-        from est_agent.est.messages import classify_cacerts  # noqa: F401 - warms the import
-
         self._progress("connecting to the EST server (TLS authenticated by the SIM)")
         cacerts = client.cacerts()
         self._check_fingerprint(cacerts.anchor)
@@ -375,8 +370,7 @@ class Agent:
         # the previous credential, so the next run sees the new one as not deployed (_adopt)
         hook = self._after_install(installed, enrollment.chain)
         self._remember(installed)
-        result = self._result(outcome, installed)
-        return Result(**{**vars(result), "hook": hook})
+        return self._result(outcome, installed, hook)
 
     def _request(
         self,
@@ -649,7 +643,7 @@ class Agent:
             "error": report.hook.error,
         }
 
-    def _result(self, outcome: str, view: SlotView) -> Result:
+    def _result(self, outcome: str, view: SlotView, hook: dict[str, Any] | None = None) -> Result:
         cert = view.certificate
         assert cert is not None
         return Result(
@@ -659,6 +653,7 @@ class Agent:
             _hexserial(cert),
             cert.not_valid_after_utc,
             self._due_at(cert),
+            hook,
         )
 
 
@@ -672,24 +667,9 @@ def _iccid_from_certificate(cert: x509.Certificate) -> str | None:
 
     for attribute in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER):
         value = attribute.value
-        if (
-            isinstance(value, str)
-            and value.isdigit()
-            and 18 <= len(value) <= 20
-            and _luhn_ok(value)
-        ):
+        if isinstance(value, str) and is_valid_iccid(value):
             return value
     return None
-
-
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 1:
-            value = value * 2 - 9 if value > 4 else value * 2
-        total += value
-    return total % 10 == 0
 
 
 def _read_file(path: Path, key: str) -> bytes:
