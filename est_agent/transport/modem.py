@@ -251,22 +251,22 @@ class ModemTransport(CardTransport):
         answer would otherwise be taken for the answer to the next command.
         """
         if self._broken is not None:
-            raise ModemError(f"modem {self.port}: link unusable since {self._broken}; reconnect")
+            raise ModemError(f"link not used after an earlier failure: {self._broken}")
         if self._serial is None:
             raise ModemError(f"modem {self.port} is not open")
         limit = self.timeout_s if timeout_s is None else timeout_s
         reader = AtReader(text)
         port = self._serial
+        line = encode_command(text)
         try:
             # Drop what arrived between commands (URCs): it is nobody's answer.
             port.reset_input_buffer()
-            port.write(encode_command(text))
+            port.write(line)
             self.at_commands += 1
             deadline = time.monotonic() + limit
             while (reply := reader.next_reply()) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._broken = f"{_name(text)} went unanswered"
                     raise ModemError(
                         f"modem {self.port} did not answer {_name(text)} within {limit:g} s "
                         "(hung, or the SIM is still busy: raise ?timeout=)"
@@ -274,12 +274,14 @@ class ModemTransport(CardTransport):
                 chunk = port.read(max(1, port.in_waiting))
                 if chunk:
                     reader.receive_data(chunk)
-        except ModemError:
+        except ModemError as exc:  # silence or garbage: the dialogue is out of step
+            self._broken = str(exc)
             raise
         except (OSError, ValueError) as exc:
             # pyserial's SerialException is an OSError: the device vanished (USB reset)
-            self._broken = f"{_name(text)} failed on the port"
-            raise ModemError(f"modem {self.port}: {_name(text)} failed: {exc}") from exc
+            error = ModemError(f"modem {self.port}: {_name(text)} failed: {exc}")
+            self._broken = str(error)
+            raise error from exc
         self._note_urcs(reader.trailing)
         if check and not reply.ok:
             raise self._error_for(reply, text)
