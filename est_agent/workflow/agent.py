@@ -390,6 +390,8 @@ class Agent:
             base = CsrBuilder().copy_from_certificate(current)
         else:
             values = {"iccid": self._iccid} if self._iccid else {}
+            if self._imei:
+                values["imei"] = self._imei
             name, sans = self.config.subject.render(values)
             base = CsrBuilder().subject(name)
             if sans:
@@ -418,6 +420,7 @@ class Agent:
     # -- helpers -----------------------------------------------------------------------------
 
     _iccid: str | None = None
+    _imei: str | None = None
 
     def _bootstrap_identity(self, card: _Card) -> tuple[list[x509.Certificate], Signer]:
         """The bootstrap certificate chain and a signer for its key: on the SIM (IoT SAFE key,
@@ -445,7 +448,20 @@ class Agent:
             signer = CardSigner(card.applet, boot.key, key)
         if self._needs("{iccid}"):
             self._iccid = _iccid_from_certificate(chain[0]) or self._read_iccid(card)
+        if self._needs("{imei}"):
+            self._imei = self._modem_imei(card)
         return chain, signer
+
+    def _modem_imei(self, card: _Card) -> str | None:
+        """AT+CGSN on a ``modem:`` link (TS 27.007 §5.4); other links know no IMEI."""
+        imei = getattr(card.session.transport, "imei", None)
+        if not callable(imei):
+            return None
+        try:
+            return str(imei())
+        except CardError as exc:
+            log.warning("cannot read the modem's IMEI: %s", exc)
+            return None
 
     def _needs(self, placeholder: str) -> bool:
         subject = self.config.subject

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
 
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
@@ -320,3 +321,35 @@ def test_enroll_through_the_modem(
     code, out, err = run_cli(capsys, "enroll", "--config", str(device.config), "--json")
     assert code == 0, err
     assert json.loads(out)["outcome"] == "already-enrolled"
+
+
+def test_imei_subject_template_is_filled_from_the_modem(
+    tmp_path: Path,
+    sim: Path,
+    start_modem: StartModem,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    modem = start_modem(ModemQuirks(imei="490154203237518", urc=True))
+    device = Device(tmp_path, sim, tmp_path / "est-agent.toml", tmp_path / "state")
+    server = start_server()
+    device.write_config(
+        server,
+        dev_pki,
+        card__reader=f'"modem:{modem.device}?timeout=5"',
+        subject__serial_number='"IMEI:{imei}"',
+    )
+    code, _, err = run_cli(capsys, "enroll", "--config", str(device.config), "--json")
+    assert code == 0, err
+    session = CardSession(SimTransport(sim))
+    try:
+        raw = UiccFiles(session.basic_channel).read(OP_A_EF)
+    finally:
+        session.close()
+    header = decode_header(raw)
+    assert header is not None
+    cert = x509.load_der_x509_certificate(raw[HEADER_SIZE : HEADER_SIZE + header.length])
+    serial = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    assert [a.value for a in serial] == ["IMEI:490154203237518"]
+    assert [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == [ICCID]
