@@ -39,7 +39,12 @@ __all__ = [
     "MAX_BUFFER",
     "AtReader",
     "AtReply",
+    "ChannelAccess",
+    "ChannelTable",
     "FinalResult",
+    "Route",
+    "RouteKind",
+    "channel_of",
     "encode_cchc",
     "encode_ccho",
     "encode_cgla",
@@ -51,6 +56,7 @@ __all__ = [
     "parse_csim",
     "parse_digits",
     "parse_hex",
+    "with_channel",
 ]
 
 #: A reply bigger than this is garbage (or a runaway modem): the longest legitimate answer is
@@ -135,7 +141,13 @@ def encode_command(text: str) -> bytes:
 
 
 def encode_csim(apdu: bytes) -> str:
-    """``AT+CSIM=<length>,"<command>"`` (TS 27.007 §8.17): length in hex characters."""
+    """``AT+CSIM=<length>,"<command>"`` (TS 27.007 §8.17): length in hex characters.
+
+    A case-1 APDU (4 bytes) gets P3 = ``00``: the modem forwards a T=0 TPDU, whose header is
+    always five bytes (ISO/IEC 7816-3 §12.2.2), and many modems refuse four.
+    """
+    if len(apdu) == 4:
+        apdu += b"\x00"
     return f'AT+CSIM={2 * len(apdu)},"{format_hex(apdu)}"'
 
 
@@ -318,3 +330,116 @@ def parse_digits(reply: AtReply, prefixes: tuple[str, ...] = ()) -> str:
 def parse_ccho(reply: AtReply) -> int:
     """The ``<sessionid>`` of ``AT+CCHO`` (bare per §8.43; ``+CCHO: <n>`` on some modems)."""
     return int(parse_digits(reply, ("+CCHO",)))
+
+
+# -- logical channels without AT+CSIM ---------------------------------------------------------
+
+_INS_MANAGE_CHANNEL = 0x70
+_INS_SELECT = 0xA4
+_MAX_CHANNEL = 19
+_SW_OK = b"\x90\x00"
+_SW_CHANNEL_NOT_SUPPORTED = b"\x68\x81"  # TS 102 221 §10.2.1.3
+_SW_FUNCTION_NOT_SUPPORTED = b"\x6a\x81"
+
+
+class ChannelAccess(enum.Enum):
+    """How logical channels are reached on one connection."""
+
+    CSIM = "AT+CSIM"  # MANAGE CHANNEL and CLA channel coding inside AT+CSIM
+    CGLA = "AT+CCHO/AT+CGLA"  # the modem's own channel commands
+
+
+class RouteKind(enum.Enum):
+    CSIM = "AT+CSIM"  # send as is through AT+CSIM
+    CGLA = "AT+CGLA"  # send on the channel's session
+    CCHO = "AT+CCHO"  # open the session (a SELECT by AID on a fresh channel)
+    CCHC = "AT+CCHC"  # close the session; the APDU's answer is 9000
+    LOCAL = "local"  # answered here without the modem
+    NO_BASIC = "no basic channel"  # channel 0 wanted but the modem has no AT+CSIM
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one APDU goes: an AT command line, or ``answer`` (LOCAL)."""
+
+    kind: RouteKind
+    command: str = ""
+    answer: bytes = b""
+    channel: int = 0
+    note: str = ""
+
+
+def channel_of(cla: int) -> int:
+    """TS 102 221 §10.1.1: `0N`/`8N`/`AN` -> N (0..3), `4X`/`CX` -> 4 + X."""
+    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
+
+
+def with_channel(cla: int, channel: int) -> int:
+    """``cla`` moved to ``channel``, keeping its class (ISO or proprietary) and, for `0N`/`8N`,
+    the secure-messaging bits (TS 102 221 §10.1.1)."""
+    proprietary = cla & 0x80
+    if channel <= 3:
+        base = proprietary if cla & 0x40 else cla & 0xFC
+        return base | channel
+    return proprietary | 0x40 | (channel - 4)
+
+
+class ChannelTable:
+    """The card's side of MANAGE CHANNEL, played by the host where only ``AT+CCHO`` opens
+    channels (TS 27.007 §8.43 opens *and* selects, so a bare MANAGE CHANNEL has no AT form).
+
+    "Open" hands out a channel number of its own, bound to no session yet; the SELECT by AID
+    that follows on it becomes ``AT+CCHO``; later APDUs go through ``AT+CGLA`` with the
+    session id in CLA's channel bits (session id = card channel on the modems we know, and
+    modems that set the bits themselves do not mind); "close" is ``AT+CCHC``. Other commands
+    on an unbound channel (UICC file access) have no AT form and answer 6881.
+    """
+
+    def __init__(self) -> None:
+        #: our channel number -> the modem's session id (None: opened, no AID selected yet)
+        self.sessions: dict[int, int | None] = {}
+
+    def route(self, apdu: bytes, *, csim: bool) -> Route:
+        cla, ins, p1, p2 = apdu[:4]
+        number = channel_of(cla)
+        if ins == _INS_MANAGE_CHANNEL and p1 == 0x00:
+            free = next((n for n in range(1, _MAX_CHANNEL + 1) if n not in self.sessions), None)
+            if p2 != 0x00 or free is None:  # a chosen number: the modem's numbering is its own
+                return Route(RouteKind.LOCAL, answer=_SW_FUNCTION_NOT_SUPPORTED)
+            self.sessions[free] = None
+            return Route(RouteKind.LOCAL, answer=bytes([free]) + _SW_OK)
+        if ins == _INS_MANAGE_CHANNEL and p1 == 0x80:
+            target = p2 or number
+            if target not in self.sessions:
+                return Route(RouteKind.LOCAL, answer=_SW_CHANNEL_NOT_SUPPORTED)
+            session = self.sessions.pop(target)
+            if session is None:
+                return Route(RouteKind.LOCAL, answer=_SW_OK)
+            return Route(RouteKind.CCHC, encode_cchc(session), channel=target)
+        if number == 0:
+            if not csim:
+                return Route(RouteKind.NO_BASIC)
+            return Route(RouteKind.CSIM, encode_csim(apdu))
+        if number not in self.sessions:
+            return Route(RouteKind.LOCAL, answer=_SW_CHANNEL_NOT_SUPPORTED)
+        session = self.sessions[number]
+        if session is None:
+            if ins == _INS_SELECT and p1 == 0x04 and len(apdu) > 5 and apdu[4]:
+                aid = apdu[5 : 5 + apdu[4]]
+                return Route(RouteKind.CCHO, encode_ccho(aid), channel=number)
+            note = (
+                f"INS {ins:02X} on channel {number} needs AT+CSIM channel access; this modem "
+                'only opens channels onto an application (set card.uicc_channel = "basic")'
+            )
+            return Route(RouteKind.LOCAL, answer=_SW_CHANNEL_NOT_SUPPORTED, note=note)
+        wire = bytes([with_channel(cla, session)]) + apdu[1:] if session <= _MAX_CHANNEL else apdu
+        return Route(RouteKind.CGLA, encode_cgla(session, wire), channel=number)
+
+    def bind(self, channel: int, session_id: int) -> None:
+        """``AT+CCHO`` for ``channel`` answered ``session_id``."""
+        if self.sessions.get(channel, 0) is not None:
+            raise ModemError(f"channel {channel} is not waiting for a session")
+        self.sessions[channel] = session_id
+
+    def open_sessions(self) -> list[int]:
+        return sorted(s for s in self.sessions.values() if s is not None)

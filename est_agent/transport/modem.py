@@ -1,6 +1,6 @@
 """The SIM behind a cellular modem, reached with AT commands over a serial port (pyserial).
 
-Reader string: ``modem:<port>[?baud=115200&timeout=10]``, e.g. ``modem:/dev/ttyUSB2``.
+Reader string: ``modem:<port>[?baud=115200&timeout=20]``, e.g. ``modem:/dev/ttyUSB2``.
 ``timeout`` (seconds) bounds each APDU's AT round trip: generous by default because key
 generation on a real SIM takes seconds. This module is only the serial loop; every byte is
 encoded and parsed by the pure codec ``est_agent.transport.at``.
@@ -20,15 +20,10 @@ the modem has no ``AT+CSIM``, or refuses a MANAGE CHANNEL sent through it (some 
 logical channels to themselves). That is found out once, at the first MANAGE CHANNEL, and
 remembered for the connection; ``AT+CGLA=?`` is asked only then.
 
-In CGLA mode the transport plays the card's part of MANAGE CHANNEL: "open" answers a channel
-number of its own without talking to the modem; the SELECT by AID that follows on it becomes
-``AT+CCHO`` (a refusal reads as SW 6A82 so the next configured AID is tried); later APDUs on it
-go through ``AT+CGLA`` with the session id in CLA's channel bits; "close" is ``AT+CCHC``.
-Commands other than SELECT by AID on such a channel (UICC files) answer SW 6881: with no
-``AT+CSIM`` channel access, keep them on the basic channel (``card.uicc_channel = "basic"``).
-
-A case-1 APDU (4 bytes) gets P3 = ``00`` over ``AT+CSIM``: the modem forwards a T=0 TPDU, whose
-header is always five bytes (ISO/IEC 7816-3 §12.2.2), and many modems refuse four.
+In CGLA mode ``ChannelTable`` (in the codec) plays the card's part of MANAGE CHANNEL and
+maps each APDU to ``AT+CCHO`` / ``AT+CGLA`` / ``AT+CCHC``; file commands on such a channel have
+no AT form, so keep them on the basic channel there (``card.uicc_channel = "basic"``). Case-1
+APDUs get P3 = ``00`` over ``AT+CSIM`` (``encode_csim``).
 
 61xx / 6Cxx pass through untouched to ``est_agent.card.channel``, as on PC/SC.
 """
@@ -46,9 +41,10 @@ from est_agent.errors import ModemError, NoCardError, TransportError, UsageError
 from est_agent.transport.at import (
     AtReader,
     AtReply,
+    ChannelAccess,
+    ChannelTable,
+    RouteKind,
     encode_cchc,
-    encode_ccho,
-    encode_cgla,
     encode_command,
     encode_csim,
     parse_ccho,
@@ -73,35 +69,9 @@ _READ_POLL_S = 0.2
 _CME_NO_CARD = {10: "SIM not inserted", 13: "SIM failure", 15: "SIM wrong"}
 # ... meaning the modem will not relay this (so another AT command may)
 _CME_REFUSED = {3, 4}
-_MAX_CHANNEL = 19
 _INS_MANAGE_CHANNEL = 0x70
-_INS_SELECT = 0xA4
 _SW_OK = b"\x90\x00"
 _SW_NOT_FOUND = b"\x6a\x82"
-_SW_CHANNEL_NOT_SUPPORTED = b"\x68\x81"
-_SW_FUNCTION_NOT_SUPPORTED = b"\x6a\x81"
-
-
-class ChannelAccess:
-    """How logical channels are reached (decided once per connection)."""
-
-    CSIM = "AT+CSIM"  # MANAGE CHANNEL and CLA channel coding inside AT+CSIM
-    CGLA = "AT+CCHO/AT+CGLA"  # the modem's own channel commands
-
-
-def _channel(cla: int) -> int:
-    """TS 102 221 §10.1.1: `0N`/`8N`/`AN` -> N (0..3), `4X`/`CX` -> 4 + X."""
-    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
-
-
-def _with_channel(cla: int, channel: int) -> int:
-    """``cla`` moved to ``channel``, keeping its class (ISO or proprietary) and, for `0N`/`8N`,
-    the secure-messaging bits (TS 102 221 §10.1.1)."""
-    proprietary = cla & 0x80
-    if channel <= 3:
-        base = proprietary if cla & 0x40 else cla & 0xFC
-        return base | channel
-    return proprietary | 0x40 | (channel - 4)
 
 
 def _serial_module() -> Any:
@@ -155,9 +125,9 @@ class ModemTransport(CardTransport):
         self._broken: str | None = None
         self.csim = False
         self._cgla: bool | None = None  # None: not asked yet
-        self.access: str | None = None  # a ChannelAccess once a logical channel was opened
-        # CGLA mode: our channel number -> the modem's session id (None: opened, no AID yet)
-        self._sessions: dict[int, int | None] = {}
+        #: set at the first MANAGE CHANNEL of a connection
+        self.access: ChannelAccess | None = None
+        self._table = ChannelTable()  # CGLA mode: our channel numbers -> the modem's sessions
         #: AT command round trips (a real modem costs tens of ms each)
         self.at_commands = 0
         #: URCs seen while waiting for answers (the latest few)
@@ -176,7 +146,7 @@ class ModemTransport(CardTransport):
 
     def _connect(self) -> None:
         self._broken = None
-        self._sessions.clear()
+        self._table = ChannelTable()
         self.access = None
         self._cgla = None
         self._serial = self._open_port()
@@ -224,13 +194,13 @@ class ModemTransport(CardTransport):
             raise ModemError(f"cannot open modem port {self.port}: {exc}") from exc
 
     def _close(self) -> None:
-        for number, session in sorted(self._sessions.items()):
-            if session is not None and self._broken is None:
+        for session in self._table.open_sessions():
+            if self._broken is None:
                 try:
                     self.command(encode_cchc(session), _SETUP_TIMEOUT_S, check=False)
                 except TransportError as exc:
-                    log.debug("closing session %d of channel %d: %s", session, number, exc)
-        self._sessions.clear()
+                    log.debug("closing session %d: %s", session, exc)
+        self._table = ChannelTable()
         self._release()
 
     def _release(self) -> None:
@@ -306,19 +276,18 @@ class ModemTransport(CardTransport):
     def _transmit(self, apdu: bytes) -> bytes:
         if len(apdu) < 4:
             raise ModemError(f"not an APDU ({len(apdu)} bytes)")
-        if self.access == ChannelAccess.CGLA:
+        if self.access is ChannelAccess.CGLA:
             return self._transmit_cgla(apdu)
-        is_open = apdu[1] == _INS_MANAGE_CHANNEL and apdu[2] == 0x00
         if not self.csim:
             self.access = ChannelAccess.CGLA
             return self._transmit_cgla(apdu)
+        is_open = apdu[1] == _INS_MANAGE_CHANNEL and apdu[2] == 0x00
         if is_open and self.access is None:
             return self._first_open(apdu)
-        return self._csim(apdu)
+        return self._csim(encode_csim(apdu))
 
-    def _csim(self, apdu: bytes) -> bytes:
-        wire = apdu + b"\x00" if len(apdu) == 4 else apdu
-        reply = self.command(encode_csim(wire))
+    def _csim(self, text: str) -> bytes:
+        reply = self.command(text)
         self._note_urcs(_others(reply, "+CSIM"))
         return parse_csim(reply)
 
@@ -328,13 +297,13 @@ class ModemTransport(CardTransport):
         A refusal is ``+CME ERROR: 3/4`` (operation not allowed / supported, TS 27.007 §9.2.1)
         or a bare ``ERROR`` (``AT+CMEE`` ignored); a silent modem or a garbled answer is not.
         """
-        text = encode_csim(apdu + b"\x00" if len(apdu) == 4 else apdu)
+        text = encode_csim(apdu)
         reply = self.command(text, check=False)
         if reply.ok:
             self.access = ChannelAccess.CSIM
             self._note_urcs(_others(reply, "+CSIM"))
             return parse_csim(reply)
-        if reply.error_code is not None and reply.error_code not in _CME_REFUSED:
+        if not _refusal(reply):
             raise self._error_for(reply, text)
         if not self._has_cgla():
             raise ModemError(
@@ -352,63 +321,35 @@ class ModemTransport(CardTransport):
         return self._cgla
 
     def _transmit_cgla(self, apdu: bytes) -> bytes:
-        cla, ins, p1, p2 = apdu[:4]
-        number = _channel(cla)
-        if ins == _INS_MANAGE_CHANNEL and p1 == 0x00:
-            if p2 != 0x00:  # "open channel P2": we cannot promise the modem's numbering
-                return _SW_FUNCTION_NOT_SUPPORTED
-            free = next((n for n in range(1, _MAX_CHANNEL + 1) if n not in self._sessions), None)
-            if free is None:
-                return _SW_FUNCTION_NOT_SUPPORTED
-            self._sessions[free] = None
-            return bytes([free]) + _SW_OK
-        if ins == _INS_MANAGE_CHANNEL and p1 == 0x80:
-            target = p2 or number
-            if target not in self._sessions:
-                return _SW_CHANNEL_NOT_SUPPORTED
-            session = self._sessions.pop(target)
-            if session is not None:
-                self.command(encode_cchc(session))
-            return _SW_OK
-        if number == 0:
-            if not self.csim:
-                raise ModemError(
-                    f"modem {self.port} has no AT+CSIM: the basic channel is out of reach "
-                    '(set card.uicc_channel = "logical")'
-                )
-            return self._csim(apdu)
-        if number not in self._sessions:
-            return _SW_CHANNEL_NOT_SUPPORTED
-        session = self._sessions[number]
-        if session is None:
-            if ins == _INS_SELECT and p1 == 0x04 and len(apdu) > 5:
-                return self._open_session(number, apdu[5 : 5 + apdu[4]])
-            log.warning(
-                "modem %s: INS %02X on channel %d needs AT+CSIM channel access; this modem "
-                'only opens channels onto an application (set card.uicc_channel = "basic")',
-                self.port,
-                ins,
-                number,
+        route = self._table.route(apdu, csim=self.csim)
+        if route.note:
+            log.warning("modem %s: %s", self.port, route.note)
+        if route.kind is RouteKind.LOCAL:
+            return route.answer
+        if route.kind is RouteKind.NO_BASIC:
+            raise ModemError(
+                f"modem {self.port} has no AT+CSIM: the basic channel is out of reach "
+                '(set card.uicc_channel = "logical")'
             )
-            return _SW_CHANNEL_NOT_SUPPORTED
-        wire = bytes([_with_channel(cla, session)]) + apdu[1:] if session <= _MAX_CHANNEL else apdu
-        reply = self.command(encode_cgla(session, wire))
+        if route.kind is RouteKind.CSIM:
+            return self._csim(route.command)
+        if route.kind is RouteKind.CCHC:
+            self.command(route.command)
+            return _SW_OK
+        if route.kind is RouteKind.CCHO:
+            reply = self.command(route.command, check=False)
+            if not reply.ok:
+                if not _refusal(reply):
+                    raise self._error_for(reply, route.command)
+                # §8.43 gives no status word back: a refused CCHO most often means "no such
+                # AID", so say 6A82 and let the applet layer try its next AID.
+                log.debug("modem %s: AT+CCHO refused (%s)", self.port, reply.describe())
+                return _SW_NOT_FOUND
+            self._table.bind(route.channel, parse_ccho(reply))
+            return _SW_OK
+        reply = self.command(route.command)
         self._note_urcs(_others(reply, "+CGLA"))
         return parse_cgla(reply)
-
-    def _open_session(self, number: int, aid: bytes) -> bytes:
-        try:
-            reply = self.command(encode_ccho(aid))
-        except NoCardError:
-            raise
-        except ModemError as exc:
-            if self._broken is not None:
-                raise
-            # TS 27.007 §8.43 gives no SW back: a refused CCHO is most often "no such AID".
-            log.debug("AT+CCHO %s refused: %s", aid.hex().upper(), exc)
-            return _SW_NOT_FOUND
-        self._sessions[number] = parse_ccho(reply)
-        return _SW_OK
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -426,6 +367,11 @@ class ModemTransport(CardTransport):
         """``AT+CIMI`` (TS 27.007 §5.6)."""
         self.connect()
         return parse_digits(self.command("AT+CIMI"), ("+CIMI",))
+
+
+def _refusal(reply: AtReply) -> bool:
+    """Did the modem decline the command (rather than report the SIM gone or busy)?"""
+    return reply.error_code is None or reply.error_code in _CME_REFUSED
 
 
 def _others(reply: AtReply, prefix: str) -> list[str]:

@@ -13,7 +13,10 @@ from est_agent.transport.at import (
     MAX_BUFFER,
     AtReader,
     AtReply,
+    ChannelTable,
     FinalResult,
+    RouteKind,
+    channel_of,
     encode_cchc,
     encode_ccho,
     encode_cgla,
@@ -24,6 +27,7 @@ from est_agent.transport.at import (
     parse_csim,
     parse_digits,
     parse_hex,
+    with_channel,
 )
 
 CSIM = 'AT+CSIM=10,"00A4040000"'
@@ -283,3 +287,61 @@ def test_garbage_never_escapes_as_another_exception(garbage: bytes) -> None:
         return
     with contextlib.suppress(ModemError):
         parse_csim(reply)
+
+
+# -- CGLA mode: the host's side of MANAGE CHANNEL, as a table --------------------------------
+
+
+def test_case_1_apdu_gets_p3_over_csim() -> None:
+    assert encode_csim(bytes.fromhex("00708001")) == 'AT+CSIM=10,"0070800100"'
+
+
+def test_channel_table_walk() -> None:
+    table = ChannelTable()
+    opened = table.route(bytes.fromhex("0070000001"), csim=True)
+    assert (opened.kind, opened.answer) == (RouteKind.LOCAL, b"\x01\x90\x00")
+    select = table.route(bytes.fromhex("01A4040007A0000005590010"), csim=True)
+    assert (select.kind, select.command, select.channel) == (
+        RouteKind.CCHO,
+        'AT+CCHO="A0000005590010"',
+        1,
+    )
+    table.bind(1, 3)  # the modem's session id differs from our channel number
+    command = table.route(bytes.fromhex("81CB000000"), csim=True)
+    # CLA now addresses the session's channel (8N proprietary class kept)
+    assert (command.kind, command.command) == (RouteKind.CGLA, 'AT+CGLA=3,10,"83CB000000"')
+    assert table.open_sessions() == [3]
+    basic = table.route(bytes.fromhex("00B0000010"), csim=True)
+    assert (basic.kind, basic.command) == (RouteKind.CSIM, 'AT+CSIM=10,"00B0000010"')
+    assert table.route(bytes.fromhex("00B0000010"), csim=False).kind is RouteKind.NO_BASIC
+    close = table.route(bytes.fromhex("00708001"), csim=True)
+    assert (close.kind, close.command) == (RouteKind.CCHC, "AT+CCHC=3")
+    assert table.sessions == {}
+    again = table.route(bytes.fromhex("00708001"), csim=True)
+    assert (again.kind, again.answer) == (RouteKind.LOCAL, b"\x68\x81")
+
+
+def test_channel_table_refusals() -> None:
+    table = ChannelTable()
+    assert table.route(bytes.fromhex("0070000201"), csim=True).answer == b"\x6a\x81"
+    table.route(bytes.fromhex("0070000001"), csim=True)
+    files = table.route(bytes.fromhex("01A40804047FF06F01"), csim=True)
+    assert files.answer == b"\x68\x81" and "uicc_channel" in files.note
+    assert table.route(bytes.fromhex("02B0000010"), csim=True).answer == b"\x68\x81"
+    # closing an unbound channel needs no modem
+    assert table.route(bytes.fromhex("0070800100"), csim=True).answer == b"\x90\x00"
+    for expected in range(1, 20):
+        assert table.route(bytes.fromhex("0070000001"), csim=True).answer[0] == expected
+    assert table.route(bytes.fromhex("0070000001"), csim=True).answer == b"\x6a\x81"
+    table.bind(5, 5)
+    with pytest.raises(ModemError):
+        table.bind(5, 6)
+
+
+@given(cla=st.sampled_from([0x00, 0x80, 0xA0, 0x40, 0xC0, 0x04, 0x88]), channel=st.integers(0, 19))
+def test_with_channel_keeps_the_class(cla: int, channel: int) -> None:
+    moved = with_channel(cla, channel)
+    assert channel_of(moved) == channel
+    assert moved & 0x80 == cla & 0x80  # proprietary stays proprietary
+    if channel <= 3 and not cla & 0x40:
+        assert moved & 0xFC == cla & 0xFC  # class and secure-messaging bits untouched
