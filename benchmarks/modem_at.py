@@ -4,8 +4,9 @@ Against one `est-testserver` on 127.0.0.1 with a fresh virtual SIM per run, the 
 this process (``Agent.enroll``) through ``est-agent``'s emulated modem (est_agent/sim/modem.py,
 served in a thread). Per mode it reports:
 
-- APDUs and AT commands (round trips) per enrollment, and what the AT framing adds: setup
-  commands, serial bytes in both directions vs the APDU bytes they carry (hex doubles them);
+- APDUs and AT commands (round trips) per enrollment, and what the AT framing adds: ``extra``
+  = AT commands - APDUs (setup, probes; CGLA mode answers MANAGE CHANNEL open without the
+  modem), serial bytes in both directions vs the APDU bytes they carry (hex doubles them);
 - the card-link time (the transport's own clock, ``LinkStats.seconds``) and the wall time of the
   whole enrollment, with no added latency and with ``--latency-ms`` (default 80 ms) before every
   modem answer, which is what a real modem's AT+CSIM round trip costs;
@@ -134,7 +135,7 @@ def main() -> int:
             capture_output=True,
         )
         url = stack.enter_context(running_test_server(base))
-        print(f"{'mode':18} {'APDUs':>5} {'AT':>4} {'setup':>5} {'APDU B':>7} {'serial B':>8} "
+        print(f"{'mode':18} {'APDUs':>5} {'AT':>4} {'extra':>5} {'APDU B':>7} {'serial B':>8} "
               f"{'x':>5} {'link ms':>8} {'wall ms':>8} {'sigs':>4}")  # fmt: skip
         for name, quirks, extra in modes:
             r = enroll_once(base, url, name.replace("/", "-").replace(" ", "-"), quirks, extra)

@@ -7,7 +7,8 @@ likely to pass. Answered: ``AT``, ``ATE0``/``ATE1`` (V.250 §6.2.4), ``AT+CMEE``
 ``ERROR``, 1 numeric, 2 verbose ``+CME ERROR``), ``AT+CSIM`` (§8.17), ``AT+CCHO`` (§8.43: MANAGE
 CHANNEL + SELECT by AID on the card, session id = channel number), ``AT+CCHC`` (§8.44),
 ``AT+CGLA`` (§8.45: strict, the CLA must address the session's channel), ``AT+CIMI`` (§5.6),
-``AT+CGSN`` (§5.4), ``AT+CCID`` (vendor, common) and the ``=?`` test forms.
+``AT+CGSN`` (§5.4), ``AT+CCID`` (vendor, common) and the ``=?`` test forms, several on one
+line as V.250 §5.4.1 allows (``ATE0+CMEE=1``).
 
 Quirks seen on real modems, each switchable (``ModemQuirks``): echo that ``ATE0`` does not turn
 off, URCs injected between a command and its answer, no ``AT+CCHO``/``AT+CGLA``/``AT+CCHC``,
@@ -92,6 +93,8 @@ _CGLA = re.compile(r'^\+CGLA=(\d+),(\d+),"?([0-9A-Fa-f]*)"?$')
 _CCHO = re.compile(r'^\+CCHO="?([0-9A-Fa-f]{10,32})"?$')
 _CCHC = re.compile(r"^\+CCHC=(\d+)$")
 _CMEE = re.compile(r"^\+CMEE=([012])$")
+_BASIC = re.compile(r"^(?:&?[A-Za-z]\d*)*")  # V.250 §5.3.1 basic syntax commands
+_BASIC_ONE = re.compile(r"&?[A-Za-z]\d*")
 
 
 def _card_channel(cla: int) -> int:
@@ -172,16 +175,34 @@ class EmulatedModem:
             return self.card.process(apdu)
 
     def _execute(self, line: str) -> list[str] | None:
-        """Information lines of a successful command, None for ERROR (or raise _CmeError)."""
-        upper = line.upper()
-        if not upper.startswith("AT"):
+        """Information lines of a successful command line, None for ERROR (or raise _CmeError).
+
+        V.250 §5.4.1: basic commands (``E0``) first, then extended ones (``+CMEE=1``) separated
+        by ``;``; the first failing command ends the line with its error.
+        """
+        if not line.upper().startswith("AT"):
             return None
         body = line[2:]
-        head = body.upper()
-        if head == "":
-            return []
+        basic = _BASIC.match(body)
+        assert basic is not None  # the pattern matches the empty string
+        rest = body[basic.end() :]
+        if rest and not rest.startswith("+"):
+            return None
+        info: list[str] = []
+        commands = _BASIC_ONE.findall(basic.group(0)) + (rest.split(";") if rest else [])
+        for command in commands:
+            answer = self._execute_one(command)
+            if answer is None:
+                return None
+            info += answer
+        return info
+
+    def _execute_one(self, command: str) -> list[str] | None:
+        head = command.upper()
         if head in ("E", "E0", "E1"):
             self.echo = head == "E1"
+            return []
+        if head in ("V1", "Q0"):  # verbose result codes, results not suppressed: the defaults
             return []
         if head in ("+CSIM=?", "+CMEE=?"):
             return []

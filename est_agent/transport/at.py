@@ -355,7 +355,6 @@ class RouteKind(enum.Enum):
     CCHO = "AT+CCHO"  # open the session (a SELECT by AID on a fresh channel)
     CCHC = "AT+CCHC"  # close the session; the APDU's answer is 9000
     LOCAL = "local"  # answered here without the modem
-    NO_BASIC = "no basic channel"  # channel 0 wanted but the modem has no AT+CSIM
 
 
 @dataclass(frozen=True)
@@ -399,7 +398,7 @@ class ChannelTable:
         #: our channel number -> the modem's session id (None: opened, no AID selected yet)
         self.sessions: dict[int, int | None] = {}
 
-    def route(self, apdu: bytes, *, csim: bool) -> Route:
+    def route(self, apdu: bytes) -> Route:
         cla, ins, p1, p2 = apdu[:4]
         number = channel_of(cla)
         if ins == _INS_MANAGE_CHANNEL and p1 == 0x00:
@@ -416,9 +415,7 @@ class ChannelTable:
             if session is None:
                 return Route(RouteKind.LOCAL, answer=_SW_OK)
             return Route(RouteKind.CCHC, encode_cchc(session), channel=target)
-        if number == 0:
-            if not csim:
-                return Route(RouteKind.NO_BASIC)
+        if number == 0:  # the basic channel needs no session: AT+CSIM, if the modem has it
             return Route(RouteKind.CSIM, encode_csim(apdu))
         if number not in self.sessions:
             return Route(RouteKind.LOCAL, answer=_SW_CHANNEL_NOT_SUPPORTED)

@@ -5,10 +5,11 @@ Reader string: ``modem:<port>[?baud=115200&timeout=20]``, e.g. ``modem:/dev/ttyU
 generation on a real SIM takes seconds. This module is only the serial loop; every byte is
 encoded and parsed by the pure codec ``est_agent.transport.at``.
 
-Connecting costs three round trips: ``ATE0`` (V.250 §6.2.4: no echo; echo is still recognised
-if the modem ignores it), ``AT+CMEE=1`` (TS 27.007 §9.1: numeric ``+CME ERROR`` codes instead
-of a bare ``ERROR``; a failure here is ignored) and ``AT+CSIM=?`` (§8.17: is generic SIM access
-there at all).
+Connecting costs one round trip: ``ATE0+CMEE=1`` (a basic and an extended command on one line,
+V.250 §5.4.1): no echo (V.250 §6.2.4; echo is still recognised if the modem ignores it) and
+numeric ``+CME ERROR`` codes instead of a bare ``ERROR`` (TS 27.007 §9.1). A modem refusing the
+pair gets ``ATE0`` alone. ``AT+CSIM=?`` is not asked: the first APDU tells, and each probe would
+cost a round trip on every connection (``run`` with nothing due needs only a few APDUs).
 
 Which AT command carries an APDU, and why. ``CardSession`` opens logical channels itself with
 MANAGE CHANNEL and codes the channel in CLA (TS 102 221 §10.1.1, §11.1.17), so the simplest
@@ -123,7 +124,6 @@ class ModemTransport(CardTransport):
         self._factory = serial_factory
         self._serial: Any = None
         self._broken: str | None = None
-        self.csim = False
         self._cgla: bool | None = None  # None: not asked yet
         #: set at the first MANAGE CHANNEL of a connection
         self.access: ChannelAccess | None = None
@@ -151,18 +151,12 @@ class ModemTransport(CardTransport):
         self._cgla = None
         self._serial = self._open_port()
         try:
-            self.command("ATE0", _SETUP_TIMEOUT_S)
-            self.command("AT+CMEE=1", _SETUP_TIMEOUT_S, check=False)
-            self.csim = self.command("AT+CSIM=?", _SETUP_TIMEOUT_S, check=False).ok
-            if not self.csim and not self._has_cgla():
-                raise ModemError(
-                    f"modem {self.port} offers neither AT+CSIM nor AT+CGLA (TS 27.007 §8.17, "
-                    "§8.45): no way to reach the SIM"
-                )
+            if not self.command("ATE0+CMEE=1", _SETUP_TIMEOUT_S, check=False).ok:
+                # no +CMEE, or no concatenation: bare ERRORs then, but at least no echo
+                self.command("ATE0", _SETUP_TIMEOUT_S)
         except BaseException:
             self._release()
             raise
-        log.debug("modem %s: AT+CSIM %s", self.port, "yes" if self.csim else "no")
 
     def _open_port(self) -> Any:
         if self._factory is not None:
@@ -278,9 +272,6 @@ class ModemTransport(CardTransport):
             raise ModemError(f"not an APDU ({len(apdu)} bytes)")
         if self.access is ChannelAccess.CGLA:
             return self._transmit_cgla(apdu)
-        if not self.csim:
-            self.access = ChannelAccess.CGLA
-            return self._transmit_cgla(apdu)
         is_open = apdu[1] == _INS_MANAGE_CHANNEL and apdu[2] == 0x00
         if is_open and self.access is None:
             return self._first_open(apdu)
@@ -321,16 +312,11 @@ class ModemTransport(CardTransport):
         return self._cgla
 
     def _transmit_cgla(self, apdu: bytes) -> bytes:
-        route = self._table.route(apdu, csim=self.csim)
+        route = self._table.route(apdu)
         if route.note:
             log.warning("modem %s: %s", self.port, route.note)
         if route.kind is RouteKind.LOCAL:
             return route.answer
-        if route.kind is RouteKind.NO_BASIC:
-            raise ModemError(
-                f"modem {self.port} has no AT+CSIM: the basic channel is out of reach "
-                '(set card.uicc_channel = "logical")'
-            )
         if route.kind is RouteKind.CSIM:
             return self._csim(route.command)
         if route.kind is RouteKind.CCHC:

@@ -151,8 +151,8 @@ def test_iotsafe_operations(mode: str, start_modem: StartModem, sim: Path) -> No
     expected = ChannelAccess.CGLA if mode in CGLA_MODES else ChannelAccess.CSIM
     assert transport.access == expected
     if expected == ChannelAccess.CSIM:
-        # frugal: ATE0, AT+CMEE=1, AT+CSIM=? and then exactly one AT+CSIM per APDU
-        assert transport.at_commands == 3 + transport.stats.apdus
+        # frugal: ATE0+CMEE=1, then exactly one AT+CSIM per APDU
+        assert transport.at_commands == 1 + transport.stats.apdus
     assert transport.at_commands == modem.modem.commands
     if quirks.urc:
         assert transport.urcs, "URCs were injected but none was seen"
@@ -170,7 +170,7 @@ def test_iotsafe_operations(mode: str, start_modem: StartModem, sim: Path) -> No
 def test_modem_that_stops_answering(
     start_modem: StartModem, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    modem = start_modem(ModemQuirks(hang_after=6))  # setup (3) + a few APDUs, then silence
+    modem = start_modem(ModemQuirks(hang_after=4))  # setup (1) + a few APDUs, then silence
     started = time.monotonic()
     code, _, err = run_cli(capsys, "card", "info", "--reader", f"modem:{modem.device}?timeout=0.4")
     assert code == 69

@@ -298,41 +298,40 @@ def test_case_1_apdu_gets_p3_over_csim() -> None:
 
 def test_channel_table_walk() -> None:
     table = ChannelTable()
-    opened = table.route(bytes.fromhex("0070000001"), csim=True)
+    opened = table.route(bytes.fromhex("0070000001"))
     assert (opened.kind, opened.answer) == (RouteKind.LOCAL, b"\x01\x90\x00")
-    select = table.route(bytes.fromhex("01A4040007A0000005590010"), csim=True)
+    select = table.route(bytes.fromhex("01A4040007A0000005590010"))
     assert (select.kind, select.command, select.channel) == (
         RouteKind.CCHO,
         'AT+CCHO="A0000005590010"',
         1,
     )
     table.bind(1, 3)  # the modem's session id differs from our channel number
-    command = table.route(bytes.fromhex("81CB000000"), csim=True)
+    command = table.route(bytes.fromhex("81CB000000"))
     # CLA now addresses the session's channel (8N proprietary class kept)
     assert (command.kind, command.command) == (RouteKind.CGLA, 'AT+CGLA=3,10,"83CB000000"')
     assert table.open_sessions() == [3]
-    basic = table.route(bytes.fromhex("00B0000010"), csim=True)
+    basic = table.route(bytes.fromhex("00B0000010"))
     assert (basic.kind, basic.command) == (RouteKind.CSIM, 'AT+CSIM=10,"00B0000010"')
-    assert table.route(bytes.fromhex("00B0000010"), csim=False).kind is RouteKind.NO_BASIC
-    close = table.route(bytes.fromhex("00708001"), csim=True)
+    close = table.route(bytes.fromhex("00708001"))
     assert (close.kind, close.command) == (RouteKind.CCHC, "AT+CCHC=3")
     assert table.sessions == {}
-    again = table.route(bytes.fromhex("00708001"), csim=True)
+    again = table.route(bytes.fromhex("00708001"))
     assert (again.kind, again.answer) == (RouteKind.LOCAL, b"\x68\x81")
 
 
 def test_channel_table_refusals() -> None:
     table = ChannelTable()
-    assert table.route(bytes.fromhex("0070000201"), csim=True).answer == b"\x6a\x81"
-    table.route(bytes.fromhex("0070000001"), csim=True)
-    files = table.route(bytes.fromhex("01A40804047FF06F01"), csim=True)
+    assert table.route(bytes.fromhex("0070000201")).answer == b"\x6a\x81"
+    table.route(bytes.fromhex("0070000001"))
+    files = table.route(bytes.fromhex("01A40804047FF06F01"))
     assert files.answer == b"\x68\x81" and "uicc_channel" in files.note
-    assert table.route(bytes.fromhex("02B0000010"), csim=True).answer == b"\x68\x81"
+    assert table.route(bytes.fromhex("02B0000010")).answer == b"\x68\x81"
     # closing an unbound channel needs no modem
-    assert table.route(bytes.fromhex("0070800100"), csim=True).answer == b"\x90\x00"
+    assert table.route(bytes.fromhex("0070800100")).answer == b"\x90\x00"
     for expected in range(1, 20):
-        assert table.route(bytes.fromhex("0070000001"), csim=True).answer[0] == expected
-    assert table.route(bytes.fromhex("0070000001"), csim=True).answer == b"\x6a\x81"
+        assert table.route(bytes.fromhex("0070000001")).answer[0] == expected
+    assert table.route(bytes.fromhex("0070000001")).answer == b"\x6a\x81"
     table.bind(5, 5)
     with pytest.raises(ModemError):
         table.bind(5, 6)

@@ -99,13 +99,13 @@ def test_setup_then_one_at_command_per_apdu(tmp_path: Path, sim_file: bytes) -> 
     transport, port, _ = emulated(tmp_path, sim_file)
     session = CardSession(transport)
     transport.connect()
-    assert port.sent == ["ATE0", "AT+CMEE=1", "AT+CSIM=?"]
+    assert port.sent == ["ATE0+CMEE=1"]
     channel = session.open_channel()
     iccid = decode_iccid(UiccFiles(channel).read(EF_ICCID))
     session.close()
     assert iccid == ICCID
     assert transport.access == ChannelAccess.CSIM
-    assert transport.at_commands == 3 + transport.stats.apdus
+    assert transport.at_commands == 1 + transport.stats.apdus
     # a case-1 APDU (MANAGE CHANNEL close) goes out with P3 = 00 (T=0 TPDU header)
     assert port.sent[-1] == 'AT+CSIM=10,"0070800100"'
     assert port.closed
@@ -158,12 +158,21 @@ def test_file_commands_on_a_ccho_only_channel_get_6881(tmp_path: Path, sim_file:
     session.close()
 
 
-def test_neither_csim_nor_cgla(tmp_path: Path) -> None:
-    port = scripted({"AT+CSIM=?": "\r\nERROR\r\n", "AT+CGLA=?": "\r\nERROR\r\n"})
+def test_neither_csim_nor_cgla() -> None:
+    port = scripted({"AT+CSIM=": "\r\nERROR\r\n", "AT+CGLA=?": "\r\nERROR\r\n"})
     transport = ModemTransport("/dev/fake", serial_factory=lambda: port)
-    with pytest.raises(ModemError, match=r"neither AT\+CSIM nor AT\+CGLA"):
-        transport.connect()
-    assert port.closed
+    with pytest.raises(
+        ModemError, match=r"refuses MANAGE CHANNEL in AT\+CSIM \(ERROR\) and has no"
+    ):
+        CardSession(transport).open_channel()
+    assert port.sent[1:] == ['AT+CSIM=10,"0070000001"', "AT+CGLA=?"]
+
+
+def test_modem_without_cmee_still_gets_echo_off() -> None:
+    port = scripted({"ATE0+CMEE=1": "ATE0+CMEE=1\r\r\nERROR\r\n"})
+    transport = ModemTransport("/dev/fake", serial_factory=lambda: port)
+    transport.connect()
+    assert port.sent == ["ATE0+CMEE=1", "ATE0"]
 
 
 @pytest.mark.parametrize(
@@ -191,7 +200,7 @@ def test_cme_errors_are_typed(answer: str, error: type[Exception], code: int | N
 
 
 def test_silent_modem_times_out_and_poisons_the_link(tmp_path: Path, sim_file: bytes) -> None:
-    transport, port, _ = emulated(tmp_path, sim_file, ModemQuirks(hang_after=3))
+    transport, port, _ = emulated(tmp_path, sim_file, ModemQuirks(hang_after=1))
     transport.connect()
     with pytest.raises(ModemError, match=r"did not answer AT\+CSIM within 0\.2 s"):
         transport.transmit(bytes.fromhex("0070000001"))
@@ -221,3 +230,18 @@ def test_missing_port_names_it(tmp_path: Path) -> None:
     transport = open_transport(f"modem:{missing}")
     with pytest.raises(ModemError, match=f"cannot open modem port {missing}: no such port"):
         transport.connect()
+
+
+def test_emulated_modem_dialogue(tmp_path: Path, sim_file: bytes) -> None:
+    _, _, modem = emulated(tmp_path, sim_file, ModemQuirks(imei="490154203237518"))
+    # echo is on until ATE0 (V.250 factory default); one line may carry several commands
+    assert (
+        modem.handle("ATE0+CMEE=1;+CGSN") == b"ATE0+CMEE=1;+CGSN\r\r\n490154203237518\r\n\r\nOK\r\n"
+    )
+    assert modem.handle("AT") == b"\r\nOK\r\n"
+    assert modem.handle("ATX9") == b"\r\nERROR\r\n"
+    assert modem.handle("AT+CCHC=4") == b"\r\n+CME ERROR: 21\r\n"
+    assert modem.handle("AT+CMEE=2;+CCHC=4") == b"\r\n+CME ERROR: invalid index\r\n"
+    # the length counts hex characters; a byte count is refused
+    assert modem.handle('AT+CSIM=5,"0070000001"') == b"\r\n+CME ERROR: operation not allowed\r\n"
+    assert modem.handle('AT+CSIM=10,"0070000001"') == b'\r\n+CSIM: 6,"019000"\r\n\r\nOK\r\n'
