@@ -37,6 +37,8 @@ from est_agent.sim.transport import SimTransport
 from est_agent.store import HEADER_SIZE, decode_header
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.modem import ChannelAccess, ModemTransport
+from est_agent.transport.pcsc import PcscTransport
+from tests.integration.conftest import Cards
 from tests.workflow.conftest import Device
 
 pytestmark = pytest.mark.integration
@@ -321,6 +323,14 @@ def test_enroll_through_the_modem(
     code, out, err = run_cli(capsys, "enroll", "--config", str(device.config), "--json")
     assert code == 0, err
     assert json.loads(out)["outcome"] == "already-enrolled"
+    # and the timer's fast path (one record header) works through it too
+    before = modem.modem.commands
+    code, out, err = run_cli(capsys, "run", "--config", str(device.config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["outcome"] == "not-due"
+    fast = modem.modem.commands - before
+    print(f"run (not due) through the modem, {mode}: {fast} AT commands")
+    assert 0 < fast <= (12 if t0 else 7), fast
 
 
 def test_imei_subject_template_is_filled_from_the_modem(
@@ -353,3 +363,28 @@ def test_imei_subject_template_is_filled_from_the_modem(
     serial = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
     assert [a.value for a in serial] == ["IMEI:490154203237518"]
     assert [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == [ICCID]
+
+
+def test_one_card_through_the_modem_and_pcscd(cards: Cards, sim: Path, tmp_path: Path) -> None:
+    """``sim serve --vpcd ... --modem-pty``: the same card behind both links."""
+    link = tmp_path / "ttyBOTH"
+    cards.sim_process(sim, "--modem-pty", str(link))
+    deadline = time.monotonic() + 10
+    while not link.is_symlink():
+        assert time.monotonic() < deadline, "no pty link"
+        time.sleep(0.05)
+    session = CardSession(ModemTransport(str(link), timeout_s=5))
+    try:
+        applet = IotSafeApplet.open(session)
+        generated = applet.generate_key_pair(OP_A_KEY)
+    finally:
+        session.close()
+    session = CardSession(PcscTransport(cards.reader()))
+    try:
+        applet = IotSafeApplet.open(session)
+        point = CardSigner.from_card(applet, OP_A_KEY).public_key()
+    finally:
+        session.close()
+    assert point.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) == (
+        generated.public_point
+    )
