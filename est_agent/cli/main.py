@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--reader",
         default=DEFAULT_READER,
-        help="pcsc:[NAME] (default: first reader with a card) or sim:STATE_FILE",
+        help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
     )
     info.add_argument(
         "--aid",
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     csr = commands.add_parser(
         "csr", parents=[common], help="print a PEM CSR signed by a key inside the card"
     )
-    csr.add_argument("--reader", default=DEFAULT_READER, help="pcsc:[NAME] or sim:STATE_FILE")
+    csr.add_argument(
+        "--reader", default=DEFAULT_READER, help="pcsc:[NAME], sim:STATE_FILE or modem:PORT"
+    )
     csr.add_argument("--key", required=True, metavar="URI", help="e.g. iotsafe:key-id=02")
     csr.add_argument("--subject", required=True, help='RFC 4514 DN, e.g. "CN=dev-1,O=Acme"')
     csr.add_argument(
