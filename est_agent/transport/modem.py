@@ -40,6 +40,7 @@ from urllib.parse import parse_qs
 
 from est_agent.errors import ModemError, NoCardError, TransportError, UsageError
 from est_agent.transport.at import (
+    CME_ERRORS,
     AtReader,
     AtReply,
     ChannelAccess,
@@ -67,7 +68,8 @@ _SETUP_TIMEOUT_S = 3.0
 _READ_POLL_S = 0.2
 
 # TS 27.007 §9.2.1 codes meaning the card is not there (or not usable at all)
-_CME_NO_CARD = {10: "SIM not inserted", 13: "SIM failure", 15: "SIM wrong"}
+_CME_NO_CARD = {10, 13, 15}  # SIM not inserted, SIM failure, SIM wrong
+_CME_MEANING = {code: text for text, code in CME_ERRORS.items()}
 # ... meaning the modem will not relay this (so another AT command may)
 _CME_REFUSED = {3, 4}
 _INS_MANAGE_CHANNEL = 0x70
@@ -258,10 +260,12 @@ class ModemTransport(CardTransport):
     def _error_for(self, reply: AtReply, text: str) -> TransportError:
         what = f"modem {self.port}: {_name(text)} answered {reply.describe()}"
         code = reply.error_code
+        meaning = _CME_MEANING.get(code) if code is not None else None
+        if meaning and reply.error_text.isdigit():  # numeric: say what it means
+            what += f" ({meaning})"
         if code in _CME_NO_CARD:
-            cause = ModemError(what, cme_error=code)
-            error: TransportError = NoCardError(f"{what} ({_CME_NO_CARD[code]})")
-            error.__cause__ = cause
+            error: TransportError = NoCardError(what)
+            error.__cause__ = ModemError(what, cme_error=code)
             return error
         return ModemError(what, cme_error=code)
 

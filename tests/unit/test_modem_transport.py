@@ -196,6 +196,8 @@ def test_cme_errors_are_typed(answer: str, error: type[Exception], code: int | N
     carrier = exc if isinstance(exc, ModemError) else exc.__cause__
     assert isinstance(carrier, ModemError) and carrier.cme_error == code
     assert "/dev/fake" in str(exc) and "AT+CSIM" in str(exc)
+    if code == 10:
+        assert "sim not inserted" in str(exc).lower()
     assert "80CA" not in str(exc)  # APDUs stay out of messages
 
 
