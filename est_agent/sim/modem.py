@@ -8,7 +8,7 @@ likely to pass. Answered: ``AT``, ``ATE0``/``ATE1`` (V.250 §6.2.4), ``AT+CMEE``
 CHANNEL + SELECT by AID on the card, session id = channel number), ``AT+CCHC`` (§8.44),
 ``AT+CGLA`` (§8.45: strict, the CLA must address the session's channel), ``AT+CIMI`` (§5.6),
 ``AT+CGSN`` (§5.4), ``AT+CCID`` (vendor, common) and the ``=?`` test forms, several on one
-line as V.250 §5.4.1 allows (``ATE0+CMEE=1``).
+line as V.250 §5.4, §5.6 allows (``ATE0+CMEE=1``).
 
 Quirks seen on real modems, each switchable (``ModemQuirks``): echo that ``ATE0`` does not turn
 off, URCs injected between a command and its answer, no ``AT+CCHO``/``AT+CGLA``/``AT+CCHC``,
@@ -177,7 +177,7 @@ class EmulatedModem:
     def _execute(self, line: str) -> list[str] | None:
         """Information lines of a successful command line, None for ERROR (or raise _CmeError).
 
-        V.250 §5.4.1: basic commands (``E0``) first, then extended ones (``+CMEE=1``) separated
+        V.250 §5.4, §5.6: basic commands (``E0``) first, then extended ones (``+CMEE=1``) separated
         by ``;``; the first failing command ends the line with its error.
         """
         if not line.upper().startswith("AT"):

@@ -23,6 +23,9 @@ Hex in ``+CSIM``/``+CGLA`` (TS 27.007 §8.17, §8.45): the ``<length>`` counts *
 of the hex string (twice the bytes), and is checked against the data; quotes are optional in
 practice, case varies, and some modems space out the hex. All of that is accepted; an odd or
 non-hex string, or a length that disagrees, is a ``ModemError``.
+
+``ChannelTable`` decides, per APDU, which AT command carries it where only ``AT+CCHO`` /
+``AT+CGLA`` / ``AT+CCHC`` (§8.43-§8.45) reach logical channels.
 """
 
 from __future__ import annotations

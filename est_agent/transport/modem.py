@@ -6,7 +6,7 @@ generation on a real SIM takes seconds. This module is only the serial loop; eve
 encoded and parsed by the pure codec ``est_agent.transport.at``.
 
 Connecting costs one round trip: ``ATE0+CMEE=1`` (a basic and an extended command on one line,
-V.250 §5.4.1): no echo (V.250 §6.2.4; echo is still recognised if the modem ignores it) and
+V.250 §5.4, §5.6): no echo (V.250 §6.2.4; echo is still recognised if the modem ignores it) and
 numeric ``+CME ERROR`` codes instead of a bare ``ERROR`` (TS 27.007 §9.1). A modem refusing the
 pair gets ``ATE0`` alone. ``AT+CSIM=?`` is not asked: the first APDU tells, and each probe would
 cost a round trip on every connection (``run`` with nothing due needs only a few APDUs).
