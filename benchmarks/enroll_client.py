@@ -110,6 +110,11 @@ def child(args: argparse.Namespace) -> int:
             }
         )
     )
+    # As `est-agent` does before its process exits (est_agent/cli/main.py): no garbage
+    # collection over every object during interpreter shutdown (~40 ms).
+    import gc
+
+    gc.freeze()
     return 0
 
 
