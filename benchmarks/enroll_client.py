@@ -185,6 +185,15 @@ test -s cert.b64
     return ["sh", "-c", script]
 
 
+def compile_package() -> None:
+    """Byte-compile est_agent first, as an installed package is (pip, the Dockerfile): with
+    PYTHONDONTWRITEBYTECODE set, as on these machines, every child would otherwise compile the
+    package from source (~45 ms, ~0.8 MiB) and the figures would measure the compiler."""
+    import compileall
+
+    compileall.compile_dir(str(REPO / "est_agent"), quiet=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -201,6 +210,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is needed for the baseline", file=sys.stderr)
             return 69
+    compile_package()
 
     from est_agent.sim.personalize import personalize
     from est_agent.testserver.pki import generate_dev_pki, load_dev_pki
