@@ -136,33 +136,6 @@ def _run(argv: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, out.decode()
 
 
-def _start_server(pki: Path, work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = work / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "est_agent.testserver.cli",
-            "serve",
-            "--pki",
-            str(pki),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "--quiet",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 15
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("est-testserver did not start")
-        time.sleep(0.02)
-    return proc, int(port_file.read_text())
-
-
 def _curl_script(work: Path, pki: Path, url: str, tls: str) -> list[str]:
     # The same work as the card run, with files: a new key, a CSR, then one curl process that
     # fetches /cacerts and POSTs the CSR over the reused connection (--next).
@@ -213,6 +186,7 @@ def main() -> int:
     compile_package()
 
     from est_agent.sim.personalize import personalize
+    from est_agent.testserver.launch import running_test_server
     from est_agent.testserver.pki import generate_dev_pki, load_dev_pki
 
     with tempfile.TemporaryDirectory(prefix="enroll-bench-") as tmp:
@@ -223,10 +197,9 @@ def main() -> int:
         template = work / "sim-template.json"
         ca = pki.bootstrap_ca
         personalize(template, bootstrap_ca=(ca.certificate, ca.key))
-        server, port = _start_server(pki_dir, work)
-        url = f"https://127.0.0.1:{port}"
         results: dict[str, dict[str, Any]] = {}
-        try:
+        with running_test_server(pki_dir, work) as server:
+            url = f"https://127.0.0.1:{server.port}"
             for tls in ("1.2", "1.3"):
                 card_runs: list[dict[str, Any]] = []
                 curl_runs: list[tuple[float, float]] = []
@@ -255,9 +228,6 @@ def main() -> int:
                     c_wall, c_rss, _ = _run(_curl_script(curl_dir, pki_dir, url, tls))
                     curl_runs.append((c_wall, c_rss))
                 results[tls] = _summarise(card_runs, curl_runs)
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

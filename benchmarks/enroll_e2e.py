@@ -30,9 +30,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from est_agent.sim.demo import running_test_server, write_demo_config  # noqa: E402
+from est_agent.sim.demo import write_demo_config  # noqa: E402
 from est_agent.sim.personalize import personalize  # noqa: E402
 from est_agent.testserver import load_dev_pki  # noqa: E402
+from est_agent.testserver.launch import running_test_server  # noqa: E402
 
 COMMANDS = (("enroll",), ("run",), ("renew", "--force"))
 
@@ -125,7 +126,7 @@ def main() -> int:
             check=True,
             capture_output=True,
         )
-        url = stack.enter_context(running_test_server(base))
+        url = stack.enter_context(running_test_server(base / "pki", base)).url
         print(f"{'mode':10} {'command':14} {'wall ms':>8} {'RSS MiB':>8} {'APDUs':>6} "
               f"{'traced':>6} {'bytes':>6} {'sigs':>5}  outcome")  # fmt: skip
         pcscd = None

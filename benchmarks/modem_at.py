@@ -32,11 +32,12 @@ sys.path.insert(0, str(REPO))
 
 from est_agent.config import load_config  # noqa: E402
 from est_agent.sim.card import VirtualCard  # noqa: E402
-from est_agent.sim.demo import running_test_server, write_demo_config  # noqa: E402
+from est_agent.sim.demo import write_demo_config  # noqa: E402
 from est_agent.sim.modem import EmulatedModem, ModemQuirks, PtyModem  # noqa: E402
 from est_agent.sim.personalize import personalize  # noqa: E402
 from est_agent.sim.transport import SimTransport  # noqa: E402
 from est_agent.testserver import load_dev_pki  # noqa: E402
+from est_agent.testserver.launch import running_test_server  # noqa: E402
 from est_agent.transport.modem import ModemTransport  # noqa: E402
 from est_agent.workflow.agent import Agent  # noqa: E402
 
@@ -134,7 +135,7 @@ def main() -> int:
             check=True,
             capture_output=True,
         )
-        url = stack.enter_context(running_test_server(base))
+        url = stack.enter_context(running_test_server(base / "pki", base)).url
         print(f"{'mode':18} {'APDUs':>5} {'AT':>4} {'extra':>5} {'APDU B':>7} {'serial B':>8} "
               f"{'x':>5} {'link ms':>8} {'wall ms':>8} {'sigs':>4}")  # fmt: skip
         for name, quirks, extra in modes:

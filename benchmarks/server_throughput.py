@@ -15,8 +15,6 @@ import base64
 import http.client
 import ssl
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from est_agent.testserver.launch import running_test_server
 from est_agent.testserver.pki import generate_dev_pki
 
 
@@ -38,33 +37,6 @@ def _csr_body(i: int) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
-
-
-def _start_server(pki: Path, work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = work / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "est_agent.testserver.cli",
-            "serve",
-            "--pki",
-            str(pki),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "--quiet",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 15
-    while not port_file.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise SystemExit("server did not start")
-        time.sleep(0.02)
-    return proc, int(port_file.read_text())
 
 
 def _run(
@@ -130,8 +102,8 @@ def main() -> None:
         ctx = ssl.create_default_context(cafile=str(pki / "tls-ca.pem"))
         ctx.load_cert_chain(str(pki / "bootstrap-client.pem"), str(pki / "bootstrap-client.key"))
         bodies = [_csr_body(i) for i in range(args.requests)]
-        proc, port = _start_server(pki, work)
-        try:
+        with running_test_server(pki, work) as server:
+            port = server.port
             print(f"{'clients':>7} {'enroll/s':>9} {'p50 ms':>8} {'p95 ms':>8}")
             for clients in args.clients:
                 wall, lat = _run(port, ctx, clients, bodies)
@@ -141,9 +113,6 @@ def main() -> None:
                     f"{clients:>7} {len(lat) / wall:>9.1f} "
                     f"{statistics.median(lat) * 1000:>8.1f} {p95 * 1000:>8.1f}"
                 )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 if __name__ == "__main__":

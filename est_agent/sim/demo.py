@@ -16,15 +16,15 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from est_agent.errors import EstAgentError, InputError
 from est_agent.sim.personalize import personalize
+from est_agent.testserver.launch import running_test_server
 
-__all__ = ["run_demo", "running_test_server", "write_demo_config"]
+__all__ = ["run_demo", "write_demo_config"]
 
 _ICCID = "8988247000001234567"
 
@@ -51,38 +51,6 @@ class DemoStepError(EstAgentError):
 
 def _agent(*args: str) -> list[str]:
     return [sys.executable, "-m", "est_agent", *args]
-
-
-@contextmanager
-def running_test_server(base: Path) -> Iterator[str]:
-    """`est-testserver serve` on 127.0.0.1 (PKI in ``base/pki``), yielding its EST base URL."""
-    port_file = base / "est-server.port"
-    log = (base / "est-server.log").open("wb")
-    argv = [
-        sys.executable, "-m", "est_agent.testserver.cli", "serve", "--pki", str(base / "pki"),
-        "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-        "--issuance-log", str(base / "issuance.jsonl"), "--quiet",
-    ]  # fmt: skip
-    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists() or not port_file.read_text().strip():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise DemoStepError(
-                    f"est-testserver did not start: {(base / 'est-server.log').read_text()[-500:]}"
-                )
-            time.sleep(0.02)
-        port = int(port_file.read_text().strip())
-        _say(f"est-testserver listening on https://127.0.0.1:{port}/.well-known/est")
-        yield f"https://127.0.0.1:{port}/.well-known/est"
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @contextmanager
@@ -123,7 +91,11 @@ def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
         base = (workdir or Path(scratch)).resolve()
         base.mkdir(parents=True, exist_ok=True)
         _run(_agent_testserver("pki", "--force", str(base / "pki")))
-        url = stack.enter_context(running_test_server(base))
+        server = stack.enter_context(
+            running_test_server(base / "pki", base, "--issuance-log", str(base / "issuance.jsonl"))
+        )
+        url = server.url
+        _say(f"est-testserver listening on {url}")
 
         from est_agent.testserver import load_dev_pki
 
