@@ -3,12 +3,15 @@ pointing at an in-process EST test server, and a helper running the real CLI in 
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from est_agent.cli.main import main
 from est_agent.sim.personalize import personalize
@@ -73,3 +76,17 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Run:
         return code, out, err
 
     return run
+
+
+def openssl_verify(cert: x509.Certificate, dev_pki: DevPki, workdir: Path) -> None:
+    leaf = workdir / "leaf.pem"
+    ca = workdir / "est-ca.pem"
+    leaf.write_bytes(cert.public_bytes(Encoding.PEM))
+    ca.write_bytes(dev_pki.est_ca.certificate.public_bytes(Encoding.PEM))
+    result = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca), str(leaf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

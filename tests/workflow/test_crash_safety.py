@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +22,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 import est_agent.est.client as est_client_module
 import est_agent.store
@@ -34,7 +32,7 @@ from est_agent.est.client import Enrollment, EstCaCerts, EstClient
 from est_agent.est.messages import CsrAttributes
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device, Run, openssl_verify
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration
@@ -161,20 +159,6 @@ def status_of(cli: Run, device: Device) -> dict[str, Any]:
     assert code == 0, err
     status: dict[str, Any] = json.loads(out)
     return status
-
-
-def openssl_verify(cert: x509.Certificate, dev_pki: DevPki, workdir: Path) -> None:
-    leaf = workdir / "leaf.pem"
-    ca = workdir / "est-ca.pem"
-    leaf.write_bytes(cert.public_bytes(Encoding.PEM))
-    ca.write_bytes(dev_pki.est_ca.certificate.public_bytes(Encoding.PEM))
-    result = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(ca), str(leaf)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def check_device(

@@ -4,7 +4,6 @@ with every key inside the (in-process) virtual SIM."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from est_agent.sim.transport import SimTransport
 from est_agent.store import HEADER_SIZE, decode_header
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import Profile
-from tests.workflow.conftest import ICCID, Device, Run
+from tests.workflow.conftest import ICCID, Device, Run, openssl_verify
 
 pytestmark = pytest.mark.integration
 
@@ -45,20 +44,6 @@ def certificate_on_sim(sim: Path, slot: str) -> x509.Certificate:
         return cert
     finally:
         session.close()
-
-
-def openssl_verify(cert: x509.Certificate, dev_pki: DevPki, tmp_path: Path) -> None:
-    leaf = tmp_path / "leaf.pem"
-    ca = tmp_path / "ca.pem"
-    leaf.write_bytes(cert.public_bytes(Encoding.PEM))
-    ca.write_bytes(dev_pki.est_ca.certificate.public_bytes(Encoding.PEM))
-    result = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(ca), str(leaf)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def test_first_boot_enroll_then_nothing_to_do(
