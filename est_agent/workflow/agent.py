@@ -353,7 +353,11 @@ class Agent:
                         operation=operation,
                         slot=target.index,
                         public_key=_point(key).hex(),
-                        retry_at=now + timedelta(seconds=pending.retry_after_s),
+                        # a server's Retry-After is honoured up to renewal.retry_cap_s
+                        retry_at=now
+                        + timedelta(
+                            seconds=min(pending.retry_after_s, self.config.renewal.retry_cap_s)
+                        ),
                         since=host.pending.since if host.pending else now,
                     ),
                 ),
@@ -486,9 +490,11 @@ class Agent:
         self, card: _Card, chain: Sequence[x509.Certificate], signer: Signer
     ) -> Iterator[EstClient]:
         from est_agent.config import PopMode
-        from est_agent.est.client import EstClient
+        from est_agent.est.client import EstClient, RetryPolicy
 
         est = self.config.est
+        cap = self.config.renewal.retry_cap_s
+        defaults = RetryPolicy()
         username = est.basic_username
         basic = None
         if username:
@@ -508,6 +514,11 @@ class Agent:
             timeout_s=est.timeout_s,
             tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",
             require_client_auth_eku=est.require_client_auth_eku,
+            # renewal.retry_cap_s bounds the waits inside this run too
+            retry=RetryPolicy(
+                cap_s=min(defaults.cap_s, cap),
+                retry_after_cap_s=min(defaults.retry_after_cap_s, cap),
+            ),
         )
         try:
             yield client

@@ -267,3 +267,20 @@ def test_run_notices_a_newer_record_than_its_cache(
     assert cached["slot"] == 1
     code, out, _ = cli("run", "--config", str(device.config), "--json")
     assert json.loads(out)["card_link"]["apdus"] == 4  # fast path again: two record headers
+
+
+def test_retry_after_is_capped_by_the_configuration(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    server = start_server(manual_approval_s=600.0)  # the server says: come back in 10 minutes
+    device.write_config(server, dev_pki, renewal__retry_cap_s="2")
+    code, _, err = cli("enroll", "--config", str(device.config))
+    assert code == 75, err
+    pending = json.loads((device.state_dir / "state.json").read_text())["pending"]
+    from datetime import datetime
+
+    wait = datetime.fromisoformat(pending["retry_at"]) - datetime.fromisoformat(pending["since"])
+    assert 0 < wait.total_seconds() <= 2.0
