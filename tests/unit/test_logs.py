@@ -9,14 +9,21 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
 
 from est_agent import logs
 from est_agent.logs import REDACTED, Progress, configure_logging, redact, register_secret
 
+# generated per run: no key material, not even a fragment, is committed
 PEM_KEY = (
-    "-----BEGIN EC PRIVATE KEY-----\n"
-    "MHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5oG5hV0Ve0RpLoAoGCCqGSM49\n"
-    "-----END EC PRIVATE KEY-----\n"
+    ec.generate_private_key(ec.SECP256R1())
+    .private_bytes(Encoding.PEM, PrivateFormat.TraditionalOpenSSL, NoEncryption())
+    .decode()
 )
 
 
@@ -116,7 +123,7 @@ def test_text_traceback_is_redacted() -> None:
         raise RuntimeError(PEM_KEY)
     except RuntimeError:
         logging.getLogger("est_agent").exception("unexpected")
-    assert "MHcCAQEE" not in stream.getvalue()
+    assert PEM_KEY.splitlines()[1] not in stream.getvalue()
     assert "RuntimeError" in stream.getvalue()
 
 
@@ -242,7 +249,7 @@ def test_filter_redacts_messages_args_and_extras_of_any_logger() -> None:
     logging.getLogger("est_agent.config").error("bad password basic-pass-42")
     out = stream.getvalue()
     assert "Zm9vOmJhcg" not in out
-    assert "MHcCAQEE" not in out
+    assert PEM_KEY.splitlines()[1] not in out
     assert "basic-pass-42" not in out
     assert out.count(REDACTED) == 3
 
