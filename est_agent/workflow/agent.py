@@ -297,21 +297,25 @@ class Agent:
     def _not_due_from_cache(self, card: _Card, host: HostState) -> Result | None:
         return cached_not_due(self.config, card.files, host, self._clock())
 
-    def _bootstrap_enroll(self, card: _Card, views: list[SlotView]) -> Result:
+    def _plan(self, views: list[SlotView], operation: str) -> tuple[HostState, Slot]:
+        """Host state and target slot of an enrollment; EnrollmentPending (before any card or
+        network work) while a pending request's Retry-After has not passed."""
         host = load_host_state(self._state_dir)
-        target = self._target_slot(views, host.pending, "simpleenroll")
-        self._check_pending_wait(host.pending, "simpleenroll")
+        target = self._target_slot(views, host.pending, operation)
+        self._check_pending_wait(host.pending, operation)
+        return host, target
+
+    def _bootstrap_enroll(self, card: _Card, views: list[SlotView]) -> Result:
+        host, target = self._plan(views, "simpleenroll")
         self._progress("reading the bootstrap credential from the SIM")
         chain, signer = self._bootstrap_identity(card)
         with self._client(card, chain, signer) as client:
             return self._enroll_into(
-                card, views, target, client, operation="simpleenroll", current=None
+                card, views, target, client, host, operation="simpleenroll", current=None
             )
 
     def _reenroll(self, card: _Card, views: list[SlotView], active: SlotView) -> Result:
-        host = load_host_state(self._state_dir)
-        target = self._target_slot(views, host.pending, "simplereenroll")
-        self._check_pending_wait(host.pending, "simplereenroll")
+        host, target = self._plan(views, "simplereenroll")
         assert active.certificate is not None
         current = active.certificate
         signer = CardSigner(card.applet, active.slot.key, current.public_key())  # type: ignore[arg-type]
@@ -320,7 +324,7 @@ class Agent:
         )
         with self._client(card, [current], signer) as client:
             return self._enroll_into(
-                card, views, target, client, operation="simplereenroll", current=current
+                card, views, target, client, host, operation="simplereenroll", current=current
             )
 
     def _enroll_into(
@@ -329,6 +333,7 @@ class Agent:
         views: list[SlotView],
         target: Slot,
         client: EstClient,
+        host: HostState,
         *,
         operation: str,
         current: x509.Certificate | None,
@@ -337,7 +342,6 @@ class Agent:
         cacerts = client.cacerts()
         self._check_fingerprint(cacerts.anchor)
         attrs = client.csrattrs()
-        host = load_host_state(self._state_dir)
         key = self._target_key(card, target, host.pending, operation)
         op_signer = CardSigner(card.applet, target.key, key)
         self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
