@@ -12,7 +12,8 @@ from est_agent.errors import UsageError
 from est_agent.transport import open_transport
 
 
-def _aids(values: list[str] | None) -> tuple[bytes, ...]:
+def parse_aids(values: list[str] | None) -> tuple[bytes, ...]:
+    """``--aid`` values (hex, 5..16 bytes each, ISO/IEC 7816-4 §12.2.3); the default AID if none."""
     if not values:
         return (DEFAULT_AID,)
     try:
@@ -25,7 +26,7 @@ def _aids(values: list[str] | None) -> tuple[bytes, ...]:
 
 
 def info(args: argparse.Namespace) -> int:
-    aids = _aids(args.aid)
+    aids = parse_aids(args.aid)
     transport = open_transport(args.reader)
     session = CardSession(transport)
     try:

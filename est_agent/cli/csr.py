@@ -9,26 +9,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from est_agent.card.channel import CardSession
-from est_agent.card.iotsafe import DEFAULT_AID, IotSafeApplet
+from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.signer import CardSigner
 from est_agent.card.uri import ObjectKind, parse_iotsafe_ref
+from est_agent.cli.card import parse_aids
 from est_agent.csr import CsrBuilder, parse_san, parse_subject
 from est_agent.errors import UsageError
 from est_agent.transport import open_transport
 
 __all__ = ["csr"]
-
-
-def _aid(value: str | None) -> bytes:
-    if value is None:
-        return DEFAULT_AID
-    try:
-        aid = bytes.fromhex(value)
-    except ValueError:
-        raise UsageError(f"--aid must be hex, got {value!r}") from None
-    if not 5 <= len(aid) <= 16:
-        raise UsageError("an AID is 5 to 16 bytes")
-    return aid
 
 
 def csr(args: argparse.Namespace) -> int:
@@ -41,7 +30,7 @@ def csr(args: argparse.Namespace) -> int:
     if args.san:
         builder = builder.subject_alt_names([parse_san(s) for s in args.san])
     builder = builder.eku_client_auth(args.eku_client_auth)
-    aid = _aid(args.aid)
+    aid = parse_aids([args.aid] if args.aid else None)[0]
 
     transport = open_transport(args.reader)
     session = CardSession(transport)
