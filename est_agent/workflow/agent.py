@@ -226,10 +226,7 @@ class Agent:
         host = load_host_state(self._state_dir)
         with self._card() as card:
             views = self._scan(card)
-            try:
-                iccid: str | None = decode_iccid(card.files.read(EF_ICCID))
-            except (CardError, InputError):
-                iccid = None
+            iccid = self._read_iccid(card)
             aid = card.applet.aid.hex().upper()
             reader = card.session.transport.description
         active = pick_active(views)
