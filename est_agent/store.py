@@ -11,11 +11,26 @@ Record layout in the EF (all integers big-endian):
     12      32    SHA-256 of the DER certificate
     44      N     the DER certificate
 
+Each slot is judged into one of four states (``SlotState``), and the difference between the
+last two is the point of this module:
+
+* ``VALID``: the record is intact (magic, version, length within the EF, hash), the certificate
+  parses and carries the public key now in the slot's key object;
+* ``EMPTY``: read, and nothing there (no record magic: a fresh EF, FF or 00 filled);
+* ``DAMAGED``: read, and what is there cannot be used: a torn write (hash or length), a length
+  beyond the EF, a certificate that does not parse, a key regenerated without its certificate;
+* ``UNKNOWN``: *could not be read* (READ BINARY or READ PUBLIC KEY refused with a status word,
+  a record format this agent does not know). Unknown is not empty: such a slot may hold the
+  working credential, so nothing may be written anywhere until it can be read (the workflow's
+  plan stops with ``SlotUnreadableError``).
+
+Transport failures (card gone, link silent) are not a slot state: they abort the whole run.
+
 Rules (certbot's lineage idea on two EFs): the active credential is the slot with the highest
-sequence number whose record is intact (magic, length, hash) and whose certificate's public key
-equals the slot's key on the card. A new credential is always written to the *other* slot and
-read back before it counts, so the old one stays usable until then. A torn write (hash
-mismatch) or a key regenerated without a certificate (key mismatch) is never adopted.
+sequence number that is ``VALID``. A new credential is always written to a slot that is not the
+active one and not ``UNKNOWN``, and read back before it counts, so the old one stays usable until
+then. A torn write (hash mismatch) or a key regenerated without a certificate (key mismatch) is
+never adopted.
 """
 
 from __future__ import annotations
@@ -29,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, UiccPath
-from est_agent.errors import CardError, StoreError, TransportError
+from est_agent.errors import CardError, InputError, StoreError, TransportError
 
 if TYPE_CHECKING:
     # cryptography is imported where certificates are parsed: `est-agent run` with nothing due
@@ -40,13 +55,17 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER_SIZE",
     "MAGIC",
+    "HeaderVerdict",
     "RecordHeader",
     "Slot",
-    "SlotStatus",
+    "SlotState",
     "SlotView",
+    "check_record",
     "decode_header",
     "encode_record",
+    "judge_header",
     "pick_active",
+    "public_key_digest",
     "read_slot",
     "write_slot",
 ]
@@ -80,13 +99,25 @@ class RecordHeader:
     sha256: bytes
 
 
-class SlotStatus(Enum):
-    EMPTY = "empty"  # no record (fresh EF, FF or 00 filled)
+class SlotState(Enum):
+    """What a slot holds, as far as the card let us see (module docstring)."""
+
     VALID = "valid"
-    TORN = "torn"  # header present but the certificate does not match its hash or length
-    KEY_MISMATCH = "key-mismatch"  # certificate is not for the key now in the slot
-    UNREADABLE = "unreadable"  # the EF could not be read (missing, access refused)
-    BAD_CERTIFICATE = "bad-certificate"  # intact record whose DER does not parse
+    EMPTY = "empty"
+    DAMAGED = "damaged"
+    UNKNOWN = "unknown"
+
+
+#: ``SlotView.reason`` values: why a slot is DAMAGED or UNKNOWN (short, stable, for --json)
+REASON_TORN = "torn"  # the certificate does not match its hash or length
+REASON_LENGTH = "length-beyond-ef"
+REASON_HEADER = "bad-header"  # magic present, zero sequence or length
+REASON_CERTIFICATE = "bad-certificate"  # intact record whose DER does not parse (or unusable)
+REASON_KEY_MISMATCH = "key-mismatch"  # certificate is not for the key now in the slot
+REASON_EF_TOO_SMALL = "ef-too-small"
+REASON_RECORD_UNREADABLE = "record-unreadable"
+REASON_KEY_UNREADABLE = "key-unreadable"
+REASON_UNKNOWN_FORMAT = "unknown-format"
 
 
 @dataclass(frozen=True)
@@ -94,14 +125,15 @@ class SlotView:
     """What one slot holds, and whether it can be the active credential."""
 
     slot: Slot
-    status: SlotStatus
+    state: SlotState
     header: RecordHeader | None = None
     certificate: x509.Certificate | None = None
+    reason: str = ""
     detail: str = ""
 
     @property
     def valid(self) -> bool:
-        return self.status is SlotStatus.VALID
+        return self.state is SlotState.VALID
 
 
 # --- pure codec ------------------------------------------------------------------------------
@@ -133,6 +165,53 @@ def decode_header(data: bytes) -> RecordHeader | None:
     return RecordHeader(sequence, length, bytes(data[12:44]))
 
 
+@dataclass(frozen=True)
+class HeaderVerdict:
+    """``judge_header``'s answer: a header to follow, or the slot's final state."""
+
+    header: RecordHeader | None
+    state: SlotState | None = None  # None: read the body and judge it
+    reason: str = ""
+    detail: str = ""
+
+
+def judge_header(data: bytes, ef_size: int | None) -> HeaderVerdict:
+    """Pure: what the first bytes of a slot's EF say (``ef_size`` from its FCP, if known)."""
+    if ef_size is not None and ef_size < HEADER_SIZE:
+        return HeaderVerdict(
+            None, SlotState.DAMAGED, REASON_EF_TOO_SMALL, f"EF of {ef_size} bytes holds no record"
+        )
+    if data[:4] != MAGIC:
+        return HeaderVerdict(None, SlotState.EMPTY)
+    if len(data) < HEADER_SIZE:
+        return HeaderVerdict(None, SlotState.DAMAGED, REASON_HEADER, "record header cut short")
+    if data[4] != VERSION:
+        # Written by another (newer?) agent: it may be the working credential in a format we
+        # cannot judge, so it is not ours to overwrite.
+        return HeaderVerdict(
+            None,
+            SlotState.UNKNOWN,
+            REASON_UNKNOWN_FORMAT,
+            f"record format version {data[4]} (this agent knows {VERSION})",
+        )
+    header = decode_header(data)
+    if header is None:
+        return HeaderVerdict(None, SlotState.DAMAGED, REASON_HEADER, "zero sequence or length")
+    if ef_size is not None and HEADER_SIZE + header.length > ef_size:
+        return HeaderVerdict(
+            header,
+            SlotState.DAMAGED,
+            REASON_LENGTH,
+            f"record claims {header.length} bytes; the EF holds {ef_size - HEADER_SIZE}",
+        )
+    return HeaderVerdict(header)
+
+
+def public_key_digest(key: ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of the uncompressed SEC1 point (what the host cache remembers of a key)."""
+    return hashlib.sha256(_point(key)).hexdigest()
+
+
 def _point(key: ec.EllipticCurvePublicKey) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -145,61 +224,107 @@ def check_record(
     body: bytes,
     card_public_key: ec.EllipticCurvePublicKey | None,
 ) -> SlotView:
-    """Pure verdict on a record read from ``slot`` (``body`` = bytes after the header)."""
+    """Pure verdict on a record read from ``slot`` (``body`` = bytes after the header).
+
+    ``card_public_key`` None means the slot's key object holds no key (read, and empty).
+    """
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
 
     der = body[: header.length]
     if len(der) != header.length or hashlib.sha256(der).digest() != header.sha256:
-        return SlotView(slot, SlotStatus.TORN, header, detail="certificate does not match its hash")
+        detail = "certificate does not match its hash"
+        return SlotView(slot, SlotState.DAMAGED, header, None, REASON_TORN, detail)
     try:
         cert = x509.load_der_x509_certificate(der)
         cert_key = cert.public_key()
-    except ValueError as exc:
-        return SlotView(slot, SlotStatus.BAD_CERTIFICATE, header, detail=str(exc)[:120])
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return SlotView(
+            slot, SlotState.DAMAGED, header, None, REASON_CERTIFICATE, str(exc)[:120]
+        )
     if not isinstance(cert_key, ec.EllipticCurvePublicKey):
-        return SlotView(slot, SlotStatus.KEY_MISMATCH, header, cert, "certificate key is not EC")
+        return SlotView(
+            slot, SlotState.DAMAGED, header, cert, REASON_KEY_MISMATCH, "certificate key is not EC"
+        )
     if card_public_key is None:
-        return SlotView(slot, SlotStatus.KEY_MISMATCH, header, cert, "no key in the slot")
+        return SlotView(
+            slot, SlotState.DAMAGED, header, cert, REASON_KEY_MISMATCH, "no key in the slot"
+        )
     if _point(cert_key) != _point(card_public_key):
         return SlotView(
-            slot, SlotStatus.KEY_MISMATCH, header, cert, "certificate is not for the slot's key"
+            slot,
+            SlotState.DAMAGED,
+            header,
+            cert,
+            REASON_KEY_MISMATCH,
+            "certificate is not for the slot's key",
         )
-    return SlotView(slot, SlotStatus.VALID, header, cert)
+    return SlotView(slot, SlotState.VALID, header, cert)
 
 
 def pick_active(views: list[SlotView]) -> SlotView | None:
-    """The valid slot with the highest sequence number."""
+    """The valid slot with the highest sequence number (the lower index on a tie)."""
     valid = [v for v in views if v.valid and v.header is not None]
-    return max(valid, key=lambda v: v.header.sequence if v.header else 0, default=None)
+    return max(
+        valid,
+        key=lambda v: (v.header.sequence if v.header else 0, -v.slot.index),
+        default=None,
+    )
 
 
 # --- card I/O --------------------------------------------------------------------------------
 
 
-#: reads the public key now in a slot's key object (None when the slot has no key)
-PublicKeyReader = Callable[[Slot], "ec.EllipticCurvePublicKey | None"]
+#: reads the public key now in a slot's key object; raises ``CardError`` when the card does
+#: not answer it (the slot is then UNKNOWN), ``TransportError`` when the card is gone
+PublicKeyReader = Callable[[Slot], "ec.EllipticCurvePublicKey"]
+
+
+def _unknown(
+    slot: Slot, reason: str, exc: Exception, header: RecordHeader | None = None
+) -> SlotView:
+    return SlotView(slot, SlotState.UNKNOWN, header, None, reason, str(exc))
 
 
 def read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> SlotView:
-    """Read and judge one slot. One READ BINARY for an empty slot; the key is read only when
-    the record itself is intact (so a fresh SIM costs two APDUs per slot: SELECT + READ)."""
+    """Read and judge one slot. SELECT + one READ BINARY for an empty slot; the key is read
+    only when the record itself is intact (so a fresh SIM costs two APDUs per slot).
+
+    A status word refusing SELECT, READ BINARY or READ PUBLIC KEY makes the slot UNKNOWN;
+    a transport failure (``TransportError``) propagates: the card is gone, the run ends.
+    """
     try:
-        first = files.read(slot.ef, 0, _READ_CHUNK)
-    except CardError as exc:
-        return SlotView(slot, SlotStatus.UNREADABLE, detail=str(exc))
-    header = decode_header(first)
-    if header is None:
-        return SlotView(slot, SlotStatus.EMPTY)
+        size = files.size(slot.ef)
+        first = files.read(slot.ef, 0, _READ_CHUNK if size is None else min(_READ_CHUNK, size))
+    except TransportError:
+        raise
+    except (CardError, InputError) as exc:
+        return _unknown(slot, REASON_RECORD_UNREADABLE, exc)
+    verdict = judge_header(first, size)
+    header = verdict.header
+    if verdict.state is not None:
+        return SlotView(slot, verdict.state, header, None, verdict.reason, verdict.detail)
+    assert header is not None
     body = first[HEADER_SIZE:]
     missing = header.length - len(body)
     if missing > 0:
         try:
             body += files.read(slot.ef, len(first), missing)
-        except CardError as exc:
-            return SlotView(slot, SlotStatus.UNREADABLE, header, detail=str(exc))
-    digest_ok = hashlib.sha256(body[: header.length]).digest() == header.sha256
-    key = public_key_of(slot) if digest_ok else None
+        except TransportError:
+            raise
+        except (CardError, InputError) as exc:
+            return _unknown(slot, REASON_RECORD_UNREADABLE, exc, header)
+    if hashlib.sha256(body[: header.length]).digest() != header.sha256:
+        return check_record(slot, header, body, None)  # torn: the key is not worth an APDU
+    try:
+        key = public_key_of(slot)
+    except TransportError:
+        raise
+    except CardError as exc:
+        # The record is intact; only the key could not be read. It may well be the working
+        # credential: UNKNOWN, never "no key".
+        return _unknown(slot, REASON_KEY_UNREADABLE, exc, header)
     return check_record(slot, header, body, key)
 
 
@@ -212,8 +337,8 @@ def write_slot(
 ) -> SlotView:
     """Write a record to ``slot`` and read it back; ``StoreError`` unless it reads back valid.
 
-    The caller guarantees ``slot`` is not the active one, so a failure here leaves the active
-    credential untouched.
+    The caller guarantees ``slot`` is not the active one (workflow/plan.py), so a failure here
+    leaves the active credential untouched.
     """
     record = encode_record(sequence, certificate_der)
     try:
@@ -224,7 +349,7 @@ def write_slot(
         # run reads it and adopts it only if intact), so this is "card unavailable", not
         # "not installed".
         raise
-    except CardError as exc:
+    except (CardError, InputError) as exc:
         raise StoreError(f"writing the certificate to {slot.ef} failed: {exc}") from exc
     header = decode_header(back)
     if back != record or header is None:

@@ -143,6 +143,11 @@ class UiccFiles:
             self.select(path)
         return self._selected_size
 
+    def size(self, path: UiccPath) -> int | None:
+        """The EF's size from its FCP (tag 80), selecting it first if needed; None if the
+        card did not report one."""
+        return self._ensure(path)
+
     def read(self, path: UiccPath, offset: int = 0, length: int | None = None) -> bytes:
         """READ BINARY ``length`` bytes (default: to the end of the EF) in 256-byte chunks."""
         size = self._ensure(path)

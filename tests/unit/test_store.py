@@ -20,7 +20,7 @@ from est_agent.store import (
     HEADER_SIZE,
     MAGIC,
     Slot,
-    SlotStatus,
+    SlotState,
     SlotView,
     check_record,
     decode_header,
@@ -72,39 +72,49 @@ def test_encode_limits() -> None:
         encode_record(1, b"")
 
 
+def _verdict(view: SlotView) -> tuple[str, str]:
+    return view.state.value, view.reason
+
+
 def test_verdicts() -> None:
     record = encode_record(3, CERT)
     header = decode_header(record)
     assert header is not None
     body = record[HEADER_SIZE:]
-    assert check_record(SLOT_A, header, body, KEY.public_key()).status is SlotStatus.VALID
+    assert check_record(SLOT_A, header, body, KEY.public_key()).state is SlotState.VALID
     torn = body[:-10] + b"\xff" * 10
-    assert check_record(SLOT_A, header, torn, KEY.public_key()).status is SlotStatus.TORN
-    assert check_record(SLOT_A, header, body[:100], KEY.public_key()).status is SlotStatus.TORN
+    assert _verdict(check_record(SLOT_A, header, torn, KEY.public_key())) == ("damaged", "torn")
+    assert _verdict(check_record(SLOT_A, header, body[:100], KEY.public_key())) == (
+        "damaged",
+        "torn",
+    )
     mismatch = check_record(SLOT_A, header, body, OTHER.public_key())
-    assert mismatch.status is SlotStatus.KEY_MISMATCH and mismatch.certificate is not None
-    assert check_record(SLOT_A, header, body, None).status is SlotStatus.KEY_MISMATCH
+    assert _verdict(mismatch) == ("damaged", "key-mismatch") and mismatch.certificate is not None
+    assert _verdict(check_record(SLOT_A, header, body, None)) == ("damaged", "key-mismatch")
     garbage = b"\x30\x03\x02\x01\x01"
     bad = decode_header(encode_record(4, garbage))
     assert bad is not None
-    assert check_record(SLOT_A, bad, garbage, KEY.public_key()).status is SlotStatus.BAD_CERTIFICATE
+    assert _verdict(check_record(SLOT_A, bad, garbage, KEY.public_key())) == (
+        "damaged",
+        "bad-certificate",
+    )
 
 
 def test_pick_active_highest_valid_sequence() -> None:
-    def view(slot: Slot, seq: int, status: SlotStatus) -> SlotView:
+    def view(slot: Slot, seq: int, state: SlotState) -> SlotView:
         header = decode_header(encode_record(seq, CERT))
-        return SlotView(slot, status, header)
+        return SlotView(slot, state, header)
 
     assert (
-        pick_active([view(SLOT_A, 1, SlotStatus.VALID), view(SLOT_B, 2, SlotStatus.VALID)]).slot
+        pick_active([view(SLOT_A, 1, SlotState.VALID), view(SLOT_B, 2, SlotState.VALID)]).slot
         == SLOT_B
     )  # type: ignore[union-attr]
-    # a newer record that is torn or for another key never wins
-    for broken in (SlotStatus.TORN, SlotStatus.KEY_MISMATCH, SlotStatus.BAD_CERTIFICATE):
-        chosen = pick_active([view(SLOT_A, 1, SlotStatus.VALID), view(SLOT_B, 9, broken)])
+    # a newer record that is damaged or unknown never wins
+    for broken in (SlotState.DAMAGED, SlotState.UNKNOWN, SlotState.EMPTY):
+        chosen = pick_active([view(SLOT_A, 1, SlotState.VALID), view(SLOT_B, 9, broken)])
         assert chosen is not None and chosen.slot == SLOT_A
     assert (
-        pick_active([SlotView(SLOT_A, SlotStatus.EMPTY), SlotView(SLOT_B, SlotStatus.EMPTY)])
+        pick_active([SlotView(SLOT_A, SlotState.EMPTY), SlotView(SLOT_B, SlotState.EMPTY)])
         is None
     )
 
@@ -124,7 +134,7 @@ def test_fresh_sim_slot_costs_two_apdus(
     _, files, transport = card
     before = transport.stats.apdus
     view = read_slot(files, SLOT_A, lambda slot: pytest.fail("no key read for an empty slot"))
-    assert view.status is SlotStatus.EMPTY
+    assert view.state is SlotState.EMPTY
     assert transport.stats.apdus - before == 2
 
 
@@ -142,7 +152,7 @@ def test_write_read_back_and_adopt(card: tuple[IotSafeApplet, UiccFiles, SimTran
     assert view.valid and view.header is not None and view.header.sequence == 5
     # the key regenerated without a new certificate: no longer adopted
     new_key = public_key_from_point(applet.generate_key_pair(SLOT_A.key).public_point)
-    assert read_slot(files, SLOT_A, lambda slot: new_key).status is SlotStatus.KEY_MISMATCH
+    assert _verdict(read_slot(files, SLOT_A, lambda slot: new_key)) == ("damaged", "key-mismatch")
 
 
 def test_write_refuses_a_certificate_for_another_key(
@@ -157,4 +167,4 @@ def test_torn_write_is_never_adopted(card: tuple[IotSafeApplet, UiccFiles, SimTr
     _, files, _ = card
     record = encode_record(2, CERT)
     files.update(SLOT_B.ef, record[:300])  # power lost after the second UPDATE BINARY
-    assert read_slot(files, SLOT_B, lambda slot: KEY.public_key()).status is SlotStatus.TORN
+    assert _verdict(read_slot(files, SLOT_B, lambda slot: KEY.public_key())) == ("damaged", "torn")
