@@ -11,6 +11,7 @@
     │   │   ├── NotFoundError          76  6A82 / 6A88: object, file or applet not found
     │   │   └── ConditionsNotSatisfiedError 76  6985
     │   ├── CardProtocolError          76  malformed response bytes
+    │   ├── SlotUnreadableError        76  a credential slot could not be read: nothing written
     │   └── TransportError             69  card unreachable
     │       ├── NoCardError            69  reader present, no card (or card removed)
     │       ├── ReaderError            69  PC/SC service/reader problems
@@ -23,7 +24,8 @@
     │   ├── TlsVerificationError       76  server not authenticated
     │   └── EstConnectionError         69  server unreachable
     ├── AuthError                      77  credentials refused (401/403)
-    └── EnrollmentPending              75  try later (carries retry_after_s)
+    ├── EnrollmentPending              75  try later (carries retry_after_s)
+    └── BusyError                      75  another est-agent holds the run lock
 
 `cli/main.py` is the only place that turns these into exit codes (`exit_code_for`).
 Messages never carry key material, PINs or passwords: only status words, command names
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "BusyError",
     "CardError",
     "CardProtocolError",
     "ConditionsNotSatisfiedError",
@@ -52,6 +55,7 @@ __all__ = [
     "ReaderError",
     "SecurityStatusError",
     "SimStateError",
+    "SlotUnreadableError",
     "StatusWordError",
     "StoreError",
     "TlsVerificationError",
@@ -146,6 +150,11 @@ class CardProtocolError(CardError):
     """Raised when the card's response bytes do not follow the expected encoding."""
 
 
+class SlotUnreadableError(CardError):
+    """Raised when a credential slot's record or key could not be read: it may hold the
+    working credential, so the run writes nothing (store.py ``SlotState.UNKNOWN``)."""
+
+
 class TransportError(CardError):
     """Raised when the card cannot be reached at all."""
 
@@ -222,6 +231,13 @@ class EnrollmentPending(EstAgentError):
     def __init__(self, retry_after_s: float, message: str = "") -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message or f"enrollment pending; retry after {retry_after_s:.0f} s")
+
+
+class BusyError(EstAgentError):
+    """Raised when another est-agent process holds the run lock longer than we may wait."""
+
+    exit_code = EX_TEMPFAIL
+    retryable = True
 
 
 def exit_code_for(exc: BaseException) -> int:
