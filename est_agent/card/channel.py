@@ -165,14 +165,18 @@ class CardSession:
             CommandApdu(0x00, INS_MANAGE_CHANNEL, 0x80, number), name="MANAGE CHANNEL close"
         )
 
-    def close(self) -> None:
-        """Close every channel this session opened (best effort), then the transport."""
+    def close_channels(self) -> None:
+        """Close every channel this session opened (best effort: logged, never raised)."""
         for number in sorted(self._open_channels):
             try:
                 self.close_channel(number)
             except Exception as exc:
                 log.debug("closing channel %d failed: %s", number, exc)
         self._open_channels.clear()
+
+    def close(self) -> None:
+        """Close every channel this session opened (best effort), then the transport."""
+        self.close_channels()
         self.transport.close()
 
 

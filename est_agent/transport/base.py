@@ -7,7 +7,9 @@ command meanings live above it (``est_agent.card.channel``), so every link behav
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -61,6 +63,12 @@ class CardTransport(abc.ABC):
         self.stats.bytes_sent += len(apdu)
         self.stats.bytes_received += len(response)
         return response
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Exclusive use of the card inside (PC/SC SCardBeginTransaction); links that serve
+        only this process need nothing."""
+        yield
 
     def close(self) -> None:
         if self._connected:
