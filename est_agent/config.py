@@ -346,6 +346,8 @@ class EstConfig:
     basic_password_file: Path | None = None
     basic_password_env: str | None = None
     timeout_s: float = 30.0
+    #: upper bound of one run's time with the server: every request, retry and wait together
+    run_timeout_s: float = 600.0
     #: refuse an issued certificate without the id-kp-clientAuth extended key usage
     require_client_auth_eku: bool = True
 
@@ -406,6 +408,14 @@ class EstConfig:
                 "Basic username set without basic_password_file or basic_password_env",
             )
         _check_seconds("est.timeout_s", self.timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S)
+        _check_seconds(
+            "est.run_timeout_s", self.run_timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S
+        )
+        if self.run_timeout_s < self.timeout_s:
+            raise _fail(
+                "est.run_timeout_s",
+                f"shorter than one request (est.timeout_s = {self.timeout_s:g})",
+            )
         _check_type("est.require_client_auth_eku", self.require_client_auth_eku, bool)
 
     def operation_url(self, operation: str) -> str:
@@ -548,6 +558,8 @@ class PathsConfig:
     export_pem: Path | None = None
     #: argv (no shell) run after a new certificate became active
     deploy_hook: tuple[str, ...] = ()
+    #: how long a run waits for another est-agent holding the run lock (then exit 75)
+    lock_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check_type("paths.state_dir", self.state_dir, Path)
@@ -560,6 +572,7 @@ class PathsConfig:
                 raise _fail("paths.deploy_hook", "arguments cannot contain NUL")
         if self.deploy_hook and not self.deploy_hook[0]:
             raise _fail("paths.deploy_hook", "the program (first element) is empty")
+        _check_seconds("paths.lock_wait_s", self.lock_wait_s, allow_zero=True, maximum=3600)
 
 
 _Section = TypeVar("_Section")
@@ -829,8 +842,9 @@ def _est(data: object, base_dir: Path | None) -> EstConfig:
             kwargs[name] = text
     if t.has("basic_password_file") and (text := t.string("basic_password_file")):
         kwargs["basic_password_file"] = _path(t.key("basic_password_file"), text, base_dir)
-    if t.has("timeout_s"):
-        kwargs["timeout_s"] = t.number("timeout_s")
+    for name in ("timeout_s", "run_timeout_s"):
+        if t.has(name):
+            kwargs[name] = t.number(name)
     if t.has("require_client_auth_eku"):
         kwargs["require_client_auth_eku"] = t.boolean("require_client_auth_eku")
     return _build(EstConfig, kwargs)
@@ -868,6 +882,8 @@ def _paths(data: object, base_dir: Path | None) -> PathsConfig:
         if argv and "/" in argv[0]:
             argv[0] = str(_path(t.key("deploy_hook"), argv[0], base_dir))
         kwargs["deploy_hook"] = tuple(argv)
+    if t.has("lock_wait_s"):
+        kwargs["lock_wait_s"] = t.number("lock_wait_s")
     return _build(PathsConfig, kwargs)
 
 

@@ -393,23 +393,44 @@ class IotSafeApplet:
             raise InputError("no IoT SAFE AID configured")
         channel = session.open_channel()
         try:
-            for aid in aids:
-                try:
-                    channel.exchange(INS_SELECT, 0x04, 0x00, aid, name="SELECT IoT SAFE applet")
-                except NotFoundError:
-                    log.debug("no applet with AID %s", aid.hex().upper())
-                    continue
-                return cls(
-                    channel,
-                    proprietary_cla=proprietary_cla,
-                    session_number=session_number,
-                    aid=aid,
-                    close_sessions=close_sessions,
-                )
+            return cls.select(
+                channel,
+                aids=aids,
+                proprietary_cla=proprietary_cla,
+                session_number=session_number,
+                close_sessions=close_sessions,
+            )
         except BaseException:
             channel.close()
             raise
-        channel.close()
+
+    @classmethod
+    def select(
+        cls,
+        channel: LogicalChannel,
+        *,
+        aids: Sequence[bytes] = (DEFAULT_AID,),
+        proprietary_cla: bool = True,
+        session_number: int = 1,
+        close_sessions: bool = False,
+    ) -> IotSafeApplet:
+        """Select the first AID that answers on an already open ``channel`` (§1.2); the
+        channel's earlier selection (e.g. a UICC EF) is gone afterwards."""
+        if not aids:
+            raise InputError("no IoT SAFE AID configured")
+        for aid in aids:
+            try:
+                channel.exchange(INS_SELECT, 0x04, 0x00, aid, name="SELECT IoT SAFE applet")
+            except NotFoundError:
+                log.debug("no applet with AID %s", aid.hex().upper())
+                continue
+            return cls(
+                channel,
+                proprietary_cla=proprietary_cla,
+                session_number=session_number,
+                aid=aid,
+                close_sessions=close_sessions,
+            )
         tried = ", ".join(a.hex().upper() for a in aids)
         raise NotFoundError(0x6A82, "SELECT", f"no IoT SAFE applet on the card (tried {tried})")
 

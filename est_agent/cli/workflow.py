@@ -51,7 +51,7 @@ def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str,
         "already-enrolled": "already enrolled (valid credential on the SIM; nothing to do)",
         "not-due": "not due for renewal",
     }
-    print(f"{messages.get(result.outcome, result.outcome)}: slot {result.slot}")
+    print(f"{messages.get(result.outcome.value, result.outcome.value)}: slot {result.slot}")
     print(f"  subject    {result.subject}")
     print(f"  serial     {result.serial}")
     print(f"  not after  {result.not_after:%Y-%m-%d %H:%M:%S %Z}")
@@ -59,6 +59,8 @@ def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str,
         print(f"  renew at   {result.renew_at:%Y-%m-%d %H:%M:%S %Z}")
     if result.hook is not None:
         print(f"  deploy hook exit status {result.hook.get('exit_status')}")
+    for note in result.notes:
+        print(f"  note       {note}")
     return 0
 
 
@@ -85,7 +87,8 @@ def renew(args: argparse.Namespace) -> int:
         if done is not None:
             return done
     agent = _agent(args, config, 6)
-    return _print_result(args, agent.renew(force=args.force), _card_link(agent))
+    # the fast path above already read the card: no second try in the full workflow
+    return _print_result(args, agent.renew(force=args.force, use_cache=False), _card_link(agent))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if done is not None:
         return done
     agent = _agent(args, config, 6)
-    return _print_result(args, agent.run(), _card_link(agent))
+    return _print_result(args, agent.run(use_cache=False), _card_link(agent))
 
 
 def status(args: argparse.Namespace) -> int:
@@ -112,11 +115,19 @@ def status(args: argparse.Namespace) -> int:
             f"pending:     {report.pending['operation']} for slot {report.pending['slot']}, "
             f"retry after {report.pending['retry_at']}"
         )
+    if report.deployment:
+        deployment = report.deployment
+        line = f"deployment:  {deployment['state']}"
+        if deployment.get("attempts"):
+            line += f" after {deployment['attempts']} attempt(s)"
+        if deployment.get("error"):
+            line += f" ({deployment['error']})"
+        print(line)
     for slot in report.slots:
         line = f"slot {slot.name}: {slot.status}"
         if slot.subject:
             line += f", {slot.subject}, serial {slot.serial}, not after {slot.not_after}"
-        if slot.detail and slot.status != "valid":
-            line += f" ({slot.detail})"
+        if slot.status != "valid" and (slot.reason or slot.detail):
+            line += f" ({slot.reason}: {slot.detail})" if slot.detail else f" ({slot.reason})"
         print(line)
     return 0

@@ -1,23 +1,31 @@
 """First-boot enrollment, renewal and status: the steps that touch card, server and host state.
 
-Order of operations is chosen for a SIM link where every APDU costs tens of milliseconds and
-power can fail at any point:
+Shape (certbot's renewal): read the slots, ``plan`` (workflow/plan.py, a pure function of the
+slots' explicit states, the renewal timing and a pending 202), then execute the plan. Order of
+operations is chosen for a SIM link where every APDU costs tens of milliseconds and power can
+fail at any point:
 
+* the whole card session runs under the run lock (workflow/lock.py) and a card transaction, so
+  two runs never pick the same target slot;
 * the slots are read first (two APDUs each on a fresh SIM), the target slot last, so that it
-  is still selected when the certificate is written;
+  is still selected when the certificate is written; a slot that cannot be read stops the run
+  before anything is written (``SlotUnreadableError``);
 * the EST server is verified before the card signs anything (est/tls.py), and the key is
   generated only once the server has answered /cacerts and /csrattrs;
-* a new certificate only ever goes to the slot that is *not* active, and counts once it reads
-  back intact and matching its key (store.py): whatever fails, the previous credential stays.
+* a new certificate only ever goes to a slot that is *not* active, and counts once it reads
+  back intact and matching its key (store.py): whatever fails, the previous credential stays;
+* the host state (a cache) notes a record before it is written, and a failure to write the
+  host state never hides what happened on the SIM: it becomes a note on the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +38,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from est_agent.card.channel import CardSession
-from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.signer import CardSigner, public_key_from_point
-from est_agent.card.uicc import EF_ICCID, UiccFiles, decode_iccid, is_valid_iccid
+from est_agent.card.uicc import EF_ICCID, decode_iccid, is_valid_iccid
 from est_agent.card.uri import IotSafeRef, UiccPath
 from est_agent.errors import (
     CardError,
@@ -41,22 +47,39 @@ from est_agent.errors import (
     EnrollmentPending,
     EstResponseError,
     InputError,
-    StatusWordError,
+    SlotUnreadableError,
+    StoreError,
+    TransportError,
 )
 from est_agent.store import (
     Slot,
+    SlotState,
     SlotView,
-    pick_active,
+    public_key_digest,
     read_slot,
     write_slot,
 )
 from est_agent.transport import open_transport
+from est_agent.workflow.cardlink import CardLink, TransportOpener, card_link
 from est_agent.workflow.hoststate import (
     ActiveCache,
+    Deployment,
     HostState,
+    Installing,
     Pending,
     load_host_state,
     save_host_state,
+)
+from est_agent.workflow.lock import run_lock
+from est_agent.workflow.plan import (
+    Action,
+    EstOperation,
+    Operation,
+    PendingFacts,
+    Plan,
+    SlotFacts,
+    Timing,
+    plan,
 )
 from est_agent.workflow.quick import cached_not_due
 from est_agent.workflow.renewal import is_expired, renewal_due_at
@@ -83,7 +106,8 @@ class SlotReport:
     name: str
     key: str
     certificate_ef: str
-    status: str
+    status: str  # valid | empty | damaged | unknown (store.SlotState)
+    reason: str = ""  # why damaged or unknown: torn, key-mismatch, record-unreadable, ...
     detail: str = ""
     sequence: int | None = None
     subject: str | None = None
@@ -100,6 +124,7 @@ class StatusReport:
     active: str | None
     renew_at: str | None
     pending: dict[str, str] | None = None
+    deployment: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -110,6 +135,7 @@ class StatusReport:
             "active_slot": self.active,
             "renew_at": self.renew_at,
             "pending": self.pending,
+            "deployment": self.deployment,
             "slots": [vars(s) for s in self.slots],
         }
 
@@ -122,45 +148,54 @@ def _hexserial(cert: x509.Certificate) -> str:
     return f"{cert.serial_number:X}"
 
 
-class _Card:
-    """The open card: UICC files on their channel now, the applet only when first needed."""
+def _public_key_of(link: CardLink) -> Callable[[Slot], ec.EllipticCurvePublicKey]:
+    """store.PublicKeyReader for the card: ``CardError`` when the card does not answer it."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.session = CardSession(open_transport(config.card.reader))
-        self.session.transport.connect()
-        from est_agent.config import UiccChannel
+    def read(slot: Slot) -> ec.EllipticCurvePublicKey:
+        return CardSigner.from_card(link.applet, slot.key).public_key()
 
-        if config.card.uicc_channel.resolve(config.card.reader) is UiccChannel.BASIC:
-            channel = self.session.basic_channel
-        else:
-            channel = self.session.open_channel()
-        self.files = UiccFiles(channel)
-        self._applet: IotSafeApplet | None = None
+    return read
 
-    @property
-    def applet(self) -> IotSafeApplet:
-        if self._applet is None:
-            self._applet = IotSafeApplet.open(
-                self.session,
-                aids=tuple(self.config.card.aids),
-                proprietary_cla=not self.config.card.iso_cla,
-            )
-        return self._applet
 
-    def public_key_of(self, slot: Slot) -> ec.EllipticCurvePublicKey | None:
+class _HostStateFile:
+    """The host state of one run: read once under the run lock, written through ``update``.
+
+    A write that fails is logged and kept as a note for the result (the SIM stays
+    authoritative); the in-memory state moves on either way, so the rest of the run sees what
+    it decided.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.state = load_host_state(state_dir)
+        self.notes: list[str] = []
+
+    def update(self, **changes: Any) -> bool:
+        new = replace(self.state, **changes)
+        if new == self.state:
+            return True
+        self.state = new
         try:
-            return CardSigner.from_card(self.applet, slot.key).public_key()
-        except StatusWordError as exc:
-            log.debug("slot %s: no readable key (%s)", slot.name, exc)
-            return None
+            save_host_state(self.state_dir, new)
+        except StoreError as exc:
+            log.warning("%s", exc)
+            if str(exc) not in self.notes:
+                self.notes.append(str(exc))
+            return False
+        return True
 
-    def close(self) -> None:
-        self.session.close()
+    def forget(self) -> None:
+        """Remove the file (best effort): a cache that cannot be updated must not be trusted."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.state_dir / "state.json")
 
 
 class Agent:
-    """Runs enroll / renew / run / status for one configuration."""
+    """Runs enroll / renew / run / status for one configuration.
+
+    Seams: ``clock`` (renewal timing, pending waits), ``client_factory`` (the EST client),
+    ``opener`` (reader string -> card transport).
+    """
 
     def __init__(
         self,
@@ -169,67 +204,48 @@ class Agent:
         progress: Callable[[str], None] | None = None,
         clock: Callable[[], datetime] = _now,
         client_factory: Callable[..., EstClient] | None = None,
+        opener: TransportOpener | None = None,
     ) -> None:
         self.config = config
         self._progress = progress or (lambda text: log.info("%s", text))
         self._clock = clock
         self._client_factory = client_factory
+        self._opener = opener
         self.slots = tuple(
             Slot(i, s.key, s.certificate, s.name) for i, s in enumerate(config.slots)
         )
         #: the last card session's link statistics (benchmarks read them)
         self.link_stats: Any = None
         self.card_signatures = 0
+        self._iccid: str | None = None
+        self._imei: str | None = None
 
     # -- commands ----------------------------------------------------------------------------
 
     def enroll(self) -> Result:
         """First boot: nothing to do when a valid credential exists, else bootstrap enrollment."""
-        with self._card() as card:
-            self._progress("reading the credential slots on the SIM")
-            views = self._scan(card)
-            active = pick_active(views)
-            if active is not None and active.certificate is not None:
-                return self._result(Outcome.ALREADY_ENROLLED, active, self._adopt(active))
-            return self._bootstrap_enroll(card, views)
+        return self._execute(Operation.ENROLL, use_cache=False)
 
-    def renew(self, *, force: bool = False) -> Result:
+    def renew(self, *, force: bool = False, use_cache: bool = True) -> Result:
         """Renew when due (or forced); enroll with the bootstrap credential when nothing valid
-        is left (none yet, or the current certificate expired)."""
-        host = load_host_state(self._state_dir)
-        with self._card() as card:
-            if not force:
-                quick = self._not_due_from_cache(card, host)
-                if quick is not None:
-                    return quick
-            self._progress("reading the credential slots on the SIM")
-            views = self._scan(card)
-            active = pick_active(views)
-            if active is None or active.certificate is None:
-                return self._bootstrap_enroll(card, views)
-            cert = active.certificate
-            now = self._clock()
-            hook = self._adopt(active)
-            if is_expired(cert.not_valid_after_utc, now):
-                log.warning("the active certificate expired: falling back to bootstrap")
-                return self._bootstrap_enroll(card, views)
-            due = self._due_at(cert)
-            if not force and now < due:
-                return self._result(Outcome.NOT_DUE, active, hook)
-            return self._reenroll(card, views, active)
+        is left (none yet, or the current certificate expired). ``use_cache``: first try the
+        fast path (workflow/quick.py) in this card session."""
+        if force:
+            return self._execute(Operation.RENEW_FORCED, use_cache=False)
+        return self._execute(Operation.RENEW, use_cache=use_cache)
 
-    def run(self) -> Result:
+    def run(self, *, use_cache: bool = True) -> Result:
         """What the timer calls: enroll if there is nothing, renew if due, else nothing."""
-        return self.renew(force=False)
+        return self.renew(force=False, use_cache=use_cache)
 
     def status(self) -> StatusReport:
-        host = load_host_state(self._state_dir)
-        with self._card() as card:
+        with self._session() as (card, host):
             views = self._scan(card)
             iccid = self._read_iccid(card)
             aid = card.applet.aid.hex().upper()
-            reader = card.session.transport.description
-        active = pick_active(views)
+            reader = card.transport.description
+        state = host.state
+        active = self._decide(Operation.ENROLL, views, state).active
         reports = []
         for view in views:
             cert = view.certificate
@@ -238,7 +254,8 @@ class Agent:
                     name=view.slot.name,
                     key=str(view.slot.key),
                     certificate_ef=str(view.slot.ef),
-                    status=view.status.value,
+                    status=view.state.value,
+                    reason=view.reason,
                     detail=view.detail,
                     sequence=view.header.sequence if view.header else None,
                     subject=cert.subject.rfc4514_string() if cert else None,
@@ -247,72 +264,158 @@ class Agent:
                 )
             )
         pending = None
-        if host.pending is not None:
+        if state.pending is not None and state.pending.slot < len(self.slots):
             pending = {
-                "operation": host.pending.operation,
-                "slot": self.slots[host.pending.slot].name,
-                "retry_at": host.pending.retry_at.isoformat(),
-                "since": host.pending.since.isoformat(),
+                "operation": state.pending.operation,
+                "slot": self.slots[state.pending.slot].name,
+                "retry_at": state.pending.retry_at.isoformat(),
+                "since": state.pending.since.isoformat(),
             }
         renew_at = None
-        if active is not None and active.certificate is not None:
-            renew_at = self._due_at(active.certificate).isoformat()
+        deployment = None
+        if active is not None:
+            view = views[active]
+            assert view.certificate is not None and view.header is not None
+            renew_at = self._due_at(view.certificate).isoformat()
+            deployment = self._deployment_report(view, state)
         return StatusReport(
             reader=reader,
             iccid=iccid,
             aid=aid,
             slots=tuple(sorted(reports, key=lambda r: r.name)),
-            active=active.slot.name if active else None,
+            active=self.slots[active].name if active is not None else None,
             renew_at=renew_at,
             pending=pending,
+            deployment=deployment,
         )
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------------
 
-    @property
-    def _state_dir(self) -> Any:
-        return self.config.paths.state_dir
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[tuple[CardLink, _HostStateFile]]:
+        """Run lock, then the card session (with its transaction), then the host state."""
+        paths = self.config.paths
+        opener = self._opener or open_transport
+        with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
+            link_cm = card_link(self.config, opener)
+            card = link_cm.__enter__()
+            try:
+                yield card, _HostStateFile(paths.state_dir)
+            except BaseException as exc:
+                self.link_stats = card.transport.stats
+                if not link_cm.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+            else:
+                self.link_stats = card.transport.stats
+                link_cm.__exit__(None, None, None)
 
-    @contextmanager
-    def _card(self) -> Iterator[_Card]:
-        card = _Card(self.config)
-        try:
-            yield card
-        finally:
-            self.link_stats = card.session.transport.stats
-            card.close()
+    def _execute(self, operation: Operation, *, use_cache: bool) -> Result:
+        with self._session() as (card, host):
+            if use_cache:
+                quick = cached_not_due(self.config, card, host.state, self._clock())
+                if quick is not None:
+                    return quick
+            self._progress("reading the credential slots on the SIM")
+            views = self._scan(card)
+            decision = self._decide(operation, views, host.state)
+            log.info("plan: %s %s", decision.action.value, decision.reason)
+            active = views[decision.active] if decision.active is not None else None
+            if decision.action is Action.STOP_UNKNOWN:
+                raise self._unreadable(views)
+            hook = None
+            if active is not None:
+                hook = self._adopt(active, host)
+            if decision.action is Action.WAIT_PENDING:
+                pending = host.state.pending
+                assert pending is not None
+                wait = (pending.retry_at - self._clock()).total_seconds()
+                raise EnrollmentPending(
+                    wait,
+                    f"enrollment pending at the server; retry after {pending.retry_at:%H:%M:%S}",
+                )
+            if decision.action in (Action.ALREADY_ENROLLED, Action.NOT_DUE):
+                assert active is not None
+                outcome = (
+                    Outcome.ALREADY_ENROLLED
+                    if decision.action is Action.ALREADY_ENROLLED
+                    else Outcome.NOT_DUE
+                )
+                return self._result(outcome, active, hook, host)
+            if decision.action is Action.BOOTSTRAP:
+                if active is not None:
+                    log.warning("the active certificate expired: falling back to bootstrap")
+                return self._bootstrap_enroll(card, views, decision, host)
+            assert active is not None
+            return self._reenroll(card, views, decision, active, host)
 
-    def _scan(self, card: _Card) -> list[SlotView]:
+    def _decide(self, operation: Operation, views: Sequence[SlotView], host: HostState) -> Plan:
+        now = self._clock()
+        facts = [SlotFacts(v.state, v.header.sequence if v.header else None) for v in views]
+        timings: list[Timing | None] = []
+        for view in views:
+            cert = view.certificate
+            if not view.valid or cert is None:
+                timings.append(None)
+                continue
+            timings.append(
+                Timing(
+                    expired=is_expired(cert.not_valid_after_utc, now),
+                    due=now >= self._due_at(cert),
+                )
+            )
+        pending = None
+        if host.pending is not None:
+            pending = PendingFacts(
+                EstOperation(host.pending.operation),
+                host.pending.slot,
+                ready=host.pending.retry_at <= now,
+            )
+        return plan(operation, facts, timings, pending)
+
+    def _unreadable(self, views: Sequence[SlotView]) -> SlotUnreadableError:
+        parts = [
+            f"slot {v.slot.name} ({v.reason}: {v.detail})"
+            for v in views
+            if v.state is SlotState.UNKNOWN
+        ]
+        return SlotUnreadableError(
+            "cannot read "
+            + "; ".join(parts)
+            + ": nothing was written (a slot that cannot be read may hold the working "
+            "credential)"
+        )
+
+    def _scan(self, card: CardLink) -> list[SlotView]:
         # Read the other slots first and slot 0 last: on a fresh SIM slot 0 is the target and
         # stays selected for the write (one SELECT less).
-        views = [read_slot(card.files, s, card.public_key_of) for s in reversed(self.slots)]
+        reader = _public_key_of(card)
+        views = [read_slot(card.files, s, reader) for s in reversed(self.slots)]
         views.reverse()
         for view in views:
-            log.info("slot %s: %s %s", view.slot.name, view.status.value, view.detail)
+            log.info(
+                "slot %s: %s%s",
+                view.slot.name,
+                view.state.value,
+                f" ({view.reason}: {view.detail})" if view.reason else "",
+            )
         return views
 
-    def _not_due_from_cache(self, card: _Card, host: HostState) -> Result | None:
-        return cached_not_due(self.config, card.files, host, self._clock())
-
-    def _plan(self, views: list[SlotView], operation: str) -> tuple[HostState, Slot]:
-        """Host state and target slot of an enrollment; EnrollmentPending (before any card or
-        network work) while a pending request's Retry-After has not passed."""
-        host = load_host_state(self._state_dir)
-        target = self._target_slot(views, host.pending, operation)
-        self._check_pending_wait(host.pending, operation)
-        return host, target
-
-    def _bootstrap_enroll(self, card: _Card, views: list[SlotView]) -> Result:
-        host, target = self._plan(views, "simpleenroll")
+    def _bootstrap_enroll(
+        self, card: CardLink, views: list[SlotView], decision: Plan, host: _HostStateFile
+    ) -> Result:
         self._progress("reading the bootstrap credential from the SIM")
         chain, signer = self._bootstrap_identity(card)
         with self._client(card, chain, signer) as client:
-            return self._enroll_into(
-                card, views, target, client, host, operation="simpleenroll", current=None
-            )
+            return self._enroll_into(card, views, decision, client, host, current=None)
 
-    def _reenroll(self, card: _Card, views: list[SlotView], active: SlotView) -> Result:
-        host, target = self._plan(views, "simplereenroll")
+    def _reenroll(
+        self,
+        card: CardLink,
+        views: list[SlotView],
+        decision: Plan,
+        active: SlotView,
+        host: _HostStateFile,
+    ) -> Result:
         assert active.certificate is not None
         current = active.certificate
         signer = CardSigner(card.applet, active.slot.key, current.public_key())  # type: ignore[arg-type]
@@ -320,62 +423,72 @@ class Agent:
             f"renewing the certificate of slot {active.slot.name} (serial {_hexserial(current)})"
         )
         with self._client(card, [current], signer) as client:
-            return self._enroll_into(
-                card, views, target, client, host, operation="simplereenroll", current=current
-            )
+            return self._enroll_into(card, views, decision, client, host, current=current)
 
     def _enroll_into(
         self,
-        card: _Card,
+        card: CardLink,
         views: list[SlotView],
-        target: Slot,
+        decision: Plan,
         client: EstClient,
-        host: HostState,
+        host: _HostStateFile,
         *,
-        operation: str,
         current: x509.Certificate | None,
     ) -> Result:
+        assert decision.target is not None and decision.est_operation is not None
+        target = self.slots[decision.target]
+        operation = decision.est_operation.value
+        if decision.target == decision.active or views[decision.target].state is SlotState.UNKNOWN:
+            # plan() never does this; the check keeps a future change from costing a credential
+            raise StoreError(f"refusing to write slot {target.name}: it is active or unknown")
         self._progress("connecting to the EST server (TLS authenticated by the SIM)")
         cacerts = client.cacerts()
         self._check_fingerprint(cacerts.anchor)
         attrs = client.csrattrs()
-        key = self._target_key(card, target, host.pending, operation)
+        key = self._target_key(card, target, host.state.pending, decision)
         op_signer = CardSigner(card.applet, target.key, key)
         self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
         try:
             enrollment = self._request(client, operation, op_signer, attrs, current)
         except EnrollmentPending as pending:
             now = self._clock()
-            save_host_state(
-                self._state_dir,
-                HostState(
-                    active=host.active,
-                    pending=Pending(
-                        operation=operation,
-                        slot=target.index,
-                        public_key=_point(key).hex(),
-                        # a server's Retry-After is honoured up to renewal.retry_cap_s
-                        retry_at=now
-                        + timedelta(
-                            seconds=min(pending.retry_after_s, self.config.renewal.retry_cap_s)
-                        ),
-                        since=host.pending.since if host.pending else now,
+            previous = host.state.pending
+            remembered = host.update(
+                pending=Pending(
+                    operation=operation,
+                    slot=target.index,
+                    public_key=_point(key).hex(),
+                    # a server's Retry-After is honoured up to renewal.retry_cap_s
+                    retry_at=now
+                    + timedelta(
+                        seconds=min(pending.retry_after_s, self.config.renewal.retry_cap_s)
                     ),
-                ),
+                    since=previous.since if previous is not None else now,
+                )
             )
+            if not remembered:
+                raise EnrollmentPending(
+                    pending.retry_after_s,
+                    f"{pending} (not remembered: {host.notes[-1]}; the next run starts a new "
+                    "request)",
+                ) from pending
             raise
         finally:
             self.card_signatures += op_signer.signatures
         self._progress(f"writing the certificate to SIM slot {target.name} and reading it back")
         sequence = 1 + max((v.header.sequence for v in views if v.header), default=0)
         der = enrollment.certificate.public_bytes(Encoding.DER)
-        installed = write_slot(card.files, target, sequence, der, key)
+        if not host.update(installing=Installing(target.index, sequence)):
+            host.forget()  # the fast path must not trust a cache that missed this write
+        try:
+            installed = write_slot(card.files, target, sequence, der, key)
+        except StoreError:
+            host.update(installing=None)  # nothing complete was written
+            raise
+        host.update(active=self._cache_of(installed), pending=None, installing=None)
+        hook = self._deploy(installed, enrollment.chain, host)
         outcome = Outcome.RENEWED if current is not None else Outcome.ENROLLED
-        # deploy first, remember second: a run that dies in between leaves the host state on
-        # the previous credential, so the next run sees the new one as not deployed (_adopt)
-        hook = self._after_install(installed, enrollment.chain)
-        self._remember(installed)
-        return self._result(outcome, installed, hook)
+        return self._result(outcome, installed, hook, host)
 
     def _request(
         self,
@@ -418,16 +531,13 @@ class Agent:
             builder = builder.challenge_password(challenge_password_value(binding.value))
             return builder.build(signer)
 
-        if operation == "simplereenroll":
+        if operation == EstOperation.SIMPLEREENROLL.value:
             return client.simplereenroll(csr_factory)
         return client.simpleenroll(csr_factory)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    _iccid: str | None = None
-    _imei: str | None = None
-
-    def _bootstrap_identity(self, card: _Card) -> tuple[list[x509.Certificate], Signer]:
+    def _bootstrap_identity(self, card: CardLink) -> tuple[list[x509.Certificate], Signer]:
         """The bootstrap certificate chain and a signer for its key: on the SIM (IoT SAFE key,
         certificate in an applet file or a UICC EF) or, on devices without one, PEM files."""
         from est_agent.card.signer import SoftwareSigner
@@ -457,9 +567,9 @@ class Agent:
             self._imei = self._modem_imei(card)
         return chain, signer
 
-    def _modem_imei(self, card: _Card) -> str | None:
+    def _modem_imei(self, card: CardLink) -> str | None:
         """AT+CGSN on a ``modem:`` link (TS 27.007 §5.4); other links know no IMEI."""
-        imei = getattr(card.session.transport, "imei", None)
+        imei = getattr(card.transport, "imei", None)
         if not callable(imei):
             return None
         try:
@@ -474,21 +584,23 @@ class Agent:
         texts += [*subject.san_dns, *subject.san_uri]
         return any(placeholder in t for t in texts)
 
-    def _read_iccid(self, card: _Card) -> str | None:
+    def _read_iccid(self, card: CardLink) -> str | None:
         try:
             return decode_iccid(card.files.read(EF_ICCID))
+        except TransportError:
+            raise
         except (CardError, InputError) as exc:
             log.warning("cannot read EF_ICCID: %s", exc)
             return None
 
-    def _read_card_object(self, card: _Card, ref: IotSafeRef | UiccPath) -> bytes:
+    def _read_card_object(self, card: CardLink, ref: IotSafeRef | UiccPath) -> bytes:
         if isinstance(ref, UiccPath):
             return card.files.read(ref)
         return card.applet.read_file(ref)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _client(
-        self, card: _Card, chain: Sequence[x509.Certificate], signer: Signer
+        self, card: CardLink, chain: Sequence[x509.Certificate], signer: Signer
     ) -> Iterator[EstClient]:
         from est_agent.config import PopMode
         from est_agent.est.client import EstClient, RetryPolicy
@@ -527,7 +639,7 @@ class Agent:
             self.card_signatures += getattr(signer, "signatures", 0)
             client.close()
 
-    def _trust_anchors(self, card: _Card) -> list[x509.Certificate]:
+    def _trust_anchors(self, card: CardLink) -> list[x509.Certificate]:
         source = self.config.est.trust_anchor
         if source is None:
             # RFC 7030 §4.1.1 bootstrap distribution (provisional TLS, /cacerts checked against
@@ -553,35 +665,19 @@ class Agent:
                 "est.cacerts_fingerprint: refusing to enroll"
             )
 
-    def _target_slot(self, views: list[SlotView], pending: Pending | None, operation: str) -> Slot:
-        if (
-            pending is not None
-            and pending.operation == operation
-            and pending.slot < len(self.slots)
-        ):
-            return self.slots[pending.slot]
-        active = pick_active(views)
-        candidates = [v for v in views if active is None or v.slot != active.slot]
-        # prefer a slot with nothing valid in it, then the lowest index
-        candidates.sort(key=lambda v: (v.valid, v.slot.index))
-        return candidates[0].slot
-
-    def _check_pending_wait(self, pending: Pending | None, operation: str) -> None:
-        if pending is None or pending.operation != operation:
-            return
-        wait = (pending.retry_at - self._clock()).total_seconds()
-        if wait > 0:
-            raise EnrollmentPending(
-                wait, f"enrollment pending at the server; retry after {pending.retry_at:%H:%M:%S}"
-            )
-
     def _target_key(
-        self, card: _Card, target: Slot, pending: Pending | None, operation: str
+        self, card: CardLink, target: Slot, pending: Pending | None, decision: Plan
     ) -> ec.EllipticCurvePublicKey:
         """The key for the new certificate: the pending request's key when resuming a 202
         (the server knows that key), else a fresh one generated inside the SIM."""
-        if pending is not None and pending.operation == operation and pending.slot == target.index:
-            existing = card.public_key_of(target)
+        if decision.resume_pending and pending is not None:
+            try:
+                existing = _public_key_of(card)(target)
+            except TransportError:
+                raise
+            except CardError as exc:
+                log.info("slot %s: pending request's key not readable (%s)", target.name, exc)
+                existing = None
             if existing is not None and _point(existing).hex() == pending.public_key:
                 self._progress(f"resuming the pending request with the key in slot {target.name}")
                 return existing
@@ -598,12 +694,13 @@ class Agent:
             serial=cert.serial_number,
         )
 
-    def _remember(self, view: SlotView) -> None:
+    @staticmethod
+    def _cache_of(view: SlotView) -> ActiveCache:
         cert = view.certificate
-        if cert is None or view.header is None:
-            return
-        host = load_host_state(self._state_dir)
-        cache = ActiveCache(
+        assert cert is not None and view.header is not None
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        return ActiveCache(
             slot=view.slot.index,
             sequence=view.header.sequence,
             sha256=view.header.sha256.hex(),
@@ -611,57 +708,83 @@ class Agent:
             subject=cert.subject.rfc4514_string(),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
+            public_key_sha256=public_key_digest(key),
         )
-        pending = host.pending
-        if pending is not None and view.header.sequence and pending.slot == view.slot.index:
-            pending = None  # the pending request's slot now holds a valid certificate
-        if host.active != cache or pending != host.pending:
-            save_host_state(self._state_dir, HostState(active=cache, pending=pending))
 
-    def _adopt(self, view: SlotView) -> dict[str, Any] | None:
-        """Remember the active credential found on the SIM. When it is not the one the host
-        state records, a run died after writing it but before its PEM export and deploy hook:
-        deploy it now (leaf only: the chain the server sent is not kept on the SIM)."""
-        hook = None
-        cache = load_host_state(self._state_dir).active
+    def _deploys(self) -> bool:
         paths = self.config.paths
-        cert = view.certificate
-        deployed = (
-            cache is not None
-            and view.header is not None
-            and (cache.slot, cache.sequence, cache.sha256)
-            == (view.slot.index, view.header.sequence, view.header.sha256.hex())
+        return paths.export_pem is not None or bool(paths.deploy_hook)
+
+    def _adopt(self, view: SlotView, host: _HostStateFile) -> dict[str, Any] | None:
+        """Remember the active credential found on the SIM, and deploy it when its PEM export
+        and deploy hook have not succeeded yet: a run died after writing it, or an earlier
+        deployment failed (retried by every run until it succeeds; leaf only: the chain the
+        server sent is not kept on the SIM)."""
+        assert view.header is not None and view.certificate is not None
+        changes: dict[str, Any] = {"active": self._cache_of(view)}
+        state = host.state
+        if state.pending is not None and state.pending.slot == view.slot.index:
+            changes["pending"] = None  # the pending request's slot now holds a valid certificate
+        if state.installing is not None:
+            changes["installing"] = None  # the full read judged every slot
+        host.update(**changes)
+        hook = None
+        deployment = state.deployment
+        done = deployment is not None and deployment.succeeded and deployment.is_for(
+            view.slot.index, view.header.sequence, view.header.sha256.hex()
         )
         if (
-            not deployed
-            and cert is not None
-            and (paths.export_pem is not None or paths.deploy_hook)
-            and not is_expired(cert.not_valid_after_utc, self._clock())
+            not done
+            and self._deploys()
+            and not is_expired(view.certificate.not_valid_after_utc, self._clock())
         ):
             log.warning(
                 "slot %s: active certificate not deployed yet: deploying it", view.slot.name
             )
-            hook = self._after_install(view, ())
-        self._remember(view)
+            hook = self._deploy(view, (), host)
         return hook
 
-    def _after_install(
-        self, view: SlotView, chain: Sequence[x509.Certificate]
+    def _deploy(
+        self, view: SlotView, chain: Sequence[x509.Certificate], host: _HostStateFile
     ) -> dict[str, Any] | None:
         """PEM export and deploy hook (certbot's deploy hook): only after a successful install,
-        reported but never undoing the installed credential."""
-        paths = self.config.paths
-        if paths.export_pem is None and not paths.deploy_hook:
+        reported (and retried by later runs) but never undoing the installed credential."""
+        if not self._deploys():
             return None  # nothing to do: skip importing hooks (subprocess, selectors, ...)
         from est_agent import hooks
 
-        assert view.certificate is not None
+        assert view.certificate is not None and view.header is not None
+        paths = self.config.paths
         report = hooks.deploy_new_certificate(
             [view.certificate, *chain],
             slot=view.slot.name,
             export_path=paths.export_pem,
             hook_argv=paths.deploy_hook,
         )
+        previous = host.state.deployment
+        sequence, sha256 = view.header.sequence, view.header.sha256.hex()
+        attempts = 1
+        if previous is not None and previous.is_for(view.slot.index, sequence, sha256):
+            attempts = previous.attempts + 1
+        error = ""
+        if report.export is not None and not report.export.ok:
+            error = report.export.error or "PEM export failed"
+        elif report.hook is not None and not report.hook.ok:
+            error = report.hook.describe()
+        host.update(
+            deployment=Deployment(
+                slot=view.slot.index,
+                sequence=sequence,
+                sha256=sha256,
+                succeeded=report.ok,
+                attempts=attempts,
+                at=self._clock(),
+                error=error[:500],
+            )
+        )
+        if not report.ok:
+            note = f"deployment failed (attempt {attempts}; retried by the next run): {error}"
+            host.notes.append(note[:600])
         if report.hook is None:
             return None
         return {
@@ -671,7 +794,29 @@ class Agent:
             "error": report.hook.error,
         }
 
-    def _result(self, outcome: str, view: SlotView, hook: dict[str, Any] | None = None) -> Result:
+    def _deployment_report(self, view: SlotView, state: HostState) -> dict[str, Any] | None:
+        if not self._deploys():
+            return None
+        assert view.header is not None
+        deployment = state.deployment
+        if deployment is None or not deployment.is_for(
+            view.slot.index, view.header.sequence, view.header.sha256.hex()
+        ):
+            return {"state": "pending", "attempts": 0}
+        return {
+            "state": "done" if deployment.succeeded else "failed",
+            "attempts": deployment.attempts,
+            "at": deployment.at.isoformat(),
+            "error": deployment.error or None,
+        }
+
+    def _result(
+        self,
+        outcome: Outcome,
+        view: SlotView,
+        hook: dict[str, Any] | None,
+        host: _HostStateFile,
+    ) -> Result:
         cert = view.certificate
         assert cert is not None
         return Result(
@@ -682,6 +827,7 @@ class Agent:
             cert.not_valid_after_utc,
             self._due_at(cert),
             hook,
+            tuple(host.notes),
         )
 
 

@@ -1,9 +1,13 @@
-"""The agent's small host-side state: a cache of the active credential and a pending request.
+"""The agent's small host-side state: a cache of the active credential, a pending request, the
+deployment of the active certificate, and a note of a record being written.
 
-The SIM is the source of truth; this file only lets `est-agent run` decide "nothing due" with
-one header read from the card (no applet, no certificate parse, no network), and remembers a
-202 (pending manual approval) across reboots. Written atomically; a missing or unreadable file
-is treated as empty (the next run rebuilds it from the SIM).
+The SIM is the source of truth; this file lets `est-agent run` decide "nothing due" with a few
+APDUs (no certificate parse, no network), remembers a 202 (pending manual approval) across
+reboots, and remembers whether the active certificate's PEM export and deploy hook succeeded
+(a failed deployment is retried by later runs). It is a cache: a missing, unreadable or
+malformed file (a JSON list, a non-hex serial, a directory in its place) is treated as empty
+and rebuilt from the SIM by the next full run. Writing it may fail (read-only state directory):
+callers report that and go on, because the SIM holds what matters.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -20,12 +26,23 @@ from typing import Any
 
 from est_agent.errors import StoreError
 
-__all__ = ["ActiveCache", "HostState", "Pending", "load_host_state", "save_host_state"]
+__all__ = [
+    "ActiveCache",
+    "Deployment",
+    "HostState",
+    "Installing",
+    "Pending",
+    "load_host_state",
+    "save_host_state",
+]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-_FORMAT = 1
+_FORMAT = 2
+_MAX_STATE_BYTES = 64 * 1024  # a few hundred bytes in practice
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_OPERATIONS = frozenset({"simpleenroll", "simplereenroll"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,8 @@ class ActiveCache:
     subject: str
     not_before: datetime
     not_after: datetime
+    #: hex SHA-256 of the certificate's public key point: the fast path checks the slot's key
+    public_key_sha256: str
 
 
 @dataclass(frozen=True)
@@ -51,55 +70,154 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """The last PEM export / deploy hook run for a credential (slot, record sequence, hash)."""
+
+    slot: int
+    sequence: int
+    sha256: str
+    succeeded: bool
+    attempts: int
+    at: datetime
+    error: str = ""
+
+    def is_for(self, slot: int, sequence: int, sha256: str) -> bool:
+        return (self.slot, self.sequence, self.sha256) == (slot, sequence, sha256)
+
+
+@dataclass(frozen=True)
+class Installing:
+    """Written before a record goes to the SIM: until a full run has adopted it, the fast path
+    must not trust the cache (the new record may be complete and newer than the cache)."""
+
+    slot: int
+    sequence: int
+
+
+@dataclass(frozen=True)
 class HostState:
     active: ActiveCache | None = None
     pending: Pending | None = None
+    deployment: Deployment | None = None
+    installing: Installing | None = None
+
+
+# --- decoding (strict: anything odd makes the whole file "no cache") -------------------------
+
+
+class _Malformed(ValueError):
+    pass
 
 
 def _dt(value: Any) -> datetime:
-    return datetime.fromisoformat(str(value))
+    if not isinstance(value, str):
+        raise _Malformed("timestamp is not a string")
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise _Malformed("timestamp without a time zone")
+    return parsed
 
 
-def _decode(raw: dict[str, Any]) -> HostState:
-    active = raw.get("active")
-    pending = raw.get("pending")
+def _int(value: Any, *, minimum: int = 0, maximum: int = 2**32 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise _Malformed(f"not an integer in {minimum}..{maximum}: {value!r}")
+    return value
+
+
+def _hex(value: Any, length: int | None = None) -> str:
+    if not isinstance(value, str) or not _HEX.fullmatch(value):
+        raise _Malformed(f"not hex: {value!r}")
+    if length is not None and len(value) != length:
+        raise _Malformed(f"hex of {len(value)} characters, expected {length}")
+    return value.lower() if length else value.upper()
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(f"not a string: {value!r}")
+    return value
+
+
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Malformed(f"{key} is not an object")
+    return value
+
+
+def _decode(raw: Any) -> HostState:
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+        raise _Malformed("not a state object of this format")
+    active = _table(raw, "active")
+    pending = _table(raw, "pending")
+    deployment = _table(raw, "deployment")
+    installing = _table(raw, "installing")
     return HostState(
         active=ActiveCache(
-            slot=int(active["slot"]),
-            sequence=int(active["sequence"]),
-            sha256=str(active["sha256"]),
-            serial=str(active["serial"]),
-            subject=str(active["subject"]),
+            slot=_int(active["slot"], maximum=15),
+            sequence=_int(active["sequence"], minimum=1),
+            sha256=_hex(active["sha256"], 64),
+            serial=_hex(active["serial"]),
+            subject=_str(active["subject"]),
             not_before=_dt(active["not_before"]),
             not_after=_dt(active["not_after"]),
+            public_key_sha256=_hex(active["public_key_sha256"], 64),
         )
         if active
         else None,
         pending=Pending(
-            operation=str(pending["operation"]),
-            slot=int(pending["slot"]),
-            public_key=str(pending["public_key"]),
+            operation=_str(pending["operation"]),
+            slot=_int(pending["slot"], maximum=15),
+            public_key=_hex(pending["public_key"], 130).lower(),
             retry_at=_dt(pending["retry_at"]),
             since=_dt(pending["since"]),
         )
-        if pending
+        if pending and pending.get("operation") in _OPERATIONS
+        else None,
+        deployment=Deployment(
+            slot=_int(deployment["slot"], maximum=15),
+            sequence=_int(deployment["sequence"], minimum=1),
+            sha256=_hex(deployment["sha256"], 64),
+            succeeded=bool(deployment["succeeded"]),
+            attempts=_int(deployment["attempts"]),
+            at=_dt(deployment["at"]),
+            error=_str(deployment.get("error", "")),
+        )
+        if deployment
+        else None,
+        installing=Installing(
+            slot=_int(installing["slot"], maximum=15),
+            sequence=_int(installing["sequence"], minimum=1),
+        )
+        if installing
         else None,
     )
 
 
 def load_host_state(state_dir: Path) -> HostState:
+    """The cached state, or an empty one when there is none or it cannot be used."""
     path = state_dir / STATE_FILE
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != _FORMAT:
-            raise ValueError("unknown format")
-        return _decode(raw)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         return HostState()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        # The SIM is authoritative: a damaged cache only costs a full read of the slots.
-        log.warning("ignoring unreadable host state %s: %s", path, exc)
+    except OSError as exc:
+        log.warning("ignoring unreadable host state %s: %s", path, exc.strerror or exc)
         return HostState()
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_STATE_BYTES:
+            raise _Malformed("not a regular file of a plausible size")
+        raw = json.loads(os.read(fd, _MAX_STATE_BYTES + 1))
+        return _decode(raw)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        # The SIM is authoritative: a damaged cache only costs a full read of the slots.
+        log.warning("ignoring unusable host state %s (%s): it is rebuilt from the SIM", path, exc)
+        return HostState()
+    finally:
+        os.close(fd)
 
 
 def _encode(state: HostState) -> dict[str, Any]:
@@ -109,11 +227,18 @@ def _encode(state: HostState) -> dict[str, Any]:
         data = asdict(obj)  # type: ignore[call-overload]
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in data.items()}
 
-    return {"format": _FORMAT, "active": plain(state.active), "pending": plain(state.pending)}
+    return {
+        "format": _FORMAT,
+        "active": plain(state.active),
+        "pending": plain(state.pending),
+        "deployment": plain(state.deployment),
+        "installing": plain(state.installing),
+    }
 
 
 def save_host_state(state_dir: Path, state: HostState) -> None:
-    """Atomic replace (temp file + fsync + rename + directory fsync)."""
+    """Atomic replace (temp file + fsync + rename + directory fsync); ``StoreError`` if the
+    directory cannot take it (callers decide whether that matters)."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=state_dir)
@@ -133,4 +258,6 @@ def save_host_state(state_dir: Path, state: HostState) -> None:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        raise StoreError(f"cannot write agent state in {state_dir}: {exc.strerror}") from exc
+        raise StoreError(
+            f"cannot write agent state in {state_dir}: {exc.strerror or exc}"
+        ) from exc

@@ -1,22 +1,36 @@
-"""`est-agent run` with nothing due: decided from the host cache and one SIM record header.
+"""`est-agent run` with nothing due: decided from the host cache, one record header and the key.
 
-Nothing here imports cryptography, httpx or the IoT SAFE applet client: the timer runs this
-daily on every device, and real SIM links cost tens of milliseconds per APDU. The cost is one
-SELECT and one READ BINARY of each slot's record header (plus MANAGE CHANNEL open/close when
-the certificate EFs are on a logical channel), no network. Anything unexpected returns None
-and the full workflow runs.
+Nothing here imports cryptography, httpx or the EST stack: the timer runs this daily on every
+device, and real SIM links cost tens of milliseconds per APDU. The card work is SELECT and one
+READ BINARY of the active slot's record header (it must still be the cached record), then the
+slot's public key from the applet (MANAGE CHANNEL, SELECT, READ PUBLIC KEY, MANAGE CHANNEL
+close; on links whose EFs already use a logical channel, the applet is selected on that one)
+compared with the cached key digest: another program may have regenerated the key
+through the applet, and then the certificate is no longer usable whatever its dates say. No
+network. Anything unexpected returns None and the full workflow runs, which judges both slots.
+
+The cache is not trusted when it may be stale: while a record is being written (the host
+state notes it first), while a request is pending, while the active certificate's deployment
+has not succeeded, or when the state directory cannot be written (a run then could not have
+recorded what it did to the SIM).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from est_agent.card.uicc import UiccFiles
-from est_agent.errors import CardError
+from est_agent.card.iotsafe import IotSafeApplet
+from est_agent.card.uri import IotSafeRef, ObjectKind
+from est_agent.errors import CardError, TransportError
 from est_agent.store import HEADER_SIZE, decode_header
-from est_agent.workflow.hoststate import HostState
+from est_agent.transport import open_transport
+from est_agent.workflow.cardlink import CardLink, TransportOpener, card_link
+from est_agent.workflow.hoststate import HostState, load_host_state
+from est_agent.workflow.lock import run_lock
 from est_agent.workflow.renewal import renewal_due_at
 from est_agent.workflow.result import Outcome, Result
 
@@ -29,13 +43,41 @@ __all__ = ["cached_not_due", "run_if_not_due"]
 log = logging.getLogger(__name__)
 
 
-def cached_not_due(
-    config: Config, files: UiccFiles, host: HostState, now: datetime
-) -> Result | None:
-    """A NOT_DUE result when the cache says "not due" and the SIM record is the cached one."""
+def _trusted_cache(config: Config, host: HostState) -> bool:
     cache = host.active
-    if cache is None or host.pending is not None or cache.slot >= len(config.slots):
+    if cache is None or host.pending is not None or host.installing is not None:
+        return False
+    if cache.slot >= len(config.slots):
+        return False
+    paths = config.paths
+    if paths.export_pem is not None or paths.deploy_hook:
+        deployment = host.deployment
+        if deployment is None or not deployment.succeeded:
+            return False
+        if not deployment.is_for(cache.slot, cache.sequence, cache.sha256):
+            return False
+    return os.access(paths.state_dir, os.W_OK)
+
+
+def cached_not_due(
+    config: Config,
+    link: CardLink,
+    host: HostState,
+    now: datetime,
+    *,
+    last_use: bool = False,
+) -> Result | None:
+    """A NOT_DUE result when the cache says "not due" and the SIM still holds that record and
+    the key it was issued for; None when the full workflow must decide.
+
+    ``last_use``: the card session ends right after this, so when the EFs are on a logical
+    channel of their own the applet may be selected on that same channel after the header is
+    read (2 APDUs fewer on modem links); the files' channel is unusable for EFs afterwards.
+    """
+    if not _trusted_cache(config, host):
         return None
+    cache = host.active
+    assert cache is not None
     due = renewal_due_at(
         cache.not_before,
         cache.not_after,
@@ -47,42 +89,45 @@ def cached_not_due(
         return None
     slot = config.slots[cache.slot]
     try:
-        header = decode_header(files.read(slot.certificate, 0, HEADER_SIZE))
-        # A newer record in another slot means a run stored a certificate and died before
-        # deploying it (or before updating this cache): the full workflow adopts it.
-        others = [
-            decode_header(files.read(other.certificate, 0, HEADER_SIZE))
-            for index, other in enumerate(config.slots)
-            if index != cache.slot
-        ]
+        header = decode_header(link.files.read(slot.certificate, 0, HEADER_SIZE))
+        if header is None or (header.sequence, header.sha256.hex()) != (
+            cache.sequence,
+            cache.sha256,
+        ):
+            log.info("SIM record differs from the cache: full check")
+            return None
+        ref = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=slot.key.object_id, label=slot.key.label)
+        channel = link.files.channel
+        if last_use and channel.number != 0:
+            card = config.card
+            applet = IotSafeApplet.select(
+                channel, aids=tuple(card.aids), proprietary_cla=not card.iso_cla
+            )
+        else:
+            applet = link.applet
+        point = applet.read_public_key(ref)
+    except TransportError:
+        raise  # the card is gone: the full workflow would fail the same way
     except CardError as exc:
-        log.info("slot records unreadable (%s): full check", exc)
+        log.info("slot %s not readable the short way (%s): full check", slot.name, exc)
         return None
-    if header is None or (header.sequence, header.sha256.hex()) != (cache.sequence, cache.sha256):
-        log.info("SIM record differs from the cache: full check")
-        return None
-    if any(h is not None and h.sequence > cache.sequence for h in others):
-        log.info("a newer record is on the SIM: full check")
+    if hashlib.sha256(point).hexdigest() != cache.public_key_sha256:
+        log.warning("slot %s: the key on the card is not the cached one: full check", slot.name)
         return None
     return Result(Outcome.NOT_DUE, slot.name, cache.subject, cache.serial, cache.not_after, due)
 
 
-def run_if_not_due(config: Config, now: datetime) -> tuple[Result | None, LinkStats | None]:
-    """(result or None, card-link counters): the whole fast path, card opened and closed here."""
-    from est_agent.card.channel import CardSession
-    from est_agent.config import UiccChannel
-    from est_agent.transport import open_transport
-    from est_agent.workflow.hoststate import load_host_state
-
-    host = load_host_state(config.paths.state_dir)
-    if host.active is None or host.pending is not None:
+def run_if_not_due(
+    config: Config, now: datetime, *, opener: TransportOpener = open_transport
+) -> tuple[Result | None, LinkStats | None]:
+    """(result or None, card-link counters): the whole fast path, under the run lock, card
+    opened and closed here; the card is not touched when the cache cannot decide anyway."""
+    paths = config.paths
+    if not _trusted_cache(config, load_host_state(paths.state_dir)):
         return None, None
-    session = CardSession(open_transport(config.card.reader))
-    try:
-        session.transport.connect()
-        basic = config.card.uicc_channel.resolve(config.card.reader) is UiccChannel.BASIC
-        channel = session.basic_channel if basic else session.open_channel()
-        result = cached_not_due(config, UiccFiles(channel), host, now)
-    finally:
-        session.close()
-    return result, session.transport.stats
+    with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
+        host = load_host_state(paths.state_dir)  # again: another run may just have changed it
+        with card_link(config, opener) as link:
+            result = cached_not_due(config, link, host, now, last_use=True)
+            stats = link.transport.stats
+    return result, stats

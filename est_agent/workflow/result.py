@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 __all__ = ["Outcome", "Result"]
 
 
-class Outcome:
+class Outcome(StrEnum):
     ENROLLED = "enrolled"
     RENEWED = "renewed"
     ALREADY_ENROLLED = "already-enrolled"
@@ -18,23 +19,29 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Result:
-    """What a run did, for the CLI to print (text or JSON)."""
+    """What a run did, for the CLI to print (text or JSON).
 
-    outcome: str
+    ``notes``: what went wrong beside the outcome without undoing it (the host state could not
+    be written, the deployment failed): the outcome on the SIM stands.
+    """
+
+    outcome: Outcome
     slot: str
     subject: str
     serial: str
     not_after: datetime
     renew_at: datetime | None = None
     hook: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "outcome": self.outcome,
+            "outcome": self.outcome.value,
             "slot": self.slot,
             "subject": self.subject,
             "serial": self.serial,
             "not_after": self.not_after.isoformat(),
             "renew_at": self.renew_at.isoformat() if self.renew_at else None,
             "deploy_hook": self.hook,
+            "notes": list(self.notes),
         }

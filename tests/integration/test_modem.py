@@ -323,14 +323,16 @@ def test_enroll_through_the_modem(
     code, out, err = run_cli(capsys, "enroll", "--config", str(device.config), "--json")
     assert code == 0, err
     assert json.loads(out)["outcome"] == "already-enrolled"
-    # and the timer's fast path (one record header) works through it too
+    # and the timer's fast path (record header + key) works through it too
     before = modem.modem.commands
     code, out, err = run_cli(capsys, "run", "--config", str(device.config), "--json")
     assert code == 0, err
     assert json.loads(out)["outcome"] == "not-due"
     fast = modem.modem.commands - before
     print(f"run (not due) through the modem, {mode}: {fast} AT commands")
-    assert 0 < fast <= (12 if t0 else 7), fast
+    # connect, then the record header and the slot's key (workflow/quick.py); a modem whose
+    # AT+CSIM refuses logical channels costs that refusal once, then AT+CCHO/CGLA/CCHC
+    assert 0 < fast <= (12 if t0 else 8 if mode == "no-csim-channels" else 7), fast
 
 
 def test_imei_subject_template_is_filled_from_the_modem(

@@ -243,32 +243,6 @@ def test_export_and_deploy_hook_after_install(
     assert env["EST_AGENT_PEM"] == str(export)
 
 
-def test_run_notices_a_newer_record_than_its_cache(
-    device: Device,
-    start_server: Callable[..., EstTestServer],
-    dev_pki: DevPki,
-    cli: Run,
-) -> None:
-    # A run that stored a renewed certificate and died before updating the host cache: the
-    # fast path must not trust the stale cache (it reads both slot headers), the full run
-    # adopts the newer record.
-    server = start_server()
-    device.write_config(server, dev_pki)
-    assert cli("enroll", "--config", str(device.config))[0] == 0
-    stale = (device.state_dir / "state.json").read_bytes()
-    assert cli("renew", "--force", "--config", str(device.config))[0] == 0
-    (device.state_dir / "state.json").write_bytes(stale)
-    code, out, err = cli("run", "--config", str(device.config), "--json")
-    assert code == 0, err
-    result = json.loads(out)
-    assert (result["outcome"], result["slot"]) == ("not-due", "op-b")
-    assert result["card_link"]["apdus"] > 4  # the full path ran
-    cached = json.loads((device.state_dir / "state.json").read_text())["active"]
-    assert cached["slot"] == 1
-    code, out, _ = cli("run", "--config", str(device.config), "--json")
-    assert json.loads(out)["card_link"]["apdus"] == 4  # fast path again: two record headers
-
-
 def test_retry_after_is_capped_by_the_configuration(
     device: Device,
     start_server: Callable[..., EstTestServer],
