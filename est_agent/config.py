@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 from est_agent.card.iotsafe import DEFAULT_AID
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
 from est_agent.errors import ConfigError, CsrError, InputError
+from est_agent.fileio import CONFIG_LIMIT_BYTES, PASSWORD_LIMIT_BYTES, read_bounded
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -416,12 +417,9 @@ class EstConfig:
         """The Basic password, read now from its file (first line) or variable; None if unset."""
         if self.basic_password_file is not None:
             path = self.basic_password_file
-            try:
-                raw = path.read_bytes()
-            except OSError as exc:
-                raise ConfigError(
-                    f"est.basic_password_file: cannot read {path}: {exc.strerror or exc}"
-                ) from None
+            raw = read_bounded(
+                path, limit_bytes=PASSWORD_LIMIT_BYTES, what="est.basic_password_file"
+            )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -908,10 +906,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate the configuration file at `path`."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    raw = read_bounded(path, limit_bytes=CONFIG_LIMIT_BYTES, what="configuration")
     try:
         text = raw.decode("utf-8")  # TOML 1.0 §"Spec": a TOML file must be valid UTF-8
     except UnicodeDecodeError as exc:

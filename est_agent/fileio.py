@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeAlias
@@ -160,6 +159,8 @@ def atomic_write(
     docstring); on failure `error` (``cannot write <what> <path>: <reason>``) and the old file
     is untouched. A symlink at `path` is replaced by the new file, its target left alone.
     """
+    import tempfile  # not at module level: readers (config on `run`'s fast path) need none of it
+
     target = Path(os.fspath(path))
     directory = target.parent
     tmp_name: str | None = None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from est_agent.errors import SimStateError
+from est_agent.fileio import SIM_STATE_LIMIT_BYTES, read_bounded
 
 __all__ = [
     "ACCESS_READ",
@@ -478,14 +479,13 @@ def decode_state(raw: bytes, source: str = "state file") -> CardState:
 def load_state(path: str | os.PathLike[str]) -> CardState:
     """Read a state file; SimStateError when it is missing, unreadable, corrupt or too new."""
     where = os.fspath(path)
-    try:
-        raw = Path(where).read_bytes()
-    except FileNotFoundError:
-        raise SimStateError(
-            f"virtual SIM state file not found: {where} (personalize a card first)"
-        ) from None
-    except OSError as exc:
-        raise SimStateError(f"cannot read virtual SIM state file {where}: {exc.strerror}") from None
+    raw = read_bounded(
+        where,
+        limit_bytes=SIM_STATE_LIMIT_BYTES,
+        what="virtual SIM state file",
+        error=SimStateError,
+        hint_if_missing="personalize a card first",
+    )
     return decode_state(raw, f"virtual SIM state file {where}")
 
 

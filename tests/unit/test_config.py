@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -405,6 +406,79 @@ def test_directory_and_non_utf8_are_config_errors(tmp_path: Path) -> None:
     bad.write_bytes(b'[est]\nurl = "https://\xe9.x"\n')
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad)
+
+
+def _hostile(kind: str, tmp_path: Path, fifo: Path, sparse_2gib: Path) -> Path:
+    return {
+        "dev-zero": Path("/dev/zero"),
+        "fifo": fifo,
+        "directory": tmp_path,
+        "sparse-2gib": sparse_2gib,
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("dev-zero", "a character device, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("directory", "a directory, not a regular file"),
+        ("sparse-2gib", "larger than 1048576 bytes"),
+    ],
+)
+def test_config_file_that_is_not_a_small_regular_file(
+    tmp_path: Path, fifo: Path, sparse_2gib: Path, kind: str, reason: str
+) -> None:
+    path = _hostile(kind, tmp_path, fifo, sparse_2gib)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert time.monotonic() - started < 1.0
+    assert str(info.value).startswith(f"configuration: cannot read {path}: {reason}")
+    assert info.value.exit_code == 78
+
+
+def test_config_file_through_a_symlink_is_read(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_text(MINIMAL)
+    link = tmp_path / "est-agent.toml"
+    link.symlink_to(real)
+    assert load_config(link).est.url == URL
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("dev-zero", "a character device, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("directory", "a directory, not a regular file"),
+        ("sparse-2gib", "larger than 4096 bytes"),
+    ],
+)
+def test_password_file_that_is_not_a_small_regular_file(
+    tmp_path: Path, fifo: Path, sparse_2gib: Path, kind: str, reason: str
+) -> None:
+    path = _hostile(kind, tmp_path, fifo, sparse_2gib)
+    config = parse_config(
+        with_est(est=f'basic_username = "u"\nbasic_password_file = "{path}"'), base_dir=tmp_path
+    )
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        config.basic_password()
+    assert time.monotonic() - started < 1.0
+    assert str(info.value).startswith(f"est.basic_password_file: cannot read {path}: {reason}")
+
+
+def test_password_file_limit_is_4_kib(tmp_path: Path) -> None:
+    config = parse_config(
+        with_est(est='basic_username = "u"\nbasic_password_file = "pw"'), base_dir=tmp_path
+    )
+    (tmp_path / "pw").write_text(SECRET + "\n" + "x" * (4096 - len(SECRET) - 1))
+    assert config.basic_password() == SECRET
+    (tmp_path / "pw").write_text(SECRET + "\n" + "x" * (4096 - len(SECRET)))
+    with pytest.raises(ConfigError, match="larger than 4096 bytes") as info:
+        config.basic_password()
+    assert SECRET not in str(info.value)
 
 
 def test_errors_from_a_file_start_with_its_path(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,25 +59,6 @@ def test_dev_zero_is_refused_at_once() -> None:
     assert seconds < 1.0
 
 
-@pytest.fixture
-def fifo(tmp_path: Path) -> Iterator[Path]:
-    """A FIFO nobody writes to. Should a regression block on it, a writer opens and closes it
-    after 3 s, so the test fails on its time bound instead of hanging the suite."""
-    path = tmp_path / "fifo"
-    os.mkfifo(path)
-    done = threading.Event()
-
-    def unblock() -> None:
-        if not done.wait(3.0):
-            os.close(os.open(path, os.O_RDWR))  # a writer appears and leaves: EOF
-
-    watchdog = threading.Thread(target=unblock, daemon=True)
-    watchdog.start()
-    yield path
-    done.set()
-    watchdog.join()
-
-
 def test_fifo_is_refused_without_waiting_for_a_writer(fifo: Path) -> None:
     error, seconds = elapsed(
         lambda: read_bounded(fifo, limit_bytes=KIB, what="est.basic_password_file")
@@ -107,10 +88,8 @@ def test_directory_socket_and_missing_file(tmp_path: Path) -> None:
         read_bounded("a\0b", limit_bytes=KIB, what="x")
 
 
-def test_oversize_sparse_file_is_refused_before_reading(tmp_path: Path) -> None:
-    big = tmp_path / "huge.pem"
-    with big.open("wb") as handle:
-        handle.truncate(2 * 1024**3)  # 2 GiB, sparse: no disk blocks
+def test_oversize_sparse_file_is_refused_before_reading(tmp_path: Path, sparse_2gib: Path) -> None:
+    big = sparse_2gib
     error, seconds = elapsed(lambda: read_bounded(big, limit_bytes=1024 * KIB, what="x"))
     assert isinstance(error, ConfigError)
     assert str(error) == f"x: cannot read {big}: larger than 1048576 bytes (2147483648 bytes)"

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,32 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(SimStateError, match="cannot read"):
         load_state(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("dev-zero", "a character device, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("sparse-2gib", "larger than 4194304 bytes"),
+    ],
+)
+def test_state_file_that_is_not_a_small_regular_file(
+    fifo: Path, sparse_2gib: Path, kind: str, reason: str
+) -> None:
+    path = {"dev-zero": Path("/dev/zero"), "fifo": fifo, "sparse-2gib": sparse_2gib}[kind]
+    started = time.monotonic()
+    with pytest.raises(SimStateError) as info:
+        load_state(path)
+    assert time.monotonic() - started < 1.0
+    assert str(info.value).startswith(f"virtual SIM state file: cannot read {path}: {reason}")
+    assert info.value.exit_code == 65
+
+
+def test_state_file_through_a_symlink(template: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link.json"
+    link.symlink_to(template)
+    assert load_state(link) == load_state(template)
 
 
 def test_truncated_file(state_path: Path) -> None:
