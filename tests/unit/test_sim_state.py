@@ -214,6 +214,29 @@ def test_atomic_write_keeps_the_old_file_when_replace_fails(
     assert sorted(p.name for p in state_path.parent.iterdir()) == ["card.json"]
 
 
+def test_save_is_0600_under_any_umask_and_a_failed_fsync_keeps_the_old_file(
+    state_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = load_state(state_path)
+    old_umask = os.umask(0)
+    try:
+        save_state(state_path, state)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+    before = state_path.read_bytes()
+    state.iccid = "8988111111111111111"
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(SimStateError, match=r"cannot write virtual SIM state file .*: Input/out"):
+        save_state(state_path, state)
+    assert state_path.read_bytes() == before
+    assert sorted(p.name for p in state_path.parent.iterdir()) == ["card.json"]
+
+
 def test_card_answers_6581_and_rolls_back_when_it_cannot_persist(
     state_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
