@@ -898,6 +898,10 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
     except tomllib.TOMLDecodeError as exc:
         # The message carries "(at line L, column C)".
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a value a thousand levels
+        # deep exhausts the interpreter's stack. No key of this file nests deeper than two.
+        raise ConfigError(f"{source}: invalid TOML: nested too deeply") from None
     try:
         return config_from_dict(data, base_dir=base_dir)
     except ConfigError as exc:

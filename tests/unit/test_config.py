@@ -393,6 +393,20 @@ def test_toml_syntax_error_has_line_and_column() -> None:
         parse_config('[est]\nurl = "https://e.x\n', source="x.toml")
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 1000 + "]" * 1000, "{a = " * 1000 + "1" + "}" * 1000, "[{a = " * 600 + "1" + "}]" * 600],
+    ids=["arrays", "inline-tables", "mixed"],
+)
+def test_toml_nested_a_thousand_levels_deep(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^deep\.toml: invalid TOML: nested too deeply"):
+        parse_config(f"x = {value}\n" + MINIMAL, source="deep.toml")
+    path = tmp_path / "est-agent.toml"
+    path.write_text(f"[est]\nurl = {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid TOML: nested"):
+        load_config(path)
+
+
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     with pytest.raises(ConfigError, match=re.escape(str(path))):
