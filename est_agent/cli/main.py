@@ -7,16 +7,26 @@ due stays fast and never loads the HTTP or PC/SC stacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import logging
 import math
+import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from est_agent import __version__
-from est_agent.errors import EX_SOFTWARE, EX_USAGE, EstAgentError, UsageError, exit_code_for
+from est_agent.errors import (
+    EX_SOFTWARE,
+    EX_USAGE,
+    EstAgentError,
+    OutputError,
+    UsageError,
+    exit_code_for,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -312,7 +322,20 @@ def _main(argv: Sequence[str] | None) -> int:
     _configure_logging(getattr(args, "verbose", 0), getattr(args, "log_format", "text"))
     try:
         result: int = args.func(args)
+        # Flushed here rather than at interpreter exit, so that a closed pipe is reported like
+        # any other error instead of as "Exception ignored" (Python docs, signal module, "Note
+        # on SIGPIPE").
+        sys.stdout.flush()
         return result
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            # Some other pipe or socket: not the reader of our output leaving.
+            log.exception("unexpected error (a bug: please report it with this traceback)")
+            return EX_SOFTWARE
+        _discard_stdout()
+        error = OutputError(f"cannot write to standard output: {exc.strerror or 'Broken pipe'}")
+        _report(error)
+        return exit_code_for(error)
     except EstAgentError as exc:
         _report(exc)
         log.debug("details", exc_info=True)
@@ -325,4 +348,28 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _report(exc: EstAgentError) -> None:
-    print(f"est-agent: error: {exc} [{type(exc).__name__}]", file=sys.stderr)
+    # Nothing more can be said when stderr is gone too.
+    with contextlib.suppress(OSError):
+        print(f"est-agent: error: {exc} [{type(exc).__name__}]", file=sys.stderr)
+
+
+def _stdout_gone() -> bool:
+    """Whether our standard output is a pipe or socket whose reader went away (POLLERR/POLLHUP,
+    POSIX.1-2017 poll()), as opposed to an EPIPE from some other descriptor."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null: the interpreter's final flush of what is still
+    buffered then succeeds instead of raising BrokenPipeError a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
