@@ -28,7 +28,7 @@ from est_agent.errors import (
     exit_code_for,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "public_class_name"]
 
 log = logging.getLogger("est_agent")
 
@@ -350,7 +350,17 @@ def _main(argv: Sequence[str] | None) -> int:
 def _report(exc: EstAgentError) -> None:
     # Nothing more can be said when stderr is gone too.
     with contextlib.suppress(OSError):
-        print(f"est-agent: error: {exc} [{type(exc).__name__}]", file=sys.stderr)
+        print(f"est-agent: error: {exc} [{public_class_name(exc)}]", file=sys.stderr)
+
+
+def public_class_name(exc: BaseException) -> str:
+    """The first class in the exception's MRO whose name does not start with ``_``: what the
+    README's exit-code table documents (est/client.py's ``_TransientError`` is shown as
+    ``EstConnectionError``)."""
+    for cls in type(exc).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return "Exception"  # unreachable: BaseException is public
 
 
 def _stdout_gone() -> bool:
