@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from est_agent.card.iotsafe import DEFAULT_AID
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
-from est_agent.errors import ConfigError, CsrError, InputError
+from est_agent.errors import ConfigError, CsrError, InputError, UsageError
 from est_agent.fileio import CONFIG_LIMIT_BYTES, PASSWORD_LIMIT_BYTES, read_bounded
 
 if TYPE_CHECKING:
@@ -189,6 +189,12 @@ def _check_seconds(key: str, value: float, *, allow_zero: bool, maximum: float) 
         raise _fail(key, f"expected seconds {bound} and <= {maximum:g}, got {value!r}")
 
 
+def _has_control_character(text: str) -> bool:
+    # RFC 7617 §2: user-id and password MUST NOT contain CTL (RFC 5234 Appendix B.1: %x00-1F,
+    # %x7F); a server would refuse them or read another user-id than the one meant.
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
     if isinstance(ref, Path):
         return "a file path"
@@ -255,6 +261,11 @@ class CardConfig:
             raise _fail(
                 "card.reader", f"{scheme}: needs a {'state file' if scheme == 'sim' else 'port'}"
             )
+        if "\x00" in self.reader:
+            # No reader name, port or path can hold one (open() and SCardConnect refuse it).
+            raise _fail("card.reader", "contains NUL")
+        if scheme.lower() == "modem":
+            _check_modem_reader(rest)
         _check_type("card.aids", self.aids, tuple)
         if not self.aids:
             raise _fail("card.aids", "needs at least one AID")
@@ -264,6 +275,17 @@ class CardConfig:
                 raise _fail("card.aids", f"an AID is 5..16 bytes, got {aid.hex().upper()!r}")
         _check_type("card.iso_cla", self.iso_cla, bool)
         _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
+
+
+def _check_modem_reader(rest: str) -> None:
+    """``?baud=N&timeout=S`` checked now with the transport's own parser (pure: no serial port is
+    touched), so that ``timeout=nan`` stops the agent at load time, not at the first APDU."""
+    from est_agent.transport.modem import parse_reader
+
+    try:
+        parse_reader(rest)
+    except UsageError as exc:
+        raise _fail("card.reader", str(exc)) from None
 
 
 _BOOTSTRAP_KEY = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01")
@@ -387,6 +409,8 @@ class EstConfig:
             if not self.basic_username or ":" in self.basic_username:
                 # RFC 7617 §2: the user-id cannot contain a colon.
                 raise _fail("est.basic_username", "must be non-empty and contain no ':'")
+            if _has_control_character(self.basic_username):
+                raise _fail("est.basic_username", "contains a control character (RFC 7617 §2)")
         if self.basic_password_file is not None:
             _check_type("est.basic_password_file", self.basic_password_file, Path)
         if self.basic_password_env is not None:
@@ -428,6 +452,11 @@ class EstConfig:
             password = lines[0] if lines else ""
             if not password:
                 raise ConfigError(f"est.basic_password_file: the first line of {path} is empty")
+            if _has_control_character(password):
+                raise ConfigError(
+                    f"est.basic_password_file: the first line of {path} contains a control "
+                    "character (RFC 7617 §2)"
+                )
             return password
         if self.basic_password_env is not None:
             name = self.basic_password_env
@@ -435,6 +464,11 @@ class EstConfig:
             if not value:
                 raise ConfigError(
                     f"est.basic_password_env: environment variable {name} is not set or empty"
+                )
+            if _has_control_character(value):
+                raise ConfigError(
+                    f"est.basic_password_env: environment variable {name} contains a control "
+                    "character (RFC 7617 §2)"
                 )
             return value
         return None

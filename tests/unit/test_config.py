@@ -354,6 +354,32 @@ BAD = [
     ("subject.san_dns", "[subject]\nsan_dns = ['{host}']", "unknown placeholder {host}"),
     ("subject.san_dns", "[subject]\nsan_dns = 'a.example'", "expected an array"),
     ("subject.san_uri", "[subject]\nsan_uri = ['']", "subject.san_uri"),
+    ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = inf", "got inf"),
+    ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = -inf", "got -inf"),
+    ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = -1", "got -1"),
+    ("renewal.threshold", "[renewal]\nthreshold = nan", "got nan"),
+    ("renewal.threshold", "[renewal]\nthreshold = inf", "got inf"),
+    ("renewal.threshold", "[renewal]\nthreshold = -inf", "got -inf"),
+    ("renewal.jitter_s", "[renewal]\njitter_s = nan", "got nan"),
+    ("renewal.jitter_s", "[renewal]\njitter_s = inf", "got inf"),
+    ("renewal.retry_cap_s", "[renewal]\nretry_cap_s = nan", "got nan"),
+    ("renewal.retry_cap_s", "[renewal]\nretry_cap_s = +inf", "got inf"),
+    ("card.reader", '[card]\nreader = "pcsc:Reader\\u0000 0"', "card.reader: contains NUL"),
+    ("card.reader", '[card]\nreader = "modem:/dev/tty\\u0000"', "card.reader: contains NUL"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?timeout=nan'", "bad timeout 'nan'"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?timeout=0'", "bad timeout '0'"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?baud=-9600'", "bad baud"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?speed=1'", "unknown option 'speed'"),
+    (
+        "est.basic_username",
+        "[est]\nurl = 'https://e.x'\nbasic_username = \"a\\tb\"\nbasic_password_env = 'P'",
+        "control character",
+    ),
+    (
+        "est.basic_username",
+        "[est]\nurl = 'https://e.x'\nbasic_username = \"a\\u007f\"\nbasic_password_env = 'P'",
+        "control character",
+    ),
     ("renewal.threshold", "[renewal]\nthreshold = 1", "0 < threshold < 1"),
     ("renewal.threshold", "[renewal]\nthreshold = 0.0", "0 < threshold < 1"),
     ("renewal.threshold", "[renewal]\nthreshold = '0.5'", "expected a number"),
@@ -619,6 +645,28 @@ def test_password_file_missing_or_empty(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8") as info:
         config.basic_password()
     assert "basic_password_file" in str(info.value)
+
+
+def test_password_with_a_control_character_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 7617 §2: neither user-id nor password may contain a CTL (RFC 5234 Appendix B.1).
+    config = parse_config(
+        with_est(est='basic_username = "u"\nbasic_password_file = "pw"'), base_dir=tmp_path
+    )
+    (tmp_path / "pw").write_bytes(SECRET.encode() + b"\x00x\n")
+    with pytest.raises(ConfigError, match=r"first line of .*pw contains a control character"):
+        config.basic_password()
+    from_env = parse_config(with_est(est='basic_username = "u"\nbasic_password_env = "EST_PW"'))
+    monkeypatch.setenv("EST_PW", SECRET + "\x1b")
+    with pytest.raises(ConfigError, match="EST_PW contains a control character") as info:
+        from_env.basic_password()
+    assert SECRET not in str(info.value)
+
+
+def test_modem_reader_options_in_range_are_taken() -> None:
+    reader = "modem:/dev/ttyUSB2?baud=9600&timeout=60"
+    assert parse_config(with_est(f"[card]\nreader = '{reader}'")).card.reader == reader
 
 
 def test_password_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
