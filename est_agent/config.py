@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from est_agent.card.iotsafe import DEFAULT_AID
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
-from est_agent.errors import ConfigError, CsrError, InputError
+from est_agent.errors import ConfigError, CsrError, InputError, UsageError
+from est_agent.fileio import CONFIG_LIMIT_BYTES, PASSWORD_LIMIT_BYTES, read_bounded
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -188,6 +189,12 @@ def _check_seconds(key: str, value: float, *, allow_zero: bool, maximum: float) 
         raise _fail(key, f"expected seconds {bound} and <= {maximum:g}, got {value!r}")
 
 
+def _has_control_character(text: str) -> bool:
+    # RFC 7617 §2: user-id and password MUST NOT contain CTL (RFC 5234 Appendix B.1: %x00-1F,
+    # %x7F); a server would refuse them or read another user-id than the one meant.
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
     if isinstance(ref, Path):
         return "a file path"
@@ -254,6 +261,11 @@ class CardConfig:
             raise _fail(
                 "card.reader", f"{scheme}: needs a {'state file' if scheme == 'sim' else 'port'}"
             )
+        if "\x00" in self.reader:
+            # No reader name, port or path can hold one (open() and SCardConnect refuse it).
+            raise _fail("card.reader", "contains NUL")
+        if scheme.lower() == "modem":
+            _check_modem_reader(rest)
         _check_type("card.aids", self.aids, tuple)
         if not self.aids:
             raise _fail("card.aids", "needs at least one AID")
@@ -263,6 +275,17 @@ class CardConfig:
                 raise _fail("card.aids", f"an AID is 5..16 bytes, got {aid.hex().upper()!r}")
         _check_type("card.iso_cla", self.iso_cla, bool)
         _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
+
+
+def _check_modem_reader(rest: str) -> None:
+    """``?baud=N&timeout=S`` checked now with the transport's own parser (pure: no serial port is
+    touched), so that ``timeout=nan`` stops the agent at load time, not at the first APDU."""
+    from est_agent.transport.modem import parse_reader
+
+    try:
+        parse_reader(rest)
+    except UsageError as exc:
+        raise _fail("card.reader", str(exc)) from None
 
 
 _BOOTSTRAP_KEY = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01")
@@ -388,6 +411,8 @@ class EstConfig:
             if not self.basic_username or ":" in self.basic_username:
                 # RFC 7617 §2: the user-id cannot contain a colon.
                 raise _fail("est.basic_username", "must be non-empty and contain no ':'")
+            if _has_control_character(self.basic_username):
+                raise _fail("est.basic_username", "contains a control character (RFC 7617 §2)")
         if self.basic_password_file is not None:
             _check_type("est.basic_password_file", self.basic_password_file, Path)
         if self.basic_password_env is not None:
@@ -426,12 +451,9 @@ class EstConfig:
         """The Basic password, read now from its file (first line) or variable; None if unset."""
         if self.basic_password_file is not None:
             path = self.basic_password_file
-            try:
-                raw = path.read_bytes()
-            except OSError as exc:
-                raise ConfigError(
-                    f"est.basic_password_file: cannot read {path}: {exc.strerror or exc}"
-                ) from None
+            raw = read_bounded(
+                path, limit_bytes=PASSWORD_LIMIT_BYTES, what="est.basic_password_file"
+            )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -440,6 +462,11 @@ class EstConfig:
             password = lines[0] if lines else ""
             if not password:
                 raise ConfigError(f"est.basic_password_file: the first line of {path} is empty")
+            if _has_control_character(password):
+                raise ConfigError(
+                    f"est.basic_password_file: the first line of {path} contains a control "
+                    "character (RFC 7617 §2)"
+                )
             return password
         if self.basic_password_env is not None:
             name = self.basic_password_env
@@ -447,6 +474,11 @@ class EstConfig:
             if not value:
                 raise ConfigError(
                     f"est.basic_password_env: environment variable {name} is not set or empty"
+                )
+            if _has_control_character(value):
+                raise ConfigError(
+                    f"est.basic_password_env: environment variable {name} contains a control "
+                    "character (RFC 7617 §2)"
                 )
             return value
         return None
@@ -916,6 +948,10 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
     except tomllib.TOMLDecodeError as exc:
         # The message carries "(at line L, column C)".
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a value a thousand levels
+        # deep exhausts the interpreter's stack. No key of this file nests deeper than two.
+        raise ConfigError(f"{source}: invalid TOML: nested too deeply") from None
     try:
         return config_from_dict(data, base_dir=base_dir)
     except ConfigError as exc:
@@ -924,10 +960,7 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None =
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate the configuration file at `path`."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    raw = read_bounded(path, limit_bytes=CONFIG_LIMIT_BYTES, what="configuration")
     try:
         text = raw.decode("utf-8")  # TOML 1.0 §"Spec": a TOML file must be valid UTF-8
     except UnicodeDecodeError as exc:

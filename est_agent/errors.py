@@ -18,6 +18,7 @@
     │       └── ModemError             69  serial/AT problems (cellular modem transport)
     ├── SimStateError                  65  virtual SIM state file missing/corrupt
     ├── StoreError                     73  certificate not installed; active one intact
+    ├── OutputError                    74  standard output closed (the reader of a pipe left)
     ├── EstError                       76
     │   ├── EstRejectedError           76  4xx from the server
     │   ├── EstResponseError           76  unparseable/invalid response
@@ -52,6 +53,7 @@ __all__ = [
     "ModemError",
     "NoCardError",
     "NotFoundError",
+    "OutputError",
     "ReaderError",
     "SecurityStatusError",
     "SimStateError",
@@ -71,6 +73,7 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_PROTOCOL = 76
 EX_NOPERM = 77
@@ -189,6 +192,16 @@ class StoreError(EstAgentError):
     """
 
     exit_code = EX_CANTCREAT
+
+
+class OutputError(EstAgentError):
+    """Raised when standard output cannot be written (EPIPE: the reader of the pipe is gone).
+
+    What the command did is done; only its report was lost, which a pipeline must be able to
+    tell from success (sysexits.h EX_IOERR).
+    """
+
+    exit_code = EX_IOERR
 
 
 class EstError(EstAgentError):

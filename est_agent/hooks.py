@@ -25,7 +25,6 @@ import selectors
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,9 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
+from est_agent.errors import StoreError
+from est_agent.fileio import atomic_write
 
 __all__ = [
     "DEFAULT_HOOK_TIMEOUT_S",
@@ -101,51 +103,18 @@ def pem_bundle(certificates: Sequence[x509.Certificate]) -> bytes:
 def write_pem_export(path: Path, certificates: Sequence[x509.Certificate]) -> ExportResult:
     """Replace `path` with the PEM of the leaf and its chain, atomically, mode 0644.
 
-    The bytes go to a temporary file in the same directory (so `os.replace` is a rename within
-    one file system), which is fsynced, renamed over `path`, and then the directory is fsynced so
-    the rename survives a power cut. A reader of `path` sees the old file or the new one, never
-    a mix; on any failure the old file is left as it was. A symlink at `path` is replaced by a
-    regular file (the link is not followed). The mode is set with fchmod, so the umask does not
-    matter: a certificate is public and services running as other users must read it.
+    `fileio.atomic_write` does it (temporary file in the same directory, fsync, rename, fsync of
+    the directory): a reader of `path` sees the old file or the new one, never a mix; on any
+    failure the old file is left as it was. A symlink at `path` is replaced by a regular file
+    (the link is not followed). The mode is set with fchmod, so the umask does not matter: a
+    certificate is public and services running as other users must read it.
     """
     data = pem_bundle(certificates)
-    path = Path(path)
-    directory = path.parent
-    tmp_name: str | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            os.fchmod(fd, _EXPORT_MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        return ExportResult(path, f"cannot write the PEM export {path}: {_os_error_text(exc)}")
-    finally:
-        if tmp_name is not None:
-            # Nothing more can be done if this fails; the name starts with "." and ends in ".tmp".
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-    try:
-        _fsync_directory(directory)
-    except OSError as exc:
-        # The new file is in place and complete; only its survival of a power cut in the next
-        # seconds is uncertain (some file systems refuse fsync on a directory). Not a failure.
-        log.warning("PEM export %s: cannot fsync %s: %s", path, directory, _os_error_text(exc))
-    return ExportResult(path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(Path(path), data, mode=_EXPORT_MODE, what="the PEM export")
+    except StoreError as exc:
+        return ExportResult(Path(path), str(exc))
+    return ExportResult(Path(path))
 
 
 def _os_error_text(exc: OSError) -> str:

@@ -15,14 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from est_agent.errors import InputError
 from est_agent.est.client import EstCaCerts, EstClient, RetryPolicy
+from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
 
 def _anchors(path: str) -> list[x509.Certificate]:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise InputError(f"--trust-anchor {path}: {exc.strerror}") from exc
+    data = read_bounded(path, limit_bytes=PEM_LIMIT_BYTES, what="--trust-anchor", error=InputError)
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError as exc:

@@ -7,21 +7,67 @@ due stays fast and never loads the HTTP or PC/SC stacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import logging
+import math
+import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from est_agent import __version__
-from est_agent.errors import EX_SOFTWARE, EX_USAGE, EstAgentError, exit_code_for
+from est_agent.errors import (
+    EX_SOFTWARE,
+    EX_USAGE,
+    EstAgentError,
+    OutputError,
+    UsageError,
+    exit_code_for,
+)
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "public_class_name"]
 
 log = logging.getLogger("est_agent")
 
 DEFAULT_READER = "pcsc:"
+# As est.timeout_s in the configuration: a larger value is a unit mistake (ms for s), and a
+# socket timeout must be a finite positive number (socket.settimeout refuses NaN and overflows).
+_MAX_TIMEOUT_S = 3600.0
+_MAX_ATTEMPTS = 20
+
+
+def _seconds(option: str, maximum: float) -> Callable[[str], float]:
+    """argparse type: seconds, finite, > 0 and <= maximum; else UsageError naming the option."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        # NaN fails every comparison, inf the upper bound.
+        if not 0 < value <= maximum:
+            raise UsageError(f"{option}: expected seconds > 0 and <= {maximum:g}, got {text!r}")
+        return value
+
+    return convert
+
+
+def _count(option: str, maximum: int) -> Callable[[str], int]:
+    """argparse type: a whole number 1..maximum; else UsageError naming the option."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= maximum:
+            raise UsageError(f"{option}: expected a whole number from 1 to {maximum}, got {text!r}")
+        return value
+
+    return convert
 
 
 def _handler(module: str, function: str) -> Callable[[argparse.Namespace], int]:
@@ -60,8 +106,19 @@ def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         est_cmd.add_argument(
             "--trust-anchor", required=True, metavar="PEM", help="CA that signed the TLS cert"
         )
-        est_cmd.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
-        est_cmd.add_argument("--attempts", type=int, default=3, help="tries on transient errors")
+        est_cmd.add_argument(
+            "--timeout",
+            type=_seconds("--timeout", _MAX_TIMEOUT_S),
+            default=30.0,
+            metavar="SECONDS",
+            help="per HTTP request (default 30)",
+        )
+        est_cmd.add_argument(
+            "--attempts",
+            type=_count("--attempts", _MAX_ATTEMPTS),
+            default=3,
+            help=f"tries on transient errors (1..{_MAX_ATTEMPTS}, default 3)",
+        )
         est_cmd.add_argument("--json", action="store_true", help="machine-readable output")
         est_cmd.set_defaults(func=_handler("est", name))
 
@@ -259,12 +316,28 @@ def _main(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors; sysexits says 64
         code = exc.code if isinstance(exc.code, int) else EX_USAGE
         return EX_USAGE if code == 2 else code
+    except UsageError as exc:  # a value argparse took apart but our type= refused
+        _report(exc)
+        return exit_code_for(exc)
     _configure_logging(getattr(args, "verbose", 0), getattr(args, "log_format", "text"))
     try:
         result: int = args.func(args)
+        # Flushed here rather than at interpreter exit, so that a closed pipe is reported like
+        # any other error instead of as "Exception ignored" (Python docs, signal module, "Note
+        # on SIGPIPE").
+        sys.stdout.flush()
         return result
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            # Some other pipe or socket: not the reader of our output leaving.
+            log.exception("unexpected error (a bug: please report it with this traceback)")
+            return EX_SOFTWARE
+        _discard_stdout()
+        error = OutputError(f"cannot write to standard output: {exc.strerror or 'Broken pipe'}")
+        _report(error)
+        return exit_code_for(error)
     except EstAgentError as exc:
-        print(f"est-agent: error: {exc} [{type(exc).__name__}]", file=sys.stderr)
+        _report(exc)
         log.debug("details", exc_info=True)
         return exit_code_for(exc)
     except KeyboardInterrupt:
@@ -272,3 +345,41 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception:
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EX_SOFTWARE
+
+
+def _report(exc: EstAgentError) -> None:
+    # Nothing more can be said when stderr is gone too.
+    with contextlib.suppress(OSError):
+        print(f"est-agent: error: {exc} [{public_class_name(exc)}]", file=sys.stderr)
+
+
+def public_class_name(exc: BaseException) -> str:
+    """The first class in the exception's MRO whose name does not start with ``_``: what the
+    README's exit-code table documents (est/client.py's ``_TransientError`` is shown as
+    ``EstConnectionError``)."""
+    for cls in type(exc).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return "Exception"  # unreachable: BaseException is public
+
+
+def _stdout_gone() -> bool:
+    """Whether our standard output is a pipe or socket whose reader went away (POLLERR/POLLHUP,
+    POSIX.1-2017 poll()), as opposed to an EPIPE from some other descriptor."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null: the interpreter's final flush of what is still
+    buffered then succeeds instead of raising BrokenPipeError a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

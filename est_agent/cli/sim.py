@@ -12,22 +12,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from est_agent.errors import InputError, UsageError
+from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
+def _read(path: str, option: str) -> bytes:
+    return read_bounded(path, limit_bytes=PEM_LIMIT_BYTES, what=option, error=InputError)
 
 
 def load_ca(cert_path: str, key_path: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     try:
-        cert = x509.load_pem_x509_certificate(_read(cert_path, "CA certificate"))
+        cert = x509.load_pem_x509_certificate(_read(cert_path, "--bootstrap-ca"))
     except ValueError:
         raise InputError(f"{cert_path} is not a PEM certificate") from None
     try:
-        key = load_pem_private_key(_read(key_path, "CA key"), password=None)
+        key = load_pem_private_key(_read(key_path, "--bootstrap-ca-key"), password=None)
     except (ValueError, TypeError):
         raise InputError(f"{key_path} is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):

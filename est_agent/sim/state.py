@@ -16,24 +16,24 @@ File format (JSON, bytes as upper-case hex)::
 
 The checksum is taken over ``json.dumps(card, sort_keys=True, separators=(",", ":"))`` so the
 file may be pretty-printed; it catches truncation and bit rot, and hand edits that forgot it.
-Writes go to a temporary file in the same directory, are fsynced, renamed over the old file and
-the directory is fsynced: a crash leaves either the old or the new state, never a mix.
+Writes go through `fileio.atomic_write` (a temporary file in the same directory, fsynced, renamed
+over the old file, the directory fsynced): a crash leaves either the old or the new state, never
+a mix. Reads go through `fileio.read_bounded`: a FIFO, a device or a file over
+`fileio.SIM_STATE_LIMIT_BYTES` is refused before it is read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from est_agent.errors import SimStateError
+from est_agent.fileio import SIM_STATE_LIMIT_BYTES, atomic_write, read_bounded
 
 __all__ = [
     "ACCESS_READ",
@@ -478,50 +478,19 @@ def decode_state(raw: bytes, source: str = "state file") -> CardState:
 def load_state(path: str | os.PathLike[str]) -> CardState:
     """Read a state file; SimStateError when it is missing, unreadable, corrupt or too new."""
     where = os.fspath(path)
-    try:
-        raw = Path(where).read_bytes()
-    except FileNotFoundError:
-        raise SimStateError(
-            f"virtual SIM state file not found: {where} (personalize a card first)"
-        ) from None
-    except OSError as exc:
-        raise SimStateError(f"cannot read virtual SIM state file {where}: {exc.strerror}") from None
+    raw = read_bounded(
+        where,
+        limit_bytes=SIM_STATE_LIMIT_BYTES,
+        what="virtual SIM state file",
+        error=SimStateError,
+        hint_if_missing="personalize a card first",
+    )
     return decode_state(raw, f"virtual SIM state file {where}")
 
 
 def save_state(path: str | os.PathLike[str], state: CardState) -> None:
-    """Replace the state file atomically (temp file, fsync, rename, fsync of the directory)."""
-    target = Path(os.fspath(path))
-    raw = encode_state(state)
-    directory = target.parent
-    try:
-        # mkstemp creates the file with mode 0600: key material is never world-readable
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise SimStateError(f"cannot write virtual SIM state in {directory}: {exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(raw)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        if isinstance(exc, OSError):
-            raise SimStateError(f"cannot write virtual SIM state file {target}: {exc}") from None
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace the state file atomically (`fileio.atomic_write`), mode 0600: it holds the
+    card's private keys. SimStateError when it cannot be written; the old file is then intact."""
+    atomic_write(
+        path, encode_state(state), mode=0o600, error=SimStateError, what="virtual SIM state file"
+    )

@@ -15,7 +15,6 @@ are written with mode 0600 and are never committed (see certs/README.md).
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from est_agent.errors import ConfigError
+from est_agent.fileio import atomic_write
 from est_agent.testserver.issuer import (
     CertificateAuthority,
     issue_from_csr,
@@ -90,13 +90,10 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
-    # Create with the final mode and replace atomically: a key is never world-readable, not
-    # even for a moment, and an interrupted run leaves no half-written file.
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    # The final mode before any data and an atomic replace: a key is never readable by others,
+    # not even for a moment, and an interrupted run leaves no half-written file (StoreError).
+    mode = 0o600 if private else 0o644
+    atomic_write(path, data, mode=mode, what="private key" if private else "certificate")
 
 
 def _server_certificate(
@@ -156,7 +153,8 @@ def generate_dev_pki(directory: Path, *, force: bool = False) -> list[Path]:
     """Generate the dev PKI into `directory` (created if needed); returns the files written.
 
     Refuses (ConfigError) to overwrite existing files unless `force`: regenerating the CAs
-    orphans every certificate issued so far.
+    orphans every certificate issued so far. A file that cannot be written raises StoreError;
+    the files before it are new then, the ones after it still the old ones.
     """
     directory.mkdir(parents=True, exist_ok=True)
     existing = [name for name in PKI_FILES if (directory / name).exists()]

@@ -847,10 +847,9 @@ def _iccid_from_certificate(cert: x509.Certificate) -> str | None:
 
 
 def _read_file(path: Path, key: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+    from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
+
+    return read_bounded(path, limit_bytes=PEM_LIMIT_BYTES, what=key)
 
 
 def _load_certificates(data: bytes, key: str) -> list[x509.Certificate]:

@@ -12,19 +12,17 @@ callers report that and go on, because the SIM holds what matters.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import stat
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from est_agent.errors import StoreError
+from est_agent.fileio import atomic_write, read_bounded
 
 __all__ = [
     "ActiveCache",
@@ -199,25 +197,15 @@ def _decode(raw: Any) -> HostState:
 def load_host_state(state_dir: Path) -> HostState:
     """The cached state, or an empty one when there is none or it cannot be used."""
     path = state_dir / STATE_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return HostState()
-    except OSError as exc:
-        log.warning("ignoring unreadable host state %s: %s", path, exc.strerror or exc)
+    if not os.path.lexists(path):
         return HostState()
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_STATE_BYTES:
-            raise _Malformed("not a regular file of a plausible size")
-        raw = json.loads(os.read(fd, _MAX_STATE_BYTES + 1))
-        return _decode(raw)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raw = read_bounded(path, limit_bytes=_MAX_STATE_BYTES, what="host state", error=StoreError)
+        return _decode(json.loads(raw))
+    except (StoreError, ValueError, KeyError, TypeError, RecursionError) as exc:
         # The SIM is authoritative: a damaged cache only costs a full read of the slots.
         log.warning("ignoring unusable host state %s (%s): it is rebuilt from the SIM", path, exc)
         return HostState()
-    finally:
-        os.close(fd)
 
 
 def _encode(state: HostState) -> dict[str, Any]:
@@ -237,27 +225,13 @@ def _encode(state: HostState) -> dict[str, Any]:
 
 
 def save_host_state(state_dir: Path, state: HostState) -> None:
-    """Atomic replace (temp file + fsync + rename + directory fsync); ``StoreError`` if the
-    directory cannot take it (callers decide whether that matters)."""
+    """Atomic replace (fileio.atomic_write); ``StoreError`` if the directory cannot take it
+    (callers decide whether that matters)."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=state_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(_encode(state), handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, state_dir / STATE_FILE)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
     except OSError as exc:
         raise StoreError(
             f"cannot write agent state in {state_dir}: {exc.strerror or exc}"
         ) from exc
+    data = json.dumps(_encode(state), indent=2).encode("utf-8")
+    atomic_write(state_dir / STATE_FILE, data, mode=0o600, what="agent state")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from est_agent.errors import ConfigError
+from est_agent.errors import ConfigError, StoreError
 from est_agent.testserver.cli import build_parser, config_from_args, main
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, parse_label_profile
 from est_agent.testserver.issuer import Profile, parse_eku_names
@@ -57,6 +58,40 @@ def test_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert (tmp_path / "ca.pem").read_bytes() == before
     generate_dev_pki(tmp_path, force=True)
     assert (tmp_path / "ca.pem").read_bytes() != before
+
+
+def test_generate_sets_modes_whatever_the_umask(tmp_path: Path) -> None:
+    old_umask = os.umask(0o077)
+    try:
+        written = generate_dev_pki(tmp_path)
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert modes == {name: 0o600 if name.endswith(".key") else 0o644 for name in PKI_FILES}
+
+
+def test_a_failed_write_keeps_the_old_files_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generate_dev_pki(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in PKI_FILES}
+    real_replace = os.replace
+
+    def full_after_three(src: str, dst: str) -> None:
+        if len(replaced) == 3:
+            raise OSError(28, "No space left on device")
+        replaced.append(Path(dst).name)
+        real_replace(src, dst)
+
+    replaced: list[str] = []
+    monkeypatch.setattr(os, "replace", full_after_three)
+    with pytest.raises(StoreError, match="No space left on device") as info:
+        generate_dev_pki(tmp_path, force=True)
+    monkeypatch.undo()
+    assert str(tmp_path) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PKI_FILES)  # no temp file
+    for name in PKI_FILES[3:]:
+        assert (tmp_path / name).read_bytes() == before[name], name
 
 
 def test_load_reports_missing_and_mismatched_files(tmp_path: Path) -> None:

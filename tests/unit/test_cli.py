@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,46 @@ def test_ca_key_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         str(other_key),
     )
     assert code == 65 and "not the private key" in err
+
+
+# --- numeric options: a clear UsageError (64), never a traceback ------------------------------
+
+
+@pytest.mark.parametrize("command", ["cacerts", "csrattrs"])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--timeout", "-1", "--timeout: expected seconds > 0 and <= 3600, got '-1'"),
+        ("--timeout", "0", "--timeout: expected seconds > 0 and <= 3600, got '0'"),
+        ("--timeout", "nan", "--timeout: expected seconds > 0 and <= 3600, got 'nan'"),
+        ("--timeout", "inf", "--timeout: expected seconds > 0 and <= 3600, got 'inf'"),
+        ("--timeout", "-inf", "--timeout: expected seconds > 0 and <= 3600, got '-inf'"),
+        ("--timeout", "1e9", "--timeout: expected seconds > 0 and <= 3600, got '1e9'"),
+        ("--timeout", "soon", "--timeout: expected seconds > 0 and <= 3600, got 'soon'"),
+        ("--attempts", "0", "--attempts: expected a whole number from 1 to 20, got '0'"),
+        ("--attempts", "-3", "--attempts: expected a whole number from 1 to 20, got '-3'"),
+        ("--attempts", "21", "--attempts: expected a whole number from 1 to 20, got '21'"),
+        ("--attempts", "2.5", "--attempts: expected a whole number from 1 to 20, got '2.5'"),
+    ],
+)
+def test_numeric_options_out_of_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], command: str, option: str, value: str, message: str
+) -> None:
+    argv = [command, "--server", "https://127.0.0.1:9", "--trust-anchor", "ca.pem"]
+    started = time.monotonic()
+    # --opt=VALUE: argparse would read a separate "-inf" as an option of its own
+    code, out, err = run(capsys, *argv, f"{option}={value}")
+    assert time.monotonic() - started < 1.0  # refused before anything is read or connected
+    assert code == 64
+    assert err == f"est-agent: error: {message} [UsageError]\n"
+    assert out == ""
+
+
+@pytest.mark.parametrize(("option", "value"), [("--timeout", "0.5"), ("--attempts", "1")])
+def test_numeric_options_in_range_are_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    # Past the parser: the missing trust anchor is the next thing to fail.
+    argv = ["cacerts", "--server", "https://127.0.0.1:9", "--trust-anchor", str(tmp_path / "no")]
+    code, _, err = run(capsys, *argv, option, value)
+    assert code == 65 and "--trust-anchor: cannot read" in err

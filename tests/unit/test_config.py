@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,32 @@ BAD = [
     ("subject.san_dns", "[subject]\nsan_dns = ['{host}']", "unknown placeholder {host}"),
     ("subject.san_dns", "[subject]\nsan_dns = 'a.example'", "expected an array"),
     ("subject.san_uri", "[subject]\nsan_uri = ['']", "subject.san_uri"),
+    ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = inf", "got inf"),
+    ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = -inf", "got -inf"),
+    ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = -1", "got -1"),
+    ("renewal.threshold", "[renewal]\nthreshold = nan", "got nan"),
+    ("renewal.threshold", "[renewal]\nthreshold = inf", "got inf"),
+    ("renewal.threshold", "[renewal]\nthreshold = -inf", "got -inf"),
+    ("renewal.jitter_s", "[renewal]\njitter_s = nan", "got nan"),
+    ("renewal.jitter_s", "[renewal]\njitter_s = inf", "got inf"),
+    ("renewal.retry_cap_s", "[renewal]\nretry_cap_s = nan", "got nan"),
+    ("renewal.retry_cap_s", "[renewal]\nretry_cap_s = +inf", "got inf"),
+    ("card.reader", '[card]\nreader = "pcsc:Reader\\u0000 0"', "card.reader: contains NUL"),
+    ("card.reader", '[card]\nreader = "modem:/dev/tty\\u0000"', "card.reader: contains NUL"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?timeout=nan'", "bad timeout 'nan'"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?timeout=0'", "bad timeout '0'"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?baud=-9600'", "bad baud"),
+    ("card.reader", "[card]\nreader = 'modem:/dev/ttyUSB2?speed=1'", "unknown option 'speed'"),
+    (
+        "est.basic_username",
+        "[est]\nurl = 'https://e.x'\nbasic_username = \"a\\tb\"\nbasic_password_env = 'P'",
+        "control character",
+    ),
+    (
+        "est.basic_username",
+        "[est]\nurl = 'https://e.x'\nbasic_username = \"a\\u007f\"\nbasic_password_env = 'P'",
+        "control character",
+    ),
     ("renewal.threshold", "[renewal]\nthreshold = 1", "0 < threshold < 1"),
     ("renewal.threshold", "[renewal]\nthreshold = 0.0", "0 < threshold < 1"),
     ("renewal.threshold", "[renewal]\nthreshold = '0.5'", "expected a number"),
@@ -392,6 +419,20 @@ def test_toml_syntax_error_has_line_and_column() -> None:
         parse_config('[est]\nurl = "https://e.x\n', source="x.toml")
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 1000 + "]" * 1000, "{a = " * 1000 + "1" + "}" * 1000, "[{a = " * 600 + "1" + "}]" * 600],
+    ids=["arrays", "inline-tables", "mixed"],
+)
+def test_toml_nested_a_thousand_levels_deep(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^deep\.toml: invalid TOML: nested too deeply"):
+        parse_config(f"x = {value}\n" + MINIMAL, source="deep.toml")
+    path = tmp_path / "est-agent.toml"
+    path.write_text(f"[est]\nurl = {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid TOML: nested"):
+        load_config(path)
+
+
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     with pytest.raises(ConfigError, match=re.escape(str(path))):
@@ -405,6 +446,79 @@ def test_directory_and_non_utf8_are_config_errors(tmp_path: Path) -> None:
     bad.write_bytes(b'[est]\nurl = "https://\xe9.x"\n')
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad)
+
+
+def _hostile(kind: str, tmp_path: Path, fifo: Path, sparse_2gib: Path) -> Path:
+    return {
+        "dev-zero": Path("/dev/zero"),
+        "fifo": fifo,
+        "directory": tmp_path,
+        "sparse-2gib": sparse_2gib,
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("dev-zero", "a character device, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("directory", "a directory, not a regular file"),
+        ("sparse-2gib", "larger than 1048576 bytes"),
+    ],
+)
+def test_config_file_that_is_not_a_small_regular_file(
+    tmp_path: Path, fifo: Path, sparse_2gib: Path, kind: str, reason: str
+) -> None:
+    path = _hostile(kind, tmp_path, fifo, sparse_2gib)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert time.monotonic() - started < 1.0
+    assert str(info.value).startswith(f"configuration: cannot read {path}: {reason}")
+    assert info.value.exit_code == 78
+
+
+def test_config_file_through_a_symlink_is_read(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_text(MINIMAL)
+    link = tmp_path / "est-agent.toml"
+    link.symlink_to(real)
+    assert load_config(link).est.url == URL
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("dev-zero", "a character device, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("directory", "a directory, not a regular file"),
+        ("sparse-2gib", "larger than 4096 bytes"),
+    ],
+)
+def test_password_file_that_is_not_a_small_regular_file(
+    tmp_path: Path, fifo: Path, sparse_2gib: Path, kind: str, reason: str
+) -> None:
+    path = _hostile(kind, tmp_path, fifo, sparse_2gib)
+    config = parse_config(
+        with_est(est=f'basic_username = "u"\nbasic_password_file = "{path}"'), base_dir=tmp_path
+    )
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        config.basic_password()
+    assert time.monotonic() - started < 1.0
+    assert str(info.value).startswith(f"est.basic_password_file: cannot read {path}: {reason}")
+
+
+def test_password_file_limit_is_4_kib(tmp_path: Path) -> None:
+    config = parse_config(
+        with_est(est='basic_username = "u"\nbasic_password_file = "pw"'), base_dir=tmp_path
+    )
+    (tmp_path / "pw").write_text(SECRET + "\n" + "x" * (4096 - len(SECRET) - 1))
+    assert config.basic_password() == SECRET
+    (tmp_path / "pw").write_text(SECRET + "\n" + "x" * (4096 - len(SECRET)))
+    with pytest.raises(ConfigError, match="larger than 4096 bytes") as info:
+        config.basic_password()
+    assert SECRET not in str(info.value)
 
 
 def test_errors_from_a_file_start_with_its_path(tmp_path: Path) -> None:
@@ -531,6 +645,28 @@ def test_password_file_missing_or_empty(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8") as info:
         config.basic_password()
     assert "basic_password_file" in str(info.value)
+
+
+def test_password_with_a_control_character_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 7617 §2: neither user-id nor password may contain a CTL (RFC 5234 Appendix B.1).
+    config = parse_config(
+        with_est(est='basic_username = "u"\nbasic_password_file = "pw"'), base_dir=tmp_path
+    )
+    (tmp_path / "pw").write_bytes(SECRET.encode() + b"\x00x\n")
+    with pytest.raises(ConfigError, match=r"first line of .*pw contains a control character"):
+        config.basic_password()
+    from_env = parse_config(with_est(est='basic_username = "u"\nbasic_password_env = "EST_PW"'))
+    monkeypatch.setenv("EST_PW", SECRET + "\x1b")
+    with pytest.raises(ConfigError, match="EST_PW contains a control character") as info:
+        from_env.basic_password()
+    assert SECRET not in str(info.value)
+
+
+def test_modem_reader_options_in_range_are_taken() -> None:
+    reader = "modem:/dev/ttyUSB2?baud=9600&timeout=60"
+    assert parse_config(with_est(f"[card]\nreader = '{reader}'")).card.reader == reader
 
 
 def test_password_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

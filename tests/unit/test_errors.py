@@ -50,6 +50,7 @@ def test_exit_code_for() -> None:
     assert exit_code_for(errors.SecurityStatusError(0x6982)) == 77
     assert exit_code_for(errors.StatusWordError(0x6D00)) == 76
     assert exit_code_for(errors.EnrollmentPending(30)) == 75
+    assert exit_code_for(errors.OutputError("stdout closed")) == 74
     assert exit_code_for(ValueError()) == 70
 
 

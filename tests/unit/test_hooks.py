@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from est_agent import hooks
+from est_agent import fileio, hooks
 from est_agent.hooks import (
     HOOK_ENV_NAMES,
     OUTPUT_EXCERPT_BYTES,
@@ -396,7 +396,7 @@ def test_directory_fsync_refused_is_only_a_warning(
     def refuse(directory: Path) -> None:
         raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(hooks, "_fsync_directory", refuse)
+    monkeypatch.setattr(fileio, "_fsync_directory", refuse)  # the writer is fileio's now
     target = tmp_path / "device.pem"
     assert write_pem_export(target, chain).ok
     assert x509.load_pem_x509_certificates(target.read_bytes()) == chain

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,32 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(SimStateError, match="cannot read"):
         load_state(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("dev-zero", "a character device, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("sparse-2gib", "larger than 4194304 bytes"),
+    ],
+)
+def test_state_file_that_is_not_a_small_regular_file(
+    fifo: Path, sparse_2gib: Path, kind: str, reason: str
+) -> None:
+    path = {"dev-zero": Path("/dev/zero"), "fifo": fifo, "sparse-2gib": sparse_2gib}[kind]
+    started = time.monotonic()
+    with pytest.raises(SimStateError) as info:
+        load_state(path)
+    assert time.monotonic() - started < 1.0
+    assert str(info.value).startswith(f"virtual SIM state file: cannot read {path}: {reason}")
+    assert info.value.exit_code == 65
+
+
+def test_state_file_through_a_symlink(template: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link.json"
+    link.symlink_to(template)
+    assert load_state(link) == load_state(template)
 
 
 def test_truncated_file(state_path: Path) -> None:
@@ -182,6 +209,29 @@ def test_atomic_write_keeps_the_old_file_when_replace_fails(
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
+        save_state(state_path, state)
+    assert state_path.read_bytes() == before
+    assert sorted(p.name for p in state_path.parent.iterdir()) == ["card.json"]
+
+
+def test_save_is_0600_under_any_umask_and_a_failed_fsync_keeps_the_old_file(
+    state_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = load_state(state_path)
+    old_umask = os.umask(0)
+    try:
+        save_state(state_path, state)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+    before = state_path.read_bytes()
+    state.iccid = "8988111111111111111"
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(SimStateError, match=r"cannot write virtual SIM state file .*: Input/out"):
         save_state(state_path, state)
     assert state_path.read_bytes() == before
     assert sorted(p.name for p in state_path.parent.iterdir()) == ["card.json"]
