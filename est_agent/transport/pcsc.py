@@ -426,9 +426,9 @@ class PcscTransport(CardTransport):
         _scard()  # loads pyscard (and sets the non-blocking mode) on this thread first
         worker = _Worker(f"pcsc {self._wanted or 'first reader'}")
         wanted = self._wanted
-        # SCardConnect waits inside pcscd while another client holds a transaction, and for
-        # ever behind a card that does not answer: give it the longer of the two deadlines.
-        limit = max(self.timeout_s, self.busy_timeout_s)
+        # pcscd makes SCardConnect wait while another client holds a transaction on the card
+        # (and for ever behind a card that does not answer): that is the busy wait.
+        limit = self.busy_timeout_s
         job_link: list[_Link] = []
 
         def open_now() -> _Link:
@@ -446,10 +446,10 @@ class PcscTransport(CardTransport):
 
             worker.post(release_late)
             worker.stop()
-            where = f"reader {wanted!r}" if wanted else "the first reader with a card"
+            where = f"in reader {wanted!r}" if wanted else "(first reader with a card)"
             raise ReaderError(
-                f"PC/SC did not connect to {where} within {limit:g} s: another client holds "
-                "the card (transaction), or a card that does not answer keeps the reader busy"
+                f"card {where} busy: no connection within {limit:g} s (another PC/SC client "
+                "holds it in a transaction, or a card that does not answer blocks the reader)"
             ) from None
         except BaseException:
             worker.stop()
