@@ -417,3 +417,35 @@ def test_sim_reader_string_with_a_missing_faults_file(state: Path) -> None:
     transport = open_transport(f"sim:{state}?faults=absent.txt")  # building reads no file
     with pytest.raises(InputError, match="cannot read faults file"):
         transport.connect()
+
+
+# -- sim serve options ----------------------------------------------------------------------
+
+
+def test_sim_serve_fault_options(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from est_agent.cli.main import main
+    from est_agent.cli.sim import fault_plan
+
+    assert main(["sim", "serve", str(state), "--fault", "ins=B9 louder"]) == 64
+    assert "--fault: unknown fault word 'louder'" in capsys.readouterr().err
+    assert main(["sim", "serve", str(state), "--faults-file", str(state.parent / "none")]) == 65
+    assert "cannot read faults file" in capsys.readouterr().err
+    rules = state.parent / "faults.txt"
+    rules.write_text("ins=CB silence\n")
+    plan = fault_plan(["ins=B9,sw=6A84"], str(rules))
+    assert plan is not None
+    assert [r.action for r in plan.rules] == [FaultKind.SW, FaultKind.SILENCE]  # --fault first
+    assert fault_plan([], None) is None
+
+
+def test_sim_serve_help_documents_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    from est_agent.cli.main import main
+
+    assert main(["sim", "serve", "--help"]) == 0
+    text = capsys.readouterr().out
+    for word in ("--fault SPEC", "--faults-file", "nth=N", "from=N", "count=N", "sw=XXXX"):
+        assert word in text
+    for action in ("truncate=N", "silence", "disconnect", "delay_ms=N"):
+        assert action in text
+    assert "wrong_public_key" in text and "bad_signature" in text
+    assert "sim:STATE?faults=FILE" in text
