@@ -220,10 +220,9 @@ class CardTransport(abc.ABC):
         the link raises ``TransportError`` and stays dead until closed.
         """
         if self._dead is not None:
-            raise TransportError(
-                f"{self.description}: link not used after an earlier failure ({self._dead}); "
-                "it is closed and opened again on the next run"
-            )
+            # The first failure is what the user must see, also when this refusal is what
+            # reaches them (a channel closed in a ``finally`` after the timeout, say).
+            raise TransportError(f"{self._dead}; link not used after that earlier failure")
         limit = self.timeout_s if timeout_s is None else timeout_s
         _check_seconds("timeout_s", limit)
         if not self._connected:
@@ -238,13 +237,16 @@ class CardTransport(abc.ABC):
 
     def timed_out(self, apdu: bytes, limit: float, detail: str = "") -> TransportError:
         """Mark the link dead and build the error for an APDU not answered within ``limit``."""
-        what = f"no answer to {_ins_of(apdu)} within {limit:g} s"
-        self._dead = what
         hint = detail or "the card is silent or hung; if it is only slow, raise ?timeout="
-        return TransportError(f"{self.description}: {what} ({hint})")
+        error = TransportError(
+            f"{self.description}: no answer to {_ins_of(apdu)} within {limit:g} s ({hint})"
+        )
+        self._dead = str(error)
+        return error
 
     def mark_dead(self, reason: str) -> None:
-        """Refuse every later APDU until ``close()`` (the dialogue is out of step)."""
+        """Refuse every later APDU until ``close()`` (the dialogue is out of step); ``reason``
+        is repeated in each refusal, so it should name the link."""
         self._dead = reason
 
     @contextlib.contextmanager
@@ -257,7 +259,7 @@ class CardTransport(abc.ABC):
         limit = self.busy_timeout_s if timeout_s is None else timeout_s
         _check_seconds("timeout_s", limit)
         if self._dead is not None:
-            raise TransportError(f"{self.description}: link not used after an earlier failure")
+            raise TransportError(f"{self._dead}; link not used after that earlier failure")
         self.connect()
         if self._transaction_depth == 0:
             self._begin_transaction(limit)

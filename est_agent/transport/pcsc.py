@@ -541,7 +541,7 @@ class PcscTransport(CardTransport):
         """End a begin still polling pcscd: disconnect the handle from another thread."""
         scard = _scard()
         card, link.card = link.card, None
-        self.mark_dead(f"card busy for more than {timeout_s:g} s")
+        self.mark_dead(f"{self.description}: card busy for more than {timeout_s:g} s")
         helper = _Worker("pcsc abandon")
         leave = scard.SCARD_LEAVE_CARD
         try:
@@ -561,7 +561,7 @@ class PcscTransport(CardTransport):
                 lambda: scard.SCardEndTransaction(card, scard.SCARD_LEAVE_CARD), self.timeout_s
             )
         except _LateError:
-            self.mark_dead("SCardEndTransaction did not return")
+            self.mark_dead(f"{self.description}: SCardEndTransaction did not return")
             log.warning("PC/SC: ending the transaction on %r did not return", link.reader)
             return
         if hresult != scard.SCARD_S_SUCCESS:
