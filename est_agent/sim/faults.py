@@ -26,7 +26,8 @@ Selectors (all optional; without any, a rule matches every command):
 Actions (one; ``delay_ms`` may also come alone or with another):
   ``sw=XXXX``          answer this status word instead; the command is not executed
   ``truncate=N``       execute, then answer only the first N bytes of the response APDU
-                       (status word included: N < 2 leaves none)
+                       (status word included: N < 2 leaves none; through vpcd N = 0 is
+                       silence, since vpcd waits for at least one byte)
   ``silence``          never answer (not executed); the link is out of step from then on
   ``disconnect``       drop the link instead of answering (not executed): in process
                        ``NoCardError``, through vpcd the socket closes (the card comes back a

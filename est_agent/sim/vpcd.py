@@ -17,7 +17,8 @@ Faults (``est_agent.sim.faults``) are acted out on the wire: a silent card sends
 on the link (vpcd, which reads the answer with a blocking ``recv``, waits until the card
 process ends or vpcd closes the link); a disconnect closes the socket and the card comes back
 ``_REINSERT_S`` later (a new insertion for pcscd); a delay holds the answer; a truncated
-answer goes out as it is (a 0-byte answer makes vpcd eject the card).
+answer goes out as it is (a 0-byte one leaves vpcd waiting in ``recv(MSG_WAITALL)`` for a byte
+that never comes: silence, to the host).
 
 Logs carry the INS byte, lengths and SW only: APDUs carry digests, signatures and certificates.
 """

@@ -268,6 +268,20 @@ def test_key_generation_faults_behind_the_cgla_only_modem(tmp_path: Path, sim: P
     assert held and generated.public_point != held
 
 
+def test_truncated_answer_behind_the_modem(tmp_path: Path, sim: Path) -> None:
+    proc, link = sim_serve_modem(tmp_path, sim, "--fault", "ins=CB,truncate=1")
+    try:
+        session = CardSession(ModemTransport(str(link), timeout_s=5))
+        try:
+            applet = IotSafeApplet.open(session)
+            with pytest.raises(ModemError, match=r"\+CSIM answer has no status word"):
+                applet.info()
+        finally:
+            session.close()
+    finally:
+        stop(proc)
+
+
 def test_disconnect_behind_the_modem_is_no_card(tmp_path: Path, sim: Path) -> None:
     proc, link = sim_serve_modem(tmp_path, sim, "--fault", "ins=CB,disconnect")
     try:

@@ -15,7 +15,7 @@ import pytest
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.uri import IotSafeRef, ObjectKind
-from est_agent.errors import NoCardError, StatusWordError, TransportError
+from est_agent.errors import CardProtocolError, NoCardError, StatusWordError, TransportError
 from est_agent.sim.card import VirtualCard
 from est_agent.sim.pcsc_stack import PcscStack, wait_for_card
 from est_agent.sim.personalize import personalize
@@ -138,6 +138,28 @@ def test_disconnect_through_pcscd_then_the_card_comes_back(cards: Cards, sim: Pa
     session = CardSession(PcscTransport(cards.reader()))
     try:
         assert IotSafeApplet.open(session).info().version == 1  # nth=1: once only
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    ("keep", "error", "message"),
+    [
+        (1, CardProtocolError, "answered 1 byte without a status word"),
+        # vpcd reads a 0-byte answer with recv(MSG_WAITALL), which waits for a byte that
+        # never comes: to the host that card is silent
+        (0, TransportError, r"no answer to INS CB within 2 s"),
+    ],
+)
+def test_truncated_answer_through_pcscd(
+    cards: Cards, sim: Path, keep: int, error: type[Exception], message: str
+) -> None:
+    serve(cards, sim, f"ins=CB,nth=1,truncate={keep}")
+    session = CardSession(PcscTransport(cards.reader(), timeout_s=2.0))
+    try:
+        applet = IotSafeApplet.open(session)
+        with pytest.raises(error, match=message):
+            applet.info()
     finally:
         session.close()
 
