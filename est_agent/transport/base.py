@@ -3,15 +3,16 @@
 A transport moves whole APDUs and nothing else: T=0 GET RESPONSE handling, logical channels and
 command meanings live above it (``est_agent.card.channel``), so every link behaves the same.
 
-Every APDU has a deadline. ISO/IEC 7816-3 lets a card stretch an answer with waiting-time
-extensions (§10.2 NULL procedure bytes for T=0, §11.6.2.4 S(WTX) for T=1), so nothing below
-the host bounds how long a command may take: a card (or a vpcd peer, a modem) that never
-answers would hang the agent forever. ``transmit`` therefore takes ``timeout_s``; None means
-the link's ``timeout_s`` (10 s: seconds beyond anything a SIM needs for a READ or a signature),
-and the channel layer asks for ``slow_timeout_s`` (60 s) for commands a real SIM takes seconds
-for (GSMA IoT.05 GENERATE KEY PAIR). A link that misses a deadline raises ``TransportError``
-naming the INS and the limit and is marked dead: a late answer would otherwise be taken for
-the answer to the next command, so every later APDU fails fast until ``close()``.
+Every APDU has a deadline. ISO/IEC 7816-3 lets a card stretch an answer without limit by
+asking for more time (T=0 NULL procedure bytes, §10.3.3; T=1 S(WTX) blocks, clause 11), so
+nothing below the host bounds how long a command may take: a card (or a vpcd peer, a modem)
+that never answers would hang the agent forever. ``transmit`` therefore takes ``timeout_s``;
+None means the link's ``timeout_s`` (10 s: seconds beyond anything a SIM needs for a READ or
+a signature), and the channel layer asks for ``slow_timeout_s`` (60 s) for commands a real
+SIM takes seconds for (GSMA IoT.05 GENERATE KEY PAIR). A link that misses a deadline raises
+``TransportError`` naming the INS and the limit and is marked dead: a late answer would
+otherwise be taken for the answer to the next command, so every later APDU fails fast until
+``close()``.
 
 ``transaction()`` holds the card for this process across several APDUs (the resource manager's
 SCardBeginTransaction / SCardEndTransaction of PC/SC Part 5); links that no other client can
