@@ -8,6 +8,10 @@ T=0 (ISO/IEC 7816-3 §10.3.4, TS 102 221 §7.3.1): a card may answer `61xx` ("xx
 fetch them with GET RESPONSE before any other command on the channel) or `6Cxx` ("wrong Le:
 resend the same command with Le = xx"). Readers and modems pass these through, so the loop runs
 here, once, for every transport. `next_t0_step` is the pure rule; `CardSession.exchange` the I/O.
+
+Deadlines: every APDU gets the transport's own timeout, except commands marked ``slow`` (key
+generation takes a real SIM seconds, GSMA IoT.05 GENERATE KEY PAIR), which get its
+``slow_timeout_s``; the GET RESPONSE fetching their answer is fast again.
 """
 
 from __future__ import annotations
@@ -92,18 +96,21 @@ class CardSession:
         *,
         name: str,
         accept: Collection[int] = (),
+        slow: bool = False,
     ) -> ResponseApdu:
         """Send ``command``; follow 61xx/6Cxx; raise a typed error unless the SW is accepted.
 
         Success (9000, 91xx, 92xx) is always accepted; ``accept`` adds more (e.g. 6300 paging).
+        ``slow``: the card may take seconds to execute it (the transport's longer deadline).
         """
         gr_cla = command.cla
         if self._iso_get_response:
             gr_cla = cla_for_channel(channel_from_cla(command.cla))
+        slow_s = self.transport.slow_timeout_s if slow else None
         data = b""
         current = command
         resends = 0
-        response = self._transmit(current, name)
+        response = self._transmit(current, name, slow_s)
         for _ in range(_MAX_GET_RESPONSES):
             step = next_t0_step(current, response, get_response_cla=gr_cla)
             if step.keep_data:
@@ -116,7 +123,9 @@ class CardSession:
                     raise CardProtocolError(f"{name}: card asked twice for another Le (6Cxx)")
                 data = b""
             current = step.command
-            response = self._transmit(current, name)
+            # a 6Cxx resend executes the command again; GET RESPONSE only fetches its answer
+            again = slow_s if current.ins != INS_GET_RESPONSE else None
+            response = self._transmit(current, name, again)
         else:
             raise CardProtocolError(f"{name}: card keeps announcing more data (61xx)")
         final = ResponseApdu(data, response.sw)
@@ -124,8 +133,10 @@ class CardSession:
             raise error_for_sw(final.sw, name)
         return final
 
-    def _transmit(self, command: CommandApdu, name: str) -> ResponseApdu:
-        raw = self.transport.transmit(command.encode())
+    def _transmit(
+        self, command: CommandApdu, name: str, timeout_s: float | None = None
+    ) -> ResponseApdu:
+        raw = self.transport.transmit(command.encode(), timeout_s=timeout_s)
         response = ResponseApdu.decode(raw)
         log.debug(
             "%s: CLA %02X INS %02X P1 %02X P2 %02X Lc %d -> %d bytes SW %04X",
@@ -201,9 +212,10 @@ class LogicalChannel:
         name: str,
         proprietary: bool = False,
         accept: Collection[int] = (),
+        slow: bool = False,
     ) -> ResponseApdu:
         command = CommandApdu(self.cla(proprietary=proprietary), ins, p1, p2, data, le)
-        return self.session.exchange(command, name=name, accept=accept)
+        return self.session.exchange(command, name=name, accept=accept, slow=slow)
 
     def close(self) -> None:
         self.session.close_channel(self.number)

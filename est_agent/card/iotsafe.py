@@ -447,9 +447,18 @@ class IotSafeApplet:
         *,
         name: str,
         accept: Sequence[int] = (),
+        slow: bool = False,
     ) -> tuple[bytes, int]:
         response = self.channel.exchange(
-            ins, p1, p2, data, le, name=name, proprietary=self.proprietary_cla, accept=accept
+            ins,
+            p1,
+            p2,
+            data,
+            le,
+            name=name,
+            proprietary=self.proprietary_cla,
+            accept=accept,
+            slow=slow,
         )
         return response.data, response.sw
 
@@ -491,13 +500,18 @@ class IotSafeApplet:
 
     # keys ----------------------------------------------------------------------------------
 
-    def _object_command(self, ins: int, ref: IotSafeRef, kind: ObjectKind, name: str) -> bytes:
-        data, _ = self._exchange(ins, 0x00, 0x00, encode_object_ref(ref, kind), name=name)
+    def _object_command(
+        self, ins: int, ref: IotSafeRef, kind: ObjectKind, name: str, *, slow: bool = False
+    ) -> bytes:
+        data, _ = self._exchange(
+            ins, 0x00, 0x00, encode_object_ref(ref, kind), name=name, slow=slow
+        )
         return data
 
     def generate_key_pair(self, key: IotSafeRef) -> GeneratedKey:
+        # an ECC key pair takes a real SIM seconds: the transport's key-generation deadline
         data = self._object_command(
-            INS_GENERATE_KEY_PAIR, key, ObjectKind.PRIVATE_KEY, "GENERATE KEY PAIR"
+            INS_GENERATE_KEY_PAIR, key, ObjectKind.PRIVATE_KEY, "GENERATE KEY PAIR", slow=True
         )
         return decode_generate_key_response(data)
 

@@ -173,6 +173,42 @@ def _add_modem_options(serve: argparse.ArgumentParser) -> None:
     modem.add_argument("--modem-imei", metavar="DIGITS", help="IMEI for AT+CGSN")
 
 
+# The fault spec (est_agent/sim/faults.py documents it in full); kept here so that building
+# the parser loads nothing of the virtual SIM.
+_FAULTS_HELP = """\
+faults (--fault SPEC, repeatable; --faults-file FILE: one SPEC per line, # comments, or JSON
+a list of objects with the same keys): a SPEC is key=value words and flags, e.g.
+  --fault ins=B9,sw=6A84              GENERATE KEY PAIR answers 6A84 (not executed)
+  --fault "ins=2B nth=2 bad_signature" the 2nd signature does not verify
+selectors (all optional): ins=HEX channel=N p1=HEX p2=HEX, and which matching command:
+  nth=N (only the Nth), from=N (the Nth on), count=N (at most N times)
+actions (one; delay_ms may also come alone or with another):
+  sw=XXXX            answer this status word instead, command not executed
+  truncate=N         answer only the first N bytes of the response (SW included)
+  silence            never answer
+  disconnect         drop the link instead of answering
+  delay_ms=N         answer N ms late
+  wrong_public_key   GENERATE KEY PAIR / READ PUBLIC KEY give another valid P-256 point
+  bad_signature      COMPUTE SIGNATURE UPDATE gives a well-formed signature that fails
+Faults also apply behind --modem-pty. In process: reader sim:STATE?faults=FILE.
+"""
+
+
+def _add_fault_options(serve: argparse.ArgumentParser) -> None:
+    """`sim serve --fault/--faults-file`: the card misbehaves on demand (sim/faults.py)."""
+    faults = serve.add_argument_group("faults on demand (see the end of this help)")
+    faults.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a misbehaviour, e.g. ins=B9,sw=6A84 (repeatable; the first that fires wins)",
+    )
+    faults.add_argument(
+        "--faults-file", metavar="FILE", help="faults, one SPEC per line (or JSON); after --fault"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="est-agent",
@@ -245,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         parents=[common],
         help="insert the virtual SIM into vsmartcard's vpcd reader (pcscd driver)",
+        epilog=_FAULTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("state", help="state file made by 'sim init'")
     serve.add_argument(
@@ -268,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--power-cut-after", type=int, metavar="N", help="drop the link after N APDUs (crash tests)"
     )
+    _add_fault_options(serve)
     _add_modem_options(serve)
     serve.set_defaults(func=_handler("sim", "serve"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -13,6 +14,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from est_agent.errors import InputError, UsageError
 from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
+
+if TYPE_CHECKING:
+    from est_agent.sim.faults import FaultPlan
 
 
 def _read(path: str, option: str) -> bytes:
@@ -68,9 +72,23 @@ def init(args: argparse.Namespace) -> int:
     return 0
 
 
+def fault_plan(specs: list[str], faults_file: str | None) -> FaultPlan | None:
+    """``--fault`` specs (a bad one is a usage error) then ``--faults-file`` (input data)."""
+    from est_agent.sim.faults import FaultPlan
+
+    try:
+        plan = FaultPlan.parse(specs)
+    except InputError as exc:
+        raise UsageError(f"--fault: {exc}") from None
+    if faults_file:
+        plan = plan + FaultPlan.load(faults_file)
+    return plan or None
+
+
 def serve(args: argparse.Namespace) -> int:
+    faults = fault_plan(args.fault, args.faults_file)
     if args.modem_pty:
-        return _serve_modem(args)
+        return _serve_modem(args, faults)
     from est_agent.sim.vpcd import run_sim_server
 
     host, sep, port = (args.vpcd or "127.0.0.1:35963").rpartition(":")
@@ -87,10 +105,11 @@ def serve(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         trace_path=Path(args.trace) if args.trace else None,
         power_cut_after=args.power_cut_after,
+        faults=faults,
     )
 
 
-def _serve_modem(args: argparse.Namespace) -> int:
+def _serve_modem(args: argparse.Namespace, faults: FaultPlan | None) -> int:
     from est_agent.sim.modem import DEFAULT_IMEI, ModemQuirks, run_modem_server
 
     quirks = ModemQuirks(
@@ -104,7 +123,12 @@ def _serve_modem(args: argparse.Namespace) -> int:
         imei=args.modem_imei or DEFAULT_IMEI,
     )
     return run_modem_server(
-        Path(args.state), Path(args.modem_pty), quirks, t0_mode=args.t0, vpcd=args.vpcd
+        Path(args.state),
+        Path(args.modem_pty),
+        quirks,
+        t0_mode=args.t0,
+        vpcd=args.vpcd,
+        faults=faults,
     )
 
 

@@ -12,7 +12,10 @@ here does what a UICC's operating system does (TS 102 221 / ISO/IEC 7816-4):
 - elsewhere answers SELECT / READ BINARY / UPDATE BINARY from the UICC file tree;
 - applies Le rules (``6Cxx``) and, in T=0 mode, holds response data for GET RESPONSE;
 - writes the state file *before* answering a command that changed persistent state, so a link
-  cut after N answered APDUs leaves exactly their effects.
+  cut after N answered APDUs leaves exactly their effects;
+- misbehaves on demand (``est_agent.sim.faults``): a ``FaultPlan`` makes chosen commands
+  answer another SW, lose bytes, lie about the public key or the signature, or (acted out by
+  the link, see ``answer``) come late, never, or with the link dropped.
 
 Volatile state (open channels, selections, sessions, pending GET RESPONSE data) is dropped by
 ``power_on``/``reset``.
@@ -21,6 +24,7 @@ Volatile state (open channels, selections, sessions, pending GET RESPONSE data) 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import logging
 import os
@@ -31,9 +35,22 @@ from pathlib import Path
 
 from est_agent.card.apdu import CommandApdu
 from est_agent.errors import CardProtocolError, InputError, SimStateError
-from est_agent.sim import uicc
+from est_agent.sim import ecc, uicc
 from est_agent.sim.applet import IotSafeApplet, put_file
 from est_agent.sim.atr import build_atr
+from est_agent.sim.faults import (
+    INS_COMPUTE_SIGNATURE_UPDATE,
+    INS_GENERATE_KEY_PAIR,
+    INS_READ_PUBLIC_KEY,
+    CardAnswer,
+    Fault,
+    FaultInjector,
+    FaultKind,
+    FaultPlan,
+    LinkFaultError,
+    flip_digest_bit,
+    replace_public_point,
+)
 from est_agent.sim.options import CardOptions
 from est_agent.sim.reply import (
     SW_CHANNEL_NOT_SUPPORTED,
@@ -53,7 +70,7 @@ from est_agent.sim.reply import (
 from est_agent.sim.state import CardState, DedicatedFile, load_state, save_state
 from est_agent.sim.trace import ApduEvent, ApduObserver
 
-__all__ = ["ApduEvent", "CardOptions", "VirtualCard"]
+__all__ = ["ApduEvent", "CardAnswer", "CardOptions", "FaultPlan", "VirtualCard"]
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +127,8 @@ def _report(observer: ApduObserver, raw: bytes, response: bytes, duration_s: flo
         p2=header[3],
         lc=0 if cmd is None else len(cmd.data),
         le=None if cmd is None else cmd.le,
-        response_len=len(response) - 2,
-        sw=int.from_bytes(response[-2:], "big"),
+        response_len=max(0, len(response) - 2),
+        sw=int.from_bytes(response[-2:], "big") if len(response) >= 2 else 0,
         duration_s=duration_s,
     )
     try:
@@ -146,7 +163,7 @@ class VirtualCard:
     """One virtual UICC. Construct from a ``CardState`` or ``VirtualCard.load(path)``.
 
     With a ``state_path`` every persistent change is written there before it is answered;
-    without one the card lives in memory only.
+    without one the card lives in memory only. ``faults``: the misbehaviours to act out.
     """
 
     def __init__(
@@ -156,6 +173,7 @@ class VirtualCard:
         state_path: str | os.PathLike[str] | None = None,
         *,
         on_apdu: ApduObserver | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
         self._state = state
         self._options = options
@@ -165,6 +183,8 @@ class VirtualCard:
         self._applet = IotSafeApplet(options)
         self._channels: dict[int, _Channel] = {}
         self._pending: _Pending | None = None
+        self._faults = FaultInjector(faults) if faults else None
+        self._decoy_point: bytes | None = None
         self.power_on()
 
     @classmethod
@@ -174,9 +194,15 @@ class VirtualCard:
         options: CardOptions = CardOptions(),  # noqa: B008
         *,
         on_apdu: ApduObserver | None = None,
+        faults: FaultPlan | None = None,
     ) -> VirtualCard:
         """The card stored in ``path``; SimStateError if the file is missing or damaged."""
-        return cls(load_state(path), options, path, on_apdu=on_apdu)
+        return cls(load_state(path), options, path, on_apdu=on_apdu, faults=faults)
+
+    @property
+    def faults(self) -> FaultInjector | None:
+        """The fault plan with its occurrence counts, when the card has one."""
+        return self._faults
 
     @property
     def atr(self) -> bytes:
@@ -212,11 +238,31 @@ class VirtualCard:
     # -- APDU processing -------------------------------------------------------------------
 
     def process(self, apdu: bytes) -> bytes:
-        """Answer one command APDU with a response APDU (data + SW1 SW2)."""
+        """Answer one command APDU with a response APDU (data + SW1 SW2).
+
+        A delay fault sleeps here; silence and disconnect faults raise ``LinkFaultError``:
+        links that can act them out call ``answer`` instead.
+        """
+        answer = self.answer(apdu)
+        if answer.delay_s:
+            time.sleep(answer.delay_s)
+        if answer.link is not None:
+            raise LinkFaultError(answer.link, apdu[1] if len(apdu) > 1 else None)
+        return answer.response
+
+    def answer(self, apdu: bytes) -> CardAnswer:
+        """The answer to one command APDU as the link must deliver it (faults included)."""
         started = time.perf_counter()
         raw = bytes(apdu)
+        fault = self._faults.next(raw) if self._faults is not None else None
+        if fault is not None:
+            log.info("virtual card: fault %s on INS %s", fault.rule.describe(), raw[1:2].hex())
+            if fault.link is not None:
+                # the card never saw it: neither executed nor observed
+                self._pending = None
+                return CardAnswer(b"", fault.delay_s, fault.link)
         try:
-            response = self._process(raw)
+            response = self._process(raw, fault)
         except Exception:
             # A bug in the card model, not bad input: keep serving, as a card would after 6F00.
             log.exception("virtual card: internal error on INS %s", raw[1:2].hex().upper())
@@ -225,9 +271,15 @@ class VirtualCard:
         observer = self.on_apdu
         if observer is not None:
             _report(observer, raw, response, time.perf_counter() - started)
-        return response
+        if fault is not None and fault.action is FaultKind.TRUNCATE:
+            response = response[: fault.value]
+        return CardAnswer(response, 0.0 if fault is None else fault.delay_s)
 
-    def _process(self, raw: bytes) -> bytes:
+    def _process(self, raw: bytes, fault: Fault | None = None) -> bytes:
+        if fault is not None and fault.action is FaultKind.SW:
+            # answered instead of the command, which is not executed (T=0 data is lost)
+            self._pending = None
+            return _sw(fault.value)
         if len(raw) < 4:
             self._pending = None
             return _sw(SW_WRONG_LENGTH)
@@ -248,8 +300,24 @@ class VirtualCard:
         context = self._channels.get(channel)
         if context is None:
             return _sw(SW_CHANNEL_NOT_SUPPORTED)
+        action = None if fault is None else fault.action
+        if action is FaultKind.BAD_SIGNATURE and cmd.ins == INS_COMPUTE_SIGNATURE_UPDATE:
+            cmd = dataclasses.replace(cmd, data=flip_digest_bit(cmd.data))
         reply = self._dispatch(channel, kind, context, cmd)
+        if (
+            action is FaultKind.WRONG_PUBLIC_KEY
+            and context.applet
+            and cmd.ins in (INS_GENERATE_KEY_PAIR, INS_READ_PUBLIC_KEY)
+            and reply.sw == SW_OK
+        ):
+            reply = dataclasses.replace(reply, data=replace_public_point(reply.data, self._decoy()))
         return self._deliver(channel, cmd, reply)
+
+    def _decoy(self) -> bytes:
+        """A valid P-256 point that is not the card's key (its scalar is thrown away)."""
+        if self._decoy_point is None:
+            _scalar, self._decoy_point = ecc.generate_key_pair()
+        return self._decoy_point
 
     def _dispatch(
         self, channel: int, kind: _ClassKind, context: _Channel, cmd: CommandApdu

@@ -16,6 +16,11 @@ an ``AT+CSIM`` that refuses logical channels (MANAGE CHANNEL or a non-zero chann
 ``+CME ERROR: 3``), slow answers, a modem that stops answering after N commands, and
 lowercase unquoted hex.
 
+Card faults (``est_agent.sim.faults``) apply behind the modem too, since it answers from the
+same card: a silent card leaves the AT command without a final result code (the echo, if any,
+has gone out), a disconnected one makes the modem answer ``+CME ERROR: 10`` (SIM not
+inserted), a delay holds the answer, a truncated answer goes out in ``+CSIM``/``+CGLA``.
+
 ``PtyModem`` serves one ``EmulatedModem`` on a fresh pty (``os.openpty``; the slave end is put
 in raw mode and kept open here, so clients may come and go), optionally symlinked at a stable
 path; ``serve_forever`` runs in the caller's thread, ``start`` in a daemon thread.
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from est_agent.errors import UsageError
+from est_agent.sim.faults import CardAnswer, FaultPlan, LinkFault, answer_of
 
 __all__ = ["EmulatedModem", "ModemCard", "ModemQuirks", "PtyModem", "run_modem_server"]
 
@@ -46,9 +52,15 @@ DEFAULT_IMEI = "356938035643809"
 # (V.250 §6.3.4 RING), a Quectel indication, a Huawei-style signal report
 _URCS = ("+CREG: 1", "RING", '+QIND: "csq",20,99', "^RSSI: 17")
 # TS 27.007 §9.2.1
-_CME_TEXT = {3: "operation not allowed", 4: "operation not supported", 21: "invalid index"}
+_CME_TEXT = {
+    3: "operation not allowed",
+    4: "operation not supported",
+    10: "SIM not inserted",
+    21: "invalid index",
+}
 _CME_NOT_ALLOWED = 3
 _CME_NOT_SUPPORTED = 4
+_CME_SIM_NOT_INSERTED = 10
 _CME_INVALID_INDEX = 21
 _LINE_MAX = 2 * 65538 + 64
 _POLL_S = 0.2
@@ -85,6 +97,10 @@ class ModemQuirks:
 class _CmeError(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
+
+
+class _SilentCardError(Exception):
+    """The card never answered (a silence fault): the command line gets no result code."""
 
 
 # TS 27.007 syntax, from the modem's side: <length>,"<hex>" (quotes optional on input too)
@@ -144,6 +160,9 @@ class EmulatedModem:
             info = self._execute(line.strip())
         except _CmeError as exc:
             return out + self._error(exc.code)
+        except _SilentCardError:
+            log.warning("emulated modem: the card does not answer; no result code")
+            return out
         if info is None:
             return out + b"\r\nERROR\r\n"
         for text in info:
@@ -172,7 +191,14 @@ class EmulatedModem:
     def _process(self, apdu: bytes) -> bytes:
         self.apdus += 1
         with self._lock:
-            return self.card.process(apdu)
+            answer: CardAnswer = answer_of(self.card, apdu)
+        if answer.delay_s:
+            time.sleep(answer.delay_s)
+        if answer.link is LinkFault.SILENCE:
+            raise _SilentCardError
+        if answer.link is LinkFault.DISCONNECT:
+            raise _CmeError(_CME_SIM_NOT_INSERTED)
+        return answer.response
 
     def _execute(self, line: str) -> list[str] | None:
         """Information lines of a successful command line, None for ERROR (or raise _CmeError).
@@ -378,15 +404,18 @@ def run_modem_server(
     *,
     t0_mode: bool = False,
     vpcd: str | None = None,
+    faults: FaultPlan | None = None,
 ) -> int:
     """``sim serve --modem-pty LINK``: serve the SIM through an emulated modem until
-    SIGTERM/SIGINT; with ``vpcd``, through vpcd as well (one card, one lock)."""
+    SIGTERM/SIGINT; with ``vpcd``, through vpcd as well (one card, one lock, one fault plan)."""
     import signal
 
     from est_agent.sim.card import VirtualCard
     from est_agent.sim.options import CardOptions
 
-    card = VirtualCard.load(state_path, CardOptions(t0_mode=t0_mode))
+    card = VirtualCard.load(state_path, CardOptions(t0_mode=t0_mode), faults=faults)
+    if faults:
+        log.info("faults: %s", faults.describe())
     lock = threading.Lock()
     modem = PtyModem(EmulatedModem(card, quirks, iccid=card.state.iccid, lock=lock), link)
     vpcd_server = None
@@ -443,3 +472,7 @@ class _LockedCard:
     def process(self, apdu: bytes) -> bytes:
         with self._lock:
             return self._card.process(apdu)
+
+    def answer(self, apdu: bytes) -> CardAnswer:
+        with self._lock:
+            return self._card.answer(apdu)

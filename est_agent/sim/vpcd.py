@@ -13,6 +13,13 @@ the kernel delays ~40 ms. Re-arming ``TCP_QUICKACK`` right after reading each he
 kernel send that ACK at once; ``TCP_NODELAY`` keeps our own answers from waiting in turn.
 (``benchmarks/apdu_roundtrip.py`` measures both ways.)
 
+Faults (``est_agent.sim.faults``) are acted out on the wire: a silent card sends nothing more
+on the link (vpcd, which reads the answer with a blocking ``recv``, waits until the card
+process ends or vpcd closes the link); a disconnect closes the socket and the card comes back
+``_REINSERT_S`` later (a new insertion for pcscd); a delay holds the answer; a truncated
+answer goes out as it is (a 0-byte one leaves vpcd waiting in ``recv(MSG_WAITALL)`` for a byte
+that never comes: silence, to the host).
+
 Logs carry the INS byte, lengths and SW only: APDUs carry digests, signatures and certificates.
 """
 
@@ -31,6 +38,7 @@ from types import FrameType
 from typing import Protocol
 
 from est_agent.errors import UsageError
+from est_agent.sim.faults import CardAnswer, FaultPlan, LinkFault, answer_of
 
 __all__ = [
     "POWER_CUT_EXIT_CODE",
@@ -59,6 +67,8 @@ _SW_UNKNOWN_ERROR = b"\x6f\x00"
 _POLL_S = 0.2
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0
+#: after a disconnect fault: longer than vpcd's 400 ms presence poll, so pcscd sees a removal
+_REINSERT_S = 1.0
 
 
 class VpcdCard(Protocol):
@@ -141,6 +151,9 @@ class VpcdCardServer:
         self.tcp_tuning = tcp_tuning
         self.apdus_answered = 0
         self.connections = 0
+        #: command APDUs left unanswered on purpose (silence and disconnect faults)
+        self.apdus_withheld = 0
+        self._reinsert = False
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         # set by signal handlers, which must not take locks (see stop_from_signal)
@@ -201,7 +214,12 @@ class VpcdCardServer:
                 return outcome
             if not self.reconnect:
                 return ServeOutcome.DISCONNECTED
-            log.info("vpcd %s:%d closed the link; reconnecting", self.host, self.port)
+            if self._reinsert:
+                self._reinsert = False
+                self._pause(_REINSERT_S)
+                log.info("disconnect fault: inserting the card again")
+            else:
+                log.info("vpcd %s:%d closed the link; reconnecting", self.host, self.port)
         return ServeOutcome.STOPPED
 
     # -- connection ------------------------------------------------------------------------
@@ -250,7 +268,20 @@ class VpcdCardServer:
                 if not payload:
                     log.warning("empty frame from vpcd ignored")
                     continue
-                self._send(sock, self._answer(payload))
+                answer = self._answer(payload)
+                if answer.delay_s:
+                    self._pause(answer.delay_s)
+                    if self._stopping():
+                        return ServeOutcome.STOPPED
+                if answer.link is LinkFault.SILENCE:
+                    self.apdus_withheld += 1
+                    return self._stay_silent(sock)
+                if answer.link is LinkFault.DISCONNECT:
+                    self.apdus_withheld += 1
+                    log.warning("disconnect fault: dropping the link instead of answering")
+                    self._reinsert = True
+                    return None
+                self._send(sock, answer.response)
                 self.apdus_answered += 1
                 if self.power_cut_after is not None and self.apdus_answered >= self.power_cut_after:
                     log.warning(
@@ -262,6 +293,20 @@ class VpcdCardServer:
             return ServeOutcome.STOPPED
         except _LinkClosedError:
             return ServeOutcome.STOPPED if self._stopping() else None
+
+    def _stay_silent(self, sock: socket.socket) -> ServeOutcome | None:
+        """Answer nothing more on this link: until serving stops, or vpcd closes it."""
+        log.warning("silence fault: the command is not answered; the card stays silent")
+        while not self._stopping():
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return None
+            if not chunk:
+                return None  # vpcd went away (pcscd restarted): a new link gets answers again
+        return ServeOutcome.STOPPED
 
     def _recv_exact(self, sock: socket.socket, n: int) -> bytes:
         buf = bytearray()
@@ -303,28 +348,31 @@ class VpcdCardServer:
         else:
             log.warning("unknown vpcd control code %02X ignored", code)
 
-    def _answer(self, apdu: bytes) -> bytes:
+    def _answer(self, apdu: bytes) -> CardAnswer:
         if self.latency_s:
             time.sleep(self.latency_s)
         ins = apdu[1] if len(apdu) > 1 else -1
         try:
-            response = self.card.process(apdu)
+            answer = answer_of(self.card, apdu)
         except Exception:
-            # A card never goes silent: answer "unknown error" and keep serving, but leave the
-            # traceback in the log because this is a bug in the virtual card.
+            # A card never goes silent by accident: answer "unknown error" and keep serving,
+            # but leave the traceback in the log because this is a bug in the virtual card.
             log.exception("virtual card failed on INS %02X (%d bytes)", ins, len(apdu))
-            return _SW_UNKNOWN_ERROR
-        if not 2 <= len(response) <= _MAX_FRAME:
+            return CardAnswer(_SW_UNKNOWN_ERROR)
+        response = answer.response
+        if len(response) > _MAX_FRAME:
             log.error("virtual card answer of %d bytes cannot be framed", len(response))
-            return _SW_UNKNOWN_ERROR
-        log.debug(
-            "INS %02X: %d bytes in, %d bytes out, SW %s",
-            ins,
-            len(apdu),
-            len(response),
-            response[-2:].hex().upper(),
-        )
-        return response
+            return CardAnswer(_SW_UNKNOWN_ERROR)
+        if answer.link is None:
+            # (fewer than 2 bytes only come from a truncate fault: sent as they are)
+            log.debug(
+                "INS %02X: %d bytes in, %d bytes out, SW %s",
+                ins,
+                len(apdu),
+                len(response),
+                response[-2:].hex().upper(),
+            )
+        return answer
 
 
 def serve(
@@ -358,6 +406,7 @@ def run_sim_server(
     latency_ms: float = 0.0,
     trace_path: str | Path | None = None,
     power_cut_after: int | None = None,
+    faults: FaultPlan | None = None,
 ) -> int:
     """Load the virtual SIM from ``state_path`` and serve it to vpcd; return the exit status.
 
@@ -369,7 +418,9 @@ def run_sim_server(
     from est_agent.sim.options import CardOptions
 
     host, port = parse_vpcd_address(vpcd)
-    card = VirtualCard.load(Path(state_path), CardOptions(t0_mode=t0_mode))
+    card = VirtualCard.load(Path(state_path), CardOptions(t0_mode=t0_mode), faults=faults)
+    if faults:
+        log.info("faults: %s", faults.describe())
     tracer = _attach_trace(card, trace_path)
     server = VpcdCardServer(
         card, host, port, latency_ms=latency_ms, power_cut_after=power_cut_after

@@ -1,15 +1,17 @@
 """Links to a card, chosen by a reader string.
 
-pcsc:              first PC/SC reader with a card
-pcsc:<name>        the PC/SC reader with exactly that name
-sim:<state file>   the virtual SIM, in this process
-modem:<port>[?baud=N&timeout=S]
+pcsc:[<name>][?timeout=S&keygen_timeout=S&busy_timeout=S]
+                   the PC/SC reader with exactly that name (none: the first with a card)
+sim:<state file>[?faults=FILE&timeout=S&keygen_timeout=S]
+                   the virtual SIM, in this process; ``faults``: est_agent.sim.faults
+modem:<port>[?baud=N&timeout=S&keygen_timeout=S]
                    the SIM behind a cellular modem's AT port (3GPP TS 27.007 AT+CSIM/AT+CGLA)
+
+``timeout``: seconds per APDU (10; the modem 20); ``keygen_timeout``: per key generation (60);
+``busy_timeout``: how long a PC/SC transaction waits for a card another client holds (10).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from est_agent.errors import UsageError
 from est_agent.transport.base import CardTransport, LinkStats
@@ -31,7 +33,7 @@ def open_transport(reader: str) -> CardTransport:
     if scheme == "pcsc":
         from est_agent.transport.pcsc import PcscTransport
 
-        return PcscTransport(rest or None)
+        return PcscTransport.from_reader(rest)
     if scheme == "sim":
         if not rest:
             raise UsageError("sim: needs the virtual SIM's state file, e.g. sim:/var/lib/sim.json")
@@ -39,7 +41,7 @@ def open_transport(reader: str) -> CardTransport:
         # place where the core reaches into est_agent.sim.
         from est_agent.sim.transport import SimTransport
 
-        return SimTransport(Path(rest))
+        return SimTransport.from_reader(rest)
     if scheme == "modem":
         from est_agent.transport.modem import ModemTransport
 

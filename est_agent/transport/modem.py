@@ -1,9 +1,12 @@
 """The SIM behind a cellular modem, reached with AT commands over a serial port (pyserial).
 
-Reader string: ``modem:<port>[?baud=115200&timeout=20]``, e.g. ``modem:/dev/ttyUSB2``.
-``timeout`` (seconds) bounds each APDU's AT round trip: generous by default because key
-generation on a real SIM takes seconds. This module is only the serial loop; every byte is
-encoded and parsed by the pure codec ``est_agent.transport.at``.
+Reader string: ``modem:<port>[?baud=115200&timeout=20&keygen_timeout=60]``, e.g.
+``modem:/dev/ttyUSB2``. ``timeout`` (seconds) bounds each APDU's AT round trip (generous: a
+busy baseband answers late), ``keygen_timeout`` the round trip of a key generation, which
+takes a real SIM seconds. A modem that stays silent past the deadline raises ``ModemError``
+naming the AT command and the INS, and the link stays unusable until reconnected. This
+module is only the serial loop; every byte is encoded and parsed by the pure codec
+``est_agent.transport.at``.
 
 Connecting costs one round trip: ``ATE0+CMEE=1`` (a basic and an extended command on one line,
 V.250 §5.4, §5.6): no echo (V.250 §6.2.4; echo is still recognised if the modem ignores it) and
@@ -35,8 +38,8 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 from est_agent.errors import ModemError, NoCardError, TransportError, UsageError
 from est_agent.transport.at import (
@@ -54,14 +57,27 @@ from est_agent.transport.at import (
     parse_csim,
     parse_digits,
 )
-from est_agent.transport.base import CardTransport
+from est_agent.transport.base import (
+    DEFAULT_SLOW_TIMEOUT_S,
+    CardTransport,
+    LinkOptions,
+    parse_link_options,
+    split_reader_query,
+)
 
-__all__ = ["DEFAULT_BAUD", "DEFAULT_TIMEOUT_S", "ChannelAccess", "ModemTransport", "parse_reader"]
+__all__ = [
+    "DEFAULT_BAUD",
+    "DEFAULT_TIMEOUT_S",
+    "ChannelAccess",
+    "ModemTransport",
+    "parse_modem_reader",
+    "parse_reader",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BAUD = 115200
-#: per APDU: an ECC key generation on a real SIM takes a few seconds, behind a busy baseband more
+#: per APDU: a busy baseband answers AT+CSIM late; key generation has its own, longer deadline
 DEFAULT_TIMEOUT_S = 20.0
 #: for the setup commands, which the modem answers itself
 _SETUP_TIMEOUT_S = 3.0
@@ -83,28 +99,27 @@ def _serial_module() -> Any:
     return serial
 
 
+def parse_modem_reader(rest: str) -> tuple[str, int, LinkOptions]:
+    """``<port>[?baud=N&timeout=S&keygen_timeout=S]`` -> (port, baud, deadlines)."""
+    port, query = split_reader_query(rest)
+    if not port or port.startswith("?"):
+        raise UsageError("modem: needs a serial port, e.g. modem:/dev/ttyUSB2")
+    options = parse_link_options(
+        "modem", query, extra_keys=("baud",), default_timeout_s=DEFAULT_TIMEOUT_S
+    )
+    baud = DEFAULT_BAUD
+    text = options.get("baud")
+    if text is not None:
+        if not text.isdigit() or int(text) <= 0:
+            raise UsageError(f"modem: bad baud {text!r}")
+        baud = int(text)
+    return port, baud, options
+
+
 def parse_reader(rest: str) -> tuple[str, int, float]:
     """``<port>[?baud=N&timeout=S]`` -> (port, baud, timeout_s); UsageError names what is wrong."""
-    port, _, query = rest.partition("?")
-    if not port:
-        raise UsageError("modem: needs a serial port, e.g. modem:/dev/ttyUSB2")
-    baud, timeout_s = DEFAULT_BAUD, DEFAULT_TIMEOUT_S
-    for key, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
-        value = values[-1]
-        try:
-            if key == "baud":
-                baud = int(value)
-                if baud <= 0:
-                    raise ValueError
-            elif key == "timeout":
-                timeout_s = float(value)
-                if not 0 < timeout_s <= 600:
-                    raise ValueError
-            else:
-                raise UsageError(f"modem: unknown option {key!r} (baud, timeout)")
-        except ValueError:
-            raise UsageError(f"modem: bad {key} {value!r}") from None
-    return port, baud, timeout_s
+    port, baud, options = parse_modem_reader(rest)
+    return port, baud, options.timeout_s
 
 
 class ModemTransport(CardTransport):
@@ -117,12 +132,12 @@ class ModemTransport(CardTransport):
         *,
         baud: int = DEFAULT_BAUD,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        slow_timeout_s: float = DEFAULT_SLOW_TIMEOUT_S,
         serial_factory: Callable[[], Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(timeout_s=timeout_s, slow_timeout_s=slow_timeout_s)
         self.port = port
         self.baud = baud
-        self.timeout_s = timeout_s
         self._factory = serial_factory
         self._serial: Any = None
         self._broken: str | None = None
@@ -137,8 +152,10 @@ class ModemTransport(CardTransport):
 
     @classmethod
     def from_reader(cls, rest: str) -> ModemTransport:
-        port, baud, timeout_s = parse_reader(rest)
-        return cls(port, baud=baud, timeout_s=timeout_s)
+        port, baud, options = parse_modem_reader(rest)
+        return cls(
+            port, baud=baud, timeout_s=options.timeout_s, slow_timeout_s=options.slow_timeout_s
+        )
 
     @property
     def description(self) -> str:
@@ -209,12 +226,20 @@ class ModemTransport(CardTransport):
 
     # -- the serial loop ---------------------------------------------------------------------
 
-    def command(self, text: str, timeout_s: float | None = None, *, check: bool = True) -> AtReply:
+    def command(
+        self,
+        text: str,
+        timeout_s: float | None = None,
+        *,
+        check: bool = True,
+        label: str | None = None,
+    ) -> AtReply:
         """Send one command line and wait for its final result code.
 
         ``check``: raise the typed error for ``ERROR`` / ``+CME ERROR`` (else return it).
         A silent modem raises ModemError and leaves the link unusable until reconnected: a late
-        answer would otherwise be taken for the answer to the next command.
+        answer would otherwise be taken for the answer to the next command. ``label`` names
+        the command in that message (default: the AT command without its arguments).
         """
         if self._broken is not None:
             raise ModemError(f"link not used after an earlier failure: {self._broken}")
@@ -234,14 +259,14 @@ class ModemTransport(CardTransport):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ModemError(
-                        f"modem {self.port} did not answer {_name(text)} within {limit:g} s "
-                        "(hung, or the SIM is still busy: raise ?timeout=)"
+                        f"modem {self.port} did not answer {label or _name(text)} within "
+                        f"{limit:g} s (hung, or the SIM is still busy: raise ?timeout=)"
                     )
                 chunk = port.read(max(1, port.in_waiting))
                 if chunk:
                     reader.receive_data(chunk)
         except ModemError as exc:  # silence or garbage: the dialogue is out of step
-            self._broken = str(exc)
+            self._broken = str(exc)  # later calls: ModemError (not the base class dead mark)
             raise
         except (OSError, ValueError) as exc:
             # pyserial's SerialException is an OSError: the device vanished (USB reset)
@@ -272,28 +297,36 @@ class ModemTransport(CardTransport):
     # -- APDUs -------------------------------------------------------------------------------
 
     def _transmit(self, apdu: bytes) -> bytes:
+        return self._transmit_within(apdu, self.timeout_s)
+
+    def _transmit_within(self, apdu: bytes, timeout_s: float) -> bytes:
         if len(apdu) < 4:
             raise ModemError(f"not an APDU ({len(apdu)} bytes)")
+        limit = _Limit(timeout_s, f"INS {apdu[1]:02X}")
         if self.access is ChannelAccess.CGLA:
-            return self._transmit_cgla(apdu)
+            return self._transmit_cgla(apdu, limit)
         is_open = apdu[1] == _INS_MANAGE_CHANNEL and apdu[2] == 0x00
         if is_open and self.access is None:
-            return self._first_open(apdu)
-        return self._csim(encode_csim(apdu))
+            return self._first_open(apdu, limit)
+        return self._csim(encode_csim(apdu), limit)
 
-    def _csim(self, text: str) -> bytes:
-        reply = self.command(text)
+    def _apdu_command(self, text: str, limit: _Limit, *, check: bool = True) -> AtReply:
+        label = f"{_name(text)} ({limit.ins})"
+        return self.command(text, limit.seconds, check=check, label=label)
+
+    def _csim(self, text: str, limit: _Limit) -> bytes:
+        reply = self._apdu_command(text, limit)
         self._note_urcs(_others(reply, "+CSIM"))
         return parse_csim(reply)
 
-    def _first_open(self, apdu: bytes) -> bytes:
+    def _first_open(self, apdu: bytes, limit: _Limit) -> bytes:
         """MANAGE CHANNEL through AT+CSIM once; on refusal, use the channel commands instead.
 
         A refusal is ``+CME ERROR: 3/4`` (operation not allowed / supported, TS 27.007 §9.2.1)
         or a bare ``ERROR`` (``AT+CMEE`` ignored); a silent modem or a garbled answer is not.
         """
         text = encode_csim(apdu)
-        reply = self.command(text, check=False)
+        reply = self._apdu_command(text, limit, check=False)
         if reply.ok:
             self.access = ChannelAccess.CSIM
             self._note_urcs(_others(reply, "+CSIM"))
@@ -308,26 +341,26 @@ class ModemTransport(CardTransport):
             )
         log.info("modem %s: logical channels through AT+CCHO/AT+CGLA", self.port)
         self.access = ChannelAccess.CGLA
-        return self._transmit_cgla(apdu)
+        return self._transmit_cgla(apdu, limit)
 
     def _has_cgla(self) -> bool:
         if self._cgla is None:
             self._cgla = self.command("AT+CGLA=?", _SETUP_TIMEOUT_S, check=False).ok
         return self._cgla
 
-    def _transmit_cgla(self, apdu: bytes) -> bytes:
+    def _transmit_cgla(self, apdu: bytes, limit: _Limit) -> bytes:
         route = self._table.route(apdu)
         if route.note:
             log.warning("modem %s: %s", self.port, route.note)
         if route.kind is RouteKind.LOCAL:
             return route.answer
         if route.kind is RouteKind.CSIM:
-            return self._csim(route.command)
+            return self._csim(route.command, limit)
         if route.kind is RouteKind.CCHC:
-            self.command(route.command)
+            self._apdu_command(route.command, limit)
             return _SW_OK
         if route.kind is RouteKind.CCHO:
-            reply = self.command(route.command, check=False)
+            reply = self._apdu_command(route.command, limit, check=False)
             if not reply.ok:
                 if not _refusal(reply):
                     raise self._error_for(reply, route.command)
@@ -337,7 +370,7 @@ class ModemTransport(CardTransport):
                 return _SW_NOT_FOUND
             self._table.bind(route.channel, parse_ccho(reply))
             return _SW_OK
-        reply = self.command(route.command)
+        reply = self._apdu_command(route.command, limit)
         self._note_urcs(_others(reply, "+CGLA"))
         return parse_cgla(reply)
 
@@ -357,6 +390,14 @@ class ModemTransport(CardTransport):
         """``AT+CIMI`` (TS 27.007 §5.6)."""
         self.connect()
         return parse_digits(self.command("AT+CIMI"), ("+CIMI",))
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """The deadline of one APDU's AT round trip, and the INS to name when it passes."""
+
+    seconds: float
+    ins: str
 
 
 def _refusal(reply: AtReply) -> bool:

@@ -10,16 +10,49 @@ pyscard ``SmartcardException`` carrying the code, so ``exc.__cause__.hresult`` t
 PC/SC said. pyscard is imported inside the functions: the CLI should start without loading it.
 
 ``_transmit`` is raw: 61xx / 6Cxx handling is the channel layer's job (``est_agent.card.channel``).
+
+Deadlines. pcsc-lite cannot interrupt a call in progress: ``SCardCancel`` only ends
+``SCardGetStatusChange``, and the client library holds the context's mutex for the whole of
+``SCardTransmit``, so ``SCardDisconnect`` from another thread waits for it too. vsmartcard's
+vpcd reads the card's answer with a blocking ``recv`` and no timeout. So every PC/SC call of a
+connection runs on that connection's own daemon thread (``_Worker``; pyscard releases the GIL
+around each call) and the caller waits with the deadline. A call that misses it is abandoned:
+the link is marked dead, its release is queued behind the stuck call (it runs if the call ever
+returns), and nothing joins the thread, so the process exits normally.
+
+Transactions (``transaction()``): ``SCardBeginTransaction`` / ``SCardEndTransaction
+(SCARD_LEAVE_CARD)`` around a card session, so two agents (or any PC/SC client) sharing the
+reader cannot interleave APDUs. pcsc-lite's ``SCardBeginTransaction`` polls pcscd every 100 ms
+for as long as another handle holds the card; it releases the context mutex between polls, so
+a begin that misses its deadline is ended by disconnecting the handle (the loop then returns
+SCARD_E_INVALID_HANDLE; a lock won in that instant goes with the handle). The client is put in
+pcsc-lite's non-blocking mode (``PCSCLITE_NO_BLOCKING``, read at the first context of the
+process) so that a transmit or status call meeting another client's transaction answers
+SCARD_E_SHARING_VIOLATION at once instead of waiting without bound: transmits retry that until
+their deadline, then report the card busy.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from est_agent.errors import NoCardError, ReaderError, TransportError
-from est_agent.transport.base import CardTransport
+from est_agent.errors import CardProtocolError, NoCardError, ReaderError, TransportError
+from est_agent.transport.base import (
+    DEFAULT_BUSY_TIMEOUT_S,
+    DEFAULT_SLOW_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    CardTransport,
+    parse_link_options,
+    split_reader_query,
+)
 
 __all__ = ["PcscTransport", "atr_protocols", "list_readers"]
 
@@ -54,6 +87,12 @@ _OTHER = {
     0x80100006: "SCARD_E_NO_MEMORY",
 }
 _T_GLOBAL = 15  # "T=15" in a TD byte announces global interface bytes, not a protocol
+_SHARING_VIOLATION = 0x8010000B
+#: pcsc-lite's own poll period for a held card (PCSCLITE_LOCK_POLL_RATE, 100 ms)
+_BUSY_POLL_S = 0.1
+#: how long closing and abandoning wait for pcscd before leaving it to the worker thread
+_RELEASE_WAIT_S = 2.0
+_NO_BLOCKING_ENV = "PCSCLITE_NO_BLOCKING"
 
 
 def _scard() -> ModuleType:
@@ -67,6 +106,8 @@ def _scard() -> ModuleType:
     """
     import sys
 
+    # Before the process's first context (libpcsclite reads it once): see the module docstring.
+    os.environ.setdefault(_NO_BLOCKING_ENV, "1")
     if "smartcard" not in sys.modules:
         import importlib.util
 
@@ -115,6 +156,10 @@ def _raise_for(hresult: int, action: str, reader: str | None = None) -> None:
     elif code in _NO_CARD:
         error = NoCardError(
             f"no card{where}, or it was removed or reset during {action} ({detail})"
+        )
+    elif code == _SHARING_VIOLATION:
+        error = ReaderError(
+            f"card{where} busy during {action}: another PC/SC client holds it ({detail})"
         )
     elif code in _READER:
         error = ReaderError(f"reader problem{where} during {action} ({detail})")
@@ -183,126 +228,341 @@ def list_readers() -> list[str]:
         scard.SCardReleaseContext(context)
 
 
+_R = TypeVar("_R")
+
+
+class _LateError(Exception):
+    """A worker call did not finish within its deadline (internal; never leaves this module)."""
+
+
+class _Job(Generic[_R]):
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], _R]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: _R | None = None
+        self.error: BaseException | None = None
+
+
+class _Worker:
+    """The daemon thread making one connection's PC/SC calls (module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], _R], timeout_s: float) -> _R:
+        """Run ``fn`` on the thread; its result or exception, or ``_LateError`` after the
+        deadline (``fn`` then goes on running there)."""
+        job: _Job[_R] = _Job(fn)
+        self._jobs.put(job)
+        if not job.done.wait(timeout_s):
+            raise _LateError
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]  # set when fn returned
+
+    def post(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn`` without waiting (it runs after whatever is running now)."""
+        self._jobs.put(_Job(fn))
+
+    def stop(self) -> None:
+        """End the thread after the queued jobs."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job.result = job.fn()
+            except BaseException as exc:  # handed to the caller; never an unhandled thread error
+                job.error = exc
+            finally:
+                job.done.set()
+
+
+@dataclass
+class _Link:
+    """The handles of one connection (owned by its worker thread once abandoned)."""
+
+    context: Any
+    card: Any = None
+    reader: str = ""
+    protocol: int = 0
+    atr: bytes = b""
+
+
+def _release_link(link: _Link) -> None:
+    """Disconnect leaving the card powered, release the context; never raise.
+
+    Closing follows a failure as often as not (card gone, pcscd gone): the error that matters
+    has already been raised, so failures here are only logged.
+    """
+    scard = _scard()
+    if link.card is not None:
+        hresult = scard.SCardDisconnect(link.card, scard.SCARD_LEAVE_CARD)
+        if hresult != scard.SCARD_S_SUCCESS:
+            log.debug("SCardDisconnect: %s", _code_name(hresult))
+        link.card = None
+    if link.context is not None:
+        hresult = scard.SCardReleaseContext(link.context)
+        if hresult != scard.SCARD_S_SUCCESS:
+            log.debug("SCardReleaseContext: %s", _code_name(hresult))
+        link.context = None
+
+
+def _choose_reader(context: Any, wanted: str | None) -> tuple[str, bytes]:
+    readers = _readers(context)
+    if wanted is not None:
+        if wanted not in readers:
+            listed = ", ".join(repr(r) for r in readers) or "none"
+            raise ReaderError(f"no reader named {wanted!r}; available: {listed}")
+        ((_name, _state, atr),) = _reader_states(context, [wanted])
+        return wanted, atr
+    if not readers:
+        raise ReaderError("no PC/SC readers available")
+    states = _reader_states(context, readers)
+    for name, state, atr in states:
+        if _has_card(state):
+            return name, atr
+    listed = ", ".join(repr(name) for name, _s, _a in states)
+    raise NoCardError(f"no card in any reader ({listed})")
+
+
+def _open_link(wanted: str | None) -> _Link:
+    """Context, reader, card handle and ATR (runs on the worker thread)."""
+    scard = _scard()
+    link = _Link(_establish())
+    try:
+        reader, atr = _choose_reader(link.context, wanted)
+        offered = atr_protocols(atr)
+        if 1 in offered:
+            protocols = scard.SCARD_PROTOCOL_T1
+        elif offered:
+            protocols = scard.SCARD_PROTOCOL_T0
+        else:  # no ATR yet (card still powering up): let pcscd negotiate
+            protocols = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+        hresult, card, active = scard.SCardConnect(
+            link.context, reader, scard.SCARD_SHARE_SHARED, protocols
+        )
+        _raise_for(hresult, "connecting to the card", reader)
+        link.card, link.protocol, link.reader, link.atr = card, int(active), reader, atr
+        hresult, _name, _state, _proto, atr_now = scard.SCardStatus(card)
+        if hresult & 0xFFFFFFFF == _SHARING_VIOLATION:
+            # another client began a transaction since: the reader's ATR will do
+            return link
+        _raise_for(hresult, "reading the card status", reader)
+        link.atr = bytes(atr_now)
+    except BaseException:
+        _release_link(link)
+        raise
+    return link
+
+
 class PcscTransport(CardTransport):
     """One card in one PC/SC reader.
 
     ``reader_name``: the exact reader name; None or "" picks the first reader holding a card.
     The protocol is T=1 when the card's ATR offers it, else T=0 (readers pass 61xx through).
+    Reader string: ``pcsc:[NAME][?timeout=S&keygen_timeout=S&busy_timeout=S]``.
     """
 
-    def __init__(self, reader_name: str | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        reader_name: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        slow_timeout_s: float = DEFAULT_SLOW_TIMEOUT_S,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> None:
+        super().__init__(
+            timeout_s=timeout_s, slow_timeout_s=slow_timeout_s, busy_timeout_s=busy_timeout_s
+        )
         self._wanted = reader_name or None
-        self._reader: str | None = None
-        self._atr = b""
-        self._context: Any = None
-        self._card: Any = None
-        self._protocol = 0
+        self._last_reader: str | None = None
+        self._link: _Link | None = None
+        self._worker: _Worker | None = None
+
+    @classmethod
+    def from_reader(cls, rest: str) -> PcscTransport:
+        """``[NAME][?timeout=S&keygen_timeout=S&busy_timeout=S]`` after ``pcsc:``."""
+        name, query = split_reader_query(rest)
+        options = parse_link_options("pcsc", query, busy=True)
+        return cls(
+            name or None,
+            timeout_s=options.timeout_s,
+            slow_timeout_s=options.slow_timeout_s,
+            busy_timeout_s=options.busy_timeout_s,
+        )
 
     @property
     def description(self) -> str:
-        if self._reader is not None:
-            return f"PC/SC reader {self._reader!r}"
-        if self._wanted is not None:
-            return f"PC/SC reader {self._wanted!r}"
+        reader = self._last_reader or self._wanted
+        if reader is not None:
+            return f"PC/SC reader {reader!r}"
         return "PC/SC (first reader with a card)"
 
     @property
     def atr(self) -> bytes:
-        return self._atr
+        return b"" if self._link is None else self._link.atr
 
     @property
     def reader_name(self) -> str | None:
         """The reader in use once connected."""
-        return self._reader
+        return None if self._link is None else self._link.reader
 
     @property
     def protocol(self) -> str | None:
         """``"T=0"`` or ``"T=1"`` once connected."""
-        scard = _scard()
-        if self._card is None:
+        if self._link is None or self._link.card is None:
             return None
-        return "T=1" if self._protocol == scard.SCARD_PROTOCOL_T1 else "T=0"
+        scard = _scard()
+        return "T=1" if self._link.protocol == scard.SCARD_PROTOCOL_T1 else "T=0"
+
+    # -- lifecycle -----------------------------------------------------------------------
 
     def _connect(self) -> None:
-        scard = _scard()
-        self._context = _establish()
-        try:
-            reader, atr = self._choose_reader()
-            offered = atr_protocols(atr)
-            if 1 in offered:
-                wanted = scard.SCARD_PROTOCOL_T1
-            elif offered:
-                wanted = scard.SCARD_PROTOCOL_T0
-            else:  # no ATR yet (card still powering up): let pcscd negotiate
-                wanted = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
-            hresult, card, active = scard.SCardConnect(
-                self._context, reader, scard.SCARD_SHARE_SHARED, wanted
-            )
-            _raise_for(hresult, "connecting to the card", reader)
-            self._card, self._protocol, self._reader = card, int(active), reader
-            hresult, _name, _state, _proto, atr_now = scard.SCardStatus(card)
-            _raise_for(hresult, "reading the card status", reader)
-            self._atr = bytes(atr_now)
-        except BaseException:
-            self._release()
-            raise
-        log.debug("connected to %r (%s), ATR %s", reader, self.protocol, self._atr.hex().upper())
+        _scard()  # loads pyscard (and sets the non-blocking mode) on this thread first
+        worker = _Worker(f"pcsc {self._wanted or 'first reader'}")
+        wanted = self._wanted
+        # pcscd makes SCardConnect wait while another client holds a transaction on the card
+        # (and for ever behind a card that does not answer): that is the busy wait.
+        limit = self.busy_timeout_s
+        job_link: list[_Link] = []
 
-    def _choose_reader(self) -> tuple[str, bytes]:
-        readers = _readers(self._context)
-        if self._wanted is not None:
-            if self._wanted not in readers:
-                listed = ", ".join(repr(r) for r in readers) or "none"
-                raise ReaderError(f"no reader named {self._wanted!r}; available: {listed}")
-            ((_name, _state, atr),) = _reader_states(self._context, [self._wanted])
-            return self._wanted, atr
-        if not readers:
-            raise ReaderError("no PC/SC readers available")
-        states = _reader_states(self._context, readers)
-        for name, state, atr in states:
-            if _has_card(state):
-                return name, atr
-        listed = ", ".join(repr(name) for name, _s, _a in states)
-        raise NoCardError(f"no card in any reader ({listed})")
+        def open_now() -> _Link:
+            link = _open_link(wanted)
+            job_link.append(link)
+            return link
+
+        try:
+            link = worker.call(open_now, limit)
+        except _LateError:
+            # whatever open_now still makes is released behind it
+            def release_late() -> None:
+                for late in job_link:
+                    _release_link(late)
+
+            worker.post(release_late)
+            worker.stop()
+            where = f"in reader {wanted!r}" if wanted else "(first reader with a card)"
+            raise ReaderError(
+                f"card {where} busy: no connection within {limit:g} s (another PC/SC client "
+                "holds it in a transaction, or a card that does not answer blocks the reader)"
+            ) from None
+        except BaseException:
+            worker.stop()
+            raise
+        self._link, self._worker, self._last_reader = link, worker, link.reader
+        log.debug("connected to %r (%s), ATR %s", link.reader, self.protocol, link.atr.hex())
+
+    def _close(self) -> None:
+        link, worker = self._link, self._worker
+        self._link = self._worker = None
+        if link is None or worker is None:
+            return
+        if self.dead is not None:
+            # a call is stuck on the worker: release behind it, if it ever returns
+            worker.post(lambda: _release_link(link))
+            worker.stop()
+            return
+        try:
+            worker.call(lambda: _release_link(link), _RELEASE_WAIT_S)
+        except _LateError:
+            log.debug("PC/SC release of %r still pending after %g s", link.reader, _RELEASE_WAIT_S)
+        worker.stop()
+
+    # -- APDUs ---------------------------------------------------------------------------
 
     def _transmit(self, apdu: bytes) -> bytes:
+        return self._transmit_within(apdu, self.timeout_s)
+
+    def _transmit_within(self, apdu: bytes, timeout_s: float) -> bytes:
+        link, worker = self._link, self._worker
+        assert link is not None and worker is not None  # transmit() connects first
         scard = _scard()
-        pci = (
-            scard.SCARD_PCI_T1 if self._protocol == scard.SCARD_PROTOCOL_T1 else scard.SCARD_PCI_T0
-        )
-        hresult, response = scard.SCardTransmit(self._card, pci, list(apdu))
-        _raise_for(
-            hresult,
-            f"transmitting INS {apdu[1]:02X}" if len(apdu) > 1 else "transmit",
-            self._reader,
-        )
-        if len(response) < 2:
-            # A card always ends with SW1 SW2. "Success" without them is how vpcd reports a
-            # card whose link closed between command and answer: the card is gone.
+        pci = scard.SCARD_PCI_T1 if link.protocol == scard.SCARD_PROTOCOL_T1 else scard.SCARD_PCI_T0
+        command = list(apdu)
+        what = f"transmitting INS {apdu[1]:02X}" if len(apdu) > 1 else "transmit"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                hresult, response = worker.call(
+                    lambda: scard.SCardTransmit(link.card, pci, command), max(remaining, 0.001)
+                )
+            except _LateError:
+                raise self.timed_out(
+                    apdu,
+                    timeout_s,
+                    "the card (or the reader) does not answer; a card that is only slow "
+                    "needs a longer ?timeout=",
+                ) from None
+            if hresult & 0xFFFFFFFF != _SHARING_VIOLATION:
+                break
+            # another client is in a transaction: wait for it, within this APDU's deadline
+            if deadline - time.monotonic() <= _BUSY_POLL_S:
+                break
+            time.sleep(_BUSY_POLL_S)
+        _raise_for(hresult, what, link.reader)
+        if not response:
+            # A card always ends with SW1 SW2. "Success" without any byte is how vpcd reports
+            # a card whose link closed between command and answer: the card is gone.
             raise NoCardError(
-                f"card in reader {self._reader!r} gave no status word "
-                f"({len(response)} bytes): removed mid-command?"
+                f"card in reader {link.reader!r} gave no answer at all to INS "
+                f"{apdu[1]:02X}: removed mid-command?"
+            )
+        if len(response) < 2:
+            raise CardProtocolError(
+                f"card in reader {link.reader!r} answered {len(response)} byte without a "
+                "status word (ISO/IEC 7816-4 §5.1: every response ends with SW1 SW2)"
             )
         return bytes(b & 0xFF for b in response)
 
-    def _close(self) -> None:
-        self._release()
+    # -- transactions --------------------------------------------------------------------
 
-    def _release(self) -> None:
-        """Disconnect leaving the card powered, release the context; never raise.
-
-        Closing follows a failure as often as not (card gone, pcscd gone): the error that
-        matters has already been raised, so failures here are only logged.
-        """
+    def _begin_transaction(self, timeout_s: float) -> None:
+        link, worker = self._link, self._worker
+        assert link is not None and worker is not None  # transaction() connects first
         scard = _scard()
-        if self._card is not None:
-            hresult = scard.SCardDisconnect(self._card, scard.SCARD_LEAVE_CARD)
-            if hresult != scard.SCARD_S_SUCCESS:
-                log.debug("SCardDisconnect: %s", _code_name(hresult))
-            self._card = None
-        if self._context is not None:
-            hresult = scard.SCardReleaseContext(self._context)
-            if hresult != scard.SCARD_S_SUCCESS:
-                log.debug("SCardReleaseContext: %s", _code_name(hresult))
-            self._context = None
+        card = link.card
+        try:
+            hresult = worker.call(lambda: scard.SCardBeginTransaction(card), timeout_s)
+        except _LateError:
+            self._abandon_busy(link, worker, timeout_s)
+            raise ReaderError(
+                f"card in reader {link.reader!r} busy: another PC/SC client has held it for "
+                f"more than {timeout_s:g} s (a second agent, or another program using the SIM)"
+            ) from None
+        _raise_for(hresult, "beginning a transaction", link.reader)
+
+    def _abandon_busy(self, link: _Link, worker: _Worker, timeout_s: float) -> None:
+        """End a begin still polling pcscd: disconnect the handle from another thread."""
+        scard = _scard()
+        card, link.card = link.card, None
+        self.mark_dead(f"{self.description}: card busy for more than {timeout_s:g} s")
+        helper = _Worker("pcsc abandon")
+        leave = scard.SCARD_LEAVE_CARD
+        try:
+            helper.call(lambda: scard.SCardDisconnect(card, leave), _RELEASE_WAIT_S)
+        except _LateError:
+            log.debug("SCardDisconnect after a busy wait did not return")
+        helper.stop()
+
+    def _end_transaction(self) -> None:
+        link, worker = self._link, self._worker
+        if link is None or worker is None or link.card is None or self.dead is not None:
+            return  # the handle (and with it pcscd's lock) goes when the link is released
+        scard = _scard()
+        card = link.card
+        try:
+            hresult = worker.call(
+                lambda: scard.SCardEndTransaction(card, scard.SCARD_LEAVE_CARD), self.timeout_s
+            )
+        except _LateError:
+            self.mark_dead(f"{self.description}: SCardEndTransaction did not return")
+            log.warning("PC/SC: ending the transaction on %r did not return", link.reader)
+            return
+        if hresult != scard.SCARD_S_SUCCESS:
+            log.debug("SCardEndTransaction: %s", _code_name(hresult))

@@ -28,11 +28,12 @@ from est_agent.card.signer import CardSigner
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
 from est_agent.cli.main import main
-from est_agent.errors import ModemError
+from est_agent.errors import ModemError, NoCardError, StatusWordError
 from est_agent.sim.card import VirtualCard
 from est_agent.sim.modem import EmulatedModem, ModemQuirks, PtyModem
 from est_agent.sim.options import CardOptions
 from est_agent.sim.personalize import personalize
+from est_agent.sim.state import load_state
 from est_agent.sim.transport import SimTransport
 from est_agent.store import HEADER_SIZE, decode_header
 from est_agent.testserver import DevPki, EstTestServer
@@ -175,10 +176,125 @@ def test_modem_that_stops_answering(
     modem = start_modem(ModemQuirks(hang_after=4))  # setup (1) + a few APDUs, then silence
     started = time.monotonic()
     code, _, err = run_cli(capsys, "card", "info", "--reader", f"modem:{modem.device}?timeout=0.4")
+    elapsed = time.monotonic() - started
     assert code == 69
-    assert f"modem {modem.device} did not answer AT+CSIM within 0.4 s" in err
+    # the message names the AT command and the INS of the APDU it carried
+    assert f"modem {modem.device} did not answer AT+CSIM (INS " in err
+    assert "within 0.4 s" in err
     assert "[ModemError]" in err
-    assert time.monotonic() - started < 5
+    print(f"silent modem detected by `card info` (timeout 0.4 s): {elapsed:.2f} s")
+    assert elapsed < 0.4 + 1
+
+
+def sim_serve_modem(tmp_path: Path, sim: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    """``est-agent sim serve STATE --modem-pty LINK ...`` as a process; wait for the link."""
+    link = tmp_path / "ttyFAULT"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "est_agent",
+            "sim",
+            "serve",
+            str(sim),
+            "--modem-pty",
+            str(link),
+            *extra,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 10
+    while not link.is_symlink():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no pty link"
+        time.sleep(0.05)
+    return proc, link
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("channels", ["csim", "cgla"])
+def test_silent_card_behind_the_modem(
+    channels: str, tmp_path: Path, sim: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--modem-no-csim-channels"] if channels == "cgla" else []
+    proc, link = sim_serve_modem(tmp_path, sim, "--fault", "ins=CB,silence", *extra)
+    try:
+        started = time.monotonic()
+        code, _, err = run_cli(capsys, "card", "info", "--reader", f"modem:{link}?timeout=1")
+        elapsed = time.monotonic() - started
+    finally:
+        stop(proc)
+    assert code == 69, err
+    command = "AT+CGLA" if channels == "cgla" else "AT+CSIM"
+    assert f"did not answer {command} (INS CB) within 1 s" in err
+    print(f"silent card behind the modem ({channels}, timeout 1 s): {elapsed:.2f} s")
+    assert elapsed < 1 + 1
+
+
+def test_key_generation_faults_behind_the_cgla_only_modem(tmp_path: Path, sim: Path) -> None:
+    """The modem answers from the same card, so its faults apply on AT+CGLA sessions too."""
+    proc, link = sim_serve_modem(
+        tmp_path,
+        sim,
+        "--modem-no-csim-channels",
+        "--fault",
+        "ins=B9,nth=1,sw=6A84",
+        "--fault",
+        "ins=B9,nth=2,wrong_public_key",
+    )
+    try:
+        session = CardSession(ModemTransport(str(link), timeout_s=5))
+        try:
+            applet = IotSafeApplet.open(session)
+            with pytest.raises(StatusWordError) as caught:
+                applet.generate_key_pair(OP_A_KEY)
+            assert caught.value.sw == 0x6A84
+            generated = applet.generate_key_pair(OP_A_KEY)
+            assert isinstance(session.transport, ModemTransport)
+            assert session.transport.access is ChannelAccess.CGLA
+        finally:
+            session.close()
+    finally:
+        stop(proc)
+    held = next(k.point for k in load_state(sim).applet.public_keys if k.object_id == b"\x02")
+    assert held and generated.public_point != held
+
+
+def test_truncated_answer_behind_the_modem(tmp_path: Path, sim: Path) -> None:
+    proc, link = sim_serve_modem(tmp_path, sim, "--fault", "ins=CB,truncate=1")
+    try:
+        session = CardSession(ModemTransport(str(link), timeout_s=5))
+        try:
+            applet = IotSafeApplet.open(session)
+            with pytest.raises(ModemError, match=r"\+CSIM answer has no status word"):
+                applet.info()
+        finally:
+            session.close()
+    finally:
+        stop(proc)
+
+
+def test_disconnect_behind_the_modem_is_no_card(tmp_path: Path, sim: Path) -> None:
+    proc, link = sim_serve_modem(tmp_path, sim, "--fault", "ins=CB,disconnect")
+    try:
+        session = CardSession(ModemTransport(str(link), timeout_s=5))
+        try:
+            applet = IotSafeApplet.open(session)
+            with pytest.raises(NoCardError, match=r"CME ERROR: 10 \(sim not inserted\)") as caught:
+                applet.info()
+        finally:
+            session.close()
+    finally:
+        stop(proc)
+    assert caught.value.exit_code == 69
 
 
 def test_missing_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -204,7 +204,8 @@ def test_cme_errors_are_typed(answer: str, error: type[Exception], code: int | N
 def test_silent_modem_times_out_and_poisons_the_link(tmp_path: Path, sim_file: bytes) -> None:
     transport, port, _ = emulated(tmp_path, sim_file, ModemQuirks(hang_after=1))
     transport.connect()
-    with pytest.raises(ModemError, match=r"did not answer AT\+CSIM within 0\.2 s"):
+    # the message names the AT command and the INS of the APDU it carried
+    with pytest.raises(ModemError, match=r"did not answer AT\+CSIM \(INS 70\) within 0\.2 s"):
         transport.transmit(bytes.fromhex("0070000001"))
     with pytest.raises(ModemError, match="not used after an earlier failure: modem"):
         transport.transmit(bytes.fromhex("0070000001"))
