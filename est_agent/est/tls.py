@@ -68,6 +68,23 @@ TLS_EXPORTER_LENGTH = 32
 # TLS alerts (RFC 8446 §6.2) by which a server says it refused *our* certificate.
 _CLIENT_CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48, 49, 116})  # ... certificate_required
 
+# What the tlslite path offers (HandshakeSettings names). TLS 1.2: only key exchanges in which
+# the server signs its ServerKeyExchange with the certificate's key (RFC 5246 §7.4.3, RFC 8422
+# §5.4), a signature tlslite checks before our CertificateVerify is made; static RSA
+# (TLS_RSA_*) proves nothing before the card signs and RFC 9325 §4.1 says not to negotiate it.
+# TLS 1.3 always has the server's CertificateVerify checked first (RFC 8446 §4.4). Ciphers:
+# AEAD (RFC 9325 §4.2), AES-CBC with SHA-2 HMACs (and encrypt-then-MAC, RFC 7366) only as a
+# last resort; the order of the offer is set by ``offer_rank`` in ``_tlslite_classes``.
+_TLS12_KEY_EXCHANGES = ("ecdhe_ecdsa", "ecdhe_rsa", "dhe_rsa")
+_TLS_CIPHERS = ("aes128gcm", "aes256gcm", "chacha20-poly1305", "aes128", "aes256")
+_TLS_MACS = ("aead", "sha256", "sha384")
+
+#: The stdlib path's TLS 1.2 suites (OpenSSL cipher string): (EC)DHE with AEAD only (RFC 9325
+#: §4.1, §4.2). TLS 1.3 suites are set apart by OpenSSL and stay its defaults.
+STDLIB_TLS12_CIPHERS = (
+    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP:!DSS"
+)
+
 
 @dataclass(frozen=True)
 class ChannelBinding:
@@ -187,6 +204,7 @@ class StdlibTls:
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trust_anchors)
         ctx.load_verify_locations(cadata=pem.decode("ascii"))
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+        ctx.set_ciphers(STDLIB_TLS12_CIPHERS)
         if self.cert_file is not None:
             try:
                 ctx.load_cert_chain(self.cert_file, self.key_file)
@@ -265,13 +283,41 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-    from tlslite.constants import AlertDescription, ContentType  # type: ignore[import-untyped]
-    from tlslite.errors import TLSInternalError  # type: ignore[import-untyped]
-    from tlslite.messages import Finished  # type: ignore[import-untyped]
+    from tlslite.constants import (  # type: ignore[import-untyped]
+        AlertDescription,
+        CipherSuite,
+        ContentType,
+    )
+    from tlslite.errors import (  # type: ignore[import-untyped]
+        TLSDecryptionFailed,
+        TLSIllegalParameterException,
+        TLSInternalError,
+    )
+    from tlslite.messages import ClientHello, Finished  # type: ignore[import-untyped]
     from tlslite.tlsconnection import TLSConnection  # type: ignore[import-untyped]
     from tlslite.utils.ecdsakey import ECDSAKey  # type: ignore[import-untyped]
 
     _install_fast_aes_gcm()
+
+    # TLS 1.2 suites whose server signs the key exchange with its certificate's key.
+    signed_key_exchange = frozenset(
+        CipherSuite.ecdheEcdsaSuites + CipherSuite.ecdheCertSuites + CipherSuite.dheCertSuites
+    )
+    fast_aead = frozenset(CipherSuite.aes128GcmSuites + CipherSuite.aes256GcmSuites)
+
+    def offer_rank(suite: int) -> tuple[int, int, int]:
+        """Sort key of the ClientHello's suites: TLS 1.3 first, then AEAD before CBC (RFC 9325
+        §4.2), AES-GCM (OpenSSL-backed here) before ChaCha20 (pure Python), ECDHE before DHE;
+        tlslite's own order (AES-256 before AES-128) is kept within each rank."""
+        if suite not in CipherSuite.ietfNames or suite in (
+            CipherSuite.TLS_EMPTY_RENEGOTIATION_INFO_SCSV,
+            CipherSuite.TLS_FALLBACK_SCSV,
+        ):
+            return (-1, 0, 0)  # signalling values (RFC 5746 §3.3): first, as tlslite has it
+        tls13 = 0 if suite in CipherSuite.tls13Suites else 1
+        cipher = 0 if suite in fast_aead else 1 if suite in CipherSuite.aeadSuites else 2
+        exchange = 0 if suite in CipherSuite.ecdhAllSuites else 1
+        return (tls13, cipher, exchange)
 
     class _Curve:
         baselen = 32  # P-256: tlslite truncates the TLS 1.2 digest to this many bytes
@@ -325,6 +371,24 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
             self.est_verification_error: TlsVerificationError | None = None
             self.est_first_finished: bytes | None = None
 
+        def _clientKeyExchange(
+            self,
+            settings: Any,
+            cipherSuite: int,
+            *rest: Any,
+        ) -> Iterator[Any]:
+            # TLS 1.2, after ServerHello: a server that chose a suite without a signed key
+            # exchange would get our CertificateVerify before proving it holds its key. Never
+            # offered (_TLS12_KEY_EXCHANGES); refused here too, before anything is sent.
+            if cipherSuite not in signed_key_exchange:
+                name = CipherSuite.ietfNames.get(cipherSuite, f"0x{cipherSuite:04x}")
+                self.est_verification_error = TlsVerificationError(
+                    f"the server chose {name}, a key exchange in which it does not prove it "
+                    "holds its certificate's key before the client signs (RFC 9325 §4.1)"
+                )
+                yield from self._sendError(AlertDescription.handshake_failure, name)
+            yield from super()._clientKeyExchange(settings, cipherSuite, *rest)
+
         def _clientGetKeyFromChain(
             self, certificate: Any, settings: Any, tack_ext: Any = None
         ) -> Iterator[Any]:
@@ -346,9 +410,23 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
                 yield from self._sendError(AlertDescription.bad_certificate, str(exc))
             yield from super()._clientGetKeyFromChain(certificate, settings, tack_ext)
 
+        def _clientTLS13Handshake(self, *args: Any) -> Iterator[Any]:
+            # tlslite 0.8.2 raises on a bad server CertificateVerify (TLS 1.3) without the
+            # alert RFC 8446 §4.4.3 requires ("MUST terminate the handshake with a
+            # decrypt_error alert"): send it, and so leave as a TLSLocalAlert like TLS 1.2.
+            try:
+                yield from super()._clientTLS13Handshake(*args)
+            except TLSDecryptionFailed as exc:
+                yield from self._sendError(AlertDescription.decrypt_error, str(exc))
+            except TLSIllegalParameterException as exc:
+                yield from self._sendError(AlertDescription.illegal_parameter, str(exc))
+
         def _sendMsg(
             self, msg: Any, randomizeFirstBlock: bool = True, update_hashes: bool = True
         ) -> Iterator[Any]:
+            if isinstance(msg, ClientHello):
+                # Our preference order (no PSK binder covers the list: we never resume).
+                msg.cipher_suites.sort(key=offer_rank)
             # RFC 5929 §3.1: tls-unique is the first Finished message of the connection; for
             # a full handshake (we never resume) that is the client's own.
             if (
@@ -459,6 +537,9 @@ class _TcpStream(httpcore.NetworkStream):
         settings.certificate_compression_send = []
         # The card signs SHA-256 digests: sha256 first, so TLS 1.2 CertificateVerify uses it.
         settings.ecdsaSigHashes = ["sha256"] + [h for h in settings.ecdsaSigHashes if h != "sha256"]
+        settings.keyExchangeNames = list(_TLS12_KEY_EXCHANGES)
+        settings.cipherNames = list(_TLS_CIPHERS)
+        settings.macNames = list(_TLS_MACS)
         chain = key = None
         if config.signer is not None:
             certs = []
