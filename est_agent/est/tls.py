@@ -640,6 +640,12 @@ class _TlsliteStream(httpcore.NetworkStream):
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         from tlslite.errors import TLSError
 
+        if not buffer:
+            # h11 hands over b"" for an empty body and its end; tlslite would send each as a
+            # zero-length application_data record (RFC 8446 §5.1 lets only application data
+            # be empty, never required). A server that closes after answering then sees
+            # unread data, resets, and our next write or read fails: send nothing.
+            return
         try:
             self._sock.settimeout(timeout)
             self._connection.sendall(buffer)

@@ -323,3 +323,27 @@ def test_stdlib_path_still_talks_ecdhe_rsa_gcm(
     ):
         assert client.cacerts().anchor == dev_pki.est_ca.certificate
     assert server.requests == 1
+
+
+# -- 2. no empty TLS record after a request ----------------------------------------------------
+
+
+def test_one_application_data_record_per_request(
+    start_server: Any, dev_pki: DevPki, sim: SimCard
+) -> None:
+    # TLS 1.2 shows record types on the wire (RFC 5246 §6.2.1): after the handshake every
+    # client application_data record is one request head; an empty record (the HTTP layer's
+    # zero-length write of the end of a GET) would be one more per request.
+    from est_agent.testserver.config import TlsMax
+
+    server = start_server(tls_max=TlsMax.TLS1_2)
+    with hostile.RecordProxy(upstream=server.port) as proxy:
+        with card_client(proxy.url, dev_pki, sim) as client:
+            client.cacerts()
+            assert client.csrattrs() is None
+            client.cacerts()
+            assert client.transport is not None and client.transport.connections_opened == 1
+        proxy.close()  # waits for the relay: every record the client sent is counted
+    data = [length for kind, length in proxy.client_records if kind == hostile.APPLICATION_DATA]
+    assert len(data) == 3
+    assert min(data) > 24  # 24 = AES-GCM's explicit nonce + tag: an empty record's size
