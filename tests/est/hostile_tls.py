@@ -47,6 +47,7 @@ ALERT = 21
 HANDSHAKE = 22
 APPLICATION_DATA = 23
 ACCESS_DENIED = 49
+CERTIFICATE = 11  # handshake message types (RFC 5246 §7.4)
 
 
 def tlslite() -> None:
@@ -320,14 +321,17 @@ class RecordProxy(Peer):
     """Relays to 127.0.0.1:``upstream``, parsing the TLS records of both directions.
 
     ``client_records`` / ``server_records``: (content type, length) of each record seen.
-    ``cut_on_client_type``: when the client sends a record of this type, it is not forwarded;
-    instead ``inject`` (if any) goes to the client and both connections are closed, with an
-    RST when ``cut_with_reset``. ``trickle_s``: the server's bytes reach the client one at a
+    ``cut_on_client_type``: when the client sends a record of this type (or, with
+    ``cut_on_handshake``, a plaintext handshake record holding that message type: RFC 5246
+    §7.4), it is not forwarded; instead ``inject`` (if any) goes to the client and both
+    connections are closed, with an RST when ``cut_with_reset``. ``trickle_s``: the server's
+    bytes reach the client one at a
     time, this many seconds apart.
     """
 
     upstream: int = 0
     cut_on_client_type: int | None = None
+    cut_on_handshake: int | None = None
     inject: bytes = b""
     cut_with_reset: bool = False
     trickle_s: float | None = None
@@ -368,7 +372,8 @@ class RecordProxy(Peer):
                     break
                 record, buffer = buffer[: 5 + length], buffer[5 + length :]
                 self.client_records.append((kind, length))
-                if kind == self.cut_on_client_type:
+                handshake = kind == HANDSHAKE and length > 0 and record[5] == self.cut_on_handshake
+                if kind == self.cut_on_client_type or handshake:
                     self._cut(conn, server)
                     return
                 server.sendall(record)
@@ -384,7 +389,9 @@ class RecordProxy(Peer):
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
-        reset(server)
+        with contextlib.suppress(OSError):  # wakes the other relay thread's recv
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
 
     def _pump_server(self, server: socket.socket, conn: socket.socket) -> None:
         buffer = b""
@@ -468,6 +475,9 @@ class SslHttpServer(Peer):
     * ``"trickle_head"`` / ``"trickle_body"``: sends the answer's head (or, after a prompt
       head, its body) one byte every ``interval_s``.
     * ``"answer"``: answers each request on the connection with ``answer`` (keep-alive).
+    * ``"drop_second"``: answers the first request on a connection (keep-alive), reads the
+      second and closes without answering it: a keep-alive connection closed just as the
+      client reused it.
 
     ``requests`` counts request heads read; ``handshake_errors`` the TLS errors seen.
     """
@@ -499,6 +509,7 @@ class SslHttpServer(Peer):
             else:
                 tls.close()  # no close_notify: the stdlib sends one only on unwrap()
             return
+        served = 0
         while not self.stop.is_set():
             try:
                 head = read_request(tls.recv)
@@ -512,9 +523,13 @@ class SslHttpServer(Peer):
                 tls.sendall(self.answer)
                 tls.close()
                 return
-            if self.mode == "answer":
+            if self.mode == "answer" or (self.mode == "drop_second" and served == 0):
                 tls.sendall(self.answer)
+                served += 1
                 continue
+            if self.mode == "drop_second":
+                tls.close()
+                return
             split = self.answer.index(b"\r\n\r\n") + 4
             slow = self.answer[:split] if self.mode == "trickle_head" else self.answer[split:]
             if self.mode == "trickle_body":

@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 
-from est_agent.errors import TlsVerificationError
+from est_agent.errors import AuthError, EstConnectionError, TlsVerificationError
 from est_agent.est import tls as tls_module
 from est_agent.est.client import EstClient, RetryPolicy
-from est_agent.est.tls import StdlibTls
+from est_agent.est.tls import EstTransport, StdlibTls, TlsliteTls
 from est_agent.testserver import DevPki
 from tests.est import hostile_tls as hostile
 from tests.est.card_helpers import SimCard
@@ -347,3 +348,376 @@ def test_one_application_data_record_per_request(
     data = [length for kind, length in proxy.client_records if kind == hostile.APPLICATION_DATA]
     assert len(data) == 3
     assert min(data) > 24  # 24 = AES-GCM's explicit nonce + tag: an empty record's size
+
+
+@pytest.mark.parametrize("tls_max", ["1.2", "1.3"])
+def test_server_closing_after_each_answer_is_fine_and_next_request_reconnects(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path, tls_max: str
+) -> None:
+    # The field's server answers at once, then closes without reading on: a record we send
+    # after the request reaches a closed socket, the RST that brings fails our next write,
+    # and that used to surface as a refusal (77) or a reset. Several rounds: it is a race.
+    version = ssl.TLSVersion.TLSv1_2 if tls_max == "1.2" else ssl.TLSVersion.TLSv1_3
+    ctx = hostile.server_context(dev_pki, tls_max=version, tmp=tmp_path)
+    rounds = 6
+    start = time.monotonic()
+    with (
+        hostile.SslHttpServer(
+            context=ctx,
+            mode="close_after_answer",
+            pause_s=0.0,
+            answer=hostile.cacerts_response(dev_pki),
+        ) as server,
+        card_client(server.url, dev_pki, sim) as client,
+    ):
+        # each request notices the previous connection closed: a new one, not an error
+        anchors = {client.cacerts().anchor for _ in range(rounds)}
+        assert client.transport is not None and client.transport.connections_opened == rounds
+    assert hostile.elapsed(start) < 10
+    assert anchors == {dev_pki.est_ca.certificate}
+    assert server.requests == rounds
+    assert sim.bootstrap.signatures == rounds  # one per handshake
+
+
+def test_request_on_a_connection_the_server_just_dropped_is_sent_again_once(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path
+) -> None:
+    # RFC 9112 §9.3.1: a GET whose reused keep-alive connection closes before any answer is
+    # sent again, once, on a new connection (the client cannot see that close coming).
+    ctx = hostile.server_context(dev_pki, tmp=tmp_path)
+    with (
+        hostile.SslHttpServer(
+            context=ctx, mode="drop_second", answer=hostile.cacerts_response(dev_pki)
+        ) as server,
+        card_client(server.url, dev_pki, sim) as client,
+    ):
+        client.cacerts()
+        client.cacerts()
+        assert client.transport is not None and client.transport.connections_opened == 2
+    assert server.requests == 3  # the dropped one, and the same request again
+    assert sim.bootstrap.signatures == 2
+
+
+def test_dropped_request_is_not_sent_again_when_pinned(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path
+) -> None:
+    # Pinned (a CSR bound to this connection is on its way): never a new connection.
+    ctx = hostile.server_context(dev_pki, tmp=tmp_path)
+    url = "/.well-known/est/cacerts"
+    with hostile.SslHttpServer(
+        context=ctx, mode="drop_second", answer=hostile.cacerts_response(dev_pki)
+    ) as server:
+        transport = EstTransport(_tls_for("card", dev_pki, sim), timeout_s=5.0)
+        with httpx.Client(transport=transport, base_url=server.url) as http:
+            assert http.get(url).status_code == 200
+            with transport.pinned(), pytest.raises(EstConnectionError) as info:
+                http.get(url)
+        assert transport.connections_opened == 1
+    assert server.requests == 2
+    assert info.value.exit_code == 69
+    assert_plain(info.value)
+
+
+# -- 3. a certificate alert is a refusal; a bare close is transient -----------------------------
+
+# A message names what happened, never a class (ours, tlslite's or httpcore's).
+CLASS_NAME = r"\b_?[A-Z][A-Za-z]*(Error|Exception|Timeout|Alert)\b"
+
+
+def assert_plain(exc: BaseException) -> None:
+    import re
+
+    assert not re.search(CLASS_NAME, str(exc)), str(exc)
+
+
+@pytest.mark.parametrize("with_reset", [False, True], ids=["fin", "rst"])
+def test_tls12_bare_close_after_our_certificate_verify_is_transient(
+    start_server: Any, dev_pki: DevPki, sim: SimCard, with_reset: bool
+) -> None:
+    # The relay drops the connection when our ChangeCipherSpec comes, i.e. right after our
+    # CertificateVerify: no alert, so no refusal; retried (a new handshake, a new signature).
+    from est_agent.testserver.config import TlsMax
+
+    server = start_server(tls_max=TlsMax.TLS1_2)
+    start = time.monotonic()
+    with hostile.RecordProxy(
+        upstream=server.port,
+        cut_on_client_type=hostile.CHANGE_CIPHER_SPEC,
+        cut_with_reset=with_reset,
+    ) as proxy:
+        client = card_client(proxy.url, dev_pki, sim, attempts=2)
+        with client, pytest.raises(EstConnectionError, match=r"without a TLS alert|reset") as info:
+            client.cacerts()
+    assert hostile.elapsed(start) < 5
+    assert info.value.exit_code == 69 and info.value.retryable
+    assert proxy.cuts == 2  # the retry happened
+    assert sim.bootstrap.signatures == 2
+    assert_plain(info.value)
+
+
+@pytest.mark.parametrize("with_reset", [False, True], ids=["fin", "rst"])
+def test_tls12_certificate_alert_after_our_certificate_verify_is_a_refusal(
+    start_server: Any, dev_pki: DevPki, sim: SimCard, with_reset: bool
+) -> None:
+    from est_agent.testserver.config import TlsMax
+
+    server = start_server(tls_max=TlsMax.TLS1_2)
+    start = time.monotonic()
+    with hostile.RecordProxy(
+        upstream=server.port,
+        cut_on_client_type=hostile.CHANGE_CIPHER_SPEC,
+        inject=hostile.alert_record(hostile.ACCESS_DENIED),
+        cut_with_reset=with_reset,
+    ) as proxy:
+        client = card_client(proxy.url, dev_pki, sim, attempts=2)
+        with client, pytest.raises(AuthError, match="access_denied") as info:
+            client.cacerts()
+    assert hostile.elapsed(start) < 5
+    assert info.value.exit_code == 77
+    assert proxy.cuts == 1  # not retried: a new handshake would cost a signature for nothing
+    assert sim.bootstrap.signatures == 1
+    assert_plain(info.value)
+
+
+def test_tls12_alert_then_reset_while_we_still_write_is_a_refusal(
+    start_server: Any, dev_pki: DevPki, sim: SimCard
+) -> None:
+    # What OpenSSL servers do on a certificate they refuse: the alert as soon as our
+    # Certificate arrives, then a close with our later records unread (an RST). Our next
+    # write may fail before we read: the alert waiting in the socket still decides.
+    from est_agent.testserver.config import TlsMax
+
+    server = start_server(tls_max=TlsMax.TLS1_2)
+    with hostile.RecordProxy(
+        upstream=server.port,
+        cut_on_handshake=hostile.CERTIFICATE,
+        inject=hostile.alert_record(48),  # unknown_ca
+        cut_with_reset=True,
+    ) as proxy:
+        client = card_client(proxy.url, dev_pki, sim, attempts=2)
+        with client, pytest.raises(AuthError, match="unknown_ca") as info:
+            client.cacerts()
+    assert proxy.cuts == 1
+    assert sim.bootstrap.signatures <= 1
+    assert_plain(info.value)
+
+
+@pytest.mark.parametrize("with_reset", [False, True], ids=["fin", "rst"])
+def test_tls13_bare_close_right_after_the_handshake_is_transient(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path, with_reset: bool
+) -> None:
+    # TLS 1.3 (RFC 8446 §4.4.2): the server judges our certificate after our Finished, so a
+    # refusal shows up on the first read; a close without an alert there is load shedding.
+    ctx = hostile.server_context(dev_pki, tmp=tmp_path)
+    start = time.monotonic()
+    with hostile.SslHttpServer(
+        context=ctx, mode="close_after_handshake", with_reset=with_reset
+    ) as server:
+        client = card_client(server.url, dev_pki, sim, attempts=2)
+        with client, pytest.raises(EstConnectionError) as info:
+            client.cacerts()
+    assert hostile.elapsed(start) < 5
+    assert info.value.exit_code == 69 and info.value.retryable
+    assert server.accepted == 2  # retried
+    assert sim.bootstrap.signatures == 2
+    assert_plain(info.value)
+
+
+@pytest.mark.parametrize("tls_max", ["1.2", "1.3"])
+def test_server_refusing_our_certificate_with_an_alert_is_auth_error(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path, tls_max: str
+) -> None:
+    # An OpenSSL server that trusts another CA for clients: unknown_ca, in the handshake
+    # (TLS 1.2) or on our first read (TLS 1.3). Not retried.
+
+    version = ssl.TLSVersion.TLSv1_2 if tls_max == "1.2" else ssl.TLSVersion.TLSv1_3
+    ctx = hostile.server_context(
+        dev_pki,
+        tls_max=version,
+        client_ca=dev_pki.est_ca.certificate,
+        require_client_cert=True,
+        tmp=tmp_path,
+    )
+    start = time.monotonic()
+    with hostile.SslHttpServer(context=ctx, answer=hostile.cacerts_response(dev_pki)) as server:
+        client = card_client(server.url, dev_pki, sim, attempts=2)
+        with client, pytest.raises(AuthError, match="unknown_ca") as info:
+            client.cacerts()
+    assert hostile.elapsed(start) < 5
+    assert info.value.exit_code == 77
+    assert server.accepted == 1 and server.requests == 0
+    assert sim.bootstrap.signatures == 1
+    assert_plain(info.value)
+
+
+@pytest.mark.parametrize("tls_max", ["1.2", "1.3"])
+def test_stdlib_path_file_key_refused_with_an_alert_is_auth_error(
+    dev_pki: DevPki, tmp_path: Path, tls_max: str
+) -> None:
+    from tests.testserver.esttls_helpers import bootstrap_credential
+
+    cert_path, key_path, _ = bootstrap_credential(dev_pki, tmp_path)
+    version = ssl.TLSVersion.TLSv1_2 if tls_max == "1.2" else ssl.TLSVersion.TLSv1_3
+    ctx = hostile.server_context(
+        dev_pki,
+        tls_max=version,
+        client_ca=dev_pki.est_ca.certificate,  # not the bootstrap CA
+        require_client_cert=True,
+        tmp=tmp_path,
+    )
+    with (
+        hostile.SslHttpServer(context=ctx, answer=hostile.cacerts_response(dev_pki)) as server,
+        EstClient(
+            server.url,
+            trust_anchors=[dev_pki.tls_ca_certificate],
+            client_cert_file=str(cert_path),
+            client_key_file=str(key_path),
+            retry=RetryPolicy(attempts=2, sleep=Sleeps()),
+        ) as client,
+        pytest.raises(AuthError, match=r"unknown.ca") as info,
+    ):
+        client.cacerts()
+    assert server.accepted == 1
+    assert_plain(info.value)
+
+
+# -- 4. one deadline per request; card time is not network time ----------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_deadline_counts_down_and_pauses() -> None:
+    from est_agent.est.tls import Deadline
+
+    clock = FakeClock()
+    deadline = Deadline(5.0, clock=clock)
+    clock.now += 2
+    assert deadline.remaining() == 3.0
+    assert deadline.clamp(10.0) == 3.0 and deadline.clamp(1.0) == 1.0
+    assert deadline.clamp(None) == 3.0
+    with deadline.paused():
+        clock.now += 60  # the card at work
+        assert deadline.remaining() == 3.0
+        with deadline.paused():  # nested: still one pause
+            clock.now += 1
+    assert deadline.remaining() == 3.0
+    clock.now += 3
+    assert deadline.remaining() == 0.0
+    with pytest.raises(TimeoutError, match="not complete in 5 s"):
+        deadline.clamp(1.0)
+
+
+def test_deadline_refuses_a_non_positive_budget() -> None:
+    from est_agent.est.tls import Deadline
+
+    with pytest.raises(ValueError, match="positive"):
+        Deadline(0.0)
+
+
+def _tls_for(path: str, pki: DevPki, card: SimCard) -> TlsliteTls | StdlibTls:
+    if path == "card":
+        return TlsliteTls((pki.tls_ca_certificate,), (card.bootstrap_cert,), card.bootstrap)
+    return StdlibTls((pki.tls_ca_certificate,))
+
+
+def _get(url: str, tls: TlsliteTls | StdlibTls, timeout_s: float) -> httpx.Response:
+    # Per-operation timeouts far above the deadline: only the request deadline can end this.
+    transport = EstTransport(tls, timeout_s=timeout_s)
+    with httpx.Client(transport=transport, timeout=httpx.Timeout(60.0)) as client:
+        return client.get(url + "/.well-known/est/cacerts")
+
+
+@pytest.mark.parametrize("path", ["card", "stdlib"])
+def test_handshake_trickled_one_byte_a_second_is_bounded(
+    start_server: Any, dev_pki: DevPki, sim: SimCard, path: str
+) -> None:
+    server = start_server()
+    start = time.monotonic()
+    with (
+        hostile.RecordProxy(upstream=server.port, trickle_s=1.0) as proxy,
+        pytest.raises(EstConnectionError, match="not complete in 2 s") as info,
+    ):
+        _get(proxy.url, _tls_for(path, dev_pki, sim), timeout_s=2.0)
+    assert 1.9 <= hostile.elapsed(start) < 3.5
+    assert info.value.exit_code == 69
+    assert sim.bootstrap.signatures == 0  # the server's flight never arrived
+    assert_plain(info.value)
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+@pytest.mark.parametrize("path", ["card", "stdlib"])
+def test_answer_trickled_one_byte_a_second_is_bounded(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path, path: str, part: str
+) -> None:
+    ctx = hostile.server_context(dev_pki, tmp=tmp_path)
+    start = time.monotonic()
+    with (
+        hostile.SslHttpServer(
+            context=ctx, mode=f"trickle_{part}", answer=hostile.cacerts_response(dev_pki)
+        ) as server,
+        pytest.raises(EstConnectionError, match="not complete in 2 s") as info,
+    ):
+        _get(server.url, _tls_for(path, dev_pki, sim), timeout_s=2.0)
+    assert 1.9 <= hostile.elapsed(start) < 3.5
+    assert server.requests == 1
+    assert_plain(info.value)
+
+
+def test_est_timeout_bounds_a_trickled_answer_through_the_client(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path
+) -> None:
+    # The field setting: est.timeout_s reaches the transport (EstClient passes it on).
+    ctx = hostile.server_context(dev_pki, tmp=tmp_path)
+    start = time.monotonic()
+    with (
+        hostile.SslHttpServer(
+            context=ctx, mode="trickle_head", answer=hostile.cacerts_response(dev_pki)
+        ) as server,
+        card_client(server.url, dev_pki, sim, timeout_s=2.0) as client,
+        pytest.raises(EstConnectionError, match="not complete in 2 s") as info,
+    ):
+        client.cacerts()
+    assert 1.9 <= hostile.elapsed(start) < 3.5
+    assert info.value.exit_code == 69
+    assert_plain(info.value)
+
+
+class SlowSigner:
+    """The card, taking ``delay_s`` for each signature."""
+
+    def __init__(self, inner: Any, delay_s: float) -> None:
+        self._inner = inner
+        self._delay_s = delay_s
+
+    def public_key(self) -> Any:
+        return self._inner.public_key()
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        time.sleep(self._delay_s)
+        signature: bytes = self._inner.sign_digest(digest)
+        return signature
+
+
+def test_card_time_is_not_counted_against_the_request_deadline(
+    start_server: Any, dev_pki: DevPki, sim: SimCard
+) -> None:
+    server = start_server()
+    slow = SlowSigner(sim.bootstrap, 3.0)
+    tls = TlsliteTls((dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), slow)  # type: ignore[arg-type]
+    start = time.monotonic()
+    response = _get(base_url(server), tls, timeout_s=2.0)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/pkcs7-mime")
+    assert 3.0 <= hostile.elapsed(start) < 5.5
+    assert sim.bootstrap.signatures == 1
+
+
+def base_url(server: Any) -> str:
+    url: str = server.url
+    return url.removesuffix("/.well-known/est")
