@@ -664,7 +664,7 @@ def _tlslite_handshake_failure(
     what = _what_happened(exc)
     if _is_bare_close(exc):
         if signed:
-            what += " after our certificate was sent (not a refusal: no alert)"
+            what += " after our certificate was sent (transient: a refusal comes with an alert)"
         return httpcore.ConnectError(f"TLS handshake with {host}: {what}")
     if isinstance(exc, OSError):
         return httpcore.ConnectError(f"TLS handshake with {host}: {what}")
@@ -877,7 +877,7 @@ class _TlsliteStream(httpcore.NetworkStream):
             )
         what = _what_happened(exc)
         if early and _is_bare_close(exc):
-            what += " right after the handshake (not a refusal: no alert)"
+            what += " right after the handshake (transient: a refusal comes with an alert)"
         return httpcore.ReadError(what) if reading else httpcore.WriteError(what)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:

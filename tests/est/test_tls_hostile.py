@@ -584,42 +584,6 @@ def test_stdlib_path_file_key_refused_with_an_alert_is_auth_error(
 # -- 4. one deadline per request; card time is not network time ----------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_deadline_counts_down_and_pauses() -> None:
-    from est_agent.est.tls import Deadline
-
-    clock = FakeClock()
-    deadline = Deadline(5.0, clock=clock)
-    clock.now += 2
-    assert deadline.remaining() == 3.0
-    assert deadline.clamp(10.0) == 3.0 and deadline.clamp(1.0) == 1.0
-    assert deadline.clamp(None) == 3.0
-    with deadline.paused():
-        clock.now += 60  # the card at work
-        assert deadline.remaining() == 3.0
-        with deadline.paused():  # nested: still one pause
-            clock.now += 1
-    assert deadline.remaining() == 3.0
-    clock.now += 3
-    assert deadline.remaining() == 0.0
-    with pytest.raises(TimeoutError, match="not complete in 5 s"):
-        deadline.clamp(1.0)
-
-
-def test_deadline_refuses_a_non_positive_budget() -> None:
-    from est_agent.est.tls import Deadline
-
-    with pytest.raises(ValueError, match="positive"):
-        Deadline(0.0)
-
-
 def _tls_for(path: str, pki: DevPki, card: SimCard) -> TlsliteTls | StdlibTls:
     if path == "card":
         return TlsliteTls((pki.tls_ca_certificate,), (card.bootstrap_cert,), card.bootstrap)
