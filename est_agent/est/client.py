@@ -197,7 +197,9 @@ class EstClient:
                 max_version=tls_max,
             )
         #: the TLS transport (connection count, channel binding); None when one was injected
-        self.transport: EstTransport | None = EstTransport(tls) if transport is None else None
+        self.transport: EstTransport | None = (
+            EstTransport(tls, timeout_s=timeout_s) if transport is None else None
+        )
         self._http = httpx.Client(
             transport=self.transport or transport,
             trust_env=False,  # trust and proxies from configuration only (style-anchors §1)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from est_agent.errors import EstError, TlsVerificationError
-from est_agent.est.tls import ChannelBinding, TlsliteTls, verify_server_chain
+from est_agent.errors import ConfigError, EstError, TlsVerificationError
+from est_agent.est.tls import (
+    ChannelBinding,
+    Deadline,
+    EstTransport,
+    StdlibTls,
+    TlsliteTls,
+    verify_server_chain,
+)
 from est_agent.testserver import DevPki
 
 
@@ -51,3 +58,47 @@ def test_client_chain_must_match_the_signer(dev_pki: DevPki) -> None:
 def test_channel_binding_repr_hides_the_value() -> None:
     binding = ChannelBinding("tls-unique", b"\x01" * 12, "TLSv1.2")
     assert "value" not in repr(binding) and "\\x01" not in repr(binding)
+
+
+# -- the request deadline (est/tls.py Deadline), on a fake clock --------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_deadline_counts_down_and_pauses() -> None:
+    clock = FakeClock()
+    deadline = Deadline(5.0, clock=clock)
+    clock.now += 2
+    assert deadline.remaining() == 3.0
+    assert deadline.clamp(10.0) == 3.0 and deadline.clamp(1.0) == 1.0
+    assert deadline.clamp(None) == 3.0
+    with deadline.paused():
+        clock.now += 60  # the card at work
+        assert deadline.remaining() == 3.0
+        with deadline.paused():  # nested: still one pause
+            clock.now += 1
+    assert deadline.remaining() == 3.0
+    clock.now += 3
+    assert deadline.remaining() == 0.0
+    with pytest.raises(TimeoutError, match="not complete in 5 s"):
+        deadline.clamp(1.0)
+
+
+def test_deadline_refuses_a_non_positive_budget() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Deadline(0.0)
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0])
+def test_transport_refuses_a_non_positive_request_timeout(
+    dev_pki: DevPki, timeout_s: float
+) -> None:
+    with pytest.raises(ConfigError, match="positive") as info:
+        EstTransport(StdlibTls((dev_pki.tls_ca_certificate,)), timeout_s=timeout_s)
+    assert info.value.exit_code == 78
