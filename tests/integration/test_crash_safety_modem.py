@@ -9,8 +9,8 @@ file SELECT on one is impossible and the transport answers it SW 6881 (logical c
 supported, ISO/IEC 7816-4 §5.1.3). ``auto`` puts the certificate EFs on a logical channel on
 modems, so neither slot can be read. Before issue 9 such slots counted as empty and the agent
 enrolled into them; now they are *unknown* and the run stops before any write with
-``SlotUnreadableError``, exit 76 (the card link works, 69 would say it does not: it is the
-card side that refused the command).
+``SlotUnreadableError``, exit 76 ("refused", not 69 "unreachable": the link answers, with a
+status word, for a command this modem cannot carry; the card and the other APDUs work).
 
 The sweep cuts the card's power after every APDU index of ``enroll`` and of ``renew --force``
 through such a modem with ``card.uicc_channel = "basic"`` (EFs on channel 0 over ``AT+CSIM``,
