@@ -348,7 +348,6 @@ def test_lock_held_stops_every_command_of_an_enrolled_device(
     cli: Run,
     holders: LockHolders,
     card_touches: list[str],
-    say: Say,
 ) -> None:
     server = start_server()
     device.write_config(server, dev_pki, paths__lock_wait_s="0")
@@ -362,7 +361,6 @@ def test_lock_held_stops_every_command_of_an_enrolled_device(
     assert elapsed < 1.0, elapsed
     assert f"another est-agent (PID {holder.pid}) holds the run lock" in err, err
     assert card_touches == []
-    say(f"lock held, {' '.join(command)} on an enrolled SIM: 75 after {elapsed:.3f} s")
     holders.kill9(holder)
     # the refused run changed nothing (the status needs the lock too, so only now)
     assert status_json(cli, device) == before
@@ -488,7 +486,6 @@ def test_state_dir_that_is_not_a_directory_is_a_config_error_before_any_apdu(
     dev_pki: DevPki,
     cli: Run,
     card_touches: list[str],
-    say: Say,
 ) -> None:
     server = start_server()
     blocker = device.root / "var-lib-est-agent"
@@ -507,4 +504,3 @@ def test_state_dir_that_is_not_a_directory_is_a_config_error_before_any_apdu(
     assert device.sim.read_bytes() == sim_before
     assert blocker.read_text() == "a regular file\n"
     assert issued(server) == []
-    say(f"state dir {where}, {' '.join(command)}: 78 after {elapsed:.3f} s, no APDU")
