@@ -204,7 +204,7 @@ Say = Callable[[str], None]
 
 @pytest.fixture
 def say(capsys: pytest.CaptureFixture[str]) -> Say:
-    """Print a measurement past the capture (shown with -s, as the crash-safety sweeps do)."""
+    """Print a measurement past pytest's capture (as the crash-safety sweeps do)."""
 
     def emit(text: str) -> None:
         with capsys.disabled():
