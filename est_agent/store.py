@@ -294,6 +294,11 @@ def read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> S
     A status word refusing SELECT, READ BINARY or READ PUBLIC KEY makes the slot UNKNOWN;
     a transport failure (``TransportError``) propagates: the card is gone, the run ends.
     """
+    with files.channel.session.transaction():  # one consistent look at the slot
+        return _read_slot(files, slot, public_key_of)
+
+
+def _read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> SlotView:
     try:
         size = files.size(slot.ef)
         first = files.read(slot.ef, 0, _READ_CHUNK if size is None else min(_READ_CHUNK, size))
@@ -342,8 +347,9 @@ def write_slot(
     """
     record = encode_record(sequence, certificate_der)
     try:
-        files.update(slot.ef, record)
-        back = files.read(slot.ef, 0, len(record))
+        with files.channel.session.transaction():  # read back what this write left, unmixed
+            files.update(slot.ef, record)
+            back = files.read(slot.ef, 0, len(record))
     except TransportError:
         # The card went away mid-write: whether the record is complete is unknown (the next
         # run reads it and adopts it only if intact), so this is "card unavailable", not

@@ -16,8 +16,9 @@ generation takes a real SIM seconds, GSMA IoT.05 GENERATE KEY PAIR), which get i
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from est_agent.card.apdu import CommandApdu, ResponseApdu
@@ -89,6 +90,24 @@ class CardSession:
         self.transport = transport
         self._iso_get_response = iso_get_response
         self._open_channels: set[int] = set()
+        self._depth = 0
+        #: counts the card transactions begun: state the card holds per channel (the selected
+        #: EF) is only known within the transaction that set it, since another client of a
+        #: shared reader or the modem's own baseband may change it in between
+        self.transaction_epoch = 0
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Exclusive use of the card inside (nested blocks: the outermost counts); the
+        transport's ``transaction`` does the locking (PC/SC SCardBeginTransaction)."""
+        if self._depth == 0:
+            self.transaction_epoch += 1
+        self._depth += 1
+        try:
+            with self.transport.transaction():
+                yield
+        finally:
+            self._depth -= 1
 
     def exchange(
         self,
@@ -103,6 +122,12 @@ class CardSession:
         Success (9000, 91xx, 92xx) is always accepted; ``accept`` adds more (e.g. 6300 paging).
         ``slow``: the card may take seconds to execute it (the transport's longer deadline).
         """
+        with self.transaction():  # a GET RESPONSE must follow its command unseparated
+            return self._exchange(command, name=name, accept=accept, slow=slow)
+
+    def _exchange(
+        self, command: CommandApdu, *, name: str, accept: Collection[int], slow: bool
+    ) -> ResponseApdu:
         gr_cla = command.cla
         if self._iso_get_response:
             gr_cla = cla_for_channel(channel_from_cla(command.cla))

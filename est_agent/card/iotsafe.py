@@ -9,10 +9,12 @@ lists with several objects per container in any order, and ``63 00`` paging.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any, TypeVar
 
 from est_agent.card.channel import CardSession, LogicalChannel
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
@@ -350,6 +352,21 @@ def decode_der_length(header: bytes) -> int | None:
 # --- the applet on a channel -----------------------------------------------------------------
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_transaction(method: _Method) -> _Method:
+    """Run a multi-APDU applet operation (INIT + UPDATE, paged reads) in one card transaction,
+    so no other client of a shared reader slips a command in between."""
+
+    @functools.wraps(method)
+    def wrapper(self: IotSafeApplet, *args: Any, **kwargs: Any) -> Any:
+        with self.channel.session.transaction():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class IotSafeApplet:
     """The IoT SAFE applet selected on a logical channel of ``session``.
 
@@ -391,18 +408,19 @@ class IotSafeApplet:
         """
         if not aids:
             raise InputError("no IoT SAFE AID configured")
-        channel = session.open_channel()
-        try:
-            return cls.select(
-                channel,
-                aids=aids,
-                proprietary_cla=proprietary_cla,
-                session_number=session_number,
-                close_sessions=close_sessions,
-            )
-        except BaseException:
-            channel.close()
-            raise
+        with session.transaction():
+            channel = session.open_channel()
+            try:
+                return cls.select(
+                    channel,
+                    aids=aids,
+                    proprietary_cla=proprietary_cla,
+                    session_number=session_number,
+                    close_sessions=close_sessions,
+                )
+            except BaseException:
+                channel.close()
+                raise
 
     @classmethod
     def select(
@@ -469,6 +487,7 @@ class IotSafeApplet:
         data, _ = self._exchange(INS_GET_DATA, 0x00, 0x00, le=0x44, name="GET DATA info")
         return decode_app_info(data)
 
+    @_one_transaction
     def objects(self) -> list[ObjectInfo]:
         """The whole object list, following ``63 00`` paging with P2=01 (§3.1, TP)."""
         collected = b""
@@ -521,6 +540,7 @@ class IotSafeApplet:
         )
         return decode_public_key(data)
 
+    @_one_transaction
     def sign_digest(self, key: IotSafeRef, digest: bytes) -> bytes:
         """ECDSA over a host-computed SHA-256 digest (mode 03, §3.5); returns DER."""
         if len(digest) != 32:
@@ -549,6 +569,7 @@ class IotSafeApplet:
                 self._close_session(INS_SIGN_INIT)
         return decode_signature(data)
 
+    @_one_transaction
     def verify_signature(self, public_key: IotSafeRef, digest: bytes, der_signature: bytes) -> bool:
         """VERIFY SIGNATURE on the card (§3.6): True on 9000, False on 6D01."""
         from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -593,6 +614,7 @@ class IotSafeApplet:
             raise CardProtocolError(f"GET RANDOM: asked {length} bytes, got {len(data)}")
         return data
 
+    @_one_transaction
     def read_file(self, file: IotSafeRef, *, size: int | None = None, chunk: int = 256) -> bytes:
         """READ FILE (§3.11) from offset 0 until ``size``, the DER length, or the end of file.
 

@@ -109,6 +109,7 @@ class UiccFiles:
         self.channel = channel
         self._selected: UiccPath | None = None
         self._selected_size: int | None = None
+        self._selected_epoch = -1  # the card transaction in which _selected was selected
 
     def select(self, path: UiccPath) -> FileControlParameters:
         """SELECT by path from the MF (P1 08) asking for the FCP, which gives the EF size."""
@@ -123,6 +124,7 @@ class UiccFiles:
         fcp = decode_fcp(response.data)
         self._selected = path
         self._selected_size = fcp.size
+        self._selected_epoch = self.channel.session.transaction_epoch
         return fcp
 
     def select_fid(self, fid: int) -> FileControlParameters:
@@ -139,17 +141,24 @@ class UiccFiles:
         return decode_fcp(response.data)
 
     def _ensure(self, path: UiccPath) -> int | None:
-        if self._selected != path:
+        # Outside the transaction that selected it, another client may have selected another
+        # EF on this channel: writing then would hit that file. Select again.
+        if self._selected != path or self._selected_epoch != self.channel.session.transaction_epoch:
             self.select(path)
         return self._selected_size
 
     def size(self, path: UiccPath) -> int | None:
         """The EF's size from its FCP (tag 80), selecting it first if needed; None if the
         card did not report one."""
-        return self._ensure(path)
+        with self.channel.session.transaction():
+            return self._ensure(path)
 
     def read(self, path: UiccPath, offset: int = 0, length: int | None = None) -> bytes:
         """READ BINARY ``length`` bytes (default: to the end of the EF) in 256-byte chunks."""
+        with self.channel.session.transaction():
+            return self._read(path, offset, length)
+
+    def _read(self, path: UiccPath, offset: int, length: int | None) -> bytes:
         size = self._ensure(path)
         if length is None:
             if size is None:
@@ -173,6 +182,10 @@ class UiccFiles:
 
     def update(self, path: UiccPath, data: bytes, offset: int = 0) -> None:
         """UPDATE BINARY ``data`` at ``offset`` in 255-byte chunks."""
+        with self.channel.session.transaction():
+            self._update(path, data, offset)
+
+    def _update(self, path: UiccPath, data: bytes, offset: int) -> None:
         size = self._ensure(path)
         if offset < 0 or (size is not None and offset + len(data) > size):
             raise InputError(

@@ -239,7 +239,7 @@ class Agent:
         return self.renew(force=False, use_cache=use_cache)
 
     def status(self) -> StatusReport:
-        with self._session() as (card, host):
+        with self._session() as (card, host), card.session.transaction():
             views = self._scan(card)
             iccid = self._read_iccid(card)
             aid = card.applet.aid.hex().upper()
@@ -311,12 +311,13 @@ class Agent:
 
     def _execute(self, operation: Operation, *, use_cache: bool) -> Result:
         with self._session() as (card, host):
-            if use_cache:
-                quick = cached_not_due(self.config, card, host.state, self._clock())
-                if quick is not None:
-                    return quick
-            self._progress("reading the credential slots on the SIM")
-            views = self._scan(card)
+            with card.session.transaction():  # the slots are judged as one picture
+                if use_cache:
+                    quick = cached_not_due(self.config, card, host.state, self._clock())
+                    if quick is not None:
+                        return quick
+                self._progress("reading the credential slots on the SIM")
+                views = self._scan(card)
             decision = self._decide(operation, views, host.state)
             log.info("plan: %s %s", decision.action.value, decision.reason)
             active = views[decision.active] if decision.active is not None else None

@@ -1,11 +1,16 @@
 """One card session of a run: the transport, the channel of the certificate EFs, the applet.
 
 Used by the full workflow and by the fast path alike, so both open the card the same way:
-connect, hold a card transaction for the whole session (PC/SC: other processes wait; the
-host-side run lock in workflow/lock.py keeps other est-agent runs out before that), UICC files
-on channel 0 or a logical channel (``card.uicc_channel``), the IoT SAFE applet on a logical
-channel of its own, opened only when first needed. Light imports only: the fast path of
-`est-agent run` uses this without loading cryptography.
+connect, UICC files on channel 0 or a logical channel (``card.uicc_channel``), the IoT SAFE
+applet on a logical channel of its own, opened only when first needed. Light imports only: the
+fast path of `est-agent run` uses this without loading cryptography.
+
+Card transactions (PC/SC SCardBeginTransaction: other clients of the reader wait) are held
+around card work, never across network waits: the device's other software may need the SIM
+key meanwhile. The card layer makes each multi-APDU operation one transaction (a GET RESPONSE
+after its command, SIGN INIT + UPDATE, an EF's SELECT + READ/UPDATE BINARY); the workflow holds
+one around the reading of the slots and one around writing and reading back a record. The
+host-side run lock (workflow/lock.py) keeps other est-agent runs out for the whole session.
 """
 
 from __future__ import annotations
@@ -61,14 +66,13 @@ def card_link(config: Config, opener: TransportOpener = open_transport) -> Itera
     session = CardSession(opener(config.card.reader))
     try:
         session.transport.connect()
-        with session.transport.transaction():
-            try:
-                if config.card.uicc_channel.resolve(config.card.reader) is UiccChannel.BASIC:
-                    channel = session.basic_channel
-                else:
-                    channel = session.open_channel()
-                yield CardLink(config, session, UiccFiles(channel))
-            finally:
-                session.close_channels()  # inside the transaction, best effort
+        try:
+            if config.card.uicc_channel.resolve(config.card.reader) is UiccChannel.BASIC:
+                channel = session.basic_channel
+            else:
+                channel = session.open_channel()
+            yield CardLink(config, session, UiccFiles(channel))
+        finally:
+            session.close_channels()  # best effort
     finally:
         session.close()

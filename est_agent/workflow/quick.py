@@ -127,7 +127,7 @@ def run_if_not_due(
         return None, None
     with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
         host = load_host_state(paths.state_dir)  # again: another run may just have changed it
-        with card_link(config, opener) as link:
+        with card_link(config, opener) as link, link.session.transaction():
             result = cached_not_due(config, link, host, now, last_use=True)
             stats = link.transport.stats
     return result, stats

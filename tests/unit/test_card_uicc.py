@@ -43,9 +43,28 @@ def test_update_chunks_at_255_and_reuses_selection() -> None:
         ]
     )
     transport.script.insert(0, (bytes.fromhex("00700000 01"), bytes.fromhex("02 9000")))
-    files = UiccFiles(CardSession(transport).open_channel())
-    files.update(PATH, data, offset=16)
-    assert files.read(PATH, 16, len(data)) == data
+    session = CardSession(transport)
+    files = UiccFiles(session.open_channel())
+    with session.transaction():  # the selection is only trusted within one transaction
+        files.update(PATH, data, offset=16)
+        assert files.read(PATH, 16, len(data)) == data
+    transport.assert_done()
+
+
+def test_a_new_transaction_selects_the_ef_again() -> None:
+    # Between two transactions another client of the reader (or the modem's baseband) may have
+    # selected another EF on the channel: an UPDATE BINARY then would hit that file.
+    transport = ScriptedTransport(
+        [
+            ("00 A4 08 04 04 7F F0 6F 01 00", FCP_6F01 + " 90 00"),
+            ("00 B0 00 00 04", "01 02 03 04 90 00"),
+            ("00 A4 08 04 04 7F F0 6F 01 00", FCP_6F01 + " 90 00"),
+            ("00 D6 00 00 02 AA BB", "90 00"),
+        ]
+    )
+    files = UiccFiles(CardSession(transport).basic_channel)
+    assert files.read(PATH, 0, 4) == b"\x01\x02\x03\x04"
+    files.update(PATH, b"\xaa\xbb")
     transport.assert_done()
 
 
