@@ -614,9 +614,10 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 # A header echoed back by a server, as text ("Authorization: Basic ...", to the end of the
 # line) or as JSON/repr ('"Authorization": "Basic ..."', to the closing quote). RFC 9110 §11.6.2
-# and §11.7.2: these carry credentials, whatever the scheme.
+# and §11.7.2: these carry credentials, whatever the scheme. A value already masked is left
+# alone, so that masking a message again does not swallow the rest of its (joined) line.
 _AUTH_HEADER = re.compile(
-    r"""(\b(?:proxy-)?authorization\b["']?\s*[:=]\s*)"""
+    r"""(\b(?:proxy-)?authorization\b["']?\s*+[:=]\s*+)(?!["']?\[REDACTED\])"""
     r"""(?:(?P<o>["'])[^"'\r\n]*(?P=o)|[^\r\n]+)""",
     re.IGNORECASE,
 )

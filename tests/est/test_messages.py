@@ -39,6 +39,7 @@ from est_agent.est.messages import (
     parse_content_codings,
     parse_csrattrs,
     parse_retry_after,
+    redact_secrets,
 )
 from est_agent.testserver.issuer import make_ca
 from est_agent.testserver.wire import decode_base64_body
@@ -738,6 +739,17 @@ def test_error_excerpt_masks_echoed_credentials(body: bytes, kept: str) -> None:
     assert kept in text
 
 
+def test_masking_twice_changes_nothing() -> None:
+    # The client masks excerpts, then whole messages (excerpts joined into one line): the
+    # second pass must not swallow the rest of the line after an already masked value.
+    once = error_excerpt(b"Authorization: Basic eHk6eg==\r\nuser-agent: est", secrets=("eHk6eg==",))
+    assert once == "Authorization: [REDACTED] user-agent: est"
+    assert redact_secrets(once, ("eHk6eg==",)) == once
+    assert redact_secrets('{"Authorization": "[REDACTED]", "k": 1}') == (
+        '{"Authorization": "[REDACTED]", "k": 1}'
+    )
+
+
 def test_error_excerpt_masks_a_secret_cut_by_the_window() -> None:
     # The body is cut before the excerpt is built: a password straddling the cut must not
     # leave its first letters behind.
@@ -876,7 +888,9 @@ def test_duplicate_extension_is_refused(
     dup = with_duplicate_extension(leaf, key)
     with pytest.raises(x509.DuplicateExtension):
         dup.extensions  # noqa: B018 - what the client used to meet deep inside
-    with pytest.raises(EstResponseError, match=r"certificate \d in PKCS#7 repeats the 2\.5\.29\.37"):
+    with pytest.raises(
+        EstResponseError, match=r"certificate \d in PKCS#7 repeats the 2\.5\.29\.37"
+    ):
         decode_certs_only(certs_only(dup, ca))
 
 
