@@ -356,6 +356,16 @@ class _Handler(BaseHTTPRequestHandler):
                 tls.shutdown(socket.SHUT_WR)
             tls.close()
 
+    def _close_notify(self) -> None:
+        """Send TLS close_notify (RFC 8446 §6.1) without waiting for the peer's."""
+        tls = self._tls
+        # Non-blocking: unwrap() sends the alert, then raises SSLWantReadError (an OSError)
+        # instead of waiting for the client's; a client that already wrote more (tlslite
+        # sends an empty record after a request) makes it raise SSLError: sent all the same.
+        with contextlib.suppress(OSError):
+            tls.setblocking(False)
+            tls.unwrap()
+
     @property
     def _tls(self) -> ssl.SSLSocket:
         return cast(ssl.SSLSocket, self.connection)
@@ -685,8 +695,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.log_request(response.status, length)
         # One write for head and body: some clients (strongSwan) parse the first TLS record
         # as if it held the whole answer.
-        if response.delivery in (_Delivery.NORMAL, _Delivery.CLOSE, _Delivery.DROP):
-            self.wfile.write(head + body)  # then finish() closes when close_connection is set
+        if response.delivery is _Delivery.NORMAL:
+            self.wfile.write(head + body)
+        elif response.delivery in (_Delivery.CLOSE, _Delivery.DROP):
+            self.wfile.write(head + body)
+            self._close_notify()  # a clean close (finish() then closes the TCP connection)
         elif response.delivery is _Delivery.DROP_MID_BODY:
             self.wfile.write(head + body[: len(body) // 2])
             # TCP-level shutdown without TLS close_notify: the peer sees a truncated stream.
