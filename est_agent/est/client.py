@@ -77,7 +77,13 @@ from est_agent.est.messages import (
     parse_retry_after,
     redact_secrets,
 )
-from est_agent.est.tls import ChannelBinding, EstTransport, StdlibTls, TlsliteTls
+from est_agent.est.tls import (
+    ChannelBinding,
+    ConnectionChangedError,
+    EstTransport,
+    StdlibTls,
+    TlsliteTls,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -395,6 +401,13 @@ class EstClient:
         for _ in range(2):
             if transport is not None and memo.binds and not transport.connection_alive():
                 self._fetch_cacerts()  # a bound CSR needs the connection that will carry it
+                if not transport.connection_alive():
+                    # Closed again right after answering: a CSR signed now could never be
+                    # sent. Do not ask the card for it; the attempt is retried (transient).
+                    raise ConnectionChangedError(
+                        "the server closed the connection right after /cacerts: a CSR bound to"
+                        " its connection (proof of possession, RFC 7030 §3.5) cannot be sent"
+                    )
             binding = transport.channel_binding if transport is not None else None
             watched = _WatchedBinding.wrap(binding)
             csr = csr_factory(watched)
