@@ -132,6 +132,7 @@ class HostileServer:
             self.errors.append(f"handshake: {exc}")
             raw.close()
             return
+        sock: socket.socket = tls
         try:
             while not self._stop.is_set():
                 request = _read_request(tls)
@@ -143,13 +144,33 @@ class HostileServer:
                 for chunk in chunks:
                     tls.sendall(chunk)
                 if not answer.keep:
-                    if answer.notify:
-                        tls = tls.unwrap()  # close_notify, then the TCP close below
+                    # close_notify (RFC 8446 §6.1) or not, then FIN; reading on until the
+                    # client closes avoids a reset that could destroy the answer in flight.
+                    sock = _unwrap(tls) if answer.notify else tls
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.settimeout(2)
+                    while sock.recv(65536):
+                        pass
                     return
         except (ssl.SSLError, OSError) as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")  # the client gave up: fine
         finally:
-            tls.close()
+            sock.close()
+
+
+def _unwrap(tls: ssl.SSLSocket) -> socket.socket:
+    """Send close_notify without waiting for the peer's (non-blocking: SSLWantReadError).
+
+    tlslite clients also follow a request with an empty application-data record, which
+    OpenSSL meets while looking for the peer's close_notify (SSLError). Either way the alert
+    has been sent: carry on with the TCP close."""
+    tls.setblocking(False)
+    try:
+        return tls.unwrap()
+    except ssl.SSLError:
+        return tls
+    finally:
+        tls.setblocking(True)
 
 
 def _read_request(tls: ssl.SSLSocket) -> Request | None:
