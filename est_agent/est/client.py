@@ -148,7 +148,8 @@ class Enrollment:
     ``certificate`` carries the CSR's public key, chains to the ``/cacerts`` anchor, is valid
     now and (when required) has the clientAuth EKU; ``chain`` is the other certificates the
     server returned (may be empty); ``csr`` is the DER request that was answered; ``body`` the
-    raw response body (for logs and the credential store's audit trail).
+    raw response body (for logs and the credential store's audit trail); ``channel_binding``
+    the binding the CSR carries (None when the factory did not read it).
     """
 
     certificate: x509.Certificate
@@ -366,13 +367,13 @@ class EstClient:
         transport = self.transport
         if self._cacerts is None:
             self._fetch_cacerts()  # the issued certificate must chain to it; opens the connection
-        cacerts = self._cacerts
-        assert cacerts is not None
         csr, binding = memo.csr, None
         if csr is None:
-            csr, binding = self._make_csr(csr_factory, memo)
+            csr, binding = self._make_csr(csr_factory, memo)  # may fetch /cacerts again
             if binding is None:
                 memo.csr = csr  # bound to no connection: later attempts send it again
+        cacerts = self._cacerts
+        assert cacerts is not None
         # A bound CSR goes on its own connection or not at all (RFC 7030 §3.5); an unbound one
         # may open a new connection, as it must after the server closed the last one.
         pin = (

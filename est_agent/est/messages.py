@@ -6,7 +6,10 @@ one raises `EstResponseError` (never a foreign exception) on anything it cannot 
 agent itself supplies (URLs, labels, CSR bytes) are refused with `InputError`.
 
 Robustness rule (RFC 8951 §3, est-notes.md): send the most conservative form (base64 wrapped at
-64 characters, CRLF), accept every form real servers emit.
+64 characters, CRLF), accept every form real servers emit; but never past a bound: content
+codings are undone in bounded steps (`ContentDecoder`), certificates are parsed completely when
+decoded (cryptography parses keys and extensions lazily), and error excerpts mask any
+credentials a server echoes back (`error_excerpt`, `redact_secrets`).
 """
 
 from __future__ import annotations
