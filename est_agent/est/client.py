@@ -293,13 +293,9 @@ class EstClient:
             timeout=httpx.Timeout(timeout_s),
         )
         self._basic = basic_auth
-        #: what would give the Basic credentials away, masked in every message (and in logs)
+        #: what would give the Basic credentials away: masked in every message this client
+        #: raises, and so in the logs that show them (tracebacks included: chained messages too)
         self._secrets: tuple[str, ...] = basic_credential_secrets(*basic_auth) if basic_auth else ()
-        if self._secrets:
-            from est_agent.logs import register_secret
-
-            for secret in self._secrets:
-                register_secret(secret)
         self._timeout_s = timeout_s
         self._max_bytes = max_response_bytes
         self._retry = retry
