@@ -1,19 +1,39 @@
 """The EST client (RFC 7030): cacerts, csrattrs, simpleenroll, simplereenroll over one connection.
 
 Theory of operation: one ``EstTransport`` (est/tls.py) keeps a single keep-alive TLS connection.
-An enrollment attempt (1) makes sure that connection is up, by fetching ``/cacerts`` (needed
-anyway: the issued certificate must chain to it), (2) calls ``csr_factory(binding)`` with the
-channel binding of *that* connection, so a proof-of-possession challengePassword is
-base64(tls-unique) or base64(tls-exporter) of it (RFC 7030 §3.5, RFC 9266), and (3) POSTs the
-CSR with the transport pinned: if the connection died in between, nothing is sent on a new one
-and the attempt fails with ``ConnectionChangedError``. Transient failures (connection errors,
-5xx) retry the whole attempt on a new connection, so the CSR is signed again (est-notes.md).
+An enrollment attempt (1) fetches ``/cacerts`` once (the issued certificate must chain to it; it
+also brings the connection up), (2) calls ``csr_factory(binding)`` with the channel binding of
+the live connection, and (3) POSTs the CSR.
 
-Outcomes: a validated ``Enrollment``; ``EnrollmentPending`` for 202 / 503 (RFC 7030 §4.2.3);
-``AuthError`` for 401/403; ``EstRejectedError`` for other 4xx; ``EstResponseError`` when the
-answer does not parse or the certificate does not validate; ``EstConnectionError`` when the
-server stays unreachable or keeps failing after the retries. Credentials (HTTP Basic) only ever
-travel inside a verified TLS session and only in answer to a 401 challenge (RFC 7030 §3.2.3).
+Which CSRs are bound: the factory gets the binding wrapped so that the client sees whether it
+read ``binding.value``. A factory that reads it (a proof-of-possession challengePassword is
+base64(tls-unique) or base64(tls-exporter), RFC 7030 §3.5, RFC 9266) made a CSR that is only
+good on that connection: the POST is sent with the transport pinned (a connection that died in
+between fails it with ``ConnectionChangedError`` rather than carrying the CSR elsewhere), and
+every new connection gets a new CSR, after a ``/cacerts`` request has opened it. A factory that
+does not read it made a CSR that is good anywhere: it is signed once per operation, and its POST
+may open a new connection, as it must when the server closed the old one (``Connection: close``,
+RFC 9112 §9.6, or a silent close). The factory signature stays ``csr_factory(binding)``: no flag
+to keep in step with what the factory really does.
+
+Transient failures (connection errors, 5xx) retry the whole attempt, with backoff; a server's
+Retry-After (RFC 9110 §10.2.3) is honoured inside the run only up to ``RetryPolicy.max_wait_s``
+per wait and ``budget_s`` for all waits of one operation: a longer wait ends the operation with
+``EnrollmentPending`` at once, for the caller to store and come back (a run must end well within
+its service manager's start timeout).
+
+Responses: ``Accept-Encoding: identity`` is sent (RFC 9110 §12.5.3) and the raw body is decoded
+here (``ContentDecoder``, est/messages.py): gzip/deflate, stacked a few deep, inflated in bounded
+steps so ``max_response_bytes`` caps the decoded size before it is produced; other codings are
+refused.
+
+Outcomes: a validated ``Enrollment``; ``EnrollmentPending`` for 202 / 503 (RFC 7030 §4.2.3) and
+for waits too long for this run; ``AuthError`` for 401/403; ``EstRejectedError`` for other 4xx;
+``EstResponseError`` when the answer does not parse or the certificate does not validate;
+``EstConnectionError`` when the server stays unreachable or keeps failing after the retries. Only
+these public classes leave the client. Credentials (HTTP Basic) only ever travel inside a verified
+TLS session and only in answer to a 401 challenge (RFC 7030 §3.2.3); the password, its base64
+token and any Authorization value a server echoes back are masked in every error message.
 """
 
 from __future__ import annotations
@@ -21,11 +41,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -44,7 +64,9 @@ from est_agent.est.messages import (
     MEDIA_PKCS7,
     MEDIA_PKCS10,
     CaCerts,
+    ContentDecoder,
     CsrAttributes,
+    basic_credential_secrets,
     classify_cacerts,
     decode_certs_only,
     encode_pkcs10_body,
@@ -53,8 +75,15 @@ from est_agent.est.messages import (
     media_type_matches,
     parse_csrattrs,
     parse_retry_after,
+    redact_secrets,
 )
-from est_agent.est.tls import ChannelBinding, EstTransport, StdlibTls, TlsliteTls
+from est_agent.est.tls import (
+    ChannelBinding,
+    ConnectionChangedError,
+    EstTransport,
+    StdlibTls,
+    TlsliteTls,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -69,9 +98,11 @@ __all__ = [
     "RetryPolicy",
 ]
 
-#: Builds and signs the DER CSR for one attempt, given that connection's channel binding.
+#: Builds and signs the DER CSR for one attempt, given that connection's channel binding; it
+#: binds the CSR to the connection by reading ``binding.value`` (module docstring).
 CsrFactory = Callable[[ChannelBinding | None], bytes]
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 3
@@ -82,7 +113,10 @@ class RetryPolicy:
     """Retries of transient failures (connection errors, 5xx other than enroll 503).
 
     Exponential backoff with full jitter (uniform in [0, min(cap, initial * 2**n)]); a server's
-    Retry-After (RFC 9110 §10.2.3) is a lower bound, capped at ``retry_after_cap_s``. ``sleep``
+    Retry-After (RFC 9110 §10.2.3), capped at ``retry_after_cap_s``, is a lower bound. No wait
+    inside the run is longer than ``max_wait_s``, nor all waits of one operation together longer
+    than ``budget_s``: when the server asks for more, the operation ends at once with
+    ``EnrollmentPending`` (retry_after_s = what the server asked) instead of sleeping. ``sleep``
     is injectable so tests run without waiting.
     """
 
@@ -90,6 +124,8 @@ class RetryPolicy:
     initial_s: float = 1.0
     cap_s: float = 30.0
     retry_after_cap_s: float = 300.0
+    max_wait_s: float = 30.0
+    budget_s: float = 120.0
     sleep: Callable[[float], None] = time.sleep
 
 
@@ -112,7 +148,8 @@ class Enrollment:
     ``certificate`` carries the CSR's public key, chains to the ``/cacerts`` anchor, is valid
     now and (when required) has the clientAuth EKU; ``chain`` is the other certificates the
     server returned (may be empty); ``csr`` is the DER request that was answered; ``body`` the
-    raw response body (for logs and the credential store's audit trail).
+    raw response body (for logs and the credential store's audit trail); ``channel_binding``
+    the binding the CSR carries (None when the factory did not read it).
     """
 
     certificate: x509.Certificate
@@ -123,11 +160,44 @@ class Enrollment:
 
 
 class _TransientError(EstConnectionError):
-    """A 5xx (or 503 on a GET): try again, after ``retry_after_s`` when the server said so."""
+    """A 5xx (or 503 on a GET): try again, after ``retry_after_s`` when the server said so.
+
+    Never leaves the client: ``_with_retries`` turns the last one into a public
+    ``EstConnectionError`` or ``EnrollmentPending``.
+    """
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class _WatchedBinding(ChannelBinding):
+    """The channel binding as handed to a CSR factory: notes whether ``value`` was read."""
+
+    read: bool
+
+    @classmethod
+    def wrap(cls, binding: ChannelBinding | None) -> _WatchedBinding | None:
+        if binding is None:
+            return None
+        watched = cls(binding.kind, binding.value, binding.tls_version)
+        object.__setattr__(watched, "read", False)
+        return watched
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "value":
+            object.__setattr__(self, "read", True)
+        return super().__getattribute__(name)
+
+
+@dataclass
+class _CsrMemo:
+    """What one enrollment operation keeps across its attempts (module docstring)."""
+
+    #: an unbound CSR, sent again as it is on every later attempt
+    csr: bytes | None = None
+    #: the factory binds its CSRs: each new connection needs a new one
+    binds: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +206,25 @@ class _Reply:
     headers: httpx.Headers
     body: bytes
     stream: object
+
+
+def _default_port(parts: SplitResult) -> tuple[str, str | None, int]:
+    # RFC 9110 §4.2.2: https defaults to 443; an explicit port (even 0) is kept as it is.
+    port = parts.port
+    return (parts.scheme.lower(), parts.hostname, 443 if port is None else port)
+
+
+def _scrub(exc: _E, secrets: Sequence[str]) -> _E:
+    """Mask credentials in the message of `exc` and of the exceptions it was raised from."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        current.args = tuple(
+            redact_secrets(a, secrets) if isinstance(a, str) else a for a in current.args
+        )
+        current = current.__cause__ or current.__context__
+    return exc
 
 
 class EstClient:
@@ -177,8 +266,7 @@ class EstClient:
         self._base_url = base_url
         self._label = label
         est_url(base_url, "cacerts", label)  # refuses http://, credentials in the URL, ...
-        origin = urlsplit(base_url)
-        self._origin = (origin.scheme, origin.hostname, origin.port or 443)
+        self._origin = _default_port(urlsplit(base_url.strip()))
         if (client_cert_chain is None) != (signer is None):
             raise EstError("client_cert_chain and signer go together")
         tls: TlsliteTls | StdlibTls
@@ -207,6 +295,9 @@ class EstClient:
             timeout=httpx.Timeout(timeout_s),
         )
         self._basic = basic_auth
+        #: what would give the Basic credentials away: masked in every message this client
+        #: raises, and so in the logs that show them (tracebacks included: chained messages too)
+        self._secrets: tuple[str, ...] = basic_credential_secrets(*basic_auth) if basic_auth else ()
         self._timeout_s = timeout_s
         self._max_bytes = max_response_bytes
         self._retry = retry
@@ -250,11 +341,13 @@ class EstClient:
 
     def simpleenroll(self, csr_factory: CsrFactory) -> Enrollment:
         """POST /simpleenroll (RFC 7030 §4.2.1) with a CSR built for this connection."""
-        return self._with_retries(lambda: self._enroll_once("simpleenroll", csr_factory))
+        memo = _CsrMemo()
+        return self._with_retries(lambda: self._enroll_once("simpleenroll", csr_factory, memo))
 
     def simplereenroll(self, csr_factory: CsrFactory) -> Enrollment:
         """POST /simplereenroll (RFC 7030 §4.2.2); TLS must use the certificate being renewed."""
-        return self._with_retries(lambda: self._enroll_once("simplereenroll", csr_factory))
+        memo = _CsrMemo()
+        return self._with_retries(lambda: self._enroll_once("simplereenroll", csr_factory, memo))
 
     # -- one attempt --------------------------------------------------------------------------
     def _fetch_cacerts(self) -> EstCaCerts:
@@ -268,15 +361,25 @@ class EstClient:
         self._cacerts = result
         return result
 
-    def _enroll_once(self, operation: str, csr_factory: CsrFactory) -> Enrollment:
+    def _enroll_once(self, operation: str, csr_factory: CsrFactory, memo: _CsrMemo) -> Enrollment:
         transport = self.transport
-        if self._cacerts is None or (transport is not None and not transport.connection_alive()):
-            self._fetch_cacerts()  # also (re)establishes the TLS connection the CSR binds to
+        if self._cacerts is None:
+            self._fetch_cacerts()  # the issued certificate must chain to it; opens the connection
+        csr, binding = memo.csr, None
+        if csr is None:
+            csr, binding = self._make_csr(csr_factory, memo)  # may fetch /cacerts again
+            if binding is None:
+                memo.csr = csr  # bound to no connection: later attempts send it again
         cacerts = self._cacerts
         assert cacerts is not None
-        binding = transport.channel_binding if transport is not None else None
-        csr = csr_factory(binding)
-        with transport.pinned() if transport is not None else contextlib.nullcontext():
+        # A bound CSR goes on its own connection or not at all (RFC 7030 §3.5); an unbound one
+        # may open a new connection, as it must after the server closed the last one.
+        pin = (
+            transport.pinned()
+            if transport is not None and binding is not None
+            else contextlib.nullcontext()
+        )
+        with pin:
             reply = self._exchange(
                 "POST", operation, body=encode_pkcs10_body(csr), content_type=MEDIA_PKCS10
             )
@@ -288,6 +391,34 @@ class EstClient:
         certs = decode_certs_only(reply.body)
         leaf, chain = self._validate_issued(certs, csr, cacerts)
         return Enrollment(leaf, chain, csr, reply.body, binding)
+
+    def _make_csr(
+        self, csr_factory: CsrFactory, memo: _CsrMemo
+    ) -> tuple[bytes, ChannelBinding | None]:
+        """The CSR for this attempt and the binding it carries (None: it carries none)."""
+        transport = self.transport
+        for _ in range(2):
+            if transport is not None and memo.binds and not transport.connection_alive():
+                self._fetch_cacerts()  # a bound CSR needs the connection that will carry it
+                if not transport.connection_alive():
+                    # Closed again right after answering: a CSR signed now could never be
+                    # sent. Do not ask the card for it; the attempt is retried (transient).
+                    raise ConnectionChangedError(
+                        "the server closed the connection right after /cacerts: a CSR bound to"
+                        " its connection (proof of possession, RFC 7030 §3.5) cannot be sent"
+                    )
+            binding = transport.channel_binding if transport is not None else None
+            watched = _WatchedBinding.wrap(binding)
+            csr = csr_factory(watched)
+            if watched is None or not watched.read:
+                return csr, None
+            assert transport is not None and binding is not None
+            memo.binds = True
+            if transport.connection_alive():
+                return csr, binding
+            # Signed for a connection that closed meanwhile (or had already): useless, since
+            # a bound CSR never travels on another one; sign again for a new connection.
+        return csr, binding  # the pinned POST fails and the attempt is retried
 
     def _validate_issued(
         self, certs: list[x509.Certificate], csr_der: bytes, cacerts: EstCaCerts
@@ -358,7 +489,8 @@ class EstClient:
         content_type: str | None = None,
     ) -> _Reply:
         url = est_url(self._base_url, operation, self._label)
-        headers = {"Accept": "*/*"}
+        # RFC 9110 §12.5.3: no content coding wanted (the body is decoded here if one comes).
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
         if content_type is not None:
             headers["Content-Type"] = content_type
         sent_credentials = False
@@ -381,55 +513,89 @@ class EstClient:
         raise EstRejectedError(f"{operation}: too many redirects or authentication rounds")
 
     def _redirect_target(self, url: str, reply: _Reply) -> str:
+        import httpx
+
         location = reply.headers.get("Location")
         if not location:
             raise EstResponseError(f"HTTP {reply.status} redirect without a Location")
-        target = urljoin(url, str(location))
-        parts = urlsplit(target)
-        if (parts.scheme, parts.hostname, parts.port or 443) != self._origin:
+        try:
+            target = urljoin(url, str(location))
+            parts = urlsplit(target)
+            origin = _default_port(parts)  # .port raises ValueError on "host:99999" or "host:x"
+            httpx.URL(target)  # what the next request is built from: must parse as well
+        except (ValueError, httpx.InvalidURL) as exc:
+            shown = error_excerpt(str(location).encode(), 120, secrets=self._secrets)
+            raise EstResponseError(
+                f"HTTP {reply.status} redirect to an unusable Location {shown!r}: {exc}"
+            ) from None
+        if origin != self._origin:
             # est-notes.md: never follow a redirect to another origin (credentials, PoP).
             raise EstRejectedError(f"refusing redirect to another origin: {target}")
         return target
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> _Reply:
-        request = self._http.build_request(
-            method, url, headers=headers, content=body, extensions=self._extensions
-        )
-        deadline = time.monotonic() + self._timeout_s
-        response = self._http.send(request, stream=True)
+        import httpx
+
         try:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > self._max_bytes:
-                raise EstResponseError(
-                    f"{url}: response of {declared} bytes exceeds the {self._max_bytes} byte cap"
-                )
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in response.iter_bytes():  # decoded: the cap bounds what we hold
-                size += len(chunk)
-                if size > self._max_bytes:
-                    raise EstResponseError(
-                        f"{url}: response exceeds the {self._max_bytes} byte cap"
-                    )
-                if time.monotonic() > deadline:
-                    # A trickling server must not hold the agent forever: the per-read timeout
-                    # alone would never fire.
-                    raise EstConnectionError(f"{url}: response not complete in {self._timeout_s} s")
-                chunks.append(chunk)
-        finally:
-            response.close()
-        return _Reply(
-            response.status_code,
-            response.headers,
-            b"".join(chunks),
-            response.extensions.get("network_stream"),
-        )
+            request = self._http.build_request(
+                method, url, headers=headers, content=body, extensions=self._extensions
+            )
+            deadline = time.monotonic() + self._timeout_s
+            response = self._http.send(request, stream=True)
+            try:
+                status, received = response.status_code, self._read_body(url, response, deadline)
+            finally:
+                response.close()
+        except httpx.ProtocolError as exc:
+            # httpx itself parses a redirect's Location (even when not following it) and
+            # raises RemoteProtocolError for one it cannot use, e.g. "host:84x3": garbage.
+            raise EstResponseError(f"{url}: {exc}") from exc
+        except httpx.TransportError as exc:  # an injected transport (tests) raising httpx's own
+            raise EstConnectionError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            raise EstResponseError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        return _Reply(status, response.headers, received, response.extensions.get("network_stream"))
+
+    def _read_body(self, url: str, response: httpx.Response, deadline: float) -> bytes:
+        """The decoded body, capped at ``max_response_bytes`` before and after decoding."""
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            raise EstResponseError(
+                f"{url}: response of {declared} bytes exceeds the {self._max_bytes} byte cap"
+            )
+        raw: Iterable[bytes]
+        if response.is_stream_consumed:
+            # Only from an injected transport (tests) whose body httpx has already read.
+            raw, coding = (response.content,), None
+        else:
+            raw, coding = response.iter_raw(), response.headers.get("Content-Encoding")
+        # Unknown codings are refused before a byte of the body is read.
+        decoder = ContentDecoder(coding, self._max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in raw:  # as on the wire: httpx's own decoders would inflate without bound
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise EstResponseError(f"{url}: response exceeds the {self._max_bytes} byte cap")
+            if time.monotonic() > deadline:
+                # A trickling server must not hold the agent forever: the per-read timeout
+                # alone would never fire.
+                raise EstConnectionError(f"{url}: response not complete in {self._timeout_s} s")
+            try:
+                chunks.extend(decoder.feed(chunk))
+            except EstResponseError as exc:
+                raise EstResponseError(f"{url}: {exc}") from None
+        try:
+            decoder.finish()
+        except EstResponseError as exc:
+            raise EstResponseError(f"{url}: {exc}") from None
+        return b"".join(chunks)
 
     def _check_status(self, reply: _Reply, *, enroll: bool) -> None:
         status = reply.status
         if status == 200:
             return
-        excerpt = error_excerpt(reply.body)
+        excerpt = error_excerpt(reply.body, secrets=self._secrets)
         detail = f"HTTP {status}" + (f": {excerpt}" if excerpt else "")
         retry_after = reply.headers.get("Retry-After")
         if enroll and status in (202, 503):
@@ -463,21 +629,35 @@ class EstClient:
 
     # -- retries ------------------------------------------------------------------------------
     def _with_retries(self, attempt: Callable[[], _T]) -> _T:
-        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+        from tenacity import RetryCallState, Retrying, retry_if_exception_type
         from tenacity.wait import wait_random_exponential
 
         policy = self._retry
         jitter = wait_random_exponential(multiplier=policy.initial_s, max=policy.cap_s)
+        too_long: list[float] = []  # a server's wait that this run will not make
 
-        def wait(state: Any) -> float:
-            delay = float(jitter(state))
+        def server_wait(state: RetryCallState) -> float | None:
             outcome = state.outcome
             exc = outcome.exception() if outcome is not None else None
-            server_says: float | None = getattr(exc, "retry_after_s", None)
-            return max(delay, server_says) if server_says is not None else delay
+            return exc.retry_after_s if isinstance(exc, _TransientError) else None
+
+        def left(state: RetryCallState) -> float:
+            return policy.budget_s - state.idle_for
+
+        def stop(state: RetryCallState) -> bool:
+            asked = server_wait(state)
+            if asked is not None and asked > min(policy.max_wait_s, left(state)):
+                too_long.append(asked)
+                return True
+            return state.attempt_number >= max(1, policy.attempts) or left(state) <= 0
+
+        def wait(state: RetryCallState) -> float:
+            delay = min(float(jitter(state)), policy.max_wait_s, max(left(state), 0.0))
+            asked = server_wait(state)
+            return max(delay, asked) if asked is not None else delay
 
         retrying = Retrying(
-            stop=stop_after_attempt(max(1, policy.attempts)),
+            stop=stop,
             wait=wait,
             retry=retry_if_exception_type(EstConnectionError),
             sleep=policy.sleep,
@@ -485,5 +665,20 @@ class EstClient:
         )
         try:
             return retrying(attempt)
-        except EstAgentError:
+        except _TransientError as exc:
+            # What leaves the client is public: the last failure's message, typed.
+            if too_long:
+                seconds = too_long[-1]
+                raise _scrub(
+                    EnrollmentPending(
+                        seconds,
+                        f"{exc}; the server asks to retry after {seconds:.0f} s, longer than"
+                        f" this run waits ({policy.max_wait_s:.0f} s at a time,"
+                        f" {policy.budget_s:.0f} s in all)",
+                    ),
+                    self._secrets,
+                ) from exc
+            raise _scrub(EstConnectionError(str(exc)), self._secrets) from exc
+        except EstAgentError as exc:
+            _scrub(exc, self._secrets)
             raise

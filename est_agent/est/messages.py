@@ -6,7 +6,10 @@ one raises `EstResponseError` (never a foreign exception) on anything it cannot 
 agent itself supplies (URLs, labels, CSR bytes) are refused with `InputError`.
 
 Robustness rule (RFC 8951 §3, est-notes.md): send the most conservative form (base64 wrapped at
-64 characters, CRLF), accept every form real servers emit.
+64 characters, CRLF), accept every form real servers emit; but never past a bound: content
+codings are undone in bounded steps (`ContentDecoder`), certificates are parsed completely when
+decoded (cryptography parses keys and extensions lazily), and error excerpts mask any
+credentials a server echoes back (`error_excerpt`, `redact_secrets`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import email.utils
 import re
 import string
 import warnings
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,11 +29,13 @@ from asn1crypto import cms, core
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 
 from est_agent.errors import EstResponseError, InputError
 from est_agent.est.url import EST_PATH_PREFIX, OPERATIONS, est_url
+from est_agent.logs import REDACTED
 
 __all__ = [
     "EST_PATH_PREFIX",
@@ -41,7 +48,9 @@ __all__ = [
     "OID_EXTENSION_REQUEST",
     "OPERATIONS",
     "CaCerts",
+    "ContentDecoder",
     "CsrAttributes",
+    "basic_credential_secrets",
     "challenge_password_value",
     "classify_cacerts",
     "decode_certs_only",
@@ -49,8 +58,10 @@ __all__ = [
     "error_excerpt",
     "est_url",
     "media_type_matches",
+    "parse_content_codings",
     "parse_csrattrs",
     "parse_retry_after",
+    "redact_secrets",
 ]
 
 # RFC 7030 §3.2.2: the fixed path prefix under which every EST operation lives.
@@ -138,6 +149,135 @@ def encode_pkcs10_body(csr_der: bytes) -> bytes:
     return b"".join(text[i : i + 64] + b"\r\n" for i in range(0, len(text), 64))
 
 
+# --- content codings (RFC 9110 §8.4) ---------------------------------------------------------
+
+# The agent sends "Accept-Encoding: identity" (RFC 9110 §12.5.3); a server that compresses
+# anyway is understood for gzip and deflate, a few layers deep, and never allowed to inflate
+# past the caller's limit: each zlib call produces at most _INFLATE_STEP bytes (max_length),
+# the rest of its input waits in unconsumed_tail, so a 6.7 KB "gzip, gzip" body that would
+# become 4 GiB costs the limit plus a few steps of memory before it is refused.
+_GZIP_CODINGS = frozenset({"gzip", "x-gzip"})  # RFC 9110 §8.4.1.3: x-gzip is gzip
+_DEFLATE = "deflate"
+_MAX_CODINGS = 3
+_INFLATE_STEP = 64 * 1024
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_ZLIB_WBITS = zlib.MAX_WBITS
+_RAW_DEFLATE_WBITS = -zlib.MAX_WBITS
+
+
+def parse_content_codings(value: str | None) -> tuple[str, ...]:
+    """The codings of a Content-Encoding value in the order they were applied (RFC 9110 §8.4).
+
+    ``identity`` entries are dropped; gzip (and x-gzip) and deflate are the only ones this
+    agent decodes: anything else (br, zstd, compress ...) or more than a few layers is refused
+    with `EstResponseError`, because it was not asked for.
+    """
+    codings = [c.strip().lower() for c in (value or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    for coding in codings:
+        if coding not in _GZIP_CODINGS and coding != _DEFLATE:
+            raise EstResponseError(
+                f"unsupported Content-Encoding {_clip(coding)!r} (identity, gzip or deflate;"
+                " RFC 9110 §8.4)"
+            )
+    if len(codings) > _MAX_CODINGS:
+        raise EstResponseError(
+            f"Content-Encoding stacks {len(codings)} codings (at most {_MAX_CODINGS} accepted)"
+        )
+    return tuple(codings)
+
+
+class _Inflater:
+    """One gzip or deflate layer, decoded in bounded steps."""
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._gzip = coding in _GZIP_CODINGS
+        self._z: zlib._Decompress | None = None
+        self._head = b""
+
+    def _start(self, data: bytes) -> zlib._Decompress:
+        if self._gzip:
+            return zlib.decompressobj(_GZIP_WBITS)
+        # RFC 9110 §8.4.1.2: "deflate" is the zlib format (RFC 1950), but servers also send
+        # raw deflate (RFC 1951); a zlib header is CM=8 and a multiple of 31 (RFC 1950 §2.2).
+        zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return zlib.decompressobj(_ZLIB_WBITS if zlib_header else _RAW_DEFLATE_WBITS)
+
+    def inflate(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of `data`, in pieces of at most _INFLATE_STEP bytes."""
+        if self._z is None:
+            self._head += data
+            if len(self._head) < 2:
+                return
+            data, self._head = self._head, b""
+            self._z = self._start(data)
+        pending = data
+        while True:
+            z = self._z
+            if z.eof:
+                pending = z.unused_data + pending
+                if not pending:
+                    return
+                if not self._gzip:
+                    raise EstResponseError("data after the end of the deflate content")
+                # RFC 1952 §2.2: a gzip file is a series of members.
+                z = self._z = zlib.decompressobj(_GZIP_WBITS)
+            try:
+                piece = z.decompress(pending, _INFLATE_STEP)
+            except zlib.error as exc:
+                raise EstResponseError(f"malformed {self._coding} content: {exc}") from None
+            pending = z.unconsumed_tail
+            if piece:
+                yield piece
+            # A full step may leave output inside zlib even when all input is taken.
+            if not pending and len(piece) < _INFLATE_STEP and not z.eof:
+                return
+
+    def finish(self) -> None:
+        if self._z is None and not self._head:
+            return  # an empty body: nothing was encoded
+        if self._z is None or not self._z.eof:
+            raise EstResponseError(f"truncated {self._coding} content")
+
+
+class ContentDecoder:
+    """Undo a response's content codings incrementally, never producing more than `limit`.
+
+    ``feed`` takes the body as it arrives on the wire and returns the decoded pieces; ``finish``
+    checks that every layer ended (a truncated stream is refused). Past `limit` decoded bytes,
+    `EstResponseError` is raised at once: no layer ever holds more than one _INFLATE_STEP, so
+    at most the limit plus one step is produced, whatever the compressed stream promises.
+    """
+
+    def __init__(self, content_encoding: str | None, limit: int) -> None:
+        # Decode in the reverse order of application: the last coding applied comes off first.
+        self._layers = [_Inflater(c) for c in reversed(parse_content_codings(content_encoding))]
+        self._limit = limit
+        self.size = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        self._push(0, data, out)
+        return out
+
+    def finish(self) -> None:
+        """Check that each layer ended (``feed`` already drained every decoded byte)."""
+        for layer in self._layers:
+            layer.finish()
+
+    def _push(self, index: int, data: bytes, out: list[bytes]) -> None:
+        if index == len(self._layers):
+            self.size += len(data)
+            if self.size > self._limit:
+                raise EstResponseError(f"decoded response exceeds the {self._limit} byte cap")
+            if data:
+                out.append(data)
+            return
+        for piece in self._layers[index].inflate(data):
+            self._push(index + 1, piece, out)
+
+
 def _strip_base64(text: bytes, what: str) -> bytes:
     compact = text.translate(None, _B64_WHITESPACE)
     if not compact or not _B64_RE.fullmatch(compact) or len(compact) % 4:
@@ -209,21 +349,68 @@ def decode_certs_only(body: bytes) -> list[x509.Certificate]:
         raise EstResponseError(f"malformed PKCS#7 SignedData: {_short(exc)}") from None
     if not ders:
         raise EstResponseError("PKCS#7 response holds no certificate")
-    certs = []
+    certs: list[x509.Certificate] = []
     for der in ders:
         # cryptography only warns about some RFC 5280 violations (a non-positive serial
         # number, §4.1.2.2) that later releases reject: refuse them now, consistently.
         with warnings.catch_warnings():
             warnings.simplefilter("error", CryptographyDeprecationWarning)
             try:
-                certs.append(x509.load_der_x509_certificate(der))
+                cert = x509.load_der_x509_certificate(der)
             except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
                 raise EstResponseError(f"malformed certificate in PKCS#7: {_short(exc)}") from None
+            _check_certificate(cert, len(certs) + 1)
+        certs.append(cert)
     return certs
 
 
+# Keys a certificate from the server may carry: the CA/Browser Forum Baseline Requirements
+# §6.1.5 set, which cryptography's RFC 5280 verifier also enforces (RFC 5480 §2.1.1.1 names
+# the curves): P-256, P-384, P-521; RSA of at least 2048 bits; and the RFC 8410 EdDSA keys.
+_ALLOWED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+_MIN_RSA_BITS = 2048
+
+
+def _check_certificate(cert: x509.Certificate, index: int) -> None:
+    """Parse what cryptography parses lazily, so a bad certificate is refused here, typed.
+
+    cryptography loads the outer structure eagerly but the public key and the extensions only
+    when asked, and then raises ``UnsupportedAlgorithm`` (a curve it lacks), ``ValueError``
+    (an invalid point) or ``DuplicateExtension`` (RFC 5280 §4.2: "MUST NOT include more than
+    one instance of a particular extension") from deep inside the client.
+    """
+    try:
+        subject = cert.subject.rfc4514_string()
+        cert.issuer  # noqa: B018 - force the lazy parse
+        key = cert.public_key()
+        cert.extensions  # noqa: B018 - force the lazy parse (duplicates, malformed values)
+    except x509.DuplicateExtension as exc:
+        raise EstResponseError(
+            f"certificate {index} in PKCS#7 repeats the {exc.oid.dotted_string} extension"
+            " (RFC 5280 §4.2)"
+        ) from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise EstResponseError(
+            f"certificate {index} in PKCS#7 cannot be used: {_short(exc)}"
+        ) from None
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _ALLOWED_CURVES:
+        raise EstResponseError(
+            f"certificate {index} in PKCS#7 ({_clip(subject)}) has a key on {key.curve.name},"
+            " which is not an allowed curve (P-256, P-384, P-521; CA/B BR §6.1.5)"
+        )
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+        raise EstResponseError(
+            f"certificate {index} in PKCS#7 ({_clip(subject)}) has a {key.key_size}-bit RSA key"
+            f" (at least {_MIN_RSA_BITS} bits, CA/B BR §6.1.5)"
+        )
+
+
 def _short(exc: BaseException) -> str:
-    return error_excerpt(str(exc).encode("utf-8", "replace"), 120)
+    return _clip(str(exc))
+
+
+def _clip(text: str) -> str:
+    return error_excerpt(text.encode("utf-8", "replace"), 120)
 
 
 # --- /csrattrs -------------------------------------------------------------------------------
@@ -428,23 +615,77 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 # --- error bodies ----------------------------------------------------------------------------
 
+# A header echoed back by a server, as text ("Authorization: Basic ...", to the end of the
+# line) or as JSON/repr ('"Authorization": "Basic ..."', to the closing quote). RFC 9110 §11.6.2
+# and §11.7.2: these carry credentials, whatever the scheme. A value already masked is left
+# alone, so that masking a message again does not swallow the rest of its (joined) line.
+_AUTH_HEADER = re.compile(
+    r"""(\b(?:proxy-)?authorization\b["']?\s*+[:=]\s*+)(?!["']?\[REDACTED\])"""
+    r"""(?:(?P<o>["'])[^"'\r\n]*(?P=o)|[^\r\n]+)""",
+    re.IGNORECASE,
+)
 
-def error_excerpt(body: bytes, limit: int = 200) -> str:
+
+def basic_credential_secrets(user: str, password: str) -> tuple[str, ...]:
+    """The strings that give away HTTP Basic credentials (RFC 7617 §2), for `redact_secrets`.
+
+    The password itself and the base64 ``user-id ":" password`` token (with and without its
+    ``=`` padding, standard and URL-safe alphabets) as it travels in ``Authorization``.
+    """
+    if not password:
+        return ()
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    urlsafe = token.replace("+", "-").replace("/", "_")
+    forms = {password, token, token.rstrip("="), urlsafe, urlsafe.rstrip("=")}
+    # Longest first, so that a secret containing another is masked whole.
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+def redact_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with Authorization / Proxy-Authorization values and each of `secrets` masked."""
+    text = _AUTH_HEADER.sub(_masked_header, text)
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _masked_header(match: re.Match[str]) -> str:
+    quote = match["o"] or ""
+    return f"{match[1]}{quote}{REDACTED}{quote}"
+
+
+def _mask_cut_secret(text: str, secrets: Iterable[str]) -> str:
+    """Mask a secret's beginning left at the end of a window cut out of a longer body."""
+    for secret in secrets:
+        for size in range(len(secret) - 1, 0, -1):
+            if text.endswith(secret[:size]):
+                return text[:-size] + REDACTED
+    return text
+
+
+def error_excerpt(body: bytes, limit: int = 200, *, secrets: Iterable[str] = ()) -> str:
     """A short, printable, one-line excerpt of an error body for messages and logs.
 
     Servers answer errors with text, HTML, JSON or binary (est-notes.md); none of it is parsed,
     only shown: markup tags dropped, control characters replaced, whitespace collapsed, at most
-    `limit` characters (an ellipsis marks a cut). Never raises.
+    `limit` characters (an ellipsis marks a cut). Servers that echo the request put our
+    credentials there: Authorization values and `secrets` (`basic_credential_secrets`) are
+    masked before anything is cut, so no part of one survives. Never raises.
     """
     try:
         limit = max(limit, 1)
-        text = bytes(body[: limit * 8]).decode("utf-8", "replace")
+        secrets = tuple(s for s in secrets if s)
+        window = limit * 8 + max((len(s.encode()) for s in secrets), default=0)
+        text = bytes(body[:window]).decode("utf-8", "replace")
+        text = redact_secrets(text, secrets)
+        if len(body) > window:
+            text = _mask_cut_secret(text, secrets)
         text = _TAG_RE.sub(" ", text)
         text = "".join(
             ch if ch in _PRINTABLE or (ch.isprintable() and ch != "\ufffd") else " " for ch in text
         )
         text = _WHITESPACE_RE.sub(" ", text).strip()
-        if len(text) > limit or len(body) > limit * 8:
+        if len(text) > limit or len(body) > window:
             text = text[: max(limit - 1, 0)].rstrip() + "…"
         return text
     except Exception:  # a diagnostic helper must never mask the error it describes

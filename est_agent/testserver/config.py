@@ -55,6 +55,10 @@ class Fault(enum.Enum):
     EXPIRED_CERT = "expired-cert"  # the right key and CA, validity ended yesterday
     OVERSIZE_BODY = "oversize-body"  # 200 with a body over 10 MiB
     WRONG_CONTENT_TYPE = "wrong-content-type"  # right body, Content-Type text/html
+    # the right answer with "Connection: close", then the connection is closed (RFC 9112 §9.6)
+    CLOSE_AFTER_RESPONSE = "close-after-response"
+    # the right answer, keep-alive as far as the headers say, then the connection is closed
+    DROP_AFTER_RESPONSE = "drop-after-response"
 
 
 def parse_label_profile(text: str) -> tuple[str, Profile]:

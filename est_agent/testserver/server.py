@@ -84,6 +84,8 @@ class _Delivery(enum.Enum):
     DROP_MID_BODY = "drop"
     SLOW = "slow"
     OVERSIZE = "oversize"
+    CLOSE = "close"  # normal bytes, "Connection: close", then closed
+    DROP = "drop-after"  # normal bytes, no "Connection: close", then closed anyway
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,16 @@ class _Handler(BaseHTTPRequestHandler):
                 tls.shutdown(socket.SHUT_WR)
             tls.close()
 
+    def _close_notify(self) -> None:
+        """Send TLS close_notify (RFC 8446 §6.1) without waiting for the peer's."""
+        tls = self._tls
+        # Non-blocking: unwrap() sends the alert, then raises SSLWantReadError (an OSError)
+        # instead of waiting for the client's; a client that already wrote more (tlslite
+        # sends an empty record after a request) makes it raise SSLError: sent all the same.
+        with contextlib.suppress(OSError):
+            tls.setblocking(False)
+            tls.unwrap()
+
     @property
     def _tls(self) -> ssl.SSLSocket:
         return cast(ssl.SSLSocket, self.connection)
@@ -622,6 +634,10 @@ class _Handler(BaseHTTPRequestHandler):
             return replace(ok, delivery=_Delivery.OVERSIZE)
         if fault is Fault.WRONG_CONTENT_TYPE:
             return replace(ok, content_type="text/html; charset=utf-8")
+        if fault is Fault.CLOSE_AFTER_RESPONSE:
+            return replace(ok, delivery=_Delivery.CLOSE)
+        if fault is Fault.DROP_AFTER_RESPONSE:
+            return replace(ok, delivery=_Delivery.DROP)
         # WRONG_KEY, FOREIGN_CA, EXPIRED_CERT were applied when issuing.
         return ok
 
@@ -673,7 +689,7 @@ class _Handler(BaseHTTPRequestHandler):
         lines.extend(f"{name}: {value}" for name, value in response.headers)
         if response.status != 204:
             lines.append(f"Content-Length: {length}")
-        if self.close_connection:
+        if self.close_connection and response.delivery is not _Delivery.DROP:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.log_request(response.status, length)
@@ -681,6 +697,9 @@ class _Handler(BaseHTTPRequestHandler):
         # as if it held the whole answer.
         if response.delivery is _Delivery.NORMAL:
             self.wfile.write(head + body)
+        elif response.delivery in (_Delivery.CLOSE, _Delivery.DROP):
+            self.wfile.write(head + body)
+            self._close_notify()  # a clean close (finish() then closes the TCP connection)
         elif response.delivery is _Delivery.DROP_MID_BODY:
             self.wfile.write(head + body[: len(body) // 2])
             # TCP-level shutdown without TLS close_notify: the peer sees a truncated stream.

@@ -1,13 +1,16 @@
 """EstClient's HTTP logic offline, through httpx.MockTransport: no socket is opened.
 
 Retries and their waits, Retry-After, the 401 challenge, redirects, size caps, status mapping
-and the validation of an issued certificate.
+and the validation of an issued certificate; credentials echoed by a server, content codings,
+the in-run wait caps and the public error classes.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import gzip
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -268,3 +271,224 @@ def test_csrattrs_not_offered_is_none() -> None:
     rec = Recorder(httpx.Response(404, text="not here"))
     with rec.client() as client:
         assert client.csrattrs() is None
+
+
+# -- credentials a server echoes back --------------------------------------------------------
+
+TOKEN = "ZGV2OnMzY3JldA=="  # base64("dev:s3cret"), RFC 7617 §2
+
+
+def _echoing(status: int) -> Handler:
+    """A server that wants Basic, then answers `status` with the request head in its body."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if "Authorization" not in request.headers:
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
+        head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+        user, _, password = base64.b64decode(TOKEN).decode().partition(":")
+        return httpx.Response(status, text=f"user={user} pw={password}\r\n{head}")
+
+    return answer
+
+
+@pytest.mark.parametrize(("status", "error"), [(400, EstRejectedError), (500, EstConnectionError)])
+def test_echoed_credentials_are_masked_in_the_error(status: int, error: type[Exception]) -> None:
+    rec = Recorder(_echoing(status))
+    with pytest.raises(error) as info:
+        _enroll(rec.client(basic_auth=("dev", "s3cret")))
+    assert rec.posts()[-1].headers["Authorization"] == f"Basic {TOKEN}"  # it was sent
+    message = str(info.value)
+    assert f"HTTP {status}" in message and "[REDACTED]" in message
+    for leaked in ("s3cret", "ZGV2OnMz", TOKEN):
+        assert leaked not in message
+    assert "user=dev" in message  # the rest of the excerpt is still there
+
+
+# -- content codings -------------------------------------------------------------------------
+
+
+class _Raw(httpx.SyncByteStream):
+    """A response body as a stream, so that the client sees it undecoded (as from a socket)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._data
+
+
+def _encoded_cacerts(coding: str, wire: bytes) -> Handler:
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Type": "application/pkcs7-mime", "Content-Encoding": coding}
+        return httpx.Response(200, headers=headers, stream=_Raw(wire))
+
+    return answer
+
+
+def test_identity_is_asked_for_and_gzip_is_still_understood() -> None:
+    seen: list[httpx.Request] = []
+    wire = gzip.compress(_certs_only(CA_CERT))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _encoded_cacerts("gzip", wire)(request)
+
+    with EstClient(BASE, trust_anchors=[CA_CERT], transport=httpx.MockTransport(answer)) as c:
+        assert c.cacerts().anchor == CA_CERT
+    assert seen[0].headers["Accept-Encoding"] == "identity"  # RFC 9110 §12.5.3
+
+
+@pytest.mark.parametrize(
+    ("coding", "wire", "match"),
+    [
+        ("br", b"\x1b\x03\x00", "unsupported Content-Encoding 'br'"),
+        ("gzip, gzip", gzip.compress(gzip.compress(bytes(3 << 20))), "cap"),
+    ],
+)
+def test_content_codings_refused(coding: str, wire: bytes, match: str) -> None:
+    transport = httpx.MockTransport(_encoded_cacerts(coding, wire))
+    with (
+        EstClient(BASE, trust_anchors=[CA_CERT], transport=transport) as client,
+        pytest.raises(EstResponseError, match=match),
+    ):
+        client.cacerts()
+
+
+# -- waits inside a run ----------------------------------------------------------------------
+
+
+def _busy_then_ok(retry_after: str, times: int = 1) -> Handler:
+    calls: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) <= times:
+            return httpx.Response(503, headers={"Retry-After": retry_after}, text="busy")
+        return _fresh(CACERTS)
+
+    return answer
+
+
+@pytest.mark.parametrize("operation", ["cacerts", "csrattrs"])
+def test_long_retry_after_on_a_get_is_pending_at_once(operation: str) -> None:
+    sleeps: list[float] = []
+    transport = httpx.MockTransport(_busy_then_ok("300", times=10))
+    started = time.monotonic()
+    with (
+        EstClient(
+            BASE,
+            trust_anchors=[CA_CERT],
+            transport=transport,
+            retry=RetryPolicy(sleep=sleeps.append),
+        ) as client,
+        pytest.raises(EnrollmentPending) as info,
+    ):
+        getattr(client, operation)()
+    assert time.monotonic() - started < 1.0
+    assert info.value.retry_after_s == 300.0
+    assert sleeps == []  # stored for the next run, not slept through
+    assert "503" in str(info.value) and "300 s" in str(info.value)
+
+
+def test_short_retry_after_is_waited_for_in_the_run() -> None:
+    sleeps: list[float] = []
+    transport = httpx.MockTransport(_busy_then_ok("2"))
+    with EstClient(
+        BASE, trust_anchors=[CA_CERT], transport=transport, retry=RetryPolicy(sleep=sleeps.append)
+    ) as client:
+        assert client.cacerts().anchor == CA_CERT
+    assert len(sleeps) == 1 and sleeps[0] >= 2.0
+
+
+def test_waits_of_one_operation_share_a_budget() -> None:
+    # 25 s is within the per-wait cap; the third would take the total past 60 s.
+    sleeps: list[float] = []
+    transport = httpx.MockTransport(_busy_then_ok("25", times=10))
+    policy = RetryPolicy(attempts=10, max_wait_s=30, budget_s=60, sleep=sleeps.append)
+    with (
+        EstClient(BASE, trust_anchors=[CA_CERT], transport=transport, retry=policy) as client,
+        pytest.raises(EnrollmentPending) as info,
+    ):
+        client.cacerts()
+    assert len(sleeps) == 2 and all(s >= 25 for s in sleeps)
+    assert info.value.retry_after_s == 25.0
+
+
+def test_long_retry_after_on_an_enroll_500_is_pending() -> None:
+    rec = Recorder(httpx.Response(500, headers={"Retry-After": "600"}, text="later"))
+    with pytest.raises(EnrollmentPending) as info:
+        _enroll(rec.client())
+    assert info.value.retry_after_s == 300.0  # RetryPolicy.retry_after_cap_s
+    assert rec.sleeps == [] and len(rec.posts()) == 1
+
+
+# -- only public classes leave the client ----------------------------------------------------
+
+
+def test_exhausted_retries_raise_the_public_connection_error() -> None:
+    rec = Recorder(httpx.Response(502, text="bad gateway"))
+    with pytest.raises(EstConnectionError) as info:
+        _enroll(rec.client())
+    assert type(info.value) is EstConnectionError
+    assert "502: bad gateway" in str(info.value)
+    assert isinstance(info.value.__cause__, EstConnectionError)  # the last failure, chained
+
+
+def test_httpx_errors_of_an_injected_transport_are_typed() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    rec = Recorder(refuse)
+    with pytest.raises(EstConnectionError, match="refused") as info:
+        _enroll(rec.client())
+    assert type(info.value) is EstConnectionError
+
+
+# -- Location headers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://est.example:99999/.well-known/est/simpleenroll",
+        "https://est.example:84x3/.well-known/est/simpleenroll",
+        "https://[est.example/.well-known/est/simpleenroll",
+    ],
+)
+def test_unusable_location_is_a_response_error(location: str) -> None:
+    rec = Recorder(httpx.Response(302, headers={"Location": location}))
+    with pytest.raises(EstResponseError, match=r"(unusable|Invalid URL in) [Ll]ocation"):
+        _enroll(rec.client())
+    assert len(rec.posts()) == 1
+
+
+def test_port_zero_is_not_the_default_port() -> None:
+    # An explicit ":0" is port 0, not "no port" (the default, 443, RFC 9110 §4.2.2).
+    rec = Recorder(httpx.Response(307, headers={"Location": "https://est.example:0/x"}))
+    client = EstClient(
+        "https://est.example",
+        trust_anchors=[CA_CERT],
+        transport=httpx.MockTransport(rec),
+        retry=RetryPolicy(attempts=1),
+    )
+    with pytest.raises(EstRejectedError, match="another origin"):
+        _enroll(client)
+    assert {r.url.port for r in rec.requests} == {None}
+
+
+# -- an unbound CSR is signed once per operation ---------------------------------------------
+
+
+def test_unbound_csr_is_signed_once_across_retries() -> None:
+    rec = Recorder(httpx.Response(500, text="a"), httpx.Response(502, text="b"), _issued())
+    calls: list[object] = []
+
+    def factory(binding: object) -> bytes:
+        calls.append(binding)
+        return build_csr(DEVICE)
+
+    with rec.client() as client:
+        client.simpleenroll(factory)  # type: ignore[arg-type]
+    assert len(rec.posts()) == 3
+    assert calls == [None]  # one signature; the same CSR went out three times
+    assert len({p.content for p in rec.posts()}) == 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import gzip
+import time
+import zlib
 
 import pytest
 from asn1crypto import core
@@ -23,7 +26,9 @@ from est_agent.est.messages import (
     OID_CHALLENGE_PASSWORD,
     OID_EC_PUBLIC_KEY,
     OID_EXTENSION_REQUEST,
+    ContentDecoder,
     CsrAttributes,
+    basic_credential_secrets,
     challenge_password_value,
     classify_cacerts,
     decode_certs_only,
@@ -31,10 +36,22 @@ from est_agent.est.messages import (
     error_excerpt,
     est_url,
     media_type_matches,
+    parse_content_codings,
     parse_csrattrs,
     parse_retry_after,
+    redact_secrets,
 )
+from est_agent.testserver.issuer import make_ca
 from est_agent.testserver.wire import decode_base64_body
+from tests.est.hostile import gzip_gzip_bomb, gzip_of_zeros
+from tests.est.oddcerts import (
+    OID_PRIME192V2,
+    OID_SECP192R1,
+    certs_only,
+    issue,
+    with_curve_oid,
+    with_duplicate_extension,
+)
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -673,3 +690,226 @@ def test_certificate_with_non_positive_serial_is_refused() -> None:
     ).dump()
     with pytest.raises(EstResponseError, match="malformed certificate"):
         decode_certs_only(bad)
+
+
+# --- credentials echoed in error bodies ------------------------------------------------------
+
+# base64("dev:s3cret"), RFC 7617 §2, written out here rather than computed
+DEV_TOKEN = "ZGV2OnMzY3JldA=="
+DEV_SECRETS = basic_credential_secrets("dev", "s3cret")
+
+
+def test_basic_credential_secrets_cover_the_password_and_its_token() -> None:
+    assert {"s3cret", DEV_TOKEN, "ZGV2OnMzY3JldA"} <= set(DEV_SECRETS)
+    assert basic_credential_secrets("dev", "") == ()
+    assert [len(s) for s in DEV_SECRETS] == sorted((len(s) for s in DEV_SECRETS), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("body", "kept"),
+    [
+        # a server that echoes the request head into its 400 page
+        (
+            b"400 Bad Request\r\nPOST /.well-known/est/simpleenroll HTTP/1.1\r\n"
+            b"Authorization: Basic ZGV2OnMzY3JldA==\r\nHost: est.example\r\n",
+            "Host: est.example",
+        ),
+        # ... as HTML, the header on one line with the rest of the table
+        (
+            b"<html><pre>authorization: basic ZGV2OnMzY3JldA==\nuser-agent: x</pre></html>",
+            "user-agent: x",
+        ),
+        # ... as JSON, with the header value quoted and the password decoded elsewhere
+        (
+            b'{"error": "bad csr", "headers": {"Authorization": "Basic ZGV2OnMzY3JldA"},'
+            b' "user": "dev", "password": "s3cret"}',
+            '"user": "dev"',
+        ),
+        # a proxy credential, masked even though the client never had it
+        (b"Proxy-Authorization: Bearer abc.def.ghi\r\nVia: 1.1 proxy", "Via: 1.1 proxy"),
+        # the token somewhere else in the text
+        (b"rejected token ZGV2OnMzY3JldA== for realm est", "for realm est"),
+    ],
+)
+def test_error_excerpt_masks_echoed_credentials(body: bytes, kept: str) -> None:
+    text = error_excerpt(body, secrets=DEV_SECRETS)
+    for leaked in ("s3cret", "ZGV2OnMz", "abc.def"):
+        assert leaked not in text
+    assert "[REDACTED]" in text
+    assert kept in text
+
+
+def test_masking_twice_changes_nothing() -> None:
+    # The client masks excerpts, then whole messages (excerpts joined into one line): the
+    # second pass must not swallow the rest of the line after an already masked value.
+    once = error_excerpt(b"Authorization: Basic eHk6eg==\r\nuser-agent: est", secrets=("eHk6eg==",))
+    assert once == "Authorization: [REDACTED] user-agent: est"
+    assert redact_secrets(once, ("eHk6eg==",)) == once
+    assert redact_secrets('{"Authorization": "[REDACTED]", "k": 1}') == (
+        '{"Authorization": "[REDACTED]", "k": 1}'
+    )
+
+
+def test_error_excerpt_masks_a_secret_cut_by_the_window() -> None:
+    # The body is cut before the excerpt is built: a password straddling the cut must not
+    # leave its first letters behind.
+    body = b" " * 93 + b"s3cret" + b" tail" * 50
+    text = error_excerpt(body, limit=10, secrets=DEV_SECRETS)
+    assert "s3c" not in text and "s3" not in text
+    assert text.startswith("[RED")
+
+
+# --- content codings -------------------------------------------------------------------------
+
+
+def _decode(coding: str | None, wire: bytes, limit: int = 1 << 20, step: int = 7) -> bytes:
+    decoder = ContentDecoder(coding, limit)
+    out = []
+    for start in range(0, len(wire), step):
+        out += decoder.feed(wire[start : start + step])
+    decoder.finish()
+    return b"".join(out)
+
+
+PLAIN = b"MIIB certs-only body " * 300
+
+
+@pytest.mark.parametrize(
+    ("coding", "wire"),
+    [
+        (None, PLAIN),
+        ("identity", PLAIN),
+        ("gzip", gzip.compress(PLAIN)),
+        ("x-gzip", gzip.compress(PLAIN)),
+        ("deflate", zlib.compress(PLAIN)),  # RFC 9110 §8.4.1.2: the zlib format
+        ("deflate", zlib.compress(PLAIN)[2:-4]),  # raw deflate, as some servers send it
+        ("gzip, gzip", gzip.compress(gzip.compress(PLAIN))),
+        ("deflate, identity, GZIP", gzip.compress(zlib.compress(PLAIN))),
+    ],
+)
+def test_content_codings_are_undone(coding: str | None, wire: bytes) -> None:
+    assert _decode(coding, wire) == PLAIN
+
+
+def test_gzip_of_several_members_is_one_body() -> None:
+    # RFC 1952 §2.2: a gzip file is a series of members.
+    assert _decode("gzip", gzip.compress(PLAIN) + gzip.compress(b"more")) == PLAIN + b"more"
+
+
+@pytest.mark.parametrize(
+    ("coding", "wire", "match"),
+    [
+        ("br", b"\x0b\x02\x80hi\x03", "unsupported Content-Encoding 'br'"),
+        ("zstd", b"", "unsupported Content-Encoding 'zstd'"),
+        ("gzip, compress", b"", "unsupported Content-Encoding 'compress'"),
+        ("gzip, gzip, gzip, gzip", b"", "4 codings"),
+        ("gzip", gzip.compress(PLAIN)[:-6], "truncated gzip"),
+        ("gzip", b"this is not gzip at all", "malformed gzip"),
+        ("deflate", zlib.compress(PLAIN) + b"junk", "after the end"),
+        ("gzip", gzip.compress(PLAIN) + b"junk", "malformed gzip"),
+    ],
+)
+def test_content_coding_refusals(coding: str, wire: bytes, match: str) -> None:
+    with pytest.raises(EstResponseError, match=match):
+        _decode(coding, wire)
+
+
+def test_parse_content_codings_in_order_applied() -> None:
+    assert parse_content_codings(None) == ()
+    assert parse_content_codings(" identity ") == ()
+    assert parse_content_codings("deflate, GZip") == ("deflate", "gzip")
+
+
+def test_gzip_bomb_is_refused_at_the_cap_without_inflating_it() -> None:
+    # "gzip, gzip" of 4 GiB of zeros: a few KB on the wire. The cap is on decoded bytes,
+    # enforced while decoding: at most one 64 KiB step past it is ever produced.
+    wire = gzip_gzip_bomb()
+    assert len(wire) < 16 * 1024
+    decoder = ContentDecoder("gzip, gzip", 1 << 20)
+    started = time.monotonic()
+    with pytest.raises(EstResponseError, match="exceeds the 1048576 byte cap"):
+        for start in range(0, len(wire), 4096):
+            decoder.feed(wire[start : start + 4096])
+    assert time.monotonic() - started < 1.0
+    assert (1 << 20) < decoder.size <= (1 << 20) + 64 * 1024
+
+
+def test_the_bomb_generator_makes_real_gzip() -> None:
+    # The 4 GiB bomb is this generator at a larger size: check its output with the stdlib.
+    member = b"".join(gzip_of_zeros(8 * 1024 * 1024))
+    assert gzip.decompress(member) == bytes(8 * 1024 * 1024)
+
+
+# --- certificates cryptography parses lazily -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca = make_ca("odd certificates CA", dt.datetime.now(dt.UTC), dt.timedelta(days=2))
+    return ca.certificate, ca.key
+
+
+def _p192_sub_ca(ca: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    p192 = ec.generate_private_key(ec.SECP192R1()).public_key()
+    return issue(ca, key, p192, cn="P-192 sub CA", ca=True)
+
+
+def test_p192_certificate_is_refused(
+    odd_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+) -> None:
+    ca, key = odd_ca
+    with pytest.raises(EstResponseError, match="secp192r1, which is not an allowed curve"):
+        decode_certs_only(certs_only(ca, _p192_sub_ca(ca, key)))
+
+
+@pytest.mark.parametrize(
+    ("new_oid", "match"),
+    [
+        (OID_PRIME192V2, "cannot be used: Curve 1.2.840.10045.3.1.2 is not supported"),
+        # a P-192 point labelled P-256: not on the curve
+        (bytes.fromhex("06082A8648CE3D030107"), "cannot be used: Invalid key"),
+    ],
+)
+def test_key_cryptography_cannot_load_is_refused(
+    odd_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], new_oid: bytes, match: str
+) -> None:
+    ca, key = odd_ca
+    odd = with_curve_oid(_p192_sub_ca(ca, key), key, OID_SECP192R1, new_oid)
+    odd.verify_directly_issued_by(ca)  # a genuine signature: only the key is odd
+    with pytest.raises(EstResponseError, match=match):
+        decode_certs_only(certs_only(ca, odd))
+
+
+def test_duplicate_extension_is_refused(
+    odd_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+) -> None:
+    ca, key = odd_ca
+    leaf = issue(ca, key, ec.generate_private_key(ec.SECP256R1()).public_key())
+    dup = with_duplicate_extension(leaf, key)
+    with pytest.raises(x509.DuplicateExtension):
+        dup.extensions  # noqa: B018 - what the client used to meet deep inside
+    with pytest.raises(
+        EstResponseError, match=r"certificate \d in PKCS#7 repeats the 2\.5\.29\.37"
+    ):
+        decode_certs_only(certs_only(dup, ca))
+
+
+def test_small_rsa_key_is_refused(
+    odd_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ca, key = odd_ca
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # speed only
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca.subject)
+        .issuer_name(ca.subject)
+        .public_key(small.public_key())
+        .serial_number(9)
+        .not_valid_before(ca.not_valid_before_utc)
+        .not_valid_after(ca.not_valid_after_utc)
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(EstResponseError, match="1024-bit RSA key"):
+        decode_certs_only(certs_only(ca, cert))

@@ -150,3 +150,39 @@ def test_faults_on_cacerts_only_when_asked(start_server: Start, dev_pki: DevPki)
     assert request(server.port, anon, "GET", f"{EST}/cacerts").status == 200
     server = start_server(fault=Fault.HTTP_500, fault_operations=frozenset({"cacerts"}))
     assert request(server.port, anon, "GET", f"{EST}/cacerts").status == 500
+
+
+def _closed_by_peer(conn: http.client.HTTPSConnection, timeout_s: float = 5.0) -> bool:
+    """Whether the server closed the TLS connection (EOF, with or without close_notify)."""
+    sock = conn.sock
+    if sock is None:  # http.client already closed it, as "Connection: close" told it to
+        return True
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True
+
+
+@pytest.mark.parametrize(
+    ("fault", "says_close"),
+    [(Fault.CLOSE_AFTER_RESPONSE, True), (Fault.DROP_AFTER_RESPONSE, False)],
+)
+def test_close_after_response_faults(
+    start_server: Start, boot: ssl.SSLContext, fault: Fault, says_close: bool
+) -> None:
+    server = start_server(fault=fault, fault_operations=frozenset({"cacerts"}))
+    conn = connect(server.port, boot)
+    try:
+        conn.request("GET", f"{EST}/cacerts")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert len(certs_of(response.read())) == 1  # a complete, correct answer
+        assert (response.headers.get("Connection") == "close") is says_close
+        started = time.monotonic()
+        assert _closed_by_peer(conn)
+        assert time.monotonic() - started < 2.0  # closed at once, not at the idle timeout
+    finally:
+        conn.close()
+    # enrollment itself is untouched by a /cacerts-only fault
+    assert _enroll(server, boot).status == 200
