@@ -252,6 +252,7 @@ class EstClient:
         client_key_file: str | None = None,
         basic_auth: tuple[str, str] | None = None,
         timeout_s: float = 30.0,
+        run_timeout_s: float | None = None,
         max_response_bytes: int = 1024 * 1024,
         retry: RetryPolicy = RetryPolicy(),
         tls_max: str = "1.3",
@@ -299,6 +300,9 @@ class EstClient:
         #: raises, and so in the logs that show them (tracebacks included: chained messages too)
         self._secrets: tuple[str, ...] = basic_credential_secrets(*basic_auth) if basic_auth else ()
         self._timeout_s = timeout_s
+        # All retries and waits of this client's lifetime (one run) end by this monotonic time:
+        # a failing attempt after it is the last one (the run is then at most one request over).
+        self._run_deadline = None if run_timeout_s is None else time.monotonic() + run_timeout_s
         self._max_bytes = max_response_bytes
         self._retry = retry
         self._require_client_auth = require_client_auth_eku
@@ -540,10 +544,11 @@ class EstClient:
             request = self._http.build_request(
                 method, url, headers=headers, content=body, extensions=self._extensions
             )
-            deadline = time.monotonic() + self._timeout_s
+            # The TLS transport bounds the whole request (est/tls.py: connect, handshake,
+            # sending and the whole body, card time excluded).
             response = self._http.send(request, stream=True)
             try:
-                status, received = response.status_code, self._read_body(url, response, deadline)
+                status, received = response.status_code, self._read_body(url, response)
             finally:
                 response.close()
         except httpx.ProtocolError as exc:
@@ -556,7 +561,7 @@ class EstClient:
             raise EstResponseError(f"{url}: {type(exc).__name__}: {exc}") from exc
         return _Reply(status, response.headers, received, response.extensions.get("network_stream"))
 
-    def _read_body(self, url: str, response: httpx.Response, deadline: float) -> bytes:
+    def _read_body(self, url: str, response: httpx.Response) -> bytes:
         """The decoded body, capped at ``max_response_bytes`` before and after decoding."""
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self._max_bytes:
@@ -577,10 +582,6 @@ class EstClient:
             size += len(chunk)
             if size > self._max_bytes:
                 raise EstResponseError(f"{url}: response exceeds the {self._max_bytes} byte cap")
-            if time.monotonic() > deadline:
-                # A trickling server must not hold the agent forever: the per-read timeout
-                # alone would never fire.
-                raise EstConnectionError(f"{url}: response not complete in {self._timeout_s} s")
             try:
                 chunks.extend(decoder.feed(chunk))
             except EstResponseError as exc:
@@ -642,7 +643,10 @@ class EstClient:
             return exc.retry_after_s if isinstance(exc, _TransientError) else None
 
         def left(state: RetryCallState) -> float:
-            return policy.budget_s - state.idle_for
+            budget = policy.budget_s - state.idle_for
+            if self._run_deadline is not None:
+                budget = min(budget, self._run_deadline - time.monotonic())
+            return budget
 
         def stop(state: RetryCallState) -> bool:
             asked = server_wait(state)

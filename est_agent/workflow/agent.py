@@ -443,39 +443,24 @@ class Agent:
             # plan() never does this; the check keeps a future change from costing a credential
             raise StoreError(f"refusing to write slot {target.name}: it is active or unknown")
         self._progress("connecting to the EST server (TLS authenticated by the SIM)")
-        cacerts = client.cacerts()
-        self._check_fingerprint(cacerts.anchor)
-        attrs = client.csrattrs()
-        key = self._target_key(card, target, host.state.pending, decision)
-        op_signer = CardSigner(card.applet, target.key, key)
-        self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
+        key: ec.EllipticCurvePublicKey | None = None
+        op_signer: CardSigner | None = None
         try:
+            cacerts = client.cacerts()
+            self._check_fingerprint(cacerts.anchor)
+            attrs = client.csrattrs()
+            key = self._target_key(card, target, host.state.pending, decision)
+            op_signer = CardSigner(card.applet, target.key, key)
+            self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
             enrollment = self._request(client, operation, op_signer, attrs, current)
         except EnrollmentPending as pending:
-            now = self._clock()
-            previous = host.state.pending
-            remembered = host.update(
-                pending=Pending(
-                    operation=operation,
-                    slot=target.index,
-                    public_key=_point(key).hex(),
-                    # a server's Retry-After is honoured up to renewal.retry_cap_s
-                    retry_at=now
-                    + timedelta(
-                        seconds=min(pending.retry_after_s, self.config.renewal.retry_cap_s)
-                    ),
-                    since=previous.since if previous is not None else now,
-                )
-            )
-            if not remembered:
-                raise EnrollmentPending(
-                    pending.retry_after_s,
-                    f"{pending} (not remembered: {host.notes[-1]}; the next run starts a new "
-                    "request)",
-                ) from pending
+            # A 202 (the server knows this key: resume with it) or a Retry-After longer than
+            # this run waits, on any request (no key yet: the next run makes one).
+            self._remember_pending(host, operation, target, key, pending)
             raise
         finally:
-            self.card_signatures += op_signer.signatures
+            if op_signer is not None:
+                self.card_signatures += op_signer.signatures
         self._progress(f"writing the certificate to SIM slot {target.name} and reading it back")
         sequence = 1 + max((v.header.sequence for v in views if v.header), default=0)
         der = enrollment.certificate.public_bytes(Encoding.DER)
@@ -490,6 +475,34 @@ class Agent:
         hook = self._deploy(installed, enrollment.chain, host)
         outcome = Outcome.RENEWED if current is not None else Outcome.ENROLLED
         return self._result(outcome, installed, hook, host)
+
+    def _remember_pending(
+        self,
+        host: _HostStateFile,
+        operation: str,
+        target: Slot,
+        key: ec.EllipticCurvePublicKey | None,
+        pending: EnrollmentPending,
+    ) -> None:
+        """Store when to try again, so the next run neither asks early nor rekeys in vain;
+        a server's Retry-After is honoured up to renewal.retry_cap_s."""
+        now = self._clock()
+        previous = host.state.pending
+        remembered = host.update(
+            pending=Pending(
+                operation=operation,
+                slot=target.index,
+                public_key=_point(key).hex() if key is not None else "",
+                retry_at=now
+                + timedelta(seconds=min(pending.retry_after_s, self.config.renewal.retry_cap_s)),
+                since=previous.since if previous is not None else now,
+            )
+        )
+        if not remembered:
+            raise EnrollmentPending(
+                pending.retry_after_s,
+                f"{pending} (not remembered: {host.notes[-1]}; the next run asks again)",
+            ) from pending
 
     def _request(
         self,
@@ -626,6 +639,7 @@ class Agent:
             signer=signer,
             basic_auth=basic,
             timeout_s=est.timeout_s,
+            run_timeout_s=est.run_timeout_s,
             tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",
             require_client_auth_eku=est.require_client_auth_eku,
             # renewal.retry_cap_s bounds the waits inside this run too

@@ -62,7 +62,9 @@ class Pending:
 
     operation: str  # simpleenroll | simplereenroll
     slot: int
-    public_key: str  # hex SEC1 point of the key generated for it (resume without rekeying)
+    #: hex SEC1 point of the key generated for it (resume without rekeying); "" when the
+    #: server asked to wait before the key was made (a long Retry-After on /cacerts)
+    public_key: str
     retry_at: datetime
     since: datetime
 
@@ -130,6 +132,11 @@ def _hex(value: Any, length: int | None = None) -> str:
     return value.lower() if length else value.upper()
 
 
+def _key_hex(value: Any) -> str:
+    """A pending request's key point (65 bytes, hex), or "" when none was made yet."""
+    return "" if value == "" else _hex(value, 130)
+
+
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise _Malformed(f"not a string: {value!r}")
@@ -168,7 +175,7 @@ def _decode(raw: Any) -> HostState:
         pending=Pending(
             operation=_str(pending["operation"]),
             slot=_int(pending["slot"], maximum=15),
-            public_key=_hex(pending["public_key"], 130).lower(),
+            public_key=_key_hex(pending["public_key"]),
             retry_at=_dt(pending["retry_at"]),
             since=_dt(pending["since"]),
         )
