@@ -17,9 +17,9 @@ The rules, in order:
 4. The target of an enrollment is never the active slot. A pending request (RFC 7030 §4.2.3:
    202 + Retry-After) for the same EST operation and a slot that is not active is resumed in
    its slot (its key is the one the server knows) — or waited for while its Retry-After has
-   not passed. Otherwise the target is a non-active slot that is ``EMPTY`` or ``DAMAGED``, else
-   the superseded older ``VALID`` one (the previous credential: it must make room, the active
-   one stays), the lowest index first.
+   not passed. Otherwise the target is a non-active slot: an ``EMPTY`` one, else a ``DAMAGED``
+   one, else the superseded older ``VALID`` one (the previous credential: it must make room,
+   the active one stays); the lowest index among equals.
 """
 
 from __future__ import annotations
@@ -106,6 +106,12 @@ class Plan:
         return None
 
 
+#: which non-active slot to write first: an empty one; then a damaged one (a "key mismatch" may
+#: be a card misreporting the key of the working credential: keep it while there is room);
+#: last the superseded older valid one
+_WRITE_PREFERENCE = {SlotState.EMPTY: 0, SlotState.DAMAGED: 1, SlotState.VALID: 2}
+
+
 def active_index(slots: Sequence[SlotFacts]) -> int | None:
     """The valid slot with the highest sequence number (the lower index on a tie)."""
     best: int | None = None
@@ -155,5 +161,5 @@ def plan(
             return Plan(Action.WAIT_PENDING, active, pending.slot, True, "pending at the server")
         return Plan(action, active, pending.slot, True, reason)
     candidates = [i for i in range(len(slots)) if i != active]
-    target = min(candidates, key=lambda i: (slots[i].state is SlotState.VALID, i))
+    target = min(candidates, key=lambda i: (_WRITE_PREFERENCE[slots[i].state], i))
     return Plan(action, active, target, False, reason)

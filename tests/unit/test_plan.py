@@ -75,7 +75,8 @@ ROWS = [
     ("torn-other", RENEW, V, D, DUE, None, None, (Action.REENROLL, 0, 1, False)),
     ("active-b-torn-a", RENEW, D, V, None, DUE, None, (Action.REENROLL, 1, 0, False)),
     ("both-damaged", RENEW, D, D, None, None, None, (Action.BOOTSTRAP, None, 0, False)),
-    ("damaged-or-empty-lowest-index", ENROLL, D, E, None, None, None, (Action.BOOTSTRAP, None, 0, False)),
+    ("empty-before-damaged", ENROLL, D, E, None, None, None, (Action.BOOTSTRAP, None, 1, False)),
+    ("damaged-after-empty", RENEW, E, D, None, None, None, (Action.BOOTSTRAP, None, 0, False)),
     # unknown: stop, whatever else holds
     ("unknown-active-side", RENEW, U, V, None, DUE, None, (Action.STOP_UNKNOWN, 1, None, False)),
     ("unknown-other", RENEW, V, U, DUE, None, None, (Action.STOP_UNKNOWN, 0, None, False)),
@@ -170,8 +171,11 @@ def _oracle(
     ):
         return (action if pending.ready else Action.WAIT_PENDING), active, pending.slot, True
     others = [i for i in (0, 1) if i != active]
-    writable = [i for i in others if states[i] in (E, D)]
-    return action, active, (writable or others)[0], False
+    for wanted_state in (E, D, V):
+        for i in others:
+            if states[i] is wanted_state:
+                return action, active, i, False
+    raise AssertionError("no slot to write")
 
 
 def test_the_sweep_covers_every_combination() -> None:
