@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
 from est_agent.card.signer import CardSigner, public_key_from_point
 from est_agent.card.uicc import EF_ICCID, decode_iccid, is_valid_iccid
 from est_agent.card.uri import IotSafeRef, UiccPath
+from est_agent.config import UiccChannel
 from est_agent.errors import (
     CardError,
     ConfigError,
@@ -379,11 +380,19 @@ class Agent:
             for v in views
             if v.state is SlotState.UNKNOWN
         ]
+        hint = ""
+        on_channel = self.config.card.uicc_channel.resolve(self.config.card.reader)
+        if on_channel is not UiccChannel.BASIC and any(
+            "6881" in v.detail for v in views if v.state is SlotState.UNKNOWN
+        ):
+            # SW 6881: logical channel not supported (ETSI TS 102 221 §10.2.1.5): the link
+            # cannot carry the EF commands on a channel of their own (CGLA-only modems)
+            hint = '; the link refuses logical channels: set card.uicc_channel = "basic"'
         return SlotUnreadableError(
             "cannot read "
             + "; ".join(parts)
             + ": nothing was written (a slot that cannot be read may hold the working "
-            "credential)"
+            f"credential){hint}"
         )
 
     def _scan(self, card: CardLink) -> list[SlotView]:

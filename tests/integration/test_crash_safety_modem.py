@@ -176,7 +176,8 @@ UNREADABLE = (
     "cannot read slot op-a (record-unreadable: SELECT uicc:path=7FF0/6F01: card answered SW "
     "6881 (logical channel not supported)); slot op-b (record-unreadable: SELECT "
     "uicc:path=7FF0/6F02: card answered SW 6881 (logical channel not supported)): nothing was "
-    "written (a slot that cannot be read may hold the working credential) [SlotUnreadableError]"
+    "written (a slot that cannot be read may hold the working credential); the link refuses "
+    'logical channels: set card.uicc_channel = "basic" [SlotUnreadableError]'
 )
 
 
