@@ -37,13 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from est_agent.card.uicc import UiccFiles
-from est_agent.card.uri import IotSafeRef, UiccPath
 from est_agent.errors import CardError, InputError, StoreError, TransportError
 
 if TYPE_CHECKING:
@@ -51,6 +48,8 @@ if TYPE_CHECKING:
     # only decodes a record header and must start fast.
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from est_agent.backends.base import CredentialBackend, KeyRef, RecordRef
 
 __all__ = [
     "HEADER_SIZE",
@@ -80,11 +79,12 @@ _READ_CHUNK = 256  # one short READ BINARY
 
 @dataclass(frozen=True)
 class Slot:
-    """An operational slot: where its key lives in the applet and its record on the UICC."""
+    """An operational slot: where its key and its certificate record live (references the
+    credential backend understands: an IoT SAFE key and a UICC EF for the SIM)."""
 
     index: int  # 0 or 1
-    key: IotSafeRef
-    ef: UiccPath
+    key: KeyRef
+    record: RecordRef
     label: str = ""
 
     @property
@@ -276,32 +276,28 @@ def pick_active(views: list[SlotView]) -> SlotView | None:
 # --- card I/O --------------------------------------------------------------------------------
 
 
-#: reads the public key now in a slot's key object; raises ``CardError`` when the card does
-#: not answer it (the slot is then UNKNOWN), ``TransportError`` when the card is gone
-PublicKeyReader = Callable[[Slot], "ec.EllipticCurvePublicKey"]
-
-
 def _unknown(
     slot: Slot, reason: str, exc: Exception, header: RecordHeader | None = None
 ) -> SlotView:
     return SlotView(slot, SlotState.UNKNOWN, header, None, reason, str(exc))
 
 
-def read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> SlotView:
-    """Read and judge one slot. SELECT + one READ BINARY for an empty slot; the key is read
-    only when the record itself is intact (so a fresh SIM costs two APDUs per slot).
+def read_slot(backend: CredentialBackend, slot: Slot) -> SlotView:
+    """Read and judge one slot. One read for an empty slot (SELECT + READ BINARY on the SIM);
+    the key is read only when the record itself is intact.
 
-    A status word refusing SELECT, READ BINARY or READ PUBLIC KEY makes the slot UNKNOWN;
-    a transport failure (``TransportError``) propagates: the card is gone, the run ends.
+    A refusal of the device (``CardError``: a status word on the SIM) makes the slot UNKNOWN;
+    a transport failure (``TransportError``) propagates: the device is gone, the run ends.
     """
-    with files.channel.session.transaction():  # one consistent look at the slot
-        return _read_slot(files, slot, public_key_of)
+    with backend.transaction():  # one consistent look at the slot
+        return _read_slot(backend, slot)
 
 
-def _read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> SlotView:
+def _read_slot(backend: CredentialBackend, slot: Slot) -> SlotView:
     try:
-        size = files.size(slot.ef)
-        first = files.read(slot.ef, 0, _READ_CHUNK if size is None else min(_READ_CHUNK, size))
+        size = backend.record_size(slot.record)
+        want = _READ_CHUNK if size is None else min(_READ_CHUNK, size)
+        first = backend.read_record(slot.record, 0, want)
     except TransportError:
         raise
     except (CardError, InputError) as exc:
@@ -315,15 +311,15 @@ def _read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> 
     missing = header.length - len(body)
     if missing > 0:
         try:
-            body += files.read(slot.ef, len(first), missing)
+            body += backend.read_record(slot.record, len(first), missing)
         except TransportError:
             raise
         except (CardError, InputError) as exc:
             return _unknown(slot, REASON_RECORD_UNREADABLE, exc, header)
     if hashlib.sha256(body[: header.length]).digest() != header.sha256:
-        return check_record(slot, header, body, None)  # torn: the key is not worth an APDU
+        return check_record(slot, header, body, None)  # torn: the key is not worth a command
     try:
-        key = public_key_of(slot)
+        key = backend.public_key(slot.key)
     except TransportError:
         raise
     except CardError as exc:
@@ -334,7 +330,7 @@ def _read_slot(files: UiccFiles, slot: Slot, public_key_of: PublicKeyReader) -> 
 
 
 def write_slot(
-    files: UiccFiles,
+    backend: CredentialBackend,
     slot: Slot,
     sequence: int,
     certificate_der: bytes,
@@ -347,21 +343,21 @@ def write_slot(
     """
     record = encode_record(sequence, certificate_der)
     try:
-        with files.channel.session.transaction():  # read back what this write left, unmixed
-            files.update(slot.ef, record)
-            back = files.read(slot.ef, 0, len(record))
+        with backend.transaction():  # read back what this write left, unmixed
+            backend.write_record(slot.record, record)
+            back = backend.read_record(slot.record, 0, len(record))
     except TransportError:
-        # The card went away mid-write: whether the record is complete is unknown (the next
-        # run reads it and adopts it only if intact), so this is "card unavailable", not
+        # The device went away mid-write: whether the record is complete is unknown (the next
+        # run reads it and adopts it only if intact), so this is "unavailable", not
         # "not installed".
         raise
     except (CardError, InputError) as exc:
-        raise StoreError(f"writing the certificate to {slot.ef} failed: {exc}") from exc
+        raise StoreError(f"writing the certificate to {slot.record} failed: {exc}") from exc
     header = decode_header(back)
     if back != record or header is None:
-        raise StoreError(f"{slot.ef} reads back different bytes than were written")
+        raise StoreError(f"{slot.record} reads back different bytes than were written")
     view = check_record(slot, header, back[HEADER_SIZE:], expected_key)
     if not view.valid:
-        raise StoreError(f"{slot.ef}: written record is not valid ({view.detail})")
+        raise StoreError(f"{slot.record}: written record is not valid ({view.detail})")
     log.info("slot %s: certificate record %d written and verified", slot.name, sequence)
     return view

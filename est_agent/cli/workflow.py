@@ -58,7 +58,7 @@ def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str,
     if result.renew_at is not None:
         print(f"  renew at   {result.renew_at:%Y-%m-%d %H:%M:%S %Z}")
     if result.hook is not None:
-        print(f"  deploy hook exit status {result.hook.get('exit_status')}")
+        print(f"  deploy hook exit status {result.hook.exit_status}")
     for note in result.notes:
         print(f"  note       {note}")
     return 0

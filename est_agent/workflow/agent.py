@@ -38,9 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from est_agent.card.signer import CardSigner, public_key_from_point
-from est_agent.card.uicc import EF_ICCID, decode_iccid, is_valid_iccid
-from est_agent.card.uri import IotSafeRef, UiccPath
+from est_agent.card.uicc import is_valid_iccid
 from est_agent.config import UiccChannel
 from est_agent.errors import (
     CardError,
@@ -61,7 +59,6 @@ from est_agent.store import (
     write_slot,
 )
 from est_agent.transport import open_transport
-from est_agent.workflow.cardlink import CardLink, TransportOpener, card_link
 from est_agent.workflow.hoststate import (
     ActiveCache,
     Deployment,
@@ -84,9 +81,12 @@ from est_agent.workflow.plan import (
 )
 from est_agent.workflow.quick import cached_not_due
 from est_agent.workflow.renewal import is_expired, renewal_due_at
-from est_agent.workflow.result import Outcome, Result
+from est_agent.workflow.result import HookReport, Outcome, Result
+from est_agent.workflow.session import BackendOpener, backend_opener
 
 if TYPE_CHECKING:
+    from est_agent.backends.base import CredentialBackend
+    from est_agent.backends.iotsafe_uicc import TransportOpener
     from est_agent.card.signer import Signer
     from est_agent.config import Config
     from est_agent.est.client import Enrollment, EstClient
@@ -149,13 +149,13 @@ def _hexserial(cert: x509.Certificate) -> str:
     return f"{cert.serial_number:X}"
 
 
-def _public_key_of(link: CardLink) -> Callable[[Slot], ec.EllipticCurvePublicKey]:
-    """store.PublicKeyReader for the card: ``CardError`` when the card does not answer it."""
+@dataclass(frozen=True)
+class _BootstrapIdentity:
+    """The bootstrap credential of a first enrollment and what its subject templates need."""
 
-    def read(slot: Slot) -> ec.EllipticCurvePublicKey:
-        return CardSigner.from_card(link.applet, slot.key).public_key()
-
-    return read
+    chain: list[x509.Certificate]
+    signer: Signer
+    values: dict[str, str]  # {"iccid": ..., "imei": ...} for the subject templates
 
 
 class _HostStateFile:
@@ -195,7 +195,8 @@ class Agent:
     """Runs enroll / renew / run / status for one configuration.
 
     Seams: ``clock`` (renewal timing, pending waits), ``client_factory`` (the EST client),
-    ``opener`` (reader string -> card transport).
+    ``backends`` (opens the credential backend; default: the SIM behind ``config.card.reader``,
+    its transport built by ``opener``).
     """
 
     def __init__(
@@ -206,20 +207,20 @@ class Agent:
         clock: Callable[[], datetime] = _now,
         client_factory: Callable[..., EstClient] | None = None,
         opener: TransportOpener | None = None,
+        backends: BackendOpener | None = None,
     ) -> None:
         self.config = config
         self._progress = progress or (lambda text: log.info("%s", text))
         self._clock = clock
         self._client_factory = client_factory
         self._opener = opener
+        self._backends = backends
         self.slots = tuple(
             Slot(i, s.key, s.certificate, s.name) for i, s in enumerate(config.slots)
         )
-        #: the last card session's link statistics (benchmarks read them)
+        #: the last session's link statistics (benchmarks and --json read them)
         self.link_stats: Any = None
         self.card_signatures = 0
-        self._iccid: str | None = None
-        self._imei: str | None = None
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -240,11 +241,10 @@ class Agent:
         return self.renew(force=False, use_cache=use_cache)
 
     def status(self) -> StatusReport:
-        with self._session() as (card, host), card.session.transaction():
-            views = self._scan(card)
-            iccid = self._read_iccid(card)
-            aid = card.applet.aid.hex().upper()
-            reader = card.transport.description
+        with self._session() as (backend, host), backend.transaction():
+            views = self._scan(backend)
+            iccid = backend.iccid()
+            details = backend.details()
         state = host.state
         active = self._decide(Operation.ENROLL, views, state).active
         reports = []
@@ -254,7 +254,7 @@ class Agent:
                 SlotReport(
                     name=view.slot.name,
                     key=str(view.slot.key),
-                    certificate_ef=str(view.slot.ef),
+                    certificate_ef=str(view.slot.record),
                     status=view.state.value,
                     reason=view.reason,
                     detail=view.detail,
@@ -280,9 +280,9 @@ class Agent:
             renew_at = self._due_at(view.certificate).isoformat()
             deployment = self._deployment_report(view, state)
         return StatusReport(
-            reader=reader,
+            reader=details.get("reader", backend.description),
             iccid=iccid,
-            aid=aid,
+            aid=details.get("aid", ""),
             slots=tuple(sorted(reports, key=lambda r: r.name)),
             active=self.slots[active].name if active is not None else None,
             renew_at=renew_at,
@@ -293,32 +293,28 @@ class Agent:
     # -- the run -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[tuple[CardLink, _HostStateFile]]:
-        """Run lock, then the card session (with its transaction), then the host state."""
+    def _session(self) -> Iterator[tuple[CredentialBackend, _HostStateFile]]:
+        """Run lock, then the credential backend, then the host state (read once)."""
         paths = self.config.paths
-        opener = self._opener or open_transport
-        with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
-            link_cm = card_link(self.config, opener)
-            card = link_cm.__enter__()
+        open_backend = self._backends or backend_opener(self._opener or open_transport)
+        with (
+            run_lock(paths.state_dir, wait_s=paths.lock_wait_s),
+            open_backend(self.config) as backend,
+        ):
             try:
-                yield card, _HostStateFile(paths.state_dir)
-            except BaseException as exc:
-                self.link_stats = card.transport.stats
-                if not link_cm.__exit__(type(exc), exc, exc.__traceback__):
-                    raise
-            else:
-                self.link_stats = card.transport.stats
-                link_cm.__exit__(None, None, None)
+                yield backend, _HostStateFile(paths.state_dir)
+            finally:
+                self.link_stats = backend.stats
 
     def _execute(self, operation: Operation, *, use_cache: bool) -> Result:
-        with self._session() as (card, host):
-            with card.session.transaction():  # the slots are judged as one picture
+        with self._session() as (backend, host):
+            with backend.transaction():  # the slots are judged as one picture
                 if use_cache:
-                    quick = cached_not_due(self.config, card, host.state, self._clock())
+                    quick = cached_not_due(self.config, backend, host.state, self._clock())
                     if quick is not None:
                         return quick
                 self._progress("reading the credential slots on the SIM")
-                views = self._scan(card)
+                views = self._scan(backend)
             decision = self._decide(operation, views, host.state)
             log.info("plan: %s %s", decision.action.value, decision.reason)
             active = views[decision.active] if decision.active is not None else None
@@ -346,9 +342,9 @@ class Agent:
             if decision.action is Action.BOOTSTRAP:
                 if active is not None:
                     log.warning("the active certificate expired: falling back to bootstrap")
-                return self._bootstrap_enroll(card, views, decision, host)
+                return self._bootstrap_enroll(backend, views, decision, host)
             assert active is not None
-            return self._reenroll(card, views, decision, active, host)
+            return self._reenroll(backend, views, decision, active, host)
 
     def _decide(self, operation: Operation, views: Sequence[SlotView], host: HostState) -> Plan:
         now = self._clock()
@@ -395,12 +391,8 @@ class Agent:
             f"credential){hint}"
         )
 
-    def _scan(self, card: CardLink) -> list[SlotView]:
-        # Read the other slots first and slot 0 last: on a fresh SIM slot 0 is the target and
-        # stays selected for the write (one SELECT less).
-        reader = _public_key_of(card)
-        views = [read_slot(card.files, s, reader) for s in reversed(self.slots)]
-        views.reverse()
+    def _scan(self, backend: CredentialBackend) -> list[SlotView]:
+        views = [read_slot(backend, s) for s in self.slots]
         for view in views:
             log.info(
                 "slot %s: %s%s",
@@ -411,16 +403,22 @@ class Agent:
         return views
 
     def _bootstrap_enroll(
-        self, card: CardLink, views: list[SlotView], decision: Plan, host: _HostStateFile
+        self,
+        backend: CredentialBackend,
+        views: list[SlotView],
+        decision: Plan,
+        host: _HostStateFile,
     ) -> Result:
         self._progress("reading the bootstrap credential from the SIM")
-        chain, signer = self._bootstrap_identity(card)
-        with self._client(card, chain, signer) as client:
-            return self._enroll_into(card, views, decision, client, host, current=None)
+        identity = self._bootstrap_identity(backend)
+        with self._client(backend, identity.chain, identity.signer) as client:
+            return self._enroll_into(
+                backend, views, decision, client, host, current=None, values=identity.values
+            )
 
     def _reenroll(
         self,
-        card: CardLink,
+        backend: CredentialBackend,
         views: list[SlotView],
         decision: Plan,
         active: SlotView,
@@ -428,22 +426,25 @@ class Agent:
     ) -> Result:
         assert active.certificate is not None
         current = active.certificate
-        signer = CardSigner(card.applet, active.slot.key, current.public_key())  # type: ignore[arg-type]
+        current_key = current.public_key()
+        assert isinstance(current_key, ec.EllipticCurvePublicKey)  # VALID: it matched the slot
+        signer = backend.signer(active.slot.key, current_key)
         self._progress(
             f"renewing the certificate of slot {active.slot.name} (serial {_hexserial(current)})"
         )
-        with self._client(card, [current], signer) as client:
-            return self._enroll_into(card, views, decision, client, host, current=current)
+        with self._client(backend, [current], signer) as client:
+            return self._enroll_into(backend, views, decision, client, host, current=current)
 
     def _enroll_into(
         self,
-        card: CardLink,
+        backend: CredentialBackend,
         views: list[SlotView],
         decision: Plan,
         client: EstClient,
         host: _HostStateFile,
         *,
         current: x509.Certificate | None,
+        values: dict[str, str] | None = None,
     ) -> Result:
         assert decision.target is not None and decision.est_operation is not None
         target = self.slots[decision.target]
@@ -453,15 +454,17 @@ class Agent:
             raise StoreError(f"refusing to write slot {target.name}: it is active or unknown")
         self._progress("connecting to the EST server (TLS authenticated by the SIM)")
         key: ec.EllipticCurvePublicKey | None = None
-        op_signer: CardSigner | None = None
+        op_signer: Signer | None = None
         try:
             cacerts = client.cacerts()
             self._check_fingerprint(cacerts.anchor)
             attrs = client.csrattrs()
-            key = self._target_key(card, target, host.state.pending, decision)
-            op_signer = CardSigner(card.applet, target.key, key)
+            key = self._target_key(backend, target, host.state.pending, decision)
+            op_signer = backend.signer(target.key, key)
             self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
-            enrollment = self._request(client, operation, op_signer, attrs, current)
+            enrollment = self._request(
+                client, operation, op_signer, attrs, current, values=values
+            )
         except EnrollmentPending as pending:
             # A 202 (the server knows this key: resume with it) or a Retry-After longer than
             # this run waits, on any request (no key yet: the next run makes one).
@@ -469,14 +472,14 @@ class Agent:
             raise
         finally:
             if op_signer is not None:
-                self.card_signatures += op_signer.signatures
+                self.card_signatures += getattr(op_signer, "signatures", 0)
         self._progress(f"writing the certificate to SIM slot {target.name} and reading it back")
         sequence = 1 + max((v.header.sequence for v in views if v.header), default=0)
         der = enrollment.certificate.public_bytes(Encoding.DER)
         if not host.update(installing=Installing(target.index, sequence)):
             host.forget()  # the fast path must not trust a cache that missed this write
         try:
-            installed = write_slot(card.files, target, sequence, der, key)
+            installed = write_slot(backend, target, sequence, der, key)
         except StoreError:
             host.update(installing=None)  # nothing complete was written
             raise
@@ -517,9 +520,11 @@ class Agent:
         self,
         client: EstClient,
         operation: str,
-        signer: CardSigner,
+        signer: Signer,
         attrs: CsrAttributes | None,
         current: x509.Certificate | None,
+        *,
+        values: dict[str, str] | None,
     ) -> Enrollment:
         from est_agent.config import PopMode
         from est_agent.csr import CsrBuilder
@@ -530,10 +535,7 @@ class Agent:
             # RFC 7030 §4.2.2: Subject and SubjectAltName byte-equal to the current certificate
             base = CsrBuilder().copy_from_certificate(current)
         else:
-            values = {"iccid": self._iccid} if self._iccid else {}
-            if self._imei:
-                values["imei"] = self._imei
-            name, sans = self.config.subject.render(values)
+            name, sans = self.config.subject.render(values or {})
             base = CsrBuilder().subject(name)
             if sans:
                 base = base.subject_alt_names(list(sans))
@@ -560,16 +562,17 @@ class Agent:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _bootstrap_identity(self, card: CardLink) -> tuple[list[x509.Certificate], Signer]:
+    def _bootstrap_identity(self, backend: CredentialBackend) -> _BootstrapIdentity:
         """The bootstrap certificate chain and a signer for its key: on the SIM (IoT SAFE key,
-        certificate in an applet file or a UICC EF) or, on devices without one, PEM files."""
+        certificate in an applet file or a UICC EF) or, on devices without one, PEM files;
+        and the ICCID / IMEI the subject templates ask for."""
         from est_agent.card.signer import SoftwareSigner
 
         boot = self.config.bootstrap
         if isinstance(boot.certificate, Path):
             data = _read_file(boot.certificate, "bootstrap.certificate")
         else:
-            data = self._read_card_object(card, boot.certificate)
+            data = backend.read_object(boot.certificate)
         chain = _load_certificates(data, "bootstrap.certificate")
         key = chain[0].public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
@@ -583,23 +586,17 @@ class Agent:
             if _point(private.public_key()) != _point(key):
                 raise ConfigError("bootstrap.key does not match bootstrap.certificate")
         else:
-            signer = CardSigner(card.applet, boot.key, key)
+            signer = backend.signer(boot.key, key)
+        values: dict[str, str] = {}
         if self._needs("{iccid}"):
-            self._iccid = _iccid_from_certificate(chain[0]) or self._read_iccid(card)
+            iccid = _iccid_from_certificate(chain[0]) or backend.iccid()
+            if iccid:
+                values["iccid"] = iccid
         if self._needs("{imei}"):
-            self._imei = self._modem_imei(card)
-        return chain, signer
-
-    def _modem_imei(self, card: CardLink) -> str | None:
-        """AT+CGSN on a ``modem:`` link (TS 27.007 §5.4); other links know no IMEI."""
-        imei = getattr(card.transport, "imei", None)
-        if not callable(imei):
-            return None
-        try:
-            return str(imei())
-        except CardError as exc:
-            log.warning("cannot read the modem's IMEI: %s", exc)
-            return None
+            imei = backend.imei()
+            if imei:
+                values["imei"] = imei
+        return _BootstrapIdentity(chain, signer, values)
 
     def _needs(self, placeholder: str) -> bool:
         subject = self.config.subject
@@ -607,23 +604,9 @@ class Agent:
         texts += [*subject.san_dns, *subject.san_uri]
         return any(placeholder in t for t in texts)
 
-    def _read_iccid(self, card: CardLink) -> str | None:
-        try:
-            return decode_iccid(card.files.read(EF_ICCID))
-        except TransportError:
-            raise
-        except (CardError, InputError) as exc:
-            log.warning("cannot read EF_ICCID: %s", exc)
-            return None
-
-    def _read_card_object(self, card: CardLink, ref: IotSafeRef | UiccPath) -> bytes:
-        if isinstance(ref, UiccPath):
-            return card.files.read(ref)
-        return card.applet.read_file(ref)
-
     @contextlib.contextmanager
     def _client(
-        self, card: CardLink, chain: Sequence[x509.Certificate], signer: Signer
+        self, backend: CredentialBackend, chain: Sequence[x509.Certificate], signer: Signer
     ) -> Iterator[EstClient]:
         from est_agent.config import PopMode
         from est_agent.est.client import EstClient, RetryPolicy
@@ -642,7 +625,7 @@ class Agent:
         factory = self._client_factory or EstClient
         client = factory(
             est.url,
-            trust_anchors=self._trust_anchors(card),
+            trust_anchors=self._trust_anchors(backend),
             label=est.label,
             client_cert_chain=list(chain),
             signer=signer,
@@ -663,7 +646,7 @@ class Agent:
             self.card_signatures += getattr(signer, "signatures", 0)
             client.close()
 
-    def _trust_anchors(self, card: CardLink) -> list[x509.Certificate]:
+    def _trust_anchors(self, backend: CredentialBackend) -> list[x509.Certificate]:
         source = self.config.est.trust_anchor
         if source is None:
             # RFC 7030 §4.1.1 bootstrap distribution (provisional TLS, /cacerts checked against
@@ -675,7 +658,7 @@ class Agent:
         if isinstance(source, Path):
             data = _read_file(source, "est.trust_anchor")
         else:
-            data = self._read_card_object(card, source)
+            data = backend.read_object(source)
         return _load_certificates(data, "est.trust_anchor")
 
     def _check_fingerprint(self, anchor: x509.Certificate) -> None:
@@ -690,13 +673,13 @@ class Agent:
             )
 
     def _target_key(
-        self, card: CardLink, target: Slot, pending: Pending | None, decision: Plan
+        self, backend: CredentialBackend, target: Slot, pending: Pending | None, decision: Plan
     ) -> ec.EllipticCurvePublicKey:
         """The key for the new certificate: the pending request's key when resuming a 202
         (the server knows that key), else a fresh one generated inside the SIM."""
-        if decision.resume_pending and pending is not None:
+        if decision.resume_pending and pending is not None and pending.public_key:
             try:
-                existing = _public_key_of(card)(target)
+                existing: ec.EllipticCurvePublicKey | None = backend.public_key(target.key)
             except TransportError:
                 raise
             except CardError as exc:
@@ -706,8 +689,7 @@ class Agent:
                 self._progress(f"resuming the pending request with the key in slot {target.name}")
                 return existing
         self._progress(f"generating a key in SIM slot {target.name}")
-        generated = card.applet.generate_key_pair(target.key)
-        return public_key_from_point(generated.public_point)
+        return backend.generate_key(target.key)
 
     def _due_at(self, cert: x509.Certificate) -> datetime:
         return renewal_due_at(
@@ -739,7 +721,7 @@ class Agent:
         paths = self.config.paths
         return paths.export_pem is not None or bool(paths.deploy_hook)
 
-    def _adopt(self, view: SlotView, host: _HostStateFile) -> dict[str, Any] | None:
+    def _adopt(self, view: SlotView, host: _HostStateFile) -> HookReport | None:
         """Remember the active credential found on the SIM, and deploy it when its PEM export
         and deploy hook have not succeeded yet: a run died after writing it, or an earlier
         deployment failed (retried by every run until it succeeds; leaf only: the chain the
@@ -770,7 +752,7 @@ class Agent:
 
     def _deploy(
         self, view: SlotView, chain: Sequence[x509.Certificate], host: _HostStateFile
-    ) -> dict[str, Any] | None:
+    ) -> HookReport | None:
         """PEM export and deploy hook (certbot's deploy hook): only after a successful install,
         reported (and retried by later runs) but never undoing the installed credential."""
         if not self._deploys():
@@ -811,12 +793,8 @@ class Agent:
             host.notes.append(note[:600])
         if report.hook is None:
             return None
-        return {
-            "argv": list(report.hook.argv),
-            "exit_status": report.hook.exit_status,
-            "timed_out": report.hook.timed_out,
-            "error": report.hook.error,
-        }
+        hook = report.hook
+        return HookReport(tuple(hook.argv), hook.exit_status, hook.timed_out, hook.error)
 
     def _deployment_report(self, view: SlotView, state: HostState) -> dict[str, Any] | None:
         if not self._deploys():
@@ -838,7 +816,7 @@ class Agent:
         self,
         outcome: Outcome,
         view: SlotView,
-        hook: dict[str, Any] | None,
+        hook: HookReport | None,
         host: _HostStateFile,
     ) -> Result:
         cert = view.certificate

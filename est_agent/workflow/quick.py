@@ -17,26 +17,23 @@ recorded what it did to the SIM).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardError, TransportError
 from est_agent.store import HEADER_SIZE, decode_header
-from est_agent.transport import open_transport
-from est_agent.workflow.cardlink import CardLink, TransportOpener, card_link
 from est_agent.workflow.hoststate import HostState, load_host_state
 from est_agent.workflow.lock import run_lock
 from est_agent.workflow.renewal import renewal_due_at
 from est_agent.workflow.result import Outcome, Result
 
 if TYPE_CHECKING:
+    from est_agent.backends.base import CredentialBackend
     from est_agent.config import Config
     from est_agent.transport.base import LinkStats
+    from est_agent.workflow.session import BackendOpener
 
 __all__ = ["cached_not_due", "run_if_not_due"]
 
@@ -61,7 +58,7 @@ def _trusted_cache(config: Config, host: HostState) -> bool:
 
 def cached_not_due(
     config: Config,
-    link: CardLink,
+    backend: CredentialBackend,
     host: HostState,
     now: datetime,
     *,
@@ -70,9 +67,8 @@ def cached_not_due(
     """A NOT_DUE result when the cache says "not due" and the SIM still holds that record and
     the key it was issued for; None when the full workflow must decide.
 
-    ``last_use``: the card session ends right after this, so when the EFs are on a logical
-    channel of their own the applet may be selected on that same channel after the header is
-    read (2 APDUs fewer on modem links); the files' channel is unusable for EFs afterwards.
+    ``last_use``: the session ends right after this (the backend may then take shortcuts,
+    e.g. select the applet on the EFs' own logical channel: 2 APDUs fewer on modem links).
     """
     if not _trusted_cache(config, host):
         return None
@@ -89,45 +85,39 @@ def cached_not_due(
         return None
     slot = config.slots[cache.slot]
     try:
-        header = decode_header(link.files.read(slot.certificate, 0, HEADER_SIZE))
+        header = decode_header(backend.read_record(slot.certificate, 0, HEADER_SIZE))
         if header is None or (header.sequence, header.sha256.hex()) != (
             cache.sequence,
             cache.sha256,
         ):
             log.info("SIM record differs from the cache: full check")
             return None
-        ref = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=slot.key.object_id, label=slot.key.label)
-        channel = link.files.channel
-        if last_use and channel.number != 0:
-            card = config.card
-            applet = IotSafeApplet.select(
-                channel, aids=tuple(card.aids), proprietary_cla=not card.iso_cla
-            )
-        else:
-            applet = link.applet
-        point = applet.read_public_key(ref)
+        digest = backend.public_key_digest(slot.key, last_use=last_use)
     except TransportError:
         raise  # the card is gone: the full workflow would fail the same way
     except CardError as exc:
         log.info("slot %s not readable the short way (%s): full check", slot.name, exc)
         return None
-    if hashlib.sha256(point).hexdigest() != cache.public_key_sha256:
+    if digest != cache.public_key_sha256:
         log.warning("slot %s: the key on the card is not the cached one: full check", slot.name)
         return None
     return Result(Outcome.NOT_DUE, slot.name, cache.subject, cache.serial, cache.not_after, due)
 
 
 def run_if_not_due(
-    config: Config, now: datetime, *, opener: TransportOpener = open_transport
+    config: Config, now: datetime, *, backends: BackendOpener | None = None
 ) -> tuple[Result | None, LinkStats | None]:
-    """(result or None, card-link counters): the whole fast path, under the run lock, card
-    opened and closed here; the card is not touched when the cache cannot decide anyway."""
+    """(result or None, link counters): the whole fast path, under the run lock, the device
+    opened and closed here; the device is not touched when the cache cannot decide anyway."""
+    from est_agent.workflow.session import backend_opener
+
     paths = config.paths
     if not _trusted_cache(config, load_host_state(paths.state_dir)):
         return None, None
+    open_backend = backends or backend_opener()
     with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
         host = load_host_state(paths.state_dir)  # again: another run may just have changed it
-        with card_link(config, opener) as link, link.session.transaction():
-            result = cached_not_due(config, link, host, now, last_use=True)
-            stats = link.transport.stats
+        with open_backend(config) as backend, backend.transaction():
+            result = cached_not_due(config, backend, host, now, last_use=True)
+            stats = backend.stats
     return result, stats

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Outcome", "Result"]
+__all__ = ["HookReport", "Outcome", "Result"]
 
 
 class Outcome(StrEnum):
@@ -15,6 +15,24 @@ class Outcome(StrEnum):
     RENEWED = "renewed"
     ALREADY_ENROLLED = "already-enrolled"
     NOT_DUE = "not-due"
+
+
+@dataclass(frozen=True)
+class HookReport:
+    """How the deploy hook of this run ended (hooks.py ran it)."""
+
+    argv: tuple[str, ...]
+    exit_status: int | None
+    timed_out: bool
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "exit_status": self.exit_status,
+            "timed_out": self.timed_out,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True)
@@ -31,7 +49,7 @@ class Result:
     serial: str
     not_after: datetime
     renew_at: datetime | None = None
-    hook: dict[str, Any] | None = None
+    hook: HookReport | None = None
     notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -42,6 +60,6 @@ class Result:
             "serial": self.serial,
             "not_after": self.not_after.isoformat(),
             "renew_at": self.renew_at.isoformat() if self.renew_at else None,
-            "deploy_hook": self.hook,
+            "deploy_hook": self.hook.to_json() if self.hook is not None else None,
             "notes": list(self.notes),
         }

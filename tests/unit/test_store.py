@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from est_agent.backends.iotsafe_uicc import IotSafeUiccBackend
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import public_key_from_point
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
 from est_agent.errors import StoreError
+from est_agent.sim.options import DEFAULT_AID
 from est_agent.sim.personalize import personalize
 from est_agent.sim.transport import SimTransport
 from est_agent.store import (
@@ -120,51 +121,50 @@ def test_pick_active_highest_valid_sequence() -> None:
 
 
 @pytest.fixture
-def card(tmp_path: Path) -> tuple[IotSafeApplet, UiccFiles, SimTransport]:
+def card(tmp_path: Path) -> tuple[IotSafeApplet, IotSafeUiccBackend, SimTransport]:
     state = tmp_path / "sim.json"
     personalize(state)
     transport = SimTransport(state)
     session = CardSession(transport)
-    return IotSafeApplet.open(session), UiccFiles(session.basic_channel), transport
+    backend = IotSafeUiccBackend(session, UiccFiles(session.basic_channel), aids=(DEFAULT_AID,))
+    return backend.applet, backend, transport
 
 
-def test_fresh_sim_slot_costs_two_apdus(
-    card: tuple[IotSafeApplet, UiccFiles, SimTransport],
-) -> None:
-    _, files, transport = card
+Card = tuple[IotSafeApplet, IotSafeUiccBackend, SimTransport]
+
+
+def test_fresh_sim_slot_costs_two_apdus(card: Card) -> None:
+    _, backend, transport = card
     before = transport.stats.apdus
-    view = read_slot(files, SLOT_A, lambda slot: pytest.fail("no key read for an empty slot"))
+    view = read_slot(backend, SLOT_A)  # an empty record: the key is not even read
     assert view.state is SlotState.EMPTY
     assert transport.stats.apdus - before == 2
 
 
-def test_write_read_back_and_adopt(card: tuple[IotSafeApplet, UiccFiles, SimTransport]) -> None:
-    applet, files, _ = card
-    point = applet.generate_key_pair(SLOT_A.key).public_point
-    key = public_key_from_point(point)
+def test_write_read_back_and_adopt(card: Card) -> None:
+    applet, backend, _ = card
+    key = backend.generate_key(SLOT_A.key)
     # a certificate for the card key, signed by some issuer key
     from tests.unit.certs import cert_for_public_key_der
 
     der = cert_for_public_key_der(key, KEY)
-    written = write_slot(files, SLOT_A, 5, der, key)
+    written = write_slot(backend, SLOT_A, 5, der, key)
     assert written.valid
-    view = read_slot(files, SLOT_A, lambda slot: key)
+    view = read_slot(backend, SLOT_A)
     assert view.valid and view.header is not None and view.header.sequence == 5
     # the key regenerated without a new certificate: no longer adopted
-    new_key = public_key_from_point(applet.generate_key_pair(SLOT_A.key).public_point)
-    assert _verdict(read_slot(files, SLOT_A, lambda slot: new_key)) == ("damaged", "key-mismatch")
+    applet.generate_key_pair(SLOT_A.key)
+    assert _verdict(read_slot(backend, SLOT_A)) == ("damaged", "key-mismatch")
 
 
-def test_write_refuses_a_certificate_for_another_key(
-    card: tuple[IotSafeApplet, UiccFiles, SimTransport],
-) -> None:
-    _, files, _ = card
+def test_write_refuses_a_certificate_for_another_key(card: Card) -> None:
+    _, backend, _ = card
     with pytest.raises(StoreError, match="not valid"):
-        write_slot(files, SLOT_B, 1, CERT, OTHER.public_key())
+        write_slot(backend, SLOT_B, 1, CERT, OTHER.public_key())
 
 
-def test_torn_write_is_never_adopted(card: tuple[IotSafeApplet, UiccFiles, SimTransport]) -> None:
-    _, files, _ = card
+def test_torn_write_is_never_adopted(card: Card) -> None:
+    _, backend, _ = card
     record = encode_record(2, CERT)
-    files.update(SLOT_B.ef, record[:300])  # power lost after the second UPDATE BINARY
-    assert _verdict(read_slot(files, SLOT_B, lambda slot: KEY.public_key())) == ("damaged", "torn")
+    backend.write_record(SLOT_B.record, record[:300])  # power lost after the 2nd UPDATE BINARY
+    assert _verdict(read_slot(backend, SLOT_B)) == ("damaged", "torn")

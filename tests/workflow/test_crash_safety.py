@@ -12,9 +12,13 @@ which tests/integration/test_crash_safety_pcsc.py drives through pcscd + vpcd).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,15 +27,16 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-import est_agent.est.client as est_client_module
-import est_agent.store
 import est_agent.transport
 import est_agent.workflow.agent as agent_module
+from est_agent.config import load_config
 from est_agent.errors import NoCardError
 from est_agent.est.client import Enrollment, EstCaCerts, EstClient
 from est_agent.est.messages import CsrAttributes
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
+from est_agent.workflow.agent import Agent
+from est_agent.workflow.session import backend_opener
 from tests.workflow.conftest import Device, Run, openssl_verify
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
@@ -457,29 +462,65 @@ def killing_client(point: str, fired: list[str]) -> type[EstClient]:
     return KillingClient
 
 
-@pytest.fixture
-def kill_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[str | None], list[str]]:
-    """Arm one kill point (None: none) for the next command; returns the list of fired ones."""
-    fired: list[str] = []
-    real_write = est_agent.store.write_slot
+class KillingBackend:
+    """The real credential backend, dying in the read-back of the first record written: the
+    record is complete on the SIM, the run never learns it (``install:after-write``)."""
 
-    def arm(point: str | None) -> list[str]:
-        fired.clear()
-        monkeypatch.setattr(
-            est_client_module, "EstClient", killing_client(point or "", fired), raising=True
+    def __init__(self, inner: Any, fired: list[str]) -> None:
+        self._inner = inner
+        self._fired = fired
+        self._written = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def write_record(self, record: object, data: bytes) -> None:
+        self._inner.write_record(record, data)
+        self._written = True
+
+    def read_record(self, record: object, offset: int, length: int) -> bytes:
+        data: bytes = self._inner.read_record(record, offset, length)
+        if self._written:
+            self._fired.append("install:after-write")
+            raise AgentKilled("install:after-write")
+        return data
+
+
+@dataclass
+class Killer:
+    """Runs one command through the Agent with one kill point armed; ``fired`` lists the points
+    reached. The seams are the Agent's own: the EST client factory and the backend opener."""
+
+    device: Device
+    fired: list[str] = field(default_factory=list)
+
+    def __call__(self, point: str, command: tuple[str, ...]) -> None:
+        self.fired.clear()
+        real = backend_opener()
+
+        @contextlib.contextmanager
+        def backends(config: Any) -> Iterator[Any]:
+            with real(config) as backend:
+                if point == "install:after-write":
+                    yield KillingBackend(backend, self.fired)
+                else:
+                    yield backend
+
+        agent = Agent(
+            load_config(self.device.config),
+            client_factory=killing_client(point, self.fired),
+            backends=backends,
         )
+        if command == ENROLL:
+            agent.enroll()
+        else:
+            assert command == RENEW
+            agent.renew(force=True)
 
-        def write_then_die(*args: Any, **kwargs: Any) -> Any:
-            view = real_write(*args, **kwargs)
-            if point == "install:after-write":
-                fired.append(point)
-                raise AgentKilled(point)
-            return view
 
-        monkeypatch.setattr(agent_module, "write_slot", write_then_die)
-        return fired
-
-    return arm
+@pytest.fixture
+def kill_at(device: Device) -> Killer:
+    return Killer(device)
 
 
 def issued(server: EstTestServer) -> list[dict[str, Any]]:
@@ -500,14 +541,12 @@ def test_agent_killed_at_each_network_step(
     start_server: Callable[..., EstTestServer],
     dev_pki: DevPki,
     cli: Run,
-    link: Link,
-    kill_at: Callable[[str | None], list[str]],
+    kill_at: Killer,
     tmp_path: Path,
 ) -> None:
     server = start_server()
     device.write_config(server, dev_pki)
     argv = (*scenario.command, "--config", str(device.config))
-    kill_at(None)
     for command in scenario.setup:
         assert cli(*command, "--config", str(device.config))[0] == 0
     previous = None
@@ -515,14 +554,12 @@ def test_agent_killed_at_each_network_step(
         previous = check_device(cli, device, dev_pki, previous=None, previous_superseded_ok=False)
     issued_before = len(issued(server))
 
-    fired = kill_at(point)
     with pytest.raises(AgentKilled):
-        cli(*argv)
-    assert fired == [point]
+        kill_at(point, scenario.command)
+    assert kill_at.fired == [point]
     orphans = issued(server)[issued_before:]
     assert len(orphans) == (1 if point in ("enroll:after", "install:after-write") else 0)
 
-    kill_at(None)
     if previous is not None:
         check_device(cli, device, dev_pki, previous=previous, previous_superseded_ok=False)
     code, out, err = cli(*argv, "--json")
@@ -571,8 +608,7 @@ def test_credential_installed_by_a_dead_run_is_deployed_by_the_next(
     dev_pki: DevPki,
     cli: Run,
     link: Link,
-    kill_at: Callable[[str | None], list[str]],
-    monkeypatch: pytest.MonkeyPatch,
+    kill_at: Killer,
 ) -> None:
     """The record is on the SIM (valid, highest sequence: the store's active credential) but the
     run died before the PEM export and the deploy hook. The next full run (here `enroll`, which
@@ -581,26 +617,30 @@ def test_credential_installed_by_a_dead_run_is_deployed_by_the_next(
     server = start_server()
     export, seen, extra = hook_config(device)
     device.write_config(server, dev_pki, **extra)
-    kill_at(None)
     for command in scenario.setup:
         assert cli(*command, "--config", str(device.config))[0] == 0
     argv = (*scenario.command, "--config", str(device.config))
 
     if crash == "killed-after-write":
-        kill_at("install:after-write")
         with pytest.raises(AgentKilled):
-            cli(*argv)
-        kill_at(None)
+            kill_at("install:after-write", scenario.command)
     elif crash == "killed-in-hook":
-        import est_agent.hooks
-
-        def die(*args: Any, **kwargs: Any) -> Any:
-            raise AgentKilled("deploy")
-
-        with monkeypatch.context() as patch:
-            patch.setattr(est_agent.hooks, "deploy_new_certificate", die)
-            with pytest.raises(AgentKilled):
-                cli(*argv)
+        # a real agent process, killed by its own deploy hook (once: the marker file)
+        marker = device.root / "killed-once"
+        hook = device.root / "hook.sh"
+        hook.write_text(
+            f"#!/bin/sh\nif [ ! -e {marker} ]; then touch {marker}; kill -9 $PPID; exit 1; fi\n"
+            f'echo "$EST_AGENT_SLOT $EST_AGENT_SERIAL" >> {seen}\n'
+        )
+        killed = subprocess.run(
+            [sys.executable, "-m", "est_agent", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert marker.exists()
     else:
         before = Snapshot.take(device, device.root / "snapshot")
         link.arm(None)

@@ -4,8 +4,8 @@ with every key inside the (in-process) virtual SIM."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,10 +17,14 @@ from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.signer import CardSigner
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
+from est_agent.config import load_config
+from est_agent.errors import EnrollmentPending
 from est_agent.sim.transport import SimTransport
 from est_agent.store import HEADER_SIZE, decode_header
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import Profile
+from est_agent.workflow.agent import Agent
+from est_agent.workflow.result import Outcome
 from tests.workflow.conftest import ICCID, Device, Run, openssl_verify
 
 pytestmark = pytest.mark.integration
@@ -106,25 +110,38 @@ def test_renew_rotates_to_the_other_slot_and_back(
     assert {s["name"]: s["status"] for s in status["slots"]} == {"op-a": "valid", "op-b": "valid"}
 
 
+class FakeClock:
+    """The agent's clock (renewal timing, pending waits), moved by the test: days pass at once.
+    The EST server, TLS and the issued certificates keep real time."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def agent_on(device: Device, clock: FakeClock) -> Agent:
+    return Agent(load_config(device.config), clock=clock)
+
+
 def test_renewal_when_due_and_bootstrap_fallback_after_expiry(
     device: Device,
     start_server: Callable[..., EstTestServer],
     dev_pki: DevPki,
-    cli: Run,
 ) -> None:
-    server = start_server(default_profile=Profile(validity_s=4))
+    server = start_server(default_profile=Profile(validity_s=30 * 86400))
     device.write_config(server, dev_pki)
-    assert cli("enroll", "--config", str(device.config))[0] == 0
-    code, out, _ = cli("run", "--config", str(device.config), "--json")
-    assert json.loads(out)["outcome"] == "not-due"
-    time.sleep(3)  # past 2/3 of a 4 s lifetime: due
-    code, out, err = cli("run", "--config", str(device.config), "--json")
-    assert code == 0, err
-    assert json.loads(out)["outcome"] == "renewed"
-    time.sleep(4.2)  # now expired: renewal must fall back to the bootstrap credential
-    code, out, err = cli("run", "--config", str(device.config), "--json")
-    assert code == 0, err
-    assert json.loads(out)["outcome"] == "enrolled"
+    clock = FakeClock()
+    assert agent_on(device, clock).enroll().outcome == Outcome.ENROLLED
+    assert agent_on(device, clock).run().outcome == Outcome.NOT_DUE
+    clock.advance(days=21)  # past 2/3 of a 30-day lifetime: due
+    assert agent_on(device, clock).run().outcome == Outcome.RENEWED
+    clock.advance(days=31)  # the renewed certificate has expired too: back to the bootstrap key
+    assert agent_on(device, clock).run().outcome == Outcome.ENROLLED
     ops = [json.loads(x)["operation"] for x in server.config.issuance_log.read_text().splitlines()]
     assert ops == ["simpleenroll", "simplereenroll", "simpleenroll"]
 
@@ -135,18 +152,20 @@ def test_pending_202_is_stored_and_resumed_with_the_same_key(
     dev_pki: DevPki,
     cli: Run,
 ) -> None:
-    server = start_server(manual_approval_s=1.0)
+    server = start_server(manual_approval_s=0.05)  # the server says: Retry-After: 1
     device.write_config(server, dev_pki)
-    code, _, err = cli("enroll", "--config", str(device.config))
-    assert code == 75, err
+    clock = FakeClock()
+    with pytest.raises(EnrollmentPending):
+        agent_on(device, clock).enroll()
     state = json.loads((device.state_dir / "state.json").read_text())
     assert state["pending"]["operation"] == "simpleenroll"
     key_hex = state["pending"]["public_key"]
-    code, _, err = cli("enroll", "--config", str(device.config))  # before Retry-After: no network
-    assert code == 75 and "pending" in err
-    time.sleep(1.2)
-    code, _, err = cli("enroll", "--config", str(device.config), "--json")
-    assert code == 0, err
+    requests = len(server.config.issuance_log.read_text().splitlines())
+    with pytest.raises(EnrollmentPending, match="pending"):  # before Retry-After: no network
+        agent_on(device, clock).enroll()
+    assert len(server.config.issuance_log.read_text().splitlines()) == requests
+    clock.advance(seconds=2)
+    assert agent_on(device, clock).enroll().outcome == Outcome.ENROLLED
     cert = certificate_on_sim(device.sim, "op-a")
     from cryptography.hazmat.primitives.serialization import PublicFormat
 
