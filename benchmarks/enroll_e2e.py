@@ -82,7 +82,7 @@ def one_round(
             env=env,
         )  # fmt: skip
         # after the card process ends, wait for an empty reader (and one vpcd poll) before
-        # the next round's card connects (pcsc-virtual-stack.md)
+        # the next round's card connects (a reader reused within one 400 ms poll can stay empty)
         stack.callback(time.sleep, 0.5)
         stack.callback(wait_for_no_card, pcscd.reader_name)
         stack.callback(stop_process, card)
