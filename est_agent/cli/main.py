@@ -20,6 +20,7 @@ from typing import Any
 
 from est_agent import __version__
 from est_agent.errors import (
+    EX_INTERRUPTED,
     EX_SOFTWARE,
     EX_USAGE,
     EstAgentError,
@@ -37,6 +38,8 @@ DEFAULT_READER = "pcsc:"
 # socket timeout must be a finite positive number (socket.settimeout refuses NaN and overflows).
 _MAX_TIMEOUT_S = 3600.0
 _MAX_ATTEMPTS = 20
+# argparse's own exit status for a bad command line (ArgumentParser.error): shown as EX_USAGE.
+_ARGPARSE_USAGE_STATUS = 2
 
 
 def _seconds(option: str, maximum: float) -> Callable[[str], float]:
@@ -354,7 +357,7 @@ def _main(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors; sysexits says 64
         code = exc.code if isinstance(exc.code, int) else EX_USAGE
-        return EX_USAGE if code == 2 else code
+        return EX_USAGE if code == _ARGPARSE_USAGE_STATUS else code
     except UsageError as exc:  # a value argparse took apart but our type= refused
         _report(exc)
         return exit_code_for(exc)
@@ -380,7 +383,7 @@ def _main(argv: Sequence[str] | None) -> int:
         log.debug("details", exc_info=True)
         return exit_code_for(exc)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     except Exception:
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EX_SOFTWARE
