@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from est_agent.card.signer import Signer
+from est_agent.backends.signer import Signer
 from est_agent.errors import CardError, CsrError
 from est_agent.est.messages import OID_EC_PUBLIC_KEY, CsrAttributes
 

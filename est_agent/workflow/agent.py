@@ -38,7 +38,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from est_agent.card.signer import CardSigner, public_key_from_point
+from est_agent.backends.iotsafe import CardSigner
+from est_agent.backends.signer import public_key_from_point
 from est_agent.card.uicc import EF_ICCID, decode_iccid, is_valid_iccid
 from est_agent.card.uri import IotSafeRef, UiccPath
 from est_agent.config import UiccChannel
@@ -87,7 +88,7 @@ from est_agent.workflow.renewal import is_expired, renewal_due_at
 from est_agent.workflow.result import Outcome, Result
 
 if TYPE_CHECKING:
-    from est_agent.card.signer import Signer
+    from est_agent.backends.signer import Signer
     from est_agent.config import Config
     from est_agent.est.client import Enrollment, EstClient
     from est_agent.est.messages import CsrAttributes
@@ -563,7 +564,7 @@ class Agent:
     def _bootstrap_identity(self, card: CardLink) -> tuple[list[x509.Certificate], Signer]:
         """The bootstrap certificate chain and a signer for its key: on the SIM (IoT SAFE key,
         certificate in an applet file or a UICC EF) or, on devices without one, PEM files."""
-        from est_agent.card.signer import SoftwareSigner
+        from est_agent.backends.signer import SoftwareSigner
 
         boot = self.config.bootstrap
         if isinstance(boot.certificate, Path):
