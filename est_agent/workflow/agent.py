@@ -523,7 +523,7 @@ class Agent:
         current: x509.Certificate | None,
     ) -> Enrollment:
         from est_agent.config import PopMode
-        from est_agent.csr import CsrBuilder
+        from est_agent.csr import CsrBuilder, render_subject
         from est_agent.est.messages import challenge_password_value
 
         pop = self.config.est.pop
@@ -534,7 +534,7 @@ class Agent:
             values = {"iccid": self._iccid} if self._iccid else {}
             if self._imei:
                 values["imei"] = self._imei
-            name, sans = self.config.subject.render(values)
+            name, sans = render_subject(*self.config.subject.templates(), values)
             base = CsrBuilder().subject(name)
             if sans:
                 base = base.subject_alt_names(list(sans))
