@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import est_agent.sim
 from est_agent import __version__
 from est_agent.errors import (
     EX_INTERRUPTED,
@@ -362,6 +363,9 @@ def _main(argv: Sequence[str] | None) -> int:
         _report(exc)
         return exit_code_for(exc)
     _configure_logging(getattr(args, "verbose", 0), getattr(args, "log_format", "text"))
+    # The virtual SIM is a tool the CLI offers, not part of the runtime: its `sim:` reader scheme
+    # is added here (transport.registry; loads nothing of the card model until one is opened).
+    est_agent.sim.register()
     try:
         result: int = args.func(args)
         # Flushed here rather than at interpreter exit, so that a closed pipe is reported like
