@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pcsc", action="store_true", help="serve the SIM through a private pcscd + vpcd"
     )
-    demo.set_defaults(func=_handler("sim", "demo"))
+    demo.set_defaults(func=_handler("demo", "demo"))
 
     _add_est_commands(commands, common)
     return parser
