@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import est_agent.workflow  # noqa: F401 - THROWAWAY: an upward import, to show lint-imports failing
 from est_agent.errors import CardProtocolError, InputError
 
 __all__ = ["CommandApdu", "ResponseApdu"]
