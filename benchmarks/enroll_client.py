@@ -50,9 +50,10 @@ def child(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    from est_agent.backends.iotsafe import CardSigner
+    from est_agent.backends.signer import public_key_from_point
     from est_agent.card.channel import CardSession
     from est_agent.card.iotsafe import IotSafeApplet
-    from est_agent.card.signer import CardSigner, public_key_from_point
     from est_agent.card.uri import IotSafeRef, ObjectKind
     from est_agent.csr import CsrBuilder
     from est_agent.est.client import EstClient

@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from est_agent.sim.demo import write_demo_config  # noqa: E402
+from est_agent.cli.demo import write_demo_config  # noqa: E402
 from est_agent.sim.personalize import personalize  # noqa: E402
 from est_agent.testserver import load_dev_pki  # noqa: E402
 from est_agent.testserver.launch import running_test_server  # noqa: E402

@@ -30,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from est_agent.cli.demo import write_demo_config  # noqa: E402
 from est_agent.config import load_config  # noqa: E402
 from est_agent.sim.card import VirtualCard  # noqa: E402
-from est_agent.sim.demo import write_demo_config  # noqa: E402
 from est_agent.sim.modem import EmulatedModem, ModemQuirks, PtyModem  # noqa: E402
 from est_agent.sim.personalize import personalize  # noqa: E402
 from est_agent.sim.transport import SimTransport  # noqa: E402

@@ -32,16 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from typing import TypeAlias, TypeVar
 
-from est_agent.card.iotsafe import DEFAULT_AID
-from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
-from est_agent.errors import ConfigError, CsrError, InputError, UsageError
-from est_agent.fileio import CONFIG_LIMIT_BYTES, PASSWORD_LIMIT_BYTES, read_bounded
-
-if TYPE_CHECKING:
-    from cryptography import x509
+from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind, UiccPath, parse_card_uri
+from est_agent.errors import ConfigError, InputError, UsageError
 from est_agent.est.url import est_url
+from est_agent.fileio import CONFIG_LIMIT_BYTES, PASSWORD_LIMIT_BYTES, read_bounded
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -89,7 +85,9 @@ _MAX_TIMEOUT_S = 3600.0
 _MAX_DELAY_S = 30 * 86400.0
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SLOT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,15}")
-# Subject attributes of [subject] and their RFC 4514 names for csr.subject_from_template.
+#: (configuration key, RFC 4514 short name or SAN kind, pattern): csr.KeyedTemplate
+_Template: TypeAlias = tuple[str, str, str]
+# Subject attributes of [subject] and their RFC 4514 names for csr.render_subject.
 _SUBJECT_ATTRIBUTES = (
     ("common_name", "CN"),
     ("organization", "O"),
@@ -208,7 +206,8 @@ def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
 
 
 def _fill_template(key: str, pattern: str, values: Mapping[str, str]) -> str:
-    """Fill a SAN template with the rules of csr.subject_from_template (plain ``{name}`` only)."""
+    """Fill a template with the rules of csr.render_subject (plain ``{name}`` only), with the
+    standard library alone: the load-time check of every subject and SAN template."""
     parts = []
     try:
         parsed = list(string.Formatter().parse(pattern))
@@ -512,7 +511,8 @@ class SubjectConfig:
             raise _fail("subject.common_name", "the subject is empty and there is no SAN")
         # Fill every template with stand-in values so that a typo fails now, not in the field.
         # Only the text is checked here (stdlib): building the X.509 name needs cryptography,
-        # which `est-agent run` with nothing due must not load; render() does it at enrollment.
+        # which `est-agent run` with nothing due must not load; csr.render_subject does it at
+        # enrollment.
         for name, _ in _SUBJECT_ATTRIBUTES:
             pattern = getattr(self, name)
             if pattern:
@@ -527,37 +527,21 @@ class SubjectConfig:
                 if not _fill_template(f"subject.{name}", pattern, PLACEHOLDERS):
                     raise _fail(f"subject.{name}", "empty SAN")
 
-    def render(self, values: Mapping[str, str]) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
-        """Subject and SANs with the placeholders filled (``{"iccid": ..., "imei": ...}``).
-
-        Leave ``imei`` out of `values` when it is not known; a template that needs it then
-        raises ConfigError naming the key.
-        """
-        from cryptography import x509
-
-        from est_agent.csr import parse_san, subject_from_template
-
-        rdns: list[x509.RelativeDistinguishedName] = []
-        for name, short in _SUBJECT_ATTRIBUTES:
-            pattern = getattr(self, name)
-            if not pattern:
-                continue
-            key = f"subject.{name}"
-            _fill_template(key, pattern, values)  # names the key on unknown placeholders
-            try:
-                rdns.extend(subject_from_template({short: pattern}, values).rdns)
-            except CsrError as exc:
-                raise _fail(key, str(exc)) from None
-        sans: list[x509.GeneralName] = []
-        for name, kind in (("san_dns", "dns"), ("san_uri", "uri")):
-            for pattern in getattr(self, name):
-                key = f"subject.{name}"
-                value = _fill_template(key, pattern, values)
-                try:
-                    sans.append(parse_san(f"{kind}:{value}"))
-                except CsrError as exc:
-                    raise _fail(key, str(exc)) from None
-        return x509.Name(rdns), tuple(sans)
+    def templates(self) -> tuple[tuple[_Template, ...], tuple[_Template, ...]]:
+        """The non-empty templates as ``(key, field, pattern)``: subject attributes (field: the
+        RFC 4514 short name) and SANs (field: ``dns`` / ``uri``), the input of
+        ``csr.render_subject``, which fills them at enrollment (it needs cryptography)."""
+        subject = tuple(
+            (f"subject.{name}", short, getattr(self, name))
+            for name, short in _SUBJECT_ATTRIBUTES
+            if getattr(self, name)
+        )
+        sans = tuple(
+            (f"subject.{name}", kind, pattern)
+            for name, kind in (("san_dns", "dns"), ("san_uri", "uri"))
+            for pattern in getattr(self, name)
+        )
+        return subject, sans
 
 
 @dataclass(frozen=True, kw_only=True)

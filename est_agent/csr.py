@@ -20,7 +20,7 @@ import ipaddress
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeAlias
 
 from asn1crypto import csr, keys
@@ -30,22 +30,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from est_agent.card.signer import Signer
-from est_agent.errors import CardError, CsrError
-from est_agent.est.messages import OID_EC_PUBLIC_KEY, CsrAttributes
+from est_agent.backends.signer import Signer
+from est_agent.errors import CardError, ConfigError, CsrError
 
 __all__ = [
+    "OID_EC_PUBLIC_KEY",
+    "CsrAttributes",
     "CsrBuilder",
+    "KeyedTemplate",
     "SubjectSpec",
     "parse_san",
     "parse_subject",
     "raw_subject_and_san",
+    "render_subject",
     "subject_from_template",
 ]
 
 #: an `x509.Name`, (OID, value) pairs, or the raw DER of a Name
 SubjectSpec: TypeAlias = x509.Name | Sequence[tuple[x509.ObjectIdentifier | str, str]] | bytes
 
+# RFC 5480 §2.1.1: id-ecPublicKey, and the named curve secp256r1 (§2.1.1.1)
+OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 OID_SECP256R1 = "1.2.840.10045.3.1.7"
 _SAN_OID = ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string
 # What IoT SAFE cards do (GSMA IoT.05 §4): ECDSA on P-256 with SHA-256. A server may name the
@@ -93,6 +98,35 @@ _NAME_OIDS: dict[str, x509.ObjectIdentifier] = {
     "SERIALNUMBER": NameOID.SERIAL_NUMBER,
     "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
 }
+
+
+@dataclass(frozen=True)
+class CsrAttributes:
+    """What a server's `/csrattrs` asks for (RFC 7030 §4.5.2, RFC 8951 §4).
+
+    `oids` are the bare OIDs; `attributes` maps each Attribute type to the DER of its values.
+    The derived fields interpret the well-known items; anything else stays available raw, and
+    items that are neither an OID nor an Attribute are kept in `unknown` (they MUST be ignored,
+    RFC 7030 §4.5.2, but are useful in diagnostics).
+    """
+
+    oids: tuple[str, ...] = ()
+    attributes: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+    #: the server wants a challengePassword (proof of possession, RFC 7030 §3.5)
+    challenge_password: bool = False
+    #: hash / signature algorithm OIDs asked for (e.g. ecdsa-with-SHA384)
+    hash_oids: tuple[str, ...] = ()
+    #: key algorithm OID -> parameter OIDs (e.g. id-ecPublicKey -> (secp384r1,))
+    key_algorithms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: extension OIDs named inside extensionRequest (as bare OIDs or as Extensions)
+    extension_requests: tuple[str, ...] = ()
+    #: DER of items that are neither an OID nor an Attribute
+    unknown: tuple[bytes, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """Nothing asked (204, 404 or an empty SEQUENCE all mean this, RFC 7030 §4.5.2)."""
+        return not (self.oids or self.attributes or self.unknown)
 
 
 @dataclass(frozen=True)
@@ -424,31 +458,13 @@ def subject_from_template(template: Mapping[str, str], values: Mapping[str, str]
     dotted OIDs, in RDN order. Placeholders are plain ``{name}`` looked up in `values`; format
     specs, conversions and attribute access are refused so a template cannot reach into objects.
     """
-    formatter = string.Formatter()
     attributes = []
     for key, pattern in template.items():
         try:
             oid = _oid(key)
         except ValueError:
             raise CsrError(f"unknown subject attribute {key!r} in the template") from None
-        parts = []
-        try:
-            parsed = list(formatter.parse(pattern))
-        except ValueError as exc:
-            raise CsrError(f"invalid subject template {pattern!r}: {exc}") from None
-        for literal, field_name, spec, conversion in parsed:
-            parts.append(literal)
-            if field_name is None:
-                continue
-            if spec or conversion or not field_name.isidentifier():
-                raise CsrError(f"subject template {pattern!r}: use plain {{name}} placeholders")
-            if field_name not in values:
-                known = ", ".join(sorted(values)) or "none"
-                raise CsrError(
-                    f"unknown placeholder {{{field_name}}} in subject template (known: {known})"
-                )
-            parts.append(values[field_name])
-        value = "".join(parts)
+        value = _fill(pattern, values)
         if not value:
             raise CsrError(f"subject attribute {key} is empty after filling the template")
         try:
@@ -456,3 +472,82 @@ def subject_from_template(template: Mapping[str, str], values: Mapping[str, str]
         except ValueError as exc:
             raise CsrError(f"invalid subject attribute {key}={value!r}: {exc}") from None
     return x509.Name(attributes)
+
+
+#: one configured template: (the configuration key it came from, named in every error;
+#: an RFC 4514 short name for a subject attribute, or "dns" / "uri" for a SAN; the pattern)
+KeyedTemplate: TypeAlias = tuple[str, str, str]
+
+
+def render_subject(
+    subject: Sequence[KeyedTemplate], sans: Sequence[KeyedTemplate], values: Mapping[str, str]
+) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
+    """The first enrollment's Subject and SubjectAltNames from configured templates, in order.
+
+    `values` holds what the device knows (``{"iccid": ..., "imei": ...}``: leave ``imei`` out
+    when it is not known). The templates come from the configuration, so a template that cannot
+    be filled is a `ConfigError` naming its key (``subject.san_uri: placeholder {imei} ...``).
+    """
+    rdns: list[x509.RelativeDistinguishedName] = []
+    for key, short_name, pattern in subject:
+        _check_placeholders(key, pattern, values)
+        try:
+            rdns.extend(subject_from_template({short_name: pattern}, values).rdns)
+        except CsrError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    general_names: list[x509.GeneralName] = []
+    for key, kind, pattern in sans:
+        _check_placeholders(key, pattern, values)
+        try:
+            general_names.append(parse_san(f"{kind}:{_fill(pattern, values)}"))
+        except CsrError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return x509.Name(rdns), tuple(general_names)
+
+
+def _placeholders(pattern: str) -> list[str]:
+    """The ``{name}`` fields of a template; CsrError for anything but plain names."""
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as exc:
+        raise CsrError(f"invalid subject template {pattern!r}: {exc}") from None
+    names = []
+    for _, field_name, spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if spec or conversion or not field_name.isidentifier():
+            raise CsrError(f"subject template {pattern!r}: use plain {{name}} placeholders")
+        names.append(field_name)
+    return names
+
+
+def _check_placeholders(key: str, pattern: str, values: Mapping[str, str]) -> None:
+    """A placeholder the device has no value for (no IMEI behind a PC/SC reader) is named with
+    the configuration key before anything is filled."""
+    try:
+        names = _placeholders(pattern)
+    except CsrError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    for name in names:
+        if name not in values:
+            known = ", ".join(f"{{{n}}}" for n in sorted(values)) or "none"
+            raise ConfigError(
+                f"{key}: placeholder {{{name}}} has no value for this device (known: {known})"
+            )
+
+
+def _fill(pattern: str, values: Mapping[str, str]) -> str:
+    """The template with its placeholders replaced (`{{` and `}}` are literal braces)."""
+    _placeholders(pattern)  # refuses specs, conversions and attribute access first
+    parts = []
+    for literal, field_name, _, _ in string.Formatter().parse(pattern):
+        parts.append(literal)
+        if field_name is None:
+            continue
+        if field_name not in values:
+            known = ", ".join(sorted(values)) or "none"
+            raise CsrError(
+                f"unknown placeholder {{{field_name}}} in subject template (known: {known})"
+            )
+        parts.append(values[field_name])
+    return "".join(parts)

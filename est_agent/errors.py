@@ -28,7 +28,9 @@
     ├── EnrollmentPending              75  try later (carries retry_after_s)
     └── BusyError                      75  another est-agent holds the run lock
 
-`cli/main.py` is the only place that turns these into exit codes (`exit_code_for`).
+`exit_code_for` is the one mapping from these to exit codes; the command lines (`cli/main.py`,
+`testserver/cli.py`) call it and name every other status by the ``EX_`` constants below.
+This module imports nothing of est-agent: it is the bottom layer every other one may use.
 Messages never carry key material, PINs or passwords: only status words, command names
 and bounded excerpts.
 """
@@ -36,6 +38,20 @@ and bounded excerpts.
 from __future__ import annotations
 
 __all__ = [
+    "EX_CANTCREAT",
+    "EX_CONFIG",
+    "EX_DATAERR",
+    "EX_INTERRUPTED",
+    "EX_IOERR",
+    "EX_NOPERM",
+    "EX_OK",
+    "EX_OSERR",
+    "EX_PROTOCOL",
+    "EX_SOFTWARE",
+    "EX_TEMPFAIL",
+    "EX_UNAVAILABLE",
+    "EX_UNHEALTHY",
+    "EX_USAGE",
     "AuthError",
     "BusyError",
     "CardError",
@@ -66,7 +82,7 @@ __all__ = [
     "exit_code_for",
 ]
 
-# sysexits.h values
+# sysexits.h values (FreeBSD sysexits(3)), the exit codes of every est-agent process
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -78,14 +94,19 @@ EX_TEMPFAIL = 75
 EX_PROTOCOL = 76
 EX_NOPERM = 77
 EX_CONFIG = 78
+#: cannot bind a port or write a file (est-testserver: an OS error outside our tree)
+EX_OSERR = 71
+#: killed by SIGINT: 128 + the signal number, the shell's convention (POSIX.1-2017 XCU §2.8.2)
+EX_INTERRUPTED = 130
+#: a health check that failed: Docker's HEALTHCHECK contract is 0 healthy, 1 unhealthy
+#: (Dockerfile reference, HEALTHCHECK; compose's healthcheck.test runs `est-testserver probe`)
+EX_UNHEALTHY = 1
 
 
 class EstAgentError(Exception):
     """Root of every error est-agent raises on purpose."""
 
     exit_code: int = EX_SOFTWARE
-    #: whether trying again later may succeed (drives the daemon's backoff)
-    retryable: bool = False
 
 
 class ConfigError(EstAgentError):
@@ -123,14 +144,17 @@ class CardError(EstAgentError):
 
 
 class StatusWordError(CardError):
-    """Raised when the card answers a status word the command does not accept."""
+    """Raised when the card answers a status word the command does not accept.
 
-    def __init__(self, sw: int, command: str = "", meaning: str | None = None) -> None:
-        from est_agent.card.status import describe_sw  # the SW table lives with the APDU layer
+    The caller says what the status word means: the table of meanings belongs to the card layer
+    (``card.status.error_for_sw`` builds these from ISO/IEC 7816-4 §5.1.3), and this module
+    imports nothing of ours.
+    """
 
+    def __init__(self, sw: int, command: str, meaning: str) -> None:
         self.sw = sw
         self.command = command
-        self.meaning = meaning if meaning is not None else describe_sw(sw)
+        self.meaning = meaning
         where = f"{command}: " if command else ""
         super().__init__(f"{where}card answered SW {sw:04X} ({self.meaning})")
 
@@ -162,7 +186,6 @@ class TransportError(CardError):
     """Raised when the card cannot be reached at all."""
 
     exit_code = EX_UNAVAILABLE
-    retryable = True
 
 
 class NoCardError(TransportError):
@@ -226,7 +249,6 @@ class EstConnectionError(EstError):
     """Raised when the EST server cannot be reached."""
 
     exit_code = EX_UNAVAILABLE
-    retryable = True
 
 
 class AuthError(EstAgentError):
@@ -239,7 +261,6 @@ class EnrollmentPending(EstAgentError):
     """Raised when the server accepted the request but has not issued yet (202/503)."""
 
     exit_code = EX_TEMPFAIL
-    retryable = True
 
     def __init__(self, retry_after_s: float, message: str = "") -> None:
         self.retry_after_s = retry_after_s
@@ -250,7 +271,6 @@ class BusyError(EstAgentError):
     """Raised when another est-agent process holds the run lock longer than we may wait."""
 
     exit_code = EX_TEMPFAIL
-    retryable = True
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -1,5 +1,9 @@
 """Fixtures shared by every test package: a throwaway dev PKI and in-process EST test servers.
 
+`sim:` readers are registered for the whole session (as the CLI does at startup): the tests
+open them through the library API (Agent, open_transport), and the runtime core never imports
+the virtual SIM to know the scheme.
+
 Servers are `EstTestServer` instances on 127.0.0.1 and a free port (the same code as
 `est-testserver serve`), stopped after each test. Keys are generated per session, never stored.
 """
@@ -12,7 +16,13 @@ from typing import Any
 
 import pytest
 
+import est_agent.sim
 from est_agent.testserver import DevPki, EstTestServer, ServerConfig, generate_dev_pki, load_dev_pki
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sim_reader_scheme() -> None:
+    est_agent.sim.register()
 
 
 @pytest.fixture(scope="session")

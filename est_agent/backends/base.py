@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from est_agent.card.signer import Signer
+    from est_agent.backends.signer import Signer
     from est_agent.transport.base import LinkStats
 
 __all__ = ["CredentialBackend", "KeyRef", "ObjectRef", "RecordRef"]

@@ -33,7 +33,7 @@ from est_agent.transport.base import CardTransport, LinkStats
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from est_agent.card.signer import CardSigner
+    from est_agent.backends.iotsafe import CardSigner
 
 __all__ = ["IotSafeUiccBackend", "TransportOpener", "open_iotsafe_uicc"]
 
@@ -117,12 +117,12 @@ class IotSafeUiccBackend:
     # -- keys -------------------------------------------------------------------------------
 
     def signer(self, key: object, public_key: ec.EllipticCurvePublicKey) -> CardSigner:
-        from est_agent.card.signer import CardSigner
+        from est_agent.backends.iotsafe import CardSigner
 
         return CardSigner(self.applet, _key(key), public_key)
 
     def public_key(self, key: object) -> ec.EllipticCurvePublicKey:
-        from est_agent.card.signer import CardSigner
+        from est_agent.backends.iotsafe import CardSigner
 
         return CardSigner.from_card(self.applet, _key(key)).public_key()
 
@@ -140,7 +140,7 @@ class IotSafeUiccBackend:
         return hashlib.sha256(applet.read_public_key(_public_ref(_key(key)))).hexdigest()
 
     def generate_key(self, key: object) -> ec.EllipticCurvePublicKey:
-        from est_agent.card.signer import public_key_from_point
+        from est_agent.backends.signer import public_key_from_point
 
         return public_key_from_point(self.applet.generate_key_pair(_key(key)).public_point)
 

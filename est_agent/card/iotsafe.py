@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from est_agent.card.channel import CardSession, LogicalChannel
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
-from est_agent.card.uri import IotSafeRef, ObjectKind
+from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, InputError, NotFoundError, StatusWordError
 
 __all__ = [
@@ -40,8 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_AID = bytes.fromhex("A0000005590010")
 
 # Instructions (iot-safe-apdu.md §3.0)
 INS_SELECT = 0xA4

@@ -76,11 +76,13 @@ def is_success(sw: int) -> bool:
 
 
 def error_for_sw(sw: int, command: str = "") -> StatusWordError:
-    """The most specific exception for a status word the caller did not expect."""
+    """The most specific exception for a status word the caller did not expect, carrying the
+    status word's meaning (errors.py holds no table of its own)."""
+    meaning = describe_sw(sw)
     if sw == 0x6982:
-        return SecurityStatusError(sw, command)
+        return SecurityStatusError(sw, command, meaning)
     if sw in (0x6A82, 0x6A88):
-        return NotFoundError(sw, command)
+        return NotFoundError(sw, command, meaning)
     if sw == 0x6985:
-        return ConditionsNotSatisfiedError(sw, command)
-    return StatusWordError(sw, command)
+        return ConditionsNotSatisfiedError(sw, command, meaning)
+    return StatusWordError(sw, command, meaning)

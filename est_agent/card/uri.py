@@ -6,6 +6,8 @@ iotsafe:key-label=op-a     explicit forms of the same
 iotsafe:file-id=01         IoT SAFE file container by ID
 iotsafe:file-label=cert    ... by label
 uicc:path=7FF0/6F01        UICC transparent EF, path from the MF (3F00 implied)
+
+and ``DEFAULT_AID``, the address of the IoT SAFE applet itself.
 """
 
 from __future__ import annotations
@@ -15,7 +17,19 @@ from enum import Enum
 
 from est_agent.errors import InputError
 
-__all__ = ["IotSafeRef", "ObjectKind", "UiccPath", "parse_card_uri", "parse_iotsafe_ref"]
+__all__ = [
+    "DEFAULT_AID",
+    "IotSafeRef",
+    "ObjectKind",
+    "UiccPath",
+    "parse_card_uri",
+    "parse_iotsafe_ref",
+]
+
+#: The IoT SAFE applet's AID (GSMA IoT.05: RID A000000559, PIX 0010), tried first when no other
+#: is configured. Here, with the other card addresses, so that configuration does not load the
+#: applet client to learn its default.
+DEFAULT_AID = bytes.fromhex("A0000005590010")
 
 _MAX_ID_BYTES = 20  # IoT.05 object IDs are short byte strings (OR caps them at 20)
 _MAX_LABEL_BYTES = 60

@@ -7,7 +7,7 @@ import json
 
 from est_agent.card.channel import CardSession
 from est_agent.card.info import read_card_info
-from est_agent.card.iotsafe import DEFAULT_AID
+from est_agent.card.uri import DEFAULT_AID
 from est_agent.errors import UsageError
 from est_agent.transport import open_transport
 

@@ -8,9 +8,9 @@ import sys
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from est_agent.backends.iotsafe import CardSigner
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import CardSigner
 from est_agent.card.uri import ObjectKind, parse_iotsafe_ref
 from est_agent.cli.card import parse_aids
 from est_agent.csr import CsrBuilder, parse_san, parse_subject

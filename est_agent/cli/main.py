@@ -18,8 +18,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import est_agent.sim
 from est_agent import __version__
 from est_agent.errors import (
+    EX_INTERRUPTED,
     EX_SOFTWARE,
     EX_USAGE,
     EstAgentError,
@@ -37,6 +39,8 @@ DEFAULT_READER = "pcsc:"
 # socket timeout must be a finite positive number (socket.settimeout refuses NaN and overflows).
 _MAX_TIMEOUT_S = 3600.0
 _MAX_ATTEMPTS = 20
+# argparse's own exit status for a bad command line (ArgumentParser.error): shown as EX_USAGE.
+_ARGPARSE_USAGE_STATUS = 2
 
 
 def _seconds(option: str, maximum: float) -> Callable[[str], float]:
@@ -322,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pcsc", action="store_true", help="serve the SIM through a private pcscd + vpcd"
     )
-    demo.set_defaults(func=_handler("sim", "demo"))
+    demo.set_defaults(func=_handler("demo", "demo"))
 
     _add_est_commands(commands, common)
     return parser
@@ -354,11 +358,14 @@ def _main(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors; sysexits says 64
         code = exc.code if isinstance(exc.code, int) else EX_USAGE
-        return EX_USAGE if code == 2 else code
+        return EX_USAGE if code == _ARGPARSE_USAGE_STATUS else code
     except UsageError as exc:  # a value argparse took apart but our type= refused
         _report(exc)
         return exit_code_for(exc)
     _configure_logging(getattr(args, "verbose", 0), getattr(args, "log_format", "text"))
+    # The virtual SIM is a tool the CLI offers, not part of the runtime: its `sim:` reader scheme
+    # is added here (transport.registry; loads nothing of the card model until one is opened).
+    est_agent.sim.register()
     try:
         result: int = args.func(args)
         # Flushed here rather than at interpreter exit, so that a closed pipe is reported like
@@ -380,7 +387,7 @@ def _main(argv: Sequence[str] | None) -> int:
         log.debug("details", exc_info=True)
         return exit_code_for(exc)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     except Exception:
         log.exception("unexpected error (a bug: please report it with this traceback)")
         return EX_SOFTWARE

@@ -130,9 +130,3 @@ def _serve_modem(args: argparse.Namespace, faults: FaultPlan | None) -> int:
         vpcd=args.vpcd,
         faults=faults,
     )
-
-
-def demo(args: argparse.Namespace) -> int:
-    from est_agent.sim.demo import run_demo
-
-    return run_demo(Path(args.dir) if args.dir else None, pcsc=args.pcsc)

@@ -88,7 +88,7 @@ from est_agent.est.tls import (
 if TYPE_CHECKING:
     import httpx
 
-    from est_agent.card.signer import Signer
+    from est_agent.backends.signer import Signer
 
 __all__ = [
     "CsrFactory",

@@ -22,7 +22,7 @@ import string
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from asn1crypto import cms, core
@@ -33,6 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 
+# The /csrattrs result type and the key OID it names live with the CSR builder that reads them
+# (csr sits below est: the builder must not depend on the EST codecs).
+from est_agent.csr import OID_EC_PUBLIC_KEY, CsrAttributes
 from est_agent.errors import EstResponseError, InputError
 from est_agent.est.url import EST_PATH_PREFIX, OPERATIONS, est_url
 from est_agent.logs import REDACTED
@@ -77,7 +80,6 @@ MEDIA_CSRATTRS = "application/csrattrs"
 # PKCS#9 / RFC 2985 attribute types and RFC 5480 key algorithm identifiers.
 OID_CHALLENGE_PASSWORD = "1.2.840.113549.1.9.7"  # noqa: S105 - an OID, not a secret
 OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
-OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 # Key algorithms a CSR attribute may name (bare OID or Attribute{type=alg, values=params}).
 _KEY_ALGORITHM_OIDS = frozenset(
@@ -414,35 +416,6 @@ def _clip(text: str) -> str:
 
 
 # --- /csrattrs -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CsrAttributes:
-    """What a server's `/csrattrs` asks for (RFC 7030 §4.5.2, RFC 8951 §4).
-
-    `oids` are the bare OIDs; `attributes` maps each Attribute type to the DER of its values.
-    The derived fields interpret the well-known items; anything else stays available raw, and
-    items that are neither an OID nor an Attribute are kept in `unknown` (they MUST be ignored,
-    RFC 7030 §4.5.2, but are useful in diagnostics).
-    """
-
-    oids: tuple[str, ...] = ()
-    attributes: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
-    #: the server wants a challengePassword (proof of possession, RFC 7030 §3.5)
-    challenge_password: bool = False
-    #: hash / signature algorithm OIDs asked for (e.g. ecdsa-with-SHA384)
-    hash_oids: tuple[str, ...] = ()
-    #: key algorithm OID -> parameter OIDs (e.g. id-ecPublicKey -> (secp384r1,))
-    key_algorithms: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: extension OIDs named inside extensionRequest (as bare OIDs or as Extensions)
-    extension_requests: tuple[str, ...] = ()
-    #: DER of items that are neither an OID nor an Attribute
-    unknown: tuple[bytes, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        """Nothing asked (204, 404 or an empty SEQUENCE all mean this, RFC 7030 §4.5.2)."""
-        return not (self.oids or self.attributes or self.unknown)
 
 
 def _oid_of(value: core.Asn1Value) -> str | None:

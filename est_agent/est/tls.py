@@ -58,7 +58,7 @@ from est_agent.errors import (
 )
 
 if TYPE_CHECKING:
-    from est_agent.card.signer import Signer
+    from est_agent.backends.signer import Signer
 
 __all__ = [
     "ChannelBinding",

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
-from est_agent.errors import UsageError
+from est_agent.errors import EX_UNAVAILABLE, UsageError
 from est_agent.sim.faults import CardAnswer, FaultPlan, LinkFault, answer_of
 
 __all__ = [
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VPCD_PORT = 0x8C7B  # 35963, Debian's /etc/reader.conf.d/vpcd
 #: exit status of the card process when ``power_cut_after`` dropped the link on purpose
 #: (EX_UNAVAILABLE: from the agent's side the card became unreachable)
-POWER_CUT_EXIT_CODE = 69
+POWER_CUT_EXIT_CODE = EX_UNAVAILABLE
 
 _CTRL_POWER_OFF = 0x00
 _CTRL_POWER_ON = 0x01

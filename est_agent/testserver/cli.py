@@ -13,7 +13,14 @@ from types import FrameType
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from est_agent.errors import EstAgentError, UsageError, exit_code_for
+from est_agent.errors import (
+    EX_OSERR,
+    EX_UNHEALTHY,
+    EX_USAGE,
+    EstAgentError,
+    UsageError,
+    exit_code_for,
+)
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax, parse_label_profile
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.pki import generate_dev_pki
@@ -26,9 +33,6 @@ from est_agent.testserver.wire import (
 )
 
 __all__ = ["build_parser", "main"]
-
-EX_USAGE = 64
-EX_OSERR = 71
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,12 +238,12 @@ def _probe(args: argparse.Namespace) -> int:
         base64.b64decode(body.translate(None, b" \t\r\n"), validate=True)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         print(f"est-testserver probe: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return EX_UNHEALTHY
     finally:
         conn.close()
     if response.status != 200:
         print(f"est-testserver probe: HTTP {response.status}", file=sys.stderr)
-        return 1
+        return EX_UNHEALTHY
     return 0
 
 

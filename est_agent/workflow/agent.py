@@ -87,7 +87,7 @@ from est_agent.workflow.session import BackendOpener, backend_opener
 if TYPE_CHECKING:
     from est_agent.backends.base import CredentialBackend
     from est_agent.backends.iotsafe_uicc import TransportOpener
-    from est_agent.card.signer import Signer
+    from est_agent.backends.signer import Signer
     from est_agent.config import Config
     from est_agent.est.client import Enrollment, EstClient
     from est_agent.est.messages import CsrAttributes
@@ -527,7 +527,7 @@ class Agent:
         values: dict[str, str] | None,
     ) -> Enrollment:
         from est_agent.config import PopMode
-        from est_agent.csr import CsrBuilder
+        from est_agent.csr import CsrBuilder, render_subject
         from est_agent.est.messages import challenge_password_value
 
         pop = self.config.est.pop
@@ -535,7 +535,7 @@ class Agent:
             # RFC 7030 §4.2.2: Subject and SubjectAltName byte-equal to the current certificate
             base = CsrBuilder().copy_from_certificate(current)
         else:
-            name, sans = self.config.subject.render(values or {})
+            name, sans = render_subject(*self.config.subject.templates(), values or {})
             base = CsrBuilder().subject(name)
             if sans:
                 base = base.subject_alt_names(list(sans))
@@ -566,7 +566,7 @@ class Agent:
         """The bootstrap certificate chain and a signer for its key: on the SIM (IoT SAFE key,
         certificate in an applet file or a UICC EF) or, on devices without one, PEM files;
         and the ICCID / IMEI the subject templates ask for."""
-        from est_agent.card.signer import SoftwareSigner
+        from est_agent.backends.signer import SoftwareSigner
 
         boot = self.config.bootstrap
         if isinstance(boot.certificate, Path):

@@ -18,9 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from est_agent.backends.iotsafe import CardSigner
+from est_agent.backends.signer import Signer, public_key_from_point
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import CardSigner, Signer, public_key_from_point
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.sim.transport import SimTransport
 

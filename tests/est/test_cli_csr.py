@@ -10,9 +10,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from est_agent.backends.signer import public_key_from_point
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import public_key_from_point
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.cli.main import main
 from est_agent.sim.personalize import personalize

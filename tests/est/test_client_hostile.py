@@ -98,7 +98,7 @@ DEVICE = ec.generate_private_key(ec.SECP256R1())
 
 
 def _device_csr(_binding: ChannelBinding | None) -> bytes:
-    from est_agent.card.signer import SoftwareSigner
+    from est_agent.backends.signer import SoftwareSigner
 
     return build_csr(SoftwareSigner(DEVICE))
 

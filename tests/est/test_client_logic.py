@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from est_agent.card.signer import SoftwareSigner
+from est_agent.backends.signer import SoftwareSigner
 from est_agent.errors import (
     AuthError,
     EnrollmentPending,

@@ -247,7 +247,7 @@ def test_basic_only_server_with_server_only_tls(start_server: StartServer, dev_p
         default_profile=Profile(validity_s=3600, ekus=()),
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    from est_agent.card.signer import SoftwareSigner
+    from est_agent.backends.signer import SoftwareSigner
 
     with EstClient(
         base_url(server),
@@ -434,7 +434,7 @@ def test_file_key_enrollment_over_stdlib_tls(
 ) -> None:
     server = start_server(tls_max=TlsMax.TLS1_2, pop_required=True)
     cert_path, key_path, key = bootstrap_credential(dev_pki, tmp_path)
-    from est_agent.card.signer import SoftwareSigner
+    from est_agent.backends.signer import SoftwareSigner
 
     signer = SoftwareSigner(key)
 

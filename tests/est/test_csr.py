@@ -22,9 +22,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from est_agent.backends.iotsafe import CardSigner
+from est_agent.backends.signer import SoftwareSigner
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import CardSigner, SoftwareSigner
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.csr import (
     CsrBuilder,

@@ -46,7 +46,7 @@ def test_wrong_anchor_empty_chain_and_no_anchor_are_refused(dev_pki: DevPki) -> 
 def test_client_chain_must_match_the_signer(dev_pki: DevPki) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from est_agent.card.signer import SoftwareSigner
+    from est_agent.backends.signer import SoftwareSigner
 
     other = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
     with pytest.raises(EstError, match="does not belong"):

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
+from est_agent.backends.iotsafe import CardSigner
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import CardSigner
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
 from est_agent.cli.main import main

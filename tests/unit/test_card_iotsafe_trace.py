@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
+from est_agent.backends.iotsafe import CardSigner
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet, ObjectType
-from est_agent.card.signer import CardSigner
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, NotFoundError
 from tests.unit.certs import self_signed_der

@@ -11,10 +11,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from est_agent.backends.iotsafe import CardSigner
+from est_agent.backends.signer import public_key_from_point
 from est_agent.card.channel import CardSession
 from est_agent.card.info import read_card_info
 from est_agent.card.iotsafe import IotSafeApplet, ObjectType
-from est_agent.card.signer import CardSigner, public_key_from_point
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath, parse_card_uri
 from est_agent.errors import (

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from est_agent.card.status import error_for_sw
 from est_agent.cli.main import main
-from est_agent.errors import EstConnectionError, NotFoundError
+from est_agent.errors import EstConnectionError
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import Fault
 
@@ -26,7 +27,7 @@ class _MorePrivate(_Private):
     [
         (_MorePrivate("server error 500"), 69, "EstConnectionError"),
         (EstConnectionError("refused"), 69, "EstConnectionError"),
-        (NotFoundError(0x6A82, "SELECT"), 76, "NotFoundError"),
+        (error_for_sw(0x6A82, "SELECT"), 76, "NotFoundError"),
     ],
 )
 def test_error_line_names_the_nearest_public_class(

@@ -30,6 +30,7 @@ from est_agent.config import (
     load_config,
     parse_config,
 )
+from est_agent.csr import render_subject
 from est_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,7 +189,7 @@ def test_full_config() -> None:
     )
     assert config.est.basic_username == "device"
     assert config.paths.deploy_hook == ("systemctl", "reload", "mqtt-client")
-    name, sans = config.subject.render({"iccid": "8988", "imei": "3500"})
+    name, sans = render_subject(*config.subject.templates(), {"iccid": "8988", "imei": "3500"})
     assert name.rfc4514_string() == "2.5.4.5=3500,O=Acme,CN=dev-8988"
     assert [san.value for san in sans] == ["8988.devices.example.net", "urn:imei:3500"]
 
@@ -201,7 +202,7 @@ def test_trust_anchor_may_be_empty_with_a_fingerprint() -> None:
 def test_render_without_imei_names_the_key() -> None:
     config = parse_config(with_est('[subject]\nsan_uri = ["urn:imei:{imei}"]'))
     with pytest.raises(ConfigError, match=r"subject\.san_uri: placeholder \{imei\}"):
-        config.subject.render({"iccid": "8988"})
+        render_subject(*config.subject.templates(), {"iccid": "8988"})
 
 
 # --- every validation error names its key ----------------------------------------------------

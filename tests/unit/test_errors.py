@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import est_agent.errors as errors
+from est_agent.card.status import error_for_sw
 from est_agent.errors import EstAgentError, exit_code_for
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -47,15 +48,18 @@ def test_every_error_class_is_exported() -> None:
 
 def test_exit_code_for() -> None:
     assert exit_code_for(errors.NoCardError("gone")) == 69
-    assert exit_code_for(errors.SecurityStatusError(0x6982)) == 77
-    assert exit_code_for(errors.StatusWordError(0x6D00)) == 76
+    assert exit_code_for(error_for_sw(0x6982)) == 77
+    assert exit_code_for(error_for_sw(0x6D00)) == 76
     assert exit_code_for(errors.EnrollmentPending(30)) == 75
     assert exit_code_for(errors.OutputError("stdout closed")) == 74
     assert exit_code_for(ValueError()) == 70
 
 
 def test_status_word_error_message() -> None:
-    error = errors.StatusWordError(0x6A82, "SELECT")
+    # errors.py has no status-word table (it imports nothing of ours): the card layer's
+    # error_for_sw passes the meaning.
+    error = error_for_sw(0x6A82, "SELECT")
+    assert isinstance(error, errors.NotFoundError)
     assert str(error) == "SELECT: card answered SW 6A82 (file, object or application not found)"
-    assert errors.TransportError("x").retryable
-    assert not errors.CardProtocolError("x").retryable
+    explicit = errors.StatusWordError(0x6D00, "SIGN", "instruction not supported")
+    assert str(explicit) == "SIGN: card answered SW 6D00 (instruction not supported)"

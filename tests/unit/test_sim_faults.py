@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
+from est_agent.backends.signer import public_key_from_point
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import public_key_from_point
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import (
     CardProtocolError,

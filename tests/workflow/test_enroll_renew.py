@@ -12,9 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from est_agent.backends.iotsafe import CardSigner
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import CardSigner
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
 from est_agent.config import load_config

@@ -29,9 +29,9 @@ from cryptography import x509
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from est_agent.backends.signer import public_key_from_point
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
-from est_agent.card.signer import public_key_from_point
 from est_agent.card.uicc import UiccFiles
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
 from est_agent.cli.main import main

@@ -1,5 +1,8 @@
 """`est-agent demo`: the whole job on built-in defaults, with nothing but this package.
 
+It lives in the CLI layer because it drives both tools outside the runtime, the virtual SIM and
+the test EST server, which only the CLI may use together.
+
 In a scratch directory: a dev PKI and the RFC 7030 test server on 127.0.0.1 (a separate
 `est-testserver serve` process), a freshly personalized virtual SIM, a configuration file, and
 then the real commands an operator or a timer runs, each as its own process:
@@ -11,6 +14,7 @@ pcscd + vpcd (`est-agent sim serve`) and the agent reaches it as `pcsc:`; otherw
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -24,7 +28,7 @@ from est_agent.errors import EstAgentError, InputError
 from est_agent.sim.personalize import personalize
 from est_agent.testserver.launch import running_test_server
 
-__all__ = ["run_demo", "write_demo_config"]
+__all__ = ["demo", "run_demo", "write_demo_config"]
 
 _ICCID = "8988247000001234567"
 
@@ -128,6 +132,11 @@ def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
         kept = f"; files kept in {base}" if workdir else ""
         _say(f"done: active credential in SIM slot {status['active_slot']}{kept}")
     return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`est-agent demo [--dir DIR] [--pcsc]`."""
+    return run_demo(Path(args.dir) if args.dir else None, pcsc=args.pcsc)
 
 
 def _agent_testserver(*args: str) -> list[str]:

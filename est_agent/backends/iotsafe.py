@@ -1,46 +1,22 @@
-"""The one interface CSR building and TLS use to sign: a public key and ``sign_digest``.
+"""A signing key inside the SIM's GSMA IoT SAFE applet (GSMA IoT.05), as a `Signer`.
 
-A ``CardSigner`` keeps the private key inside the IoT SAFE applet; ``SoftwareSigner`` wraps an
-in-memory key (devices whose bootstrap credential is a PEM file, and tests).
+The private key never leaves the card: ``sign_digest`` sends the digest to the applet's
+COMPUTE SIGNATURE and checks the answer against the public key before returning it.
 """
 
 from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from est_agent.backends.signer import check_digest, public_key_from_point
 from est_agent.card.iotsafe import IotSafeApplet, ObjectType
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, InputError, NotFoundError
 
-__all__ = ["CardSigner", "Signer", "SoftwareSigner", "public_key_from_point"]
-
-
-@runtime_checkable
-class Signer(Protocol):
-    """Something that signs SHA-256 digests with a P-256 key."""
-
-    def public_key(self) -> ec.EllipticCurvePublicKey: ...
-
-    def sign_digest(self, digest: bytes) -> bytes:
-        """ECDSA signature (DER Ecdsa-Sig-Value) over a 32-byte SHA-256 digest."""
-        ...
-
-
-def public_key_from_point(point: bytes) -> ec.EllipticCurvePublicKey:
-    try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-    except ValueError as exc:
-        raise CardProtocolError(f"card public key is not a valid P-256 point: {exc}") from exc
-
-
-def _check_digest(digest: bytes) -> None:
-    if len(digest) != 32:
-        raise InputError(f"expected a 32-byte SHA-256 digest, got {len(digest)} bytes")
+__all__ = ["CardSigner"]
 
 
 class CardSigner:
@@ -104,7 +80,7 @@ class CardSigner:
         return self._public_key
 
     def sign_digest(self, digest: bytes) -> bytes:
-        _check_digest(digest)
+        check_digest(digest)
         signature = self.applet.sign_digest(self.key, digest)
         self.signatures += 1
         try:
@@ -114,21 +90,3 @@ class CardSigner:
                 f"the card's signature with {self.key} does not verify with its public key"
             ) from None
         return signature
-
-
-class SoftwareSigner:
-    """A P-256 key held in memory (file-based bootstrap credentials; tests)."""
-
-    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
-        if not isinstance(private_key.curve, ec.SECP256R1):
-            raise InputError(f"only P-256 keys are supported, not {private_key.curve.name}")
-        self._key = private_key
-        self.signatures = 0
-
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._key.public_key()
-
-    def sign_digest(self, digest: bytes) -> bytes:
-        _check_digest(digest)
-        self.signatures += 1
-        return self._key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
