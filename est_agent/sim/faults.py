@@ -66,6 +66,7 @@ from typing import Protocol, runtime_checkable
 
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv
 from est_agent.errors import CardProtocolError, InputError
+from est_agent.transport.cla import MAX_CHANNEL, channel_of_cla
 
 __all__ = [
     "INS_COMPUTE_SIGNATURE_UPDATE",
@@ -81,7 +82,6 @@ __all__ = [
     "LinkFault",
     "LinkFaultError",
     "answer_of",
-    "channel_of_cla",
     "flip_digest_bit",
     "parse_rule",
     "replace_public_point",
@@ -94,7 +94,6 @@ _TAG_HASH = 0x9E
 _TAG_PUBLIC_KEY = 0x34
 _TAG_ECC_KEY = 0x49
 _TAG_POINT = 0x86
-_MAX_CHANNEL = 19
 _MAX_DELAY_MS = 600_000
 _MAX_RESPONSE = 0xFFFF + 2
 
@@ -151,8 +150,8 @@ class FaultRule:
             byte = getattr(self, name)
             if byte is not None and not 0 <= byte <= 0xFF:
                 raise InputError(f"fault {name} must be one byte (00..FF), got {byte}")
-        if self.channel is not None and not 0 <= self.channel <= _MAX_CHANNEL:
-            raise InputError(f"fault channel must be 0..{_MAX_CHANNEL}, got {self.channel}")
+        if self.channel is not None and not 0 <= self.channel <= MAX_CHANNEL:
+            raise InputError(f"fault channel must be 0..{MAX_CHANNEL}, got {self.channel}")
         if self.first < 1 or (self.count is not None and self.count < 1):
             raise InputError("fault nth/from/count count from 1")
         if self.action is None and not self.delay_ms:
@@ -207,16 +206,6 @@ class FaultRule:
         if self.delay_ms:
             words.append(f"delay_ms={self.delay_ms}")
         return " ".join(words)
-
-
-def channel_of_cla(cla: int) -> int | None:
-    """The logical channel a CLA byte codes (TS 102 221 §10.1.1), or None for other classes."""
-    high = cla >> 4
-    if high in (0x0, 0x8, 0xA):
-        return cla & 0x03
-    if high in (0x4, 0xC):
-        return 4 + (cla & 0x0F)
-    return None
 
 
 _WORD_SPLIT = re.compile(r"[\s,]+")
