@@ -103,6 +103,21 @@ def test_load_reports_missing_and_mismatched_files(tmp_path: Path) -> None:
         load_dev_pki(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["ca.pem", "bootstrap-ca.pem", "tls-ca.pem"])
+def test_load_names_a_file_without_a_certificate(tmp_path: Path, name: str) -> None:
+    generate_dev_pki(tmp_path)
+    (tmp_path / name).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / name}: no usable certificate"):
+        load_dev_pki(tmp_path)
+
+
+def test_load_names_a_key_that_is_not_pem(tmp_path: Path) -> None:
+    generate_dev_pki(tmp_path)
+    (tmp_path / "ca.key").write_bytes(b"key")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'ca.key'}: not a PEM private key"):
+        load_dev_pki(tmp_path)
+
+
 def test_label_profiles() -> None:
     assert parse_label_profile("short=30s") == ("short", Profile(30))
     name, profile = parse_label_profile("tls=1d,clientAuth,serverAuth")
