@@ -388,6 +388,8 @@ class CardThread:
     def join(self, timeout_s: float = 5.0) -> ServeOutcome | None:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
+            # A builtin on purpose: the card thread ignoring stop() is a simulator bug (exit 70),
+            # nothing a user's input or the link can cause.
             raise RuntimeError("vpcd card thread did not end")
         if self.error is not None:
             raise self.error

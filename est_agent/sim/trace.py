@@ -91,6 +91,8 @@ class TraceWriter:
 def attach_trace(card: object, path: str | os.PathLike[str]) -> TraceWriter:
     """Trace ``card``'s APDUs to ``path`` (after any observer it already has); close when done."""
     if not isinstance(card, ObservableCard):
+        # A builtin on purpose: only code passes a card here (the CLI always a VirtualCard),
+        # so a card without ``on_apdu`` is a programming error, reported as a bug (exit 70).
         raise TypeError(f"{type(card).__name__} does not report APDUs (no on_apdu)")
     writer = TraceWriter(path)
     previous = card.on_apdu

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from est_agent.errors import UsageError
+
 __all__ = [
     "EKU_BY_NAME",
     "CertificateAuthority",
@@ -39,7 +41,7 @@ def parse_eku_names(names: list[str]) -> tuple[x509.ObjectIdentifier, ...]:
         return ()
     unknown = [n for n in names if n not in EKU_BY_NAME]
     if unknown:
-        raise ValueError(f"unknown EKU {unknown[0]!r}; known: {', '.join(EKU_BY_NAME)}, none")
+        raise UsageError(f"unknown EKU {unknown[0]!r}; known: {', '.join(EKU_BY_NAME)}, none")
     return tuple(EKU_BY_NAME[n] for n in names)
 
 
@@ -52,7 +54,7 @@ class Profile:
 
     def __post_init__(self) -> None:
         if self.validity_s <= 0:
-            raise ValueError("profile validity must be at least one second")
+            raise UsageError(f"profile validity must be at least one second, got {self.validity_s}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from est_agent import fileio, hooks
+from est_agent.errors import InputError
 from est_agent.hooks import (
     HOOK_ENV_NAMES,
     OUTPUT_EXCERPT_BYTES,
@@ -162,7 +163,7 @@ def test_not_after_is_converted_to_utc_and_naive_means_utc() -> None:
 
 
 def test_serial_must_be_hex() -> None:
-    with pytest.raises(ValueError, match="hexadecimal"):
+    with pytest.raises(InputError, match="hexadecimal"):
         hook_environment(**{**HOOK_ARGS, "serial": "0a:1b"})  # type: ignore[arg-type]
 
 
@@ -424,7 +425,7 @@ def test_export_replaces_a_symlink_not_its_target(
 
 
 def test_export_of_nothing_is_a_caller_bug(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no certificate"):
+    with pytest.raises(InputError, match="no certificate"):
         write_pem_export(tmp_path / "x.pem", [])
 
 
