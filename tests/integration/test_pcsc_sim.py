@@ -7,7 +7,6 @@ pass unnoticed.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import subprocess
@@ -24,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.x509.oid import NameOID
 
 from est_agent.errors import NoCardError
 from est_agent.sim.vpcd import POWER_CUT_EXIT_CODE
 from est_agent.transport.pcsc import PcscTransport
+from tests.certs import ca_credential, trustme_ca
 from tests.integration.conftest import Cards
 
 pytestmark = pytest.mark.integration
@@ -196,35 +195,7 @@ def _der_end(content: bytes) -> int | None:
 
 @pytest.fixture(scope="session")
 def bootstrap_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "integration bootstrap CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    return ca_credential(trustme_ca())
 
 
 @pytest.fixture

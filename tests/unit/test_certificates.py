@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from est_agent.certificates import load_certificates
 from est_agent.cli.main import main
 from est_agent.errors import ConfigError, InputError
-from tests.unit.certs import self_signed_der
+from tests.certs import self_signed_der
 
 _PEM_KEY = b"-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n"
 
