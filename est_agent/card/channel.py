@@ -65,8 +65,9 @@ class CardSession:
 
     def __init__(self, transport: CardTransport, *, iso_get_response: bool = False) -> None:
         """``iso_get_response``: send GET RESPONSE with the ISO class `0N` instead of the class
-        of the command that got 61xx (the default, as in the reference's worked example and on
-        the real SIM traced there; wolfSSL is the one source that always uses `0N`)."""
+        of the command that got 61xx (the default, as the real ZARIOT SIM traced in
+        atsign-foundation/at_client_sdk issue #850 does; wolfSSL's IoT SAFE port always uses
+        `0N`: docs/iot-safe-card.md §1)."""
         self.transport = transport
         self._iso_get_response = iso_get_response
         self._open_channels: set[int] = set()

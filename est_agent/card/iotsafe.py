@@ -1,7 +1,8 @@
 """GSMA IoT SAFE (IoT.05) applet client: pure encoders/decoders plus ``IotSafeApplet``.
 
-Byte layouts follow iot-safe-apdu.md (§3 command reference, §7 worked example). Where cards
-and libraries disagree the decoders accept every variant seen in the wild: 1- or 2-byte (and
+Byte layouts: GSMA IoT.05 as the public implementations use it, written up in
+docs/iot-safe-card.md (cited below as ``[card §N]``; §8 is a worked exchange). Where cards and
+libraries disagree the decoders accept every variant seen in the wild: 1- or 2-byte (and
 BER) lengths on the signature TLV, raw r||s or DER signatures, public-key IDs that differ from
 the private-key ID after GENERATE KEY PAIR, responses without the ``84``/``85`` TLVs, object
 lists with several objects per container in any order, and ``63 00`` paging.
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AID = bytes.fromhex("A0000005590010")
 
-# Instructions (iot-safe-apdu.md §3.0)
+# Instructions (GSMA IoT.05; [card §3])
 INS_SELECT = 0xA4
 INS_GET_DATA = 0xCB
 INS_GENERATE_KEY_PAIR = 0xB9
@@ -68,7 +69,7 @@ TAG_HASH_ALGS = 0x91
 TAG_SIG_ALGS = 0x92
 TAG_HASH_VALUE = 0x9E
 
-MODE_PAD_AND_SIGN = 0x03  # host supplies the final hash (§3.5): the mode every source uses
+MODE_PAD_AND_SIGN = 0x03  # host supplies the final hash [card §3]: what every source uses
 HASH_SHA256 = b"\x00\x01"
 SIGALG_ECDSA = 0x04
 
@@ -76,13 +77,13 @@ _ID_TAG = {ObjectKind.PRIVATE_KEY: 0x84, ObjectKind.PUBLIC_KEY: 0x85, ObjectKind
 _LABEL_TAG = {ObjectKind.PRIVATE_KEY: 0x74, ObjectKind.PUBLIC_KEY: 0x75, ObjectKind.FILE: 0x73}
 _GET_DATA_P1 = {ObjectKind.PRIVATE_KEY: 0xC1, ObjectKind.PUBLIC_KEY: 0xC2, ObjectKind.FILE: 0xC3}
 _MAX_PAGES = 32
-# Commands are framed as in the reference's worked example (§7): data-carrying commands go
+# Command framing [card §3]: data-carrying commands go
 # without Le (T=0 cards answer 61xx, T=1 cards the data), GET DATA lists and READ FILE with Le.
 _SHORT_LE = 256  # Le byte 00: "up to 256 bytes"
 
 
 class ObjectType(IntEnum):
-    """Info container tags of GET DATA (§3.1)."""
+    """Info container tags of GET DATA [card §4]."""
 
     PRIVATE_KEY = 0xC1
     PUBLIC_KEY = 0xC2
@@ -101,7 +102,7 @@ _CONTAINER_REF_TAGS = {
 
 @dataclass(frozen=True)
 class AppletInfo:
-    """GET DATA P1=00 (§3.1). Bitmaps are kept as integers; see the reference tables."""
+    """GET DATA P1=00 [card §4]. Bitmaps are kept as the integers the card sends."""
 
     version: int | None
     applet_id: bytes
@@ -162,7 +163,7 @@ def encode_object_ref(ref: IotSafeRef, kind: ObjectKind | None = None) -> bytes:
 
 
 def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY) -> bytes:
-    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + SHA-256 + ECDSA (§3.5, §7 d)."""
+    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + SHA-256 + ECDSA [card §3]."""
     return (
         encode_object_ref(key, kind)
         + encode_tlv(TAG_MODE, bytes((MODE_PAD_AND_SIGN,)))
@@ -229,7 +230,8 @@ def _object_from_tlvs(kind: ObjectType, tlvs: list[Tlv]) -> ObjectInfo:
         signature_algorithms=_int(find_tlv(tlvs, 0x92)),
         hash_algorithms=_int(find_tlv(tlvs, 0x91)),
         file_usage=_int(find_tlv(tlvs, 0x21)) if kind is ObjectType.FILE else None,
-        # big-endian, as TM/WS/M33 decode it (OR's little-endian reading is a bug, §6.10)
+        # big-endian, as Thales' and wolfSSL's code decode it (Orange's little-endian reading
+        # is a bug: [card §4])
         file_size=_int(find_tlv(tlvs, 0x20)) if kind is ObjectType.FILE else None,
         extra=tuple(t for t in tlvs if t.tag not in known),
     )
@@ -272,7 +274,7 @@ def decode_object_list(data: bytes, *, expect: ObjectType | None = None) -> list
 
 
 def decode_public_key(data: bytes) -> bytes:
-    """``34 { 49 { 86 04||X||Y } }`` (§3.2/3.3) to the 65-byte point; bare forms tolerated."""
+    """``34 { 49 { 86 04||X||Y } }`` [card §3] to the 65-byte point; bare forms tolerated."""
     value = data
     for tag in (TAG_PUBLIC_KEY, TAG_ECC_KEY, TAG_EC_POINT):
         if value[:1] == bytes((tag,)):
@@ -312,7 +314,8 @@ def _is_der_signature(value: bytes) -> bool:
 
 
 def decode_signature(data: bytes) -> bytes:
-    """The last COMPUTE SIGNATURE UPDATE answer to DER (§3.5: ``33 00 40``, ``33 40`` or DER)."""
+    """The last COMPUTE SIGNATURE UPDATE answer to DER: ``33 00 40``, ``33 40`` or DER
+    [card §2, §3]."""
     value = data
     if data[:1] == bytes((TAG_SIGNATURE,)):
         found = find_tlv(decode_tlvs(data), TAG_SIGNATURE)
@@ -370,8 +373,9 @@ def _one_transaction(method: _Method) -> _Method:
 class IotSafeApplet:
     """The IoT SAFE applet selected on a logical channel of ``session``.
 
-    ``proprietary_cla`` picks `8N` (default: WS's "default IoT-Safe class" and a real ZARIOT
-    card) or `0N` (OR/TM/TP) for applet commands; SELECT always uses the ISO class (§1.3).
+    ``proprietary_cla`` picks `8N` (default: wolfSSL's default class and the real ZARIOT SIM)
+    or `0N` (Orange's and Thales' libraries) for applet commands; SELECT always uses the ISO
+    class [card §1].
     """
 
     def __init__(
@@ -399,7 +403,7 @@ class IotSafeApplet:
         session_number: int = 1,
         close_sessions: bool = False,
     ) -> IotSafeApplet:
-        """Open a logical channel and select the first AID that answers (§1.2).
+        """Open a logical channel and select the first AID that answers [card §1].
 
         ``close_sessions``: close the signature session after every signature. Off by default:
         closing the channel deselects the applet, which ends its sessions (Java Card clears
@@ -432,7 +436,7 @@ class IotSafeApplet:
         session_number: int = 1,
         close_sessions: bool = False,
     ) -> IotSafeApplet:
-        """Select the first AID that answers on an already open ``channel`` (§1.2); the
+        """Select the first AID that answers on an already open ``channel`` [card §1]; the
         channel's earlier selection (e.g. a UICC EF) is gone afterwards."""
         if not aids:
             raise InputError("no IoT SAFE AID configured")
@@ -483,13 +487,13 @@ class IotSafeApplet:
     # GET DATA ------------------------------------------------------------------------------
 
     def info(self) -> AppletInfo:
-        # Le 44: the 68 bytes the spec defines (§3.1); a card with another length answers 6Cxx
+        # Le 44: the 68 bytes of the applet information [card §4]; another length gets 6Cxx
         data, _ = self._exchange(INS_GET_DATA, 0x00, 0x00, le=0x44, name="GET DATA info")
         return decode_app_info(data)
 
     @_one_transaction
     def objects(self) -> list[ObjectInfo]:
-        """The whole object list, following ``63 00`` paging with P2=01 (§3.1, TP)."""
+        """The whole object list, following ``63 00`` paging with P2=01 [card §4]."""
         collected = b""
         p2 = 0x00
         for _ in range(_MAX_PAGES):
@@ -542,7 +546,7 @@ class IotSafeApplet:
 
     @_one_transaction
     def sign_digest(self, key: IotSafeRef, digest: bytes) -> bytes:
-        """ECDSA over a host-computed SHA-256 digest (mode 03, §3.5); returns DER."""
+        """ECDSA over a host-computed SHA-256 digest (mode 03, [card §3]); returns DER."""
         if len(digest) != 32:
             raise InputError(f"expected a 32-byte SHA-256 digest, got {len(digest)} bytes")
         sess = self.session_number
@@ -552,8 +556,8 @@ class IotSafeApplet:
         except StatusWordError as exc:
             if exc.sw != 0x6985:
                 raise
-            # A session left open by a crashed run: close it and try once more (OR closes
-            # defensively before every INIT; doing it only on failure saves an APDU per sign).
+            # A session left open by a crashed run: close it and try once more ([card §5]:
+            # Orange's library closes before every INIT; only on failure saves an APDU per sign).
             self._close_session(INS_SIGN_INIT)
             self._exchange(INS_SIGN_INIT, 0x00, sess, init, name="COMPUTE SIGNATURE INIT")
         try:
@@ -571,7 +575,7 @@ class IotSafeApplet:
 
     @_one_transaction
     def verify_signature(self, public_key: IotSafeRef, digest: bytes, der_signature: bytes) -> bool:
-        """VERIFY SIGNATURE on the card (§3.6): True on 9000, False on 6D01."""
+        """VERIFY SIGNATURE on the card [card §3]: True on 9000, False on 6D01."""
         from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
         r, s = decode_dss_signature(der_signature)
@@ -616,7 +620,7 @@ class IotSafeApplet:
 
     @_one_transaction
     def read_file(self, file: IotSafeRef, *, size: int | None = None, chunk: int = 256) -> bytes:
-        """READ FILE (§3.11) from offset 0 until ``size``, the DER length, or the end of file.
+        """READ FILE [card §6] from offset 0 until ``size``, the DER length, or the end of file.
 
         Advances by what the card returned (cards cap answers at 240/255/256 bytes); stops at
         the DER length of a certificate so a container larger than its content costs nothing.
@@ -634,7 +638,7 @@ class IotSafeApplet:
                     INS_READ_FILE, offset >> 8, offset & 0xFF, ref, want, name="READ FILE"
                 )
             except StatusWordError as exc:
-                # offset out of bounds is listed as 6981 and 6A86 (§3.11); 6B00 from UICC habit
+                # an offset past the end: 6981 or 6A86 by source, 6B00 by UICC habit [card §6]
                 if offset > 0 and exc.sw in (0x6981, 0x6A86, 0x6B00):
                     break
                 raise

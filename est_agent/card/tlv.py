@@ -2,7 +2,7 @@
 
 The length is one byte in most places, but real cards and libraries also send BER long forms
 (``81 xx``, ``82 xx xx``) and, for the signature tag ``33``, a plain 2-byte big-endian length
-(``33 00 40 <r||s>``): see iot-safe-apdu.md §2 and §3.5. ``decode_tlvs`` accepts all of them;
+(``33 00 40 <r||s>``): see docs/iot-safe-card.md §2. ``decode_tlvs`` accepts all of them;
 ``encode_tlv`` emits the short form when it can and BER otherwise.
 """
 

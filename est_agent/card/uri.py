@@ -17,7 +17,9 @@ from est_agent.errors import InputError
 
 __all__ = ["IotSafeRef", "ObjectKind", "UiccPath", "parse_card_uri", "parse_iotsafe_ref"]
 
-_MAX_ID_BYTES = 20  # IoT.05 object IDs are short byte strings (OR caps them at 20)
+# IoT.05 IDs are short byte strings; Orange's library caps IDs at 20 bytes and labels at 60
+# (docs/iot-safe-card.md §2)
+_MAX_ID_BYTES = 20
 _MAX_LABEL_BYTES = 60
 
 

@@ -1,10 +1,10 @@
-"""The GSMA IoT SAFE applet (IoT.05) as the card sees it; commands per iot-safe-apdu.md §3.
+"""The GSMA IoT SAFE applet (IoT.05) as the card sees it; commands as in docs/iot-safe-card.md §3.
 
 Implemented: GET DATA (``CB``), GENERATE KEY PAIR (``B9``), READ PUBLIC KEY (``CD``), GET RANDOM
 (``84``), COMPUTE SIGNATURE INIT/UPDATE (``2A``/``2B``, mode 03 = host-hashed SHA-256, ECDSA
 P-256), VERIFY SIGNATURE INIT/UPDATE (``2C``/``2D``) and READ FILE (``B0``). Anything else is
 ``6D00``. The object store is issuer-made: the device creates no objects and writes no files
-(§3.12); ``put_file`` is the simulated-OTA back door for that.
+(docs/iot-safe-card.md §7); ``put_file`` is the simulated-OTA back door for that.
 
 Private key scalars are only ever used inside ``ecc``; no answer built here contains one.
 Volatile applet state (signature/verification sessions, the object-list cursor) is kept per
@@ -71,7 +71,7 @@ INS_READ_FILE = 0xB0
 #: sessions per command family and channel; numbers 0..MAX_SESSIONS-1 (GET DATA tag B7)
 MAX_SESSIONS = 4
 APPLET_VERSION = 0x01
-#: GET DATA tag 11 is 32 bytes by the spec (OR#2)
+#: GET DATA tag 11 is 32 bytes (Orange's IoT-SAFE-APDU-library issue #2; docs/iot-safe-card.md §4)
 APPLET_IDENTIFIER = b"est-agent virtual IoT SAFE".ljust(32, b"\x00")
 
 _P1_OPEN = 0x00
@@ -331,13 +331,16 @@ class IotSafeApplet:
                 encode_tlv(0x60, bytes((obj.access,))),
                 encode_tlv(0x4A, b"\x01" if obj.filled else b"\x00"),
                 encode_tlv(0x21, bytes((obj.usage,))),
-                encode_tlv(0x20, len(obj.data).to_bytes(2, "big")),  # big-endian (TM, WS)
+                # the size big-endian, as Thales' and wolfSSL's code read it
+                # (docs/iot-safe-card.md §4)
+                encode_tlv(0x20, len(obj.data).to_bytes(2, "big")),
             )
         )
         return encode_tlv(_FILE_INFO, body)
 
     def _containers(self, applet: AppletState) -> list[bytes]:
-        # OR's parser wants private keys, public keys, (secret keys,) files, in that order
+        # Orange's parser wants private keys, public keys, (secret keys,) files, in that
+        # order (docs/iot-safe-card.md §4)
         return (
             [self._private_container(k) for k in applet.private_keys]
             + [self._public_container(k) for k in applet.public_keys]

@@ -70,7 +70,7 @@ FORMAT_VERSION = 1
 MF_FID = b"\x3f\x00"
 _MAX_EF_SIZE = 0x7FFF  # READ/UPDATE BINARY carry a 15-bit offset (TS 102 221 §11.1.3)
 
-# IoT.05 value tables (iot-safe-apdu.md §3.1)
+# IoT.05 value tables (docs/iot-safe-card.md §4)
 ACCESS_READ = 0x01
 ACCESS_UPDATE = 0x02
 KEY_TYPE_P256 = 0x13
@@ -83,7 +83,8 @@ SIGNATURE_ECDSA = 0x04
 FILE_USAGE_GENERAL = 0x01
 FILE_USAGE_X509 = 0x02
 
-_MAX_ID_BYTES = 20  # OR caps object IDs at 0x14 and labels at 0x3C bytes
+# Orange's library caps IDs at 20 and labels at 60 bytes (docs/iot-safe-card.md §2)
+_MAX_ID_BYTES = 20
 _MAX_LABEL_BYTES = 60
 _SCALAR_BYTES = 32
 _POINT_BYTES = 65

@@ -1,7 +1,9 @@
 """The development PKI: generate it into a directory, load it back.
 
-Three CAs keep the trust stores apart, as in a real deployment (est-notes.md, "two trust
-stores, not one"):
+Three CAs keep the trust stores apart, as in a real deployment: an EST client authenticates the
+server with its explicit trust anchor (RFC 7030 §3.6.1) and checks issued certificates against
+the CA certificates of /cacerts (§4.1.3); the server's TLS certificate need not come from the
+EST CA, and a client that mixes the two up is caught here:
 
     tls-ca.pem / .key         signs server.pem: what a client trusts for the TLS server
     ca.pem / .key             the EST CA: issues enrolled certificates, served by /cacerts

@@ -130,8 +130,9 @@ def decode_base64_body(body: bytes) -> bytes:
 def encode_base64_body(der: bytes, *, wrap: bool = True) -> bytes:
     """Base64 for a response body: 64-character lines ending in CRLF, or one unwrapped line.
 
-    Wrapped is what OpenSSL-based clients expect; strongSwan's `pki --est` only parses the
-    unwrapped form (see est-notes.md), hence the switch.
+    Wrapped is what OpenSSL-based clients expect. RFC 8951 §3 tells receivers to ignore line
+    breaks, yet strongSwan's `pki --est` only parses the unwrapped form (tests/testserver/
+    test_interop.py shows it failing on wrapped bodies), hence the switch.
     """
     text = base64.b64encode(der)
     if not wrap:

@@ -15,7 +15,7 @@ def test_one_byte_lengths() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["3340", "330040", "338140"],  # 1-byte, 2-byte (ZARIOT/WS), BER long form
+    ["3340", "330040", "338140"],  # 1-byte, 2-byte (ZARIOT SIM, wolfSSL), BER long form
 )
 def test_signature_length_variants(header: str) -> None:
     value = bytes(range(64))
