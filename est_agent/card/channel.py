@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import Required, TypedDict, Unpack
 
 from est_agent.card.apdu import CommandApdu, ResponseApdu
 from est_agent.card.status import error_for_sw, is_success
@@ -28,6 +29,7 @@ from est_agent.transport.cla import MAX_CHANNEL, channel_from_cla, cla_for_chann
 
 __all__ = [
     "CardSession",
+    "ExchangeOptions",
     "LogicalChannel",
     "T0Step",
     "next_t0_step",
@@ -40,6 +42,14 @@ INS_MANAGE_CHANNEL = 0x70
 # A card that keeps announcing data forever is broken; 64 x 256 bytes is far beyond any
 # IoT SAFE answer.
 _MAX_GET_RESPONSES = 64
+
+
+class ExchangeOptions(TypedDict, total=False):
+    """The keywords of ``CardSession.exchange`` that the layers above pass through."""
+
+    name: Required[str]  # the command's name in logs and errors
+    accept: Collection[int]
+    slow: bool
 
 
 @dataclass(frozen=True)
@@ -215,13 +225,11 @@ class LogicalChannel:
         data: bytes = b"",
         le: int | None = None,
         *,
-        name: str,
         proprietary: bool = False,
-        accept: Collection[int] = (),
-        slow: bool = False,
+        **how: Unpack[ExchangeOptions],
     ) -> ResponseApdu:
         command = CommandApdu(self.cla(proprietary=proprietary), ins, p1, p2, data, le)
-        return self.session.exchange(command, name=name, accept=accept, slow=slow)
+        return self.session.exchange(command, **how)
 
     def close(self) -> None:
         self.session.close_channel(self.number)

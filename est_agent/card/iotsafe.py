@@ -15,9 +15,46 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
-from est_agent.card.channel import CardSession, LogicalChannel
+from est_agent.card.channel import CardSession, ExchangeOptions, LogicalChannel
+from est_agent.card.iotsafe_codes import (
+    CONTAINER_FILE,
+    CONTAINER_PRIVATE_KEY,
+    CONTAINER_PUBLIC_KEY,
+    CONTAINER_SECRET_KEY,
+    DEFAULT_AID,
+    HASH_SHA256,
+    INS_GENERATE_KEY_PAIR,
+    INS_GET_DATA,
+    INS_GET_RANDOM,
+    INS_READ_FILE,
+    INS_READ_PUBLIC_KEY,
+    INS_SIGN_INIT,
+    INS_SIGN_UPDATE,
+    INS_VERIFY_INIT,
+    INS_VERIFY_UPDATE,
+    MODE_PAD_AND_SIGN,
+    SIGNATURE_ECDSA,
+    SW_MORE_DATA,
+    SW_SIGNATURE_MISMATCH,
+    TAG_EC_POINT,
+    TAG_ECC_KEY,
+    TAG_FILE_ID,
+    TAG_FILE_LABEL,
+    TAG_HASH_ALGS,
+    TAG_HASH_VALUE,
+    TAG_MODE,
+    TAG_PRIVATE_KEY_ID,
+    TAG_PRIVATE_KEY_LABEL,
+    TAG_PUBLIC_KEY,
+    TAG_PUBLIC_KEY_ID,
+    TAG_PUBLIC_KEY_LABEL,
+    TAG_SECRET_KEY_ID,
+    TAG_SECRET_KEY_LABEL,
+    TAG_SIG_ALGS,
+    TAG_SIGNATURE,
+)
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, InputError, NotFoundError, StatusWordError
@@ -25,6 +62,7 @@ from est_agent.errors import CardProtocolError, InputError, NotFoundError, Statu
 __all__ = [
     "DEFAULT_AID",
     "AppletInfo",
+    "AppletOptions",
     "GeneratedKey",
     "IotSafeApplet",
     "ObjectInfo",
@@ -42,40 +80,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AID = bytes.fromhex("A0000005590010")
+INS_SELECT = 0xA4  # ISO/IEC 7816-4 §11.1.1; the IoT SAFE instructions are in iotsafe_codes
 
-# Instructions (GSMA IoT.05; [card §3])
-INS_SELECT = 0xA4
-INS_GET_DATA = 0xCB
-INS_GENERATE_KEY_PAIR = 0xB9
-INS_READ_PUBLIC_KEY = 0xCD
-INS_GET_RANDOM = 0x84
-INS_SIGN_INIT = 0x2A
-INS_SIGN_UPDATE = 0x2B
-INS_VERIFY_INIT = 0x2C
-INS_VERIFY_UPDATE = 0x2D
-INS_READ_FILE = 0xB0
-
-SW_MORE_DATA = 0x6300
-SW_SIGNATURE_MISMATCH = 0x6D01
-
-# Data tags
-TAG_PUBLIC_KEY = 0x34
-TAG_ECC_KEY = 0x49
-TAG_EC_POINT = 0x86
-TAG_SIGNATURE = 0x33
-TAG_MODE = 0xA1
-TAG_HASH_ALGS = 0x91
-TAG_SIG_ALGS = 0x92
-TAG_HASH_VALUE = 0x9E
-
-MODE_PAD_AND_SIGN = 0x03  # host supplies the final hash [card §3]: what every source uses
-HASH_SHA256 = b"\x00\x01"
-SIGALG_ECDSA = 0x04
-
-_ID_TAG = {ObjectKind.PRIVATE_KEY: 0x84, ObjectKind.PUBLIC_KEY: 0x85, ObjectKind.FILE: 0x83}
-_LABEL_TAG = {ObjectKind.PRIVATE_KEY: 0x74, ObjectKind.PUBLIC_KEY: 0x75, ObjectKind.FILE: 0x73}
-_GET_DATA_P1 = {ObjectKind.PRIVATE_KEY: 0xC1, ObjectKind.PUBLIC_KEY: 0xC2, ObjectKind.FILE: 0xC3}
+_ID_TAG = {
+    ObjectKind.PRIVATE_KEY: TAG_PRIVATE_KEY_ID,
+    ObjectKind.PUBLIC_KEY: TAG_PUBLIC_KEY_ID,
+    ObjectKind.FILE: TAG_FILE_ID,
+}
+_LABEL_TAG = {
+    ObjectKind.PRIVATE_KEY: TAG_PRIVATE_KEY_LABEL,
+    ObjectKind.PUBLIC_KEY: TAG_PUBLIC_KEY_LABEL,
+    ObjectKind.FILE: TAG_FILE_LABEL,
+}
+_GET_DATA_P1 = {
+    ObjectKind.PRIVATE_KEY: CONTAINER_PRIVATE_KEY,
+    ObjectKind.PUBLIC_KEY: CONTAINER_PUBLIC_KEY,
+    ObjectKind.FILE: CONTAINER_FILE,
+}
 _MAX_PAGES = 32
 # Command framing [card §3]: data-carrying commands go
 # without Le (T=0 cards answer 61xx, T=1 cards the data), GET DATA lists and READ FILE with Le.
@@ -85,18 +106,18 @@ _SHORT_LE = 256  # Le byte 00: "up to 256 bytes"
 class ObjectType(IntEnum):
     """Info container tags of GET DATA [card §4]."""
 
-    PRIVATE_KEY = 0xC1
-    PUBLIC_KEY = 0xC2
-    FILE = 0xC3
-    SECRET_KEY = 0xC4
+    PRIVATE_KEY = CONTAINER_PRIVATE_KEY
+    PUBLIC_KEY = CONTAINER_PUBLIC_KEY
+    FILE = CONTAINER_FILE
+    SECRET_KEY = CONTAINER_SECRET_KEY
 
 
 # container tag -> (ID tag, label tag)
 _CONTAINER_REF_TAGS = {
-    ObjectType.PRIVATE_KEY: (0x84, 0x74),
-    ObjectType.PUBLIC_KEY: (0x85, 0x75),
-    ObjectType.FILE: (0x83, 0x73),
-    ObjectType.SECRET_KEY: (0x86, 0x76),
+    ObjectType.PRIVATE_KEY: (TAG_PRIVATE_KEY_ID, TAG_PRIVATE_KEY_LABEL),
+    ObjectType.PUBLIC_KEY: (TAG_PUBLIC_KEY_ID, TAG_PUBLIC_KEY_LABEL),
+    ObjectType.FILE: (TAG_FILE_ID, TAG_FILE_LABEL),
+    ObjectType.SECRET_KEY: (TAG_SECRET_KEY_ID, TAG_SECRET_KEY_LABEL),
 }
 
 
@@ -167,8 +188,8 @@ def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY)
     return (
         encode_object_ref(key, kind)
         + encode_tlv(TAG_MODE, bytes((MODE_PAD_AND_SIGN,)))
-        + encode_tlv(TAG_HASH_ALGS, HASH_SHA256)
-        + encode_tlv(TAG_SIG_ALGS, bytes((SIGALG_ECDSA,)))
+        + encode_tlv(TAG_HASH_ALGS, HASH_SHA256.to_bytes(2, "big"))
+        + encode_tlv(TAG_SIG_ALGS, bytes((SIGNATURE_ECDSA,)))
     )
 
 
@@ -295,8 +316,8 @@ def decode_generate_key_response(data: bytes) -> GeneratedKey:
     if public is None:
         raise CardProtocolError("GENERATE KEY PAIR: no public key (tag 34) in the answer")
     return GeneratedKey(
-        private_id=find_tlv(tlvs, 0x84),
-        public_id=find_tlv(tlvs, 0x85),
+        private_id=find_tlv(tlvs, TAG_PRIVATE_KEY_ID),
+        public_id=find_tlv(tlvs, TAG_PUBLIC_KEY_ID),
         public_point=decode_public_key(encode_tlv(TAG_PUBLIC_KEY, public)),
     )
 
@@ -370,6 +391,20 @@ def _one_transaction(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
+class AppletOptions(TypedDict, total=False):
+    """How to talk to the applet once selected: the keywords ``IotSafeApplet`` takes besides
+    the channel and AID (``open`` and ``select`` pass them through)."""
+
+    proprietary_cla: bool
+    session_number: int
+    close_sessions: bool
+
+
+def _require_aids(aids: Sequence[bytes]) -> None:
+    if not aids:
+        raise InputError("no IoT SAFE AID configured")
+
+
 class IotSafeApplet:
     """The IoT SAFE applet selected on a logical channel of ``session``.
 
@@ -399,9 +434,7 @@ class IotSafeApplet:
         session: CardSession,
         *,
         aids: Sequence[bytes] = (DEFAULT_AID,),
-        proprietary_cla: bool = True,
-        session_number: int = 1,
-        close_sessions: bool = False,
+        **options: Unpack[AppletOptions],
     ) -> IotSafeApplet:
         """Open a logical channel and select the first AID that answers [card §1].
 
@@ -410,18 +443,11 @@ class IotSafeApplet:
         session state on deselect), and an INIT that finds a stale session (6985) closes it
         and retries. That saves one APDU per signature on links where each costs tens of ms.
         """
-        if not aids:
-            raise InputError("no IoT SAFE AID configured")
+        _require_aids(aids)  # before a channel is opened for nothing
         with session.transaction():
             channel = session.open_channel()
             try:
-                return cls.select(
-                    channel,
-                    aids=aids,
-                    proprietary_cla=proprietary_cla,
-                    session_number=session_number,
-                    close_sessions=close_sessions,
-                )
+                return cls.select(channel, aids=aids, **options)
             except BaseException:
                 channel.close()
                 raise
@@ -432,27 +458,18 @@ class IotSafeApplet:
         channel: LogicalChannel,
         *,
         aids: Sequence[bytes] = (DEFAULT_AID,),
-        proprietary_cla: bool = True,
-        session_number: int = 1,
-        close_sessions: bool = False,
+        **options: Unpack[AppletOptions],
     ) -> IotSafeApplet:
         """Select the first AID that answers on an already open ``channel`` [card §1]; the
         channel's earlier selection (e.g. a UICC EF) is gone afterwards."""
-        if not aids:
-            raise InputError("no IoT SAFE AID configured")
+        _require_aids(aids)
         for aid in aids:
             try:
                 channel.exchange(INS_SELECT, 0x04, 0x00, aid, name="SELECT IoT SAFE applet")
             except NotFoundError:
                 log.debug("no applet with AID %s", aid.hex().upper())
                 continue
-            return cls(
-                channel,
-                proprietary_cla=proprietary_cla,
-                session_number=session_number,
-                aid=aid,
-                close_sessions=close_sessions,
-            )
+            return cls(channel, aid=aid, **options)
         tried = ", ".join(a.hex().upper() for a in aids)
         raise NotFoundError(0x6A82, "SELECT", f"no IoT SAFE applet on the card (tried {tried})")
 
@@ -466,21 +483,10 @@ class IotSafeApplet:
         p2: int,
         data: bytes = b"",
         le: int | None = None,
-        *,
-        name: str,
-        accept: Sequence[int] = (),
-        slow: bool = False,
+        **how: Unpack[ExchangeOptions],
     ) -> tuple[bytes, int]:
         response = self.channel.exchange(
-            ins,
-            p1,
-            p2,
-            data,
-            le,
-            name=name,
-            proprietary=self.proprietary_cla,
-            accept=accept,
-            slow=slow,
+            ins, p1, p2, data, le, proprietary=self.proprietary_cla, **how
         )
         return response.data, response.sw
 

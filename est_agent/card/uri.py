@@ -13,14 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from est_agent.card.iotsafe_codes import MAX_ID_BYTES, MAX_LABEL_BYTES
 from est_agent.errors import InputError
 
 __all__ = ["IotSafeRef", "ObjectKind", "UiccPath", "parse_card_uri", "parse_iotsafe_ref"]
 
-# IoT.05 IDs are short byte strings; Orange's library caps IDs at 20 bytes and labels at 60
-# (docs/iot-safe-card.md §2)
-_MAX_ID_BYTES = 20
-_MAX_LABEL_BYTES = 60
 
 
 class ObjectKind(Enum):
@@ -40,10 +37,10 @@ class IotSafeRef:
     def __post_init__(self) -> None:
         if (self.object_id is None) == (self.label is None):
             raise InputError("an IoT SAFE reference needs exactly one of id or label")
-        if self.object_id is not None and not 1 <= len(self.object_id) <= _MAX_ID_BYTES:
-            raise InputError(f"IoT SAFE object id must be 1..{_MAX_ID_BYTES} bytes")
-        if self.label is not None and not 1 <= len(self.label.encode()) <= _MAX_LABEL_BYTES:
-            raise InputError(f"IoT SAFE label must be 1..{_MAX_LABEL_BYTES} bytes")
+        if self.object_id is not None and not 1 <= len(self.object_id) <= MAX_ID_BYTES:
+            raise InputError(f"IoT SAFE object id must be 1..{MAX_ID_BYTES} bytes")
+        if self.label is not None and not 1 <= len(self.label.encode()) <= MAX_LABEL_BYTES:
+            raise InputError(f"IoT SAFE label must be 1..{MAX_LABEL_BYTES} bytes")
 
     def __str__(self) -> str:
         prefix = "file" if self.kind is ObjectKind.FILE else "key"

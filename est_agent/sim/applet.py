@@ -20,6 +20,34 @@ from typing import Protocol, TypeVar
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from est_agent.card.apdu import CommandApdu
+from est_agent.card.iotsafe_codes import (
+    ACCESS_READ,
+    CONTAINER_FILE,
+    CONTAINER_PRIVATE_KEY,
+    CONTAINER_PUBLIC_KEY,
+    CRYPTO_KEY_GENERATION,
+    CRYPTO_SIGNATURE,
+    GET_DATA_APP_INFO,
+    GET_DATA_OBJECT_LIST,
+    HASH_SHA256,
+    INS_GENERATE_KEY_PAIR,
+    INS_GET_DATA,
+    INS_GET_RANDOM,
+    INS_READ_FILE,
+    INS_READ_PUBLIC_KEY,
+    INS_SIGN_INIT,
+    INS_SIGN_UPDATE,
+    INS_VERIFY_INIT,
+    INS_VERIFY_UPDATE,
+    MODE_FULL_TEXT,
+    MODE_LAST_BLOCK,
+    MODE_PAD_AND_SIGN,
+    P1_CLOSE,
+    P1_LAST_BLOCK,
+    P1_MORE_BLOCKS,
+    P1_OPEN,
+    SIGNATURE_ECDSA,
+)
 from est_agent.card.tlv import decode_tlvs, encode_tlv
 from est_agent.errors import CardProtocolError, InputError
 from est_agent.sim import ecc
@@ -38,11 +66,6 @@ from est_agent.sim.reply import (
     Reply,
 )
 from est_agent.sim.state import (
-    ACCESS_READ,
-    CRYPTO_KEY_GENERATION,
-    CRYPTO_SIGNATURE,
-    HASH_SHA256,
-    SIGNATURE_ECDSA,
     AppletState,
     CardState,
     FileObject,
@@ -58,38 +81,13 @@ __all__ = [
     "put_file",
 ]
 
-INS_GET_DATA = 0xCB
-INS_GENERATE_KEY_PAIR = 0xB9
-INS_READ_PUBLIC_KEY = 0xCD
-INS_GET_RANDOM = 0x84
-INS_SIGN_INIT = 0x2A
-INS_SIGN_UPDATE = 0x2B
-INS_VERIFY_INIT = 0x2C
-INS_VERIFY_UPDATE = 0x2D
-INS_READ_FILE = 0xB0
-
 #: sessions per command family and channel; numbers 0..MAX_SESSIONS-1 (GET DATA tag B7)
 MAX_SESSIONS = 4
 APPLET_VERSION = 0x01
 #: GET DATA tag 11 is 32 bytes (Orange's IoT-SAFE-APDU-library issue #2; docs/iot-safe-card.md §4)
 APPLET_IDENTIFIER = b"est-agent virtual IoT SAFE".ljust(32, b"\x00")
 
-_P1_OPEN = 0x00
-_P1_CLOSE = 0x01
-_P1_LAST_BLOCK = 0x80
-_P1_MORE_BLOCKS = 0x00
-
-_MODE_FULL_TEXT = 0x01
-_MODE_LAST_BLOCK = 0x02
-_MODE_PAD_AND_SIGN = 0x03
 _SHA256_BYTES = 32
-
-# GET DATA P1
-_APP_INFO = 0x00
-_OBJECT_LIST = 0x01
-_PRIVATE_KEY_INFO = 0xC1
-_PUBLIC_KEY_INFO = 0xC2
-_FILE_INFO = 0xC3
 
 
 class _RefusedError(Exception):
@@ -161,9 +159,9 @@ def _check_algorithms(tlvs: dict[int, bytes]) -> None:
     mode, hash_alg, sig_alg = tlvs.get(0xA1), tlvs.get(0x91), tlvs.get(0x92)
     if mode is None or hash_alg is None or sig_alg is None or len(mode) != 1:
         raise _RefusedError(SW_INCORRECT_DATA)
-    if mode[0] in (_MODE_FULL_TEXT, _MODE_LAST_BLOCK):
+    if mode[0] in (MODE_FULL_TEXT, MODE_LAST_BLOCK):
         raise _RefusedError(SW_P1P2)  # valid IoT.05 modes, not offered by this card
-    if mode[0] != _MODE_PAD_AND_SIGN:
+    if mode[0] != MODE_PAD_AND_SIGN:
         raise _RefusedError(SW_INCORRECT_DATA)
     if hash_alg != HASH_SHA256.to_bytes(2, "big") or sig_alg != bytes((SIGNATURE_ECDSA,)):
         raise _RefusedError(SW_INCORRECT_DATA)
@@ -317,10 +315,10 @@ class IotSafeApplet:
         return encode_tlv(tag, body)
 
     def _private_container(self, key: PrivateKeyObject) -> bytes:
-        return self._key_container(_PRIVATE_KEY_INFO, 0x74, 0x84, key, key.object_id)
+        return self._key_container(CONTAINER_PRIVATE_KEY, 0x74, 0x84, key, key.object_id)
 
     def _public_container(self, key: PublicKeyObject) -> bytes:
-        return self._key_container(_PUBLIC_KEY_INFO, 0x75, 0x85, key, self._public_id(key))
+        return self._key_container(CONTAINER_PUBLIC_KEY, 0x75, 0x85, key, self._public_id(key))
 
     @staticmethod
     def _file_container(obj: FileObject) -> bytes:
@@ -336,7 +334,7 @@ class IotSafeApplet:
                 encode_tlv(0x20, len(obj.data).to_bytes(2, "big")),
             )
         )
-        return encode_tlv(_FILE_INFO, body)
+        return encode_tlv(CONTAINER_FILE, body)
 
     def _containers(self, applet: AppletState) -> list[bytes]:
         # Orange's parser wants private keys, public keys, (secret keys,) files, in that
@@ -378,21 +376,21 @@ class IotSafeApplet:
         return Reply(SW_MORE_DATA if more else SW_OK, page, exact=True, transient=move_cursor)
 
     def _get_data(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        if cmd.p1 == _APP_INFO:
+        if cmd.p1 == GET_DATA_APP_INFO:
             if cmd.p2:
                 raise _RefusedError(SW_P1P2)
             return Reply(SW_OK, self._app_info(applet), exact=True)
-        if cmd.p1 == _OBJECT_LIST:
+        if cmd.p1 == GET_DATA_OBJECT_LIST:
             return self._object_list(channel, cmd, applet)
-        if cmd.p1 not in (_PRIVATE_KEY_INFO, _PUBLIC_KEY_INFO, _FILE_INFO):
+        if cmd.p1 not in (CONTAINER_PRIVATE_KEY, CONTAINER_PUBLIC_KEY, CONTAINER_FILE):
             raise _RefusedError(SW_P1P2)
         if cmd.p2:
             raise _RefusedError(SW_P1P2)
         tlvs = _tlvs(cmd)
-        if cmd.p1 == _PRIVATE_KEY_INFO:
+        if cmd.p1 == CONTAINER_PRIVATE_KEY:
             private = _pick(tlvs, 0x84, 0x74, applet.private_keys, _own_id)
             data = self._private_container(private)
-        elif cmd.p1 == _PUBLIC_KEY_INFO:
+        elif cmd.p1 == CONTAINER_PUBLIC_KEY:
             public = _pick(tlvs, 0x85, 0x75, applet.public_keys, self._public_id)
             data = self._public_container(public)
         else:
@@ -451,14 +449,14 @@ class IotSafeApplet:
     ) -> Reply:
         _check_session(cmd.p2)
         key = (channel, cmd.ins, cmd.p2)
-        if cmd.p1 == _P1_CLOSE:
+        if cmd.p1 == P1_CLOSE:
 
             def close_session() -> None:
                 # Closing a session that is not open is harmless: clients do it to clear stale ones.
                 self._sessions.pop(key, None)
 
             return Reply(SW_OK, transient=close_session)
-        if cmd.p1 != _P1_OPEN:
+        if cmd.p1 != P1_OPEN:
             raise _RefusedError(SW_P1P2)
         tlvs = _tlvs(cmd)
         obj = pick(tlvs)
@@ -473,13 +471,13 @@ class IotSafeApplet:
 
     def _session_update(self, channel: int, cmd: CommandApdu, init_ins: int) -> tuple[bytes, bytes]:
         """(key object ID, SHA-256 digest) for a last-block UPDATE of an open session."""
-        if cmd.p1 not in (_P1_LAST_BLOCK, _P1_MORE_BLOCKS):
+        if cmd.p1 not in (P1_LAST_BLOCK, P1_MORE_BLOCKS):
             raise _RefusedError(SW_P1P2)
         _check_session(cmd.p2)
         object_id = self._sessions.get((channel, init_ins, cmd.p2))
         if object_id is None:
             raise _RefusedError(SW_CONDITIONS)
-        if cmd.p1 != _P1_LAST_BLOCK:
+        if cmd.p1 != P1_LAST_BLOCK:
             raise _RefusedError(SW_P1P2)  # mode 03 takes the whole hash in one block
         return object_id, self._digest(cmd)
 

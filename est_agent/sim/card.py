@@ -34,14 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from est_agent.card.apdu import CommandApdu
+from est_agent.card.iotsafe_codes import INS_GENERATE_KEY_PAIR, INS_READ_PUBLIC_KEY, INS_SIGN_UPDATE
 from est_agent.errors import CardProtocolError, InputError, SimStateError
 from est_agent.sim import ecc, uicc
 from est_agent.sim.applet import IotSafeApplet, put_file
 from est_agent.sim.atr import build_atr
 from est_agent.sim.faults import (
-    INS_COMPUTE_SIGNATURE_UPDATE,
-    INS_GENERATE_KEY_PAIR,
-    INS_READ_PUBLIC_KEY,
     CardAnswer,
     Fault,
     FaultInjector,
@@ -307,7 +305,7 @@ class VirtualCard:
         if context is None:
             return _sw(SW_CHANNEL_NOT_SUPPORTED)
         action = None if fault is None else fault.action
-        if action is FaultKind.BAD_SIGNATURE and cmd.ins == INS_COMPUTE_SIGNATURE_UPDATE:
+        if action is FaultKind.BAD_SIGNATURE and cmd.ins == INS_SIGN_UPDATE:
             cmd = dataclasses.replace(cmd, data=flip_digest_bit(cmd.data))
         reply = self._dispatch(channel, kind, context, cmd)
         if (

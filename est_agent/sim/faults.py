@@ -64,14 +64,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from est_agent.card.iotsafe_codes import (
+    TAG_EC_POINT,
+    TAG_ECC_KEY,
+    TAG_HASH_VALUE,
+    TAG_PUBLIC_KEY,
+)
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv
 from est_agent.errors import CardProtocolError, InputError
 from est_agent.transport.cla import MAX_CHANNEL, channel_of_cla
 
 __all__ = [
-    "INS_COMPUTE_SIGNATURE_UPDATE",
-    "INS_GENERATE_KEY_PAIR",
-    "INS_READ_PUBLIC_KEY",
     "AnsweringCard",
     "CardAnswer",
     "Fault",
@@ -87,13 +90,6 @@ __all__ = [
     "replace_public_point",
 ]
 
-INS_GENERATE_KEY_PAIR = 0xB9
-INS_READ_PUBLIC_KEY = 0xCD
-INS_COMPUTE_SIGNATURE_UPDATE = 0x2B
-_TAG_HASH = 0x9E
-_TAG_PUBLIC_KEY = 0x34
-_TAG_ECC_KEY = 0x49
-_TAG_POINT = 0x86
 _MAX_DELAY_MS = 600_000
 _MAX_RESPONSE = 0xFFFF + 2
 
@@ -433,7 +429,7 @@ def flip_digest_bit(data: bytes) -> bytes:
     changed = False
     for item in items:
         value = item.value
-        if item.tag == _TAG_HASH and value and not changed:
+        if item.tag == TAG_HASH_VALUE and value and not changed:
             value = value[:-1] + bytes((value[-1] ^ 0x01,))
             changed = True
         out += encode_tlv(item.tag, value)
@@ -464,7 +460,7 @@ def replace_public_point(data: bytes, point: bytes) -> bytes:
         items = decode_tlvs(data)
     except CardProtocolError:
         return data
-    out, done = _replace_in(items, (_TAG_PUBLIC_KEY, _TAG_ECC_KEY, _TAG_POINT), point)
+    out, done = _replace_in(items, (TAG_PUBLIC_KEY, TAG_ECC_KEY, TAG_EC_POINT), point)
     return out if done else data
 
 

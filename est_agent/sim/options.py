@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from est_agent.card.iotsafe_codes import DEFAULT_AID
 from est_agent.errors import ConfigError
 
 __all__ = ["DEFAULT_AID", "CardOptions", "SignatureFormat"]
 
-#: the GSMA IoT SAFE applet AID (docs/iot-safe-card.md §1)
-DEFAULT_AID = bytes.fromhex("A0000005590010")
 
 SignatureFormat = Literal["wide", "short", "der"]
 _SIGNATURE_FORMATS: frozenset[str] = frozenset({"wide", "short", "der"})

@@ -22,17 +22,19 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from est_agent.card.iotsafe_codes import (
+    ACCESS_READ,
+    ACCESS_UPDATE,
+    CRYPTO_KEY_GENERATION,
+    CRYPTO_SIGNATURE,
+    FILE_USAGE_X509,
+)
 from est_agent.card.uicc import luhn_check_digit
 from est_agent.errors import InputError, SimStateError
 from est_agent.sim import ecc
 from est_agent.sim.applet import generate_key_pair, put_file
 from est_agent.sim.atr import build_atr
 from est_agent.sim.state import (
-    ACCESS_READ,
-    ACCESS_UPDATE,
-    CRYPTO_KEY_GENERATION,
-    CRYPTO_SIGNATURE,
-    FILE_USAGE_X509,
     MF_FID,
     AccessRule,
     AppletState,

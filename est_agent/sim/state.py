@@ -32,24 +32,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from est_agent.card.iotsafe_codes import (
+    ACCESS_READ,
+    CRYPTO_SIGNATURE,
+    FILE_USAGE_GENERAL,
+    HASH_SHA256,
+    KEY_TYPE_P256,
+    KEY_USAGE_GENERAL,
+    MAX_ID_BYTES,
+    MAX_LABEL_BYTES,
+    SIGNATURE_ECDSA,
+)
 from est_agent.errors import SimStateError
 from est_agent.fileio import SIM_STATE_LIMIT_BYTES, atomic_write, read_bounded
 
 __all__ = [
-    "ACCESS_READ",
-    "ACCESS_UPDATE",
-    "CRYPTO_KEY_AGREEMENT",
-    "CRYPTO_KEY_GENERATION",
-    "CRYPTO_SIGNATURE",
-    "FILE_USAGE_GENERAL",
-    "FILE_USAGE_X509",
     "FORMAT",
     "FORMAT_VERSION",
-    "HASH_SHA256",
-    "KEY_TYPE_P256",
-    "KEY_USAGE_GENERAL",
     "MF_FID",
-    "SIGNATURE_ECDSA",
     "AccessRule",
     "AppletState",
     "CardState",
@@ -70,22 +70,6 @@ FORMAT_VERSION = 1
 MF_FID = b"\x3f\x00"
 _MAX_EF_SIZE = 0x7FFF  # READ/UPDATE BINARY carry a 15-bit offset (TS 102 221 §11.1.3)
 
-# IoT.05 value tables (docs/iot-safe-card.md §4)
-ACCESS_READ = 0x01
-ACCESS_UPDATE = 0x02
-KEY_TYPE_P256 = 0x13
-KEY_USAGE_GENERAL = 0x01
-CRYPTO_SIGNATURE = 0x01
-CRYPTO_KEY_GENERATION = 0x02
-CRYPTO_KEY_AGREEMENT = 0x04
-HASH_SHA256 = 0x0001
-SIGNATURE_ECDSA = 0x04
-FILE_USAGE_GENERAL = 0x01
-FILE_USAGE_X509 = 0x02
-
-# Orange's library caps IDs at 20 and labels at 60 bytes (docs/iot-safe-card.md §2)
-_MAX_ID_BYTES = 20
-_MAX_LABEL_BYTES = 60
 _SCALAR_BYTES = 32
 _POINT_BYTES = 65
 _SERIAL_BYTES = 8
@@ -328,13 +312,13 @@ def _list_field(obj: Any, key: str, where: str) -> list[Any]:
 
 
 def _object_id(obj: Any, key: str, where: str) -> bytes:
-    return _bytes_field(obj, key, where, range(1, _MAX_ID_BYTES + 1))
+    return _bytes_field(obj, key, where, range(1, MAX_ID_BYTES + 1))
 
 
 def _label(obj: Any, where: str) -> str:
     label = _field(obj, "label", str, where)
-    if len(label.encode("utf-8")) > _MAX_LABEL_BYTES:
-        raise _InvalidError(f"{where}.label: longer than {_MAX_LABEL_BYTES} bytes")
+    if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
+        raise _InvalidError(f"{where}.label: longer than {MAX_LABEL_BYTES} bytes")
     return label
 
 
