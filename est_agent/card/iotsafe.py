@@ -35,25 +35,37 @@ from est_agent.card.iotsafe_codes import (
     INS_VERIFY_INIT,
     INS_VERIFY_UPDATE,
     MODE_PAD_AND_SIGN,
+    REF_TAGS,
     SIGNATURE_ECDSA,
     SW_MORE_DATA,
     SW_SIGNATURE_MISMATCH,
+    TAG_ACCESS,
+    TAG_APPLET_ID,
+    TAG_APPLET_VERSION,
+    TAG_CRYPTO_FUNCTIONS,
     TAG_EC_POINT,
     TAG_ECC_KEY,
-    TAG_FILE_ID,
-    TAG_FILE_LABEL,
+    TAG_FILE_SIZE,
+    TAG_FILE_USAGE,
     TAG_HASH_ALGS,
     TAG_HASH_VALUE,
+    TAG_KEY_AGREEMENT_ALGS,
+    TAG_KEY_DERIVATION_ALGS,
+    TAG_KEY_TYPE,
+    TAG_KEY_USAGE,
+    TAG_MAX_FILES,
+    TAG_MAX_PRIVATE_KEYS,
+    TAG_MAX_PUBLIC_KEYS,
+    TAG_MAX_SECRET_KEYS,
+    TAG_MAX_SESSIONS,
     TAG_MODE,
+    TAG_OBJECT_FUNCTIONS,
     TAG_PRIVATE_KEY_ID,
-    TAG_PRIVATE_KEY_LABEL,
     TAG_PUBLIC_KEY,
     TAG_PUBLIC_KEY_ID,
-    TAG_PUBLIC_KEY_LABEL,
-    TAG_SECRET_KEY_ID,
-    TAG_SECRET_KEY_LABEL,
     TAG_SIG_ALGS,
     TAG_SIGNATURE,
+    TAG_STATE,
 )
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
 from est_agent.card.uri import IotSafeRef, ObjectKind
@@ -82,16 +94,6 @@ log = logging.getLogger(__name__)
 
 INS_SELECT = 0xA4  # ISO/IEC 7816-4 §11.1.1; the IoT SAFE instructions are in iotsafe_codes
 
-_ID_TAG = {
-    ObjectKind.PRIVATE_KEY: TAG_PRIVATE_KEY_ID,
-    ObjectKind.PUBLIC_KEY: TAG_PUBLIC_KEY_ID,
-    ObjectKind.FILE: TAG_FILE_ID,
-}
-_LABEL_TAG = {
-    ObjectKind.PRIVATE_KEY: TAG_PRIVATE_KEY_LABEL,
-    ObjectKind.PUBLIC_KEY: TAG_PUBLIC_KEY_LABEL,
-    ObjectKind.FILE: TAG_FILE_LABEL,
-}
 _GET_DATA_P1 = {
     ObjectKind.PRIVATE_KEY: CONTAINER_PRIVATE_KEY,
     ObjectKind.PUBLIC_KEY: CONTAINER_PUBLIC_KEY,
@@ -111,14 +113,6 @@ class ObjectType(IntEnum):
     FILE = CONTAINER_FILE
     SECRET_KEY = CONTAINER_SECRET_KEY
 
-
-# container tag -> (ID tag, label tag)
-_CONTAINER_REF_TAGS = {
-    ObjectType.PRIVATE_KEY: (TAG_PRIVATE_KEY_ID, TAG_PRIVATE_KEY_LABEL),
-    ObjectType.PUBLIC_KEY: (TAG_PUBLIC_KEY_ID, TAG_PUBLIC_KEY_LABEL),
-    ObjectType.FILE: (TAG_FILE_ID, TAG_FILE_LABEL),
-    ObjectType.SECRET_KEY: (TAG_SECRET_KEY_ID, TAG_SECRET_KEY_LABEL),
-}
 
 
 @dataclass(frozen=True)
@@ -178,9 +172,9 @@ def encode_object_ref(ref: IotSafeRef, kind: ObjectKind | None = None) -> bytes:
     """The ID or label TLV addressing ``ref`` as an object of ``kind`` (default: its own)."""
     kind = kind or ref.kind
     if ref.object_id is not None:
-        return encode_tlv(_ID_TAG[kind], ref.object_id)
+        return encode_tlv(REF_TAGS[_GET_DATA_P1[kind]][0], ref.object_id)
     assert ref.label is not None  # guaranteed by IotSafeRef
-    return encode_tlv(_LABEL_TAG[kind], ref.label.encode())
+    return encode_tlv(REF_TAGS[_GET_DATA_P1[kind]][1], ref.label.encode())
 
 
 def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY) -> bytes:
@@ -214,53 +208,65 @@ def _int(value: bytes | None) -> int | None:
     return int.from_bytes(value, "big") if value else None
 
 
+# AppletInfo / ObjectInfo field -> the tag carrying it as a big-endian integer
+_APP_INFO_INTS = {
+    "version": TAG_APPLET_VERSION,
+    "max_files": TAG_MAX_FILES,
+    "max_private_keys": TAG_MAX_PRIVATE_KEYS,
+    "max_public_keys": TAG_MAX_PUBLIC_KEYS,
+    "max_secret_keys": TAG_MAX_SECRET_KEYS,
+    "crypto_functions": TAG_CRYPTO_FUNCTIONS,
+    "hash_algorithms": TAG_HASH_ALGS,
+    "signature_algorithms": TAG_SIG_ALGS,
+    "key_agreement_algorithms": TAG_KEY_AGREEMENT_ALGS,
+    "key_derivation_algorithms": TAG_KEY_DERIVATION_ALGS,
+    "max_sessions": TAG_MAX_SESSIONS,
+}
+_OBJECT_INTS = {
+    "access": TAG_ACCESS,
+    "state": TAG_STATE,
+    "key_type": TAG_KEY_TYPE,
+    "key_usage": TAG_KEY_USAGE,
+    "crypto_functions": TAG_OBJECT_FUNCTIONS,
+    "signature_algorithms": TAG_SIG_ALGS,
+    "hash_algorithms": TAG_HASH_ALGS,
+}
+# big-endian, as Thales' and wolfSSL's code decode it (Orange's little-endian reading is a
+# bug: [card §4])
+_FILE_INTS = {"file_usage": TAG_FILE_USAGE, "file_size": TAG_FILE_SIZE}
+
+
+def _ints(tlvs: list[Tlv], fields: dict[str, int]) -> dict[str, int | None]:
+    return {name: _int(find_tlv(tlvs, tag)) for name, tag in fields.items()}
+
+
 def decode_app_info(data: bytes) -> AppletInfo:
     """GET DATA P1=00. Tags are looked up, not read in order; the hash bitmap may be 1 byte."""
     tlvs = decode_tlvs(data)
     if not tlvs:
         raise CardProtocolError("GET DATA application info: empty answer")
     return AppletInfo(
-        version=_int(find_tlv(tlvs, 0x10)),
-        applet_id=find_tlv(tlvs, 0x11) or b"",
-        max_files=_int(find_tlv(tlvs, 0xB1)),
-        max_private_keys=_int(find_tlv(tlvs, 0xB2)),
-        max_public_keys=_int(find_tlv(tlvs, 0xB3)),
-        max_secret_keys=_int(find_tlv(tlvs, 0xB4)),
-        crypto_functions=_int(find_tlv(tlvs, 0x90)),
-        hash_algorithms=_int(find_tlv(tlvs, 0x91)),
-        signature_algorithms=_int(find_tlv(tlvs, 0x92)),
-        key_agreement_algorithms=_int(find_tlv(tlvs, 0x93)),
-        key_derivation_algorithms=_int(find_tlv(tlvs, 0x94)),
-        max_sessions=_int(find_tlv(tlvs, 0xB7)),
+        applet_id=find_tlv(tlvs, TAG_APPLET_ID) or b"", **_ints(tlvs, _APP_INFO_INTS)
     )
 
 
 def _object_from_tlvs(kind: ObjectType, tlvs: list[Tlv]) -> ObjectInfo:
-    id_tag, label_tag = _CONTAINER_REF_TAGS[kind]
-    known = {id_tag, label_tag, 0x60, 0x4A, 0x4B, 0x4E, 0x61, 0x92, 0x91, 0x21, 0x20}
+    id_tag, label_tag = REF_TAGS[kind]
+    fields = _OBJECT_INTS | _FILE_INTS if kind is ObjectType.FILE else _OBJECT_INTS
+    known = {id_tag, label_tag, *_OBJECT_INTS.values(), *_FILE_INTS.values()}
     label = find_tlv(tlvs, label_tag)
     return ObjectInfo(
         type=kind,
         object_id=find_tlv(tlvs, id_tag),
         label=label.decode("utf-8", "replace") if label is not None else None,
-        access=_int(find_tlv(tlvs, 0x60)),
-        state=_int(find_tlv(tlvs, 0x4A)),
-        key_type=_int(find_tlv(tlvs, 0x4B)),
-        key_usage=_int(find_tlv(tlvs, 0x4E)),
-        crypto_functions=_int(find_tlv(tlvs, 0x61)),
-        signature_algorithms=_int(find_tlv(tlvs, 0x92)),
-        hash_algorithms=_int(find_tlv(tlvs, 0x91)),
-        file_usage=_int(find_tlv(tlvs, 0x21)) if kind is ObjectType.FILE else None,
-        # big-endian, as Thales' and wolfSSL's code decode it (Orange's little-endian reading
-        # is a bug: [card §4])
-        file_size=_int(find_tlv(tlvs, 0x20)) if kind is ObjectType.FILE else None,
         extra=tuple(t for t in tlvs if t.tag not in known),
+        **_ints(tlvs, fields),
     )
 
 
 def _split_objects(kind: ObjectType, tlvs: list[Tlv]) -> list[ObjectInfo]:
     """Split one container's TLVs into objects: a repeated ID or label tag starts a new one."""
-    id_tag, label_tag = _CONTAINER_REF_TAGS[kind]
+    id_tag, label_tag = REF_TAGS[kind]
     objects: list[ObjectInfo] = []
     current: list[Tlv] = []
     seen: set[int] = set()

@@ -45,6 +45,13 @@ TAG_FILE_LABEL = 0x73
 TAG_PRIVATE_KEY_LABEL = 0x74
 TAG_PUBLIC_KEY_LABEL = 0x75
 TAG_SECRET_KEY_LABEL = 0x76
+#: info container -> (ID tag, label tag) of the objects it describes
+REF_TAGS = {
+    CONTAINER_PRIVATE_KEY: (TAG_PRIVATE_KEY_ID, TAG_PRIVATE_KEY_LABEL),
+    CONTAINER_PUBLIC_KEY: (TAG_PUBLIC_KEY_ID, TAG_PUBLIC_KEY_LABEL),
+    CONTAINER_FILE: (TAG_FILE_ID, TAG_FILE_LABEL),
+    CONTAINER_SECRET_KEY: (TAG_SECRET_KEY_ID, TAG_SECRET_KEY_LABEL),
+}
 TAG_PUBLIC_KEY = 0x34
 TAG_ECC_KEY = 0x49
 TAG_EC_POINT = 0x86  # inside TAG_ECC_KEY; the same byte as TAG_SECRET_KEY_ID elsewhere
@@ -53,6 +60,28 @@ TAG_MODE = 0xA1
 TAG_HASH_ALGS = 0x91
 TAG_SIG_ALGS = 0x92
 TAG_HASH_VALUE = 0x9E
+
+# -- GET DATA applet information (docs/iot-safe-card.md §4) ---------------------------------
+TAG_APPLET_VERSION = 0x10
+TAG_APPLET_ID = 0x11
+TAG_MAX_FILES = 0xB1
+TAG_MAX_PRIVATE_KEYS = 0xB2
+TAG_MAX_PUBLIC_KEYS = 0xB3
+TAG_MAX_SECRET_KEYS = 0xB4
+TAG_CRYPTO_FUNCTIONS = 0x90
+TAG_KEY_AGREEMENT_ALGS = 0x93
+TAG_KEY_DERIVATION_ALGS = 0x94
+TAG_MAX_SESSIONS = 0xB7  # TAG_HASH_ALGS and TAG_SIG_ALGS are shared with the commands
+
+# -- inside an object's info container (docs/iot-safe-card.md §4) ---------------------------
+TAG_ACCESS = 0x60
+TAG_STATE = 0x4A
+TAG_KEY_TYPE = 0x4B
+TAG_KEY_USAGE = 0x4E
+TAG_OBJECT_FUNCTIONS = 0x61
+TAG_OBJECT_KEY_AGREEMENT = 0x6F
+TAG_FILE_USAGE = 0x21
+TAG_FILE_SIZE = 0x20  # 2 bytes, big-endian
 
 # -- COMPUTE SIGNATURE modes: what the host hashed ------------------------------------------
 MODE_FULL_TEXT = 0x01
