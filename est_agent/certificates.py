@@ -13,9 +13,30 @@ from cryptography import x509
 
 from est_agent.errors import EstAgentError, InputError
 
-__all__ = ["load_certificates"]
+__all__ = ["CA_KEY_USAGE", "SIGNING_KEY_USAGE", "load_certificates"]
 
 _PEM_BOUNDARY = b"-----BEGIN"
+
+
+def _key_usage(*, signing: bool, certifying: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=signing,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=certifying,
+        crl_sign=certifying,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+#: keyUsage of an end entity that signs (TLS CertificateVerify, CSRs): digitalSignature only
+#: (RFC 5280 §4.2.1.3)
+SIGNING_KEY_USAGE = _key_usage(signing=True, certifying=False)
+#: keyUsage of a CA: keyCertSign and cRLSign (RFC 5280 §4.2.1.3, §4.2.1.9)
+CA_KEY_USAGE = _key_usage(signing=False, certifying=True)
 
 
 def load_certificates(

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from est_agent.certificates import CA_KEY_USAGE
+
 __all__ = [
     "ca_credential",
     "certificate",
@@ -30,19 +32,6 @@ __all__ = [
     "self_signed_der",
     "trustme_ca",
 ]
-
-_CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
-
 
 def p256_key() -> ec.EllipticCurvePrivateKey:
     """A fresh NIST P-256 key, the only curve an IoT SAFE key of ours has."""
@@ -100,7 +89,7 @@ def certificate(
     if ca:
         builder = (
             builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_CA_KEY_USAGE, critical=True)
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         )
     return builder.sign(issuer_key, hash_algorithm or hashes.SHA256())
