@@ -56,6 +56,7 @@ __all__ = [
     "DedicatedFile",
     "ElementaryFile",
     "FileObject",
+    "KeyObject",
     "PrivateKeyObject",
     "PublicKeyObject",
     "decode_state",
@@ -107,20 +108,27 @@ class DedicatedFile:
     name: bytes = b""
 
 
-@dataclass
-class PrivateKeyObject:
-    """A private key slot. ``scalar`` is empty while the slot is empty (state 00)."""
+@dataclass(kw_only=True)
+class KeyObject:
+    """What private and public key slots share: their GET DATA info (docs/iot-safe-card.md §4)."""
 
     object_id: bytes
     label: str
-    public_id: bytes  # the public key object GENERATE KEY PAIR fills alongside
-    access: int = 0x00
+    access: int
     key_type: int = KEY_TYPE_P256
     usage: int = KEY_USAGE_GENERAL
     crypto_functions: int = CRYPTO_SIGNATURE
     signature_algorithms: int = SIGNATURE_ECDSA
     hash_algorithms: int = HASH_SHA256
     key_agreement_algorithms: int = 0x00
+
+
+@dataclass(kw_only=True)
+class PrivateKeyObject(KeyObject):
+    """A private key slot. ``scalar`` is empty while the slot is empty (state 00)."""
+
+    public_id: bytes  # the public key object GENERATE KEY PAIR fills alongside
+    access: int = 0x00
     scalar: bytes = field(default=b"", repr=False)
 
     @property
@@ -128,19 +136,11 @@ class PrivateKeyObject:
         return bool(self.scalar)
 
 
-@dataclass
-class PublicKeyObject:
+@dataclass(kw_only=True)
+class PublicKeyObject(KeyObject):
     """A public key slot; ``point`` is the SEC1 uncompressed point ``04||X||Y`` or empty."""
 
-    object_id: bytes
-    label: str
     access: int = ACCESS_READ
-    key_type: int = KEY_TYPE_P256
-    usage: int = KEY_USAGE_GENERAL
-    crypto_functions: int = CRYPTO_SIGNATURE
-    signature_algorithms: int = SIGNATURE_ECDSA
-    hash_algorithms: int = HASH_SHA256
-    key_agreement_algorithms: int = 0x00
     point: bytes = b""
 
     @property
@@ -206,7 +206,7 @@ def _df_to_json(df: DedicatedFile) -> dict[str, Any]:
     }
 
 
-def _key_attributes(key: PrivateKeyObject | PublicKeyObject) -> dict[str, Any]:
+def _key_attributes(key: KeyObject) -> dict[str, Any]:
     return {
         "id": _hex(key.object_id),
         "label": key.label,
