@@ -34,7 +34,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from est_agent.errors import StoreError
+from est_agent.errors import InputError, StoreError
 from est_agent.fileio import atomic_write
 
 __all__ = [
@@ -96,7 +96,7 @@ class ExportResult:
 def pem_bundle(certificates: Sequence[x509.Certificate]) -> bytes:
     """The PEM of each certificate in the given order (leaf first, then its chain)."""
     if not certificates:
-        raise ValueError("pem_bundle: no certificate")
+        raise InputError("pem_bundle: no certificate")
     return b"".join(cert.public_bytes(Encoding.PEM) for cert in certificates)
 
 
@@ -218,7 +218,7 @@ def hook_environment(
     The `EST_AGENT_*` names always carry these values, even if `base_env` names them too.
     """
     if not _HEX.fullmatch(serial):
-        raise ValueError(f"serial {serial!r} is not hexadecimal")
+        raise InputError(f"serial {serial!r} is not hexadecimal")
     env = {"PATH": _base_path()}
     lang = os.environ.get("LANG")
     if lang:
@@ -408,7 +408,7 @@ def deploy_new_certificate(
     warnings and returned; nothing here raises for them.
     """
     if not certificates:
-        raise ValueError("deploy_new_certificate: no certificate")
+        raise InputError("deploy_new_certificate: no certificate")
     leaf = certificates[0]
     export: ExportResult | None = None
     if export_path is not None:

@@ -28,6 +28,8 @@ import traceback
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
+from est_agent.errors import InputError, UsageError
+
 __all__ = [
     "REDACTED",
     "JsonFormatter",
@@ -188,7 +190,7 @@ def configure_logging(
     format then names the logger. Returns the installed handler.
     """
     if fmt not in ("text", "json"):
-        raise ValueError(f"unknown log format {fmt!r}")
+        raise UsageError(f"unknown log format {fmt!r} (expected text or json)")
     level = (
         logging.ERROR
         if verbosity < 0
@@ -230,9 +232,9 @@ class Progress:
         logger: str = "est_agent.progress",
     ) -> None:
         if total < 1:
-            raise ValueError("Progress needs at least one step")
+            raise InputError(f"Progress needs at least one step, got {total}")
         if fmt not in ("text", "json"):
-            raise ValueError(f"unknown log format {fmt!r}")
+            raise UsageError(f"unknown log format {fmt!r} (expected text or json)")
         self.total = total
         self.fmt: LogFormat = fmt
         self.current = 0

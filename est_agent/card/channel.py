@@ -1,8 +1,7 @@
 """Logical channels, CLA coding and the T=0 response loop on top of any card transport.
 
-CLA coding follows ETSI TS 102 221 §10.1.1: channels 0-3 carry the channel number in the two
-low bits (`0N` inter-industry, `8N` proprietary), channels 4-19 use `4X` / `CX` with the low
-nibble = channel - 4.
+CLA coding (ETSI TS 102 221 §10.1.1) is ``est_agent.transport.cla``'s, shared with the AT
+transport and the virtual SIM.
 
 T=0 (ISO/IEC 7816-3 §10.3.4, TS 102 221 §7.3.1): a card may answer `61xx` ("xx bytes waiting":
 fetch them with GET RESPONSE before any other command on the channel) or `6Cxx` ("wrong Le:
@@ -20,25 +19,24 @@ import contextlib
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import Required, TypedDict, Unpack
 
 from est_agent.card.apdu import CommandApdu, ResponseApdu
 from est_agent.card.status import error_for_sw, is_success
-from est_agent.errors import CardProtocolError, InputError
+from est_agent.errors import CardProtocolError
 from est_agent.transport.base import CardTransport
+from est_agent.transport.cla import MAX_CHANNEL, channel_from_cla, cla_for_channel
 
 __all__ = [
-    "MAX_CHANNEL",
     "CardSession",
+    "ExchangeOptions",
     "LogicalChannel",
     "T0Step",
-    "channel_from_cla",
-    "cla_for_channel",
     "next_t0_step",
 ]
 
 log = logging.getLogger(__name__)
 
-MAX_CHANNEL = 19
 INS_GET_RESPONSE = 0xC0
 INS_MANAGE_CHANNEL = 0x70
 # A card that keeps announcing data forever is broken; 64 x 256 bytes is far beyond any
@@ -46,20 +44,12 @@ INS_MANAGE_CHANNEL = 0x70
 _MAX_GET_RESPONSES = 64
 
 
-def cla_for_channel(channel: int, *, proprietary: bool = False) -> int:
-    """CLA byte for ``channel`` (TS 102 221 §10.1.1), ISO (`0N`/`4X`) or proprietary (`8N`/`CX`)."""
-    if not 0 <= channel <= MAX_CHANNEL:
-        raise InputError(f"logical channel {channel} outside 0..{MAX_CHANNEL}")
-    if channel <= 3:
-        return (0x80 if proprietary else 0x00) | channel
-    return (0xC0 if proprietary else 0x40) | (channel - 4)
+class ExchangeOptions(TypedDict, total=False):
+    """The keywords of ``CardSession.exchange`` that the layers above pass through."""
 
-
-def channel_from_cla(cla: int) -> int:
-    """Inverse of ``cla_for_channel`` for the classes it produces."""
-    if cla & 0x40:
-        return (cla & 0x0F) + 4
-    return cla & 0x03
+    name: Required[str]  # the command's name in logs and errors
+    accept: Collection[int]
+    slow: bool
 
 
 @dataclass(frozen=True)
@@ -85,8 +75,9 @@ class CardSession:
 
     def __init__(self, transport: CardTransport, *, iso_get_response: bool = False) -> None:
         """``iso_get_response``: send GET RESPONSE with the ISO class `0N` instead of the class
-        of the command that got 61xx (the default, as in the reference's worked example and on
-        the real SIM traced there; wolfSSL is the one source that always uses `0N`)."""
+        of the command that got 61xx (the default, as the real ZARIOT SIM traced in
+        atsign-foundation/at_client_sdk issue #850 does; wolfSSL's IoT SAFE port always uses
+        `0N`: docs/iot-safe-card.md §1)."""
         self.transport = transport
         self._iso_get_response = iso_get_response
         self._open_channels: set[int] = set()
@@ -234,13 +225,11 @@ class LogicalChannel:
         data: bytes = b"",
         le: int | None = None,
         *,
-        name: str,
         proprietary: bool = False,
-        accept: Collection[int] = (),
-        slow: bool = False,
+        **how: Unpack[ExchangeOptions],
     ) -> ResponseApdu:
         command = CommandApdu(self.cla(proprietary=proprietary), ins, p1, p2, data, le)
-        return self.session.exchange(command, name=name, accept=accept, slow=slow)
+        return self.session.exchange(command, **how)
 
     def close(self) -> None:
         self.session.close_channel(self.number)

@@ -1,7 +1,8 @@
 """GSMA IoT SAFE (IoT.05) applet client: pure encoders/decoders plus ``IotSafeApplet``.
 
-Byte layouts follow iot-safe-apdu.md (§3 command reference, §7 worked example). Where cards
-and libraries disagree the decoders accept every variant seen in the wild: 1- or 2-byte (and
+Byte layouts: GSMA IoT.05 as the public implementations use it, written up in
+docs/iot-safe-card.md (cited below as ``[card §N]``; §8 is a worked exchange). Where cards and
+libraries disagree the decoders accept every variant seen in the wild: 1- or 2-byte (and
 BER) lengths on the signature TLV, raw r||s or DER signatures, public-key IDs that differ from
 the private-key ID after GENERATE KEY PAIR, responses without the ``84``/``85`` TLVs, object
 lists with several objects per container in any order, and ``63 00`` paging.
@@ -14,16 +15,66 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
-from est_agent.card.channel import CardSession, LogicalChannel
+from est_agent.card.channel import CardSession, ExchangeOptions, LogicalChannel
+from est_agent.card.iotsafe_codes import (
+    CONTAINER_FILE,
+    CONTAINER_PRIVATE_KEY,
+    CONTAINER_PUBLIC_KEY,
+    CONTAINER_SECRET_KEY,
+    DEFAULT_AID,
+    HASH_SHA256,
+    INS_GENERATE_KEY_PAIR,
+    INS_GET_DATA,
+    INS_GET_RANDOM,
+    INS_READ_FILE,
+    INS_READ_PUBLIC_KEY,
+    INS_SIGN_INIT,
+    INS_SIGN_UPDATE,
+    INS_VERIFY_INIT,
+    INS_VERIFY_UPDATE,
+    MODE_PAD_AND_SIGN,
+    REF_TAGS,
+    SIGNATURE_ECDSA,
+    SW_MORE_DATA,
+    SW_SIGNATURE_MISMATCH,
+    TAG_ACCESS,
+    TAG_APPLET_ID,
+    TAG_APPLET_VERSION,
+    TAG_CRYPTO_FUNCTIONS,
+    TAG_EC_POINT,
+    TAG_ECC_KEY,
+    TAG_FILE_SIZE,
+    TAG_FILE_USAGE,
+    TAG_HASH_ALGS,
+    TAG_HASH_VALUE,
+    TAG_KEY_AGREEMENT_ALGS,
+    TAG_KEY_DERIVATION_ALGS,
+    TAG_KEY_TYPE,
+    TAG_KEY_USAGE,
+    TAG_MAX_FILES,
+    TAG_MAX_PRIVATE_KEYS,
+    TAG_MAX_PUBLIC_KEYS,
+    TAG_MAX_SECRET_KEYS,
+    TAG_MAX_SESSIONS,
+    TAG_MODE,
+    TAG_OBJECT_FUNCTIONS,
+    TAG_PRIVATE_KEY_ID,
+    TAG_PUBLIC_KEY,
+    TAG_PUBLIC_KEY_ID,
+    TAG_SIG_ALGS,
+    TAG_SIGNATURE,
+    TAG_STATE,
+)
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
-from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind
+from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, InputError, NotFoundError, StatusWordError
 
 __all__ = [
     "DEFAULT_AID",
     "AppletInfo",
+    "AppletOptions",
     "GeneratedKey",
     "IotSafeApplet",
     "ObjectInfo",
@@ -41,65 +92,32 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Instructions (iot-safe-apdu.md §3.0)
-INS_SELECT = 0xA4
-INS_GET_DATA = 0xCB
-INS_GENERATE_KEY_PAIR = 0xB9
-INS_READ_PUBLIC_KEY = 0xCD
-INS_GET_RANDOM = 0x84
-INS_SIGN_INIT = 0x2A
-INS_SIGN_UPDATE = 0x2B
-INS_VERIFY_INIT = 0x2C
-INS_VERIFY_UPDATE = 0x2D
-INS_READ_FILE = 0xB0
+INS_SELECT = 0xA4  # ISO/IEC 7816-4 §11.1.1; the IoT SAFE instructions are in iotsafe_codes
 
-SW_MORE_DATA = 0x6300
-SW_SIGNATURE_MISMATCH = 0x6D01
-
-# Data tags
-TAG_PUBLIC_KEY = 0x34
-TAG_ECC_KEY = 0x49
-TAG_EC_POINT = 0x86
-TAG_SIGNATURE = 0x33
-TAG_MODE = 0xA1
-TAG_HASH_ALGS = 0x91
-TAG_SIG_ALGS = 0x92
-TAG_HASH_VALUE = 0x9E
-
-MODE_PAD_AND_SIGN = 0x03  # host supplies the final hash (§3.5): the mode every source uses
-HASH_SHA256 = b"\x00\x01"
-SIGALG_ECDSA = 0x04
-
-_ID_TAG = {ObjectKind.PRIVATE_KEY: 0x84, ObjectKind.PUBLIC_KEY: 0x85, ObjectKind.FILE: 0x83}
-_LABEL_TAG = {ObjectKind.PRIVATE_KEY: 0x74, ObjectKind.PUBLIC_KEY: 0x75, ObjectKind.FILE: 0x73}
-_GET_DATA_P1 = {ObjectKind.PRIVATE_KEY: 0xC1, ObjectKind.PUBLIC_KEY: 0xC2, ObjectKind.FILE: 0xC3}
+_GET_DATA_P1 = {
+    ObjectKind.PRIVATE_KEY: CONTAINER_PRIVATE_KEY,
+    ObjectKind.PUBLIC_KEY: CONTAINER_PUBLIC_KEY,
+    ObjectKind.FILE: CONTAINER_FILE,
+}
 _MAX_PAGES = 32
-# Commands are framed as in the reference's worked example (§7): data-carrying commands go
+# Command framing [card §3]: data-carrying commands go
 # without Le (T=0 cards answer 61xx, T=1 cards the data), GET DATA lists and READ FILE with Le.
 _SHORT_LE = 256  # Le byte 00: "up to 256 bytes"
 
 
 class ObjectType(IntEnum):
-    """Info container tags of GET DATA (§3.1)."""
+    """Info container tags of GET DATA [card §4]."""
 
-    PRIVATE_KEY = 0xC1
-    PUBLIC_KEY = 0xC2
-    FILE = 0xC3
-    SECRET_KEY = 0xC4
+    PRIVATE_KEY = CONTAINER_PRIVATE_KEY
+    PUBLIC_KEY = CONTAINER_PUBLIC_KEY
+    FILE = CONTAINER_FILE
+    SECRET_KEY = CONTAINER_SECRET_KEY
 
-
-# container tag -> (ID tag, label tag)
-_CONTAINER_REF_TAGS = {
-    ObjectType.PRIVATE_KEY: (0x84, 0x74),
-    ObjectType.PUBLIC_KEY: (0x85, 0x75),
-    ObjectType.FILE: (0x83, 0x73),
-    ObjectType.SECRET_KEY: (0x86, 0x76),
-}
 
 
 @dataclass(frozen=True)
 class AppletInfo:
-    """GET DATA P1=00 (§3.1). Bitmaps are kept as integers; see the reference tables."""
+    """GET DATA P1=00 [card §4]. Bitmaps are kept as the integers the card sends."""
 
     version: int | None
     applet_id: bytes
@@ -154,18 +172,18 @@ def encode_object_ref(ref: IotSafeRef, kind: ObjectKind | None = None) -> bytes:
     """The ID or label TLV addressing ``ref`` as an object of ``kind`` (default: its own)."""
     kind = kind or ref.kind
     if ref.object_id is not None:
-        return encode_tlv(_ID_TAG[kind], ref.object_id)
+        return encode_tlv(REF_TAGS[_GET_DATA_P1[kind]][0], ref.object_id)
     assert ref.label is not None  # guaranteed by IotSafeRef
-    return encode_tlv(_LABEL_TAG[kind], ref.label.encode())
+    return encode_tlv(REF_TAGS[_GET_DATA_P1[kind]][1], ref.label.encode())
 
 
 def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY) -> bytes:
-    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + SHA-256 + ECDSA (§3.5, §7 d)."""
+    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + SHA-256 + ECDSA [card §3]."""
     return (
         encode_object_ref(key, kind)
         + encode_tlv(TAG_MODE, bytes((MODE_PAD_AND_SIGN,)))
-        + encode_tlv(TAG_HASH_ALGS, HASH_SHA256)
-        + encode_tlv(TAG_SIG_ALGS, bytes((SIGALG_ECDSA,)))
+        + encode_tlv(TAG_HASH_ALGS, HASH_SHA256.to_bytes(2, "big"))
+        + encode_tlv(TAG_SIG_ALGS, bytes((SIGNATURE_ECDSA,)))
     )
 
 
@@ -190,52 +208,65 @@ def _int(value: bytes | None) -> int | None:
     return int.from_bytes(value, "big") if value else None
 
 
+# AppletInfo / ObjectInfo field -> the tag carrying it as a big-endian integer
+_APP_INFO_INTS = {
+    "version": TAG_APPLET_VERSION,
+    "max_files": TAG_MAX_FILES,
+    "max_private_keys": TAG_MAX_PRIVATE_KEYS,
+    "max_public_keys": TAG_MAX_PUBLIC_KEYS,
+    "max_secret_keys": TAG_MAX_SECRET_KEYS,
+    "crypto_functions": TAG_CRYPTO_FUNCTIONS,
+    "hash_algorithms": TAG_HASH_ALGS,
+    "signature_algorithms": TAG_SIG_ALGS,
+    "key_agreement_algorithms": TAG_KEY_AGREEMENT_ALGS,
+    "key_derivation_algorithms": TAG_KEY_DERIVATION_ALGS,
+    "max_sessions": TAG_MAX_SESSIONS,
+}
+_OBJECT_INTS = {
+    "access": TAG_ACCESS,
+    "state": TAG_STATE,
+    "key_type": TAG_KEY_TYPE,
+    "key_usage": TAG_KEY_USAGE,
+    "crypto_functions": TAG_OBJECT_FUNCTIONS,
+    "signature_algorithms": TAG_SIG_ALGS,
+    "hash_algorithms": TAG_HASH_ALGS,
+}
+# big-endian, as Thales' and wolfSSL's code decode it (Orange's little-endian reading is a
+# bug: [card §4])
+_FILE_INTS = {"file_usage": TAG_FILE_USAGE, "file_size": TAG_FILE_SIZE}
+
+
+def _ints(tlvs: list[Tlv], fields: dict[str, int]) -> dict[str, int | None]:
+    return {name: _int(find_tlv(tlvs, tag)) for name, tag in fields.items()}
+
+
 def decode_app_info(data: bytes) -> AppletInfo:
     """GET DATA P1=00. Tags are looked up, not read in order; the hash bitmap may be 1 byte."""
     tlvs = decode_tlvs(data)
     if not tlvs:
         raise CardProtocolError("GET DATA application info: empty answer")
     return AppletInfo(
-        version=_int(find_tlv(tlvs, 0x10)),
-        applet_id=find_tlv(tlvs, 0x11) or b"",
-        max_files=_int(find_tlv(tlvs, 0xB1)),
-        max_private_keys=_int(find_tlv(tlvs, 0xB2)),
-        max_public_keys=_int(find_tlv(tlvs, 0xB3)),
-        max_secret_keys=_int(find_tlv(tlvs, 0xB4)),
-        crypto_functions=_int(find_tlv(tlvs, 0x90)),
-        hash_algorithms=_int(find_tlv(tlvs, 0x91)),
-        signature_algorithms=_int(find_tlv(tlvs, 0x92)),
-        key_agreement_algorithms=_int(find_tlv(tlvs, 0x93)),
-        key_derivation_algorithms=_int(find_tlv(tlvs, 0x94)),
-        max_sessions=_int(find_tlv(tlvs, 0xB7)),
+        applet_id=find_tlv(tlvs, TAG_APPLET_ID) or b"", **_ints(tlvs, _APP_INFO_INTS)
     )
 
 
 def _object_from_tlvs(kind: ObjectType, tlvs: list[Tlv]) -> ObjectInfo:
-    id_tag, label_tag = _CONTAINER_REF_TAGS[kind]
-    known = {id_tag, label_tag, 0x60, 0x4A, 0x4B, 0x4E, 0x61, 0x92, 0x91, 0x21, 0x20}
+    id_tag, label_tag = REF_TAGS[kind]
+    fields = _OBJECT_INTS | _FILE_INTS if kind is ObjectType.FILE else _OBJECT_INTS
+    known = {id_tag, label_tag, *_OBJECT_INTS.values(), *_FILE_INTS.values()}
     label = find_tlv(tlvs, label_tag)
     return ObjectInfo(
         type=kind,
         object_id=find_tlv(tlvs, id_tag),
         label=label.decode("utf-8", "replace") if label is not None else None,
-        access=_int(find_tlv(tlvs, 0x60)),
-        state=_int(find_tlv(tlvs, 0x4A)),
-        key_type=_int(find_tlv(tlvs, 0x4B)),
-        key_usage=_int(find_tlv(tlvs, 0x4E)),
-        crypto_functions=_int(find_tlv(tlvs, 0x61)),
-        signature_algorithms=_int(find_tlv(tlvs, 0x92)),
-        hash_algorithms=_int(find_tlv(tlvs, 0x91)),
-        file_usage=_int(find_tlv(tlvs, 0x21)) if kind is ObjectType.FILE else None,
-        # big-endian, as TM/WS/M33 decode it (OR's little-endian reading is a bug, §6.10)
-        file_size=_int(find_tlv(tlvs, 0x20)) if kind is ObjectType.FILE else None,
         extra=tuple(t for t in tlvs if t.tag not in known),
+        **_ints(tlvs, fields),
     )
 
 
 def _split_objects(kind: ObjectType, tlvs: list[Tlv]) -> list[ObjectInfo]:
     """Split one container's TLVs into objects: a repeated ID or label tag starts a new one."""
-    id_tag, label_tag = _CONTAINER_REF_TAGS[kind]
+    id_tag, label_tag = REF_TAGS[kind]
     objects: list[ObjectInfo] = []
     current: list[Tlv] = []
     seen: set[int] = set()
@@ -270,7 +301,7 @@ def decode_object_list(data: bytes, *, expect: ObjectType | None = None) -> list
 
 
 def decode_public_key(data: bytes) -> bytes:
-    """``34 { 49 { 86 04||X||Y } }`` (§3.2/3.3) to the 65-byte point; bare forms tolerated."""
+    """``34 { 49 { 86 04||X||Y } }`` [card §3] to the 65-byte point; bare forms tolerated."""
     value = data
     for tag in (TAG_PUBLIC_KEY, TAG_ECC_KEY, TAG_EC_POINT):
         if value[:1] == bytes((tag,)):
@@ -291,8 +322,8 @@ def decode_generate_key_response(data: bytes) -> GeneratedKey:
     if public is None:
         raise CardProtocolError("GENERATE KEY PAIR: no public key (tag 34) in the answer")
     return GeneratedKey(
-        private_id=find_tlv(tlvs, 0x84),
-        public_id=find_tlv(tlvs, 0x85),
+        private_id=find_tlv(tlvs, TAG_PRIVATE_KEY_ID),
+        public_id=find_tlv(tlvs, TAG_PUBLIC_KEY_ID),
         public_point=decode_public_key(encode_tlv(TAG_PUBLIC_KEY, public)),
     )
 
@@ -310,7 +341,8 @@ def _is_der_signature(value: bytes) -> bool:
 
 
 def decode_signature(data: bytes) -> bytes:
-    """The last COMPUTE SIGNATURE UPDATE answer to DER (§3.5: ``33 00 40``, ``33 40`` or DER)."""
+    """The last COMPUTE SIGNATURE UPDATE answer to DER: ``33 00 40``, ``33 40`` or DER
+    [card §2, §3]."""
     value = data
     if data[:1] == bytes((TAG_SIGNATURE,)):
         found = find_tlv(decode_tlvs(data), TAG_SIGNATURE)
@@ -365,11 +397,26 @@ def _one_transaction(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
+class AppletOptions(TypedDict, total=False):
+    """How to talk to the applet once selected: the keywords ``IotSafeApplet`` takes besides
+    the channel and AID (``open`` and ``select`` pass them through)."""
+
+    proprietary_cla: bool
+    session_number: int
+    close_sessions: bool
+
+
+def _require_aids(aids: Sequence[bytes]) -> None:
+    if not aids:
+        raise InputError("no IoT SAFE AID configured")
+
+
 class IotSafeApplet:
     """The IoT SAFE applet selected on a logical channel of ``session``.
 
-    ``proprietary_cla`` picks `8N` (default: WS's "default IoT-Safe class" and a real ZARIOT
-    card) or `0N` (OR/TM/TP) for applet commands; SELECT always uses the ISO class (§1.3).
+    ``proprietary_cla`` picks `8N` (default: wolfSSL's default class and the real ZARIOT SIM)
+    or `0N` (Orange's and Thales' libraries) for applet commands; SELECT always uses the ISO
+    class [card §1].
     """
 
     def __init__(
@@ -393,29 +440,20 @@ class IotSafeApplet:
         session: CardSession,
         *,
         aids: Sequence[bytes] = (DEFAULT_AID,),
-        proprietary_cla: bool = True,
-        session_number: int = 1,
-        close_sessions: bool = False,
+        **options: Unpack[AppletOptions],
     ) -> IotSafeApplet:
-        """Open a logical channel and select the first AID that answers (§1.2).
+        """Open a logical channel and select the first AID that answers [card §1].
 
         ``close_sessions``: close the signature session after every signature. Off by default:
         closing the channel deselects the applet, which ends its sessions (Java Card clears
         session state on deselect), and an INIT that finds a stale session (6985) closes it
         and retries. That saves one APDU per signature on links where each costs tens of ms.
         """
-        if not aids:
-            raise InputError("no IoT SAFE AID configured")
+        _require_aids(aids)  # before a channel is opened for nothing
         with session.transaction():
             channel = session.open_channel()
             try:
-                return cls.select(
-                    channel,
-                    aids=aids,
-                    proprietary_cla=proprietary_cla,
-                    session_number=session_number,
-                    close_sessions=close_sessions,
-                )
+                return cls.select(channel, aids=aids, **options)
             except BaseException:
                 channel.close()
                 raise
@@ -426,27 +464,18 @@ class IotSafeApplet:
         channel: LogicalChannel,
         *,
         aids: Sequence[bytes] = (DEFAULT_AID,),
-        proprietary_cla: bool = True,
-        session_number: int = 1,
-        close_sessions: bool = False,
+        **options: Unpack[AppletOptions],
     ) -> IotSafeApplet:
-        """Select the first AID that answers on an already open ``channel`` (§1.2); the
+        """Select the first AID that answers on an already open ``channel`` [card §1]; the
         channel's earlier selection (e.g. a UICC EF) is gone afterwards."""
-        if not aids:
-            raise InputError("no IoT SAFE AID configured")
+        _require_aids(aids)
         for aid in aids:
             try:
                 channel.exchange(INS_SELECT, 0x04, 0x00, aid, name="SELECT IoT SAFE applet")
             except NotFoundError:
                 log.debug("no applet with AID %s", aid.hex().upper())
                 continue
-            return cls(
-                channel,
-                proprietary_cla=proprietary_cla,
-                session_number=session_number,
-                aid=aid,
-                close_sessions=close_sessions,
-            )
+            return cls(channel, aid=aid, **options)
         tried = ", ".join(a.hex().upper() for a in aids)
         raise NotFoundError(0x6A82, "SELECT", f"no IoT SAFE applet on the card (tried {tried})")
 
@@ -460,34 +489,23 @@ class IotSafeApplet:
         p2: int,
         data: bytes = b"",
         le: int | None = None,
-        *,
-        name: str,
-        accept: Sequence[int] = (),
-        slow: bool = False,
+        **how: Unpack[ExchangeOptions],
     ) -> tuple[bytes, int]:
         response = self.channel.exchange(
-            ins,
-            p1,
-            p2,
-            data,
-            le,
-            name=name,
-            proprietary=self.proprietary_cla,
-            accept=accept,
-            slow=slow,
+            ins, p1, p2, data, le, proprietary=self.proprietary_cla, **how
         )
         return response.data, response.sw
 
     # GET DATA ------------------------------------------------------------------------------
 
     def info(self) -> AppletInfo:
-        # Le 44: the 68 bytes the spec defines (§3.1); a card with another length answers 6Cxx
+        # Le 44: the 68 bytes of the applet information [card §4]; another length gets 6Cxx
         data, _ = self._exchange(INS_GET_DATA, 0x00, 0x00, le=0x44, name="GET DATA info")
         return decode_app_info(data)
 
     @_one_transaction
     def objects(self) -> list[ObjectInfo]:
-        """The whole object list, following ``63 00`` paging with P2=01 (§3.1, TP)."""
+        """The whole object list, following ``63 00`` paging with P2=01 [card §4]."""
         collected = b""
         p2 = 0x00
         for _ in range(_MAX_PAGES):
@@ -540,7 +558,7 @@ class IotSafeApplet:
 
     @_one_transaction
     def sign_digest(self, key: IotSafeRef, digest: bytes) -> bytes:
-        """ECDSA over a host-computed SHA-256 digest (mode 03, §3.5); returns DER."""
+        """ECDSA over a host-computed SHA-256 digest (mode 03, [card §3]); returns DER."""
         if len(digest) != 32:
             raise InputError(f"expected a 32-byte SHA-256 digest, got {len(digest)} bytes")
         sess = self.session_number
@@ -550,8 +568,8 @@ class IotSafeApplet:
         except StatusWordError as exc:
             if exc.sw != 0x6985:
                 raise
-            # A session left open by a crashed run: close it and try once more (OR closes
-            # defensively before every INIT; doing it only on failure saves an APDU per sign).
+            # A session left open by a crashed run: close it and try once more ([card §5]:
+            # Orange's library closes before every INIT; only on failure saves an APDU per sign).
             self._close_session(INS_SIGN_INIT)
             self._exchange(INS_SIGN_INIT, 0x00, sess, init, name="COMPUTE SIGNATURE INIT")
         try:
@@ -569,7 +587,7 @@ class IotSafeApplet:
 
     @_one_transaction
     def verify_signature(self, public_key: IotSafeRef, digest: bytes, der_signature: bytes) -> bool:
-        """VERIFY SIGNATURE on the card (§3.6): True on 9000, False on 6D01."""
+        """VERIFY SIGNATURE on the card [card §3]: True on 9000, False on 6D01."""
         from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
         r, s = decode_dss_signature(der_signature)
@@ -614,7 +632,7 @@ class IotSafeApplet:
 
     @_one_transaction
     def read_file(self, file: IotSafeRef, *, size: int | None = None, chunk: int = 256) -> bytes:
-        """READ FILE (§3.11) from offset 0 until ``size``, the DER length, or the end of file.
+        """READ FILE [card §6] from offset 0 until ``size``, the DER length, or the end of file.
 
         Advances by what the card returned (cards cap answers at 240/255/256 bytes); stops at
         the DER length of a certificate so a container larger than its content costs nothing.
@@ -632,7 +650,7 @@ class IotSafeApplet:
                     INS_READ_FILE, offset >> 8, offset & 0xFF, ref, want, name="READ FILE"
                 )
             except StatusWordError as exc:
-                # offset out of bounds is listed as 6981 and 6A86 (§3.11); 6B00 from UICC habit
+                # an offset past the end: 6981 or 6A86 by source, 6B00 by UICC habit [card §6]
                 if offset > 0 and exc.sw in (0x6981, 0x6A86, 0x6B00):
                     break
                 raise

@@ -1,7 +1,7 @@
 """Status words: readable meanings and the typed exception each one raises.
 
-Sources: ISO/IEC 7816-4 §5.1.3, ETSI TS 102 221 §10.2, GSMA IoT.05 status words as listed in
-iot-safe-apdu.md §5.
+Sources: ISO/IEC 7816-4 §5.1.3, ETSI TS 102 221 §10.2, and the GSMA IoT.05 applet status words
+as Orange's IoT-SAFE-APDU-library lists them (docs/iot-safe-card.md §9).
 """
 
 from __future__ import annotations

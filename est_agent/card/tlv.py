@@ -2,7 +2,7 @@
 
 The length is one byte in most places, but real cards and libraries also send BER long forms
 (``81 xx``, ``82 xx xx``) and, for the signature tag ``33``, a plain 2-byte big-endian length
-(``33 00 40 <r||s>``): see iot-safe-apdu.md §2 and §3.5. ``decode_tlvs`` accepts all of them;
+(``33 00 40 <r||s>``): see docs/iot-safe-card.md §2. ``decode_tlvs`` accepts all of them;
 ``encode_tlv`` emits the short form when it can and BER otherwise.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from est_agent.errors import CardProtocolError
+from est_agent.errors import CardProtocolError, InputError
 
 __all__ = ["WIDE_LENGTH_TAGS", "Tlv", "decode_tlvs", "encode_tlv", "find_tlv", "iter_tlvs"]
 
@@ -30,7 +30,7 @@ def encode_tlv(tag: int, value: bytes, *, two_byte_length: bool = False) -> byte
     n = len(value)
     if two_byte_length:
         if n > 0xFFFF:
-            raise ValueError("TLV value too long")
+            raise InputError(f"TLV {tag:02X}: value of {n} bytes does not fit a 2-byte length")
         return bytes((tag,)) + n.to_bytes(2, "big") + value
     if n < 0x80:
         length = bytes((n,))
@@ -39,7 +39,7 @@ def encode_tlv(tag: int, value: bytes, *, two_byte_length: bool = False) -> byte
     elif n <= 0xFFFF:
         length = b"\x82" + n.to_bytes(2, "big")
     else:
-        raise ValueError("TLV value too long")
+        raise InputError(f"TLV {tag:02X}: value of {n} bytes does not fit a BER length of 2 bytes")
     return bytes((tag,)) + length + value
 
 

@@ -1,6 +1,6 @@
 """UICC file access (ETSI TS 102 221 §11.1): SELECT, READ BINARY, UPDATE BINARY.
 
-IoT SAFE v1 gives the device no command to write a file container (iot-safe-apdu.md §3.12), so
+IoT SAFE v1 gives the device no command to write a file container (docs/iot-safe-card.md §7), so
 issued certificates go to a transparent EF the SIM issuer created. Never run these on the
 applet's channel: a Java Card runtime forwards SELECT-by-FID to the selected applet.
 """

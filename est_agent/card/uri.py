@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# DEFAULT_AID (the IoT SAFE applet's address) is re-exported here with the other card
+# addresses: configuration takes it from this pure module, never from the applet client.
+from est_agent.card.iotsafe_codes import DEFAULT_AID, MAX_ID_BYTES, MAX_LABEL_BYTES
 from est_agent.errors import InputError
 
 __all__ = [
@@ -26,13 +29,7 @@ __all__ = [
     "parse_iotsafe_ref",
 ]
 
-#: The IoT SAFE applet's AID (GSMA IoT.05: RID A000000559, PIX 0010), tried first when no other
-#: is configured. Here, with the other card addresses, so that configuration does not load the
-#: applet client to learn its default.
-DEFAULT_AID = bytes.fromhex("A0000005590010")
 
-_MAX_ID_BYTES = 20  # IoT.05 object IDs are short byte strings (OR caps them at 20)
-_MAX_LABEL_BYTES = 60
 
 
 class ObjectKind(Enum):
@@ -52,10 +49,10 @@ class IotSafeRef:
     def __post_init__(self) -> None:
         if (self.object_id is None) == (self.label is None):
             raise InputError("an IoT SAFE reference needs exactly one of id or label")
-        if self.object_id is not None and not 1 <= len(self.object_id) <= _MAX_ID_BYTES:
-            raise InputError(f"IoT SAFE object id must be 1..{_MAX_ID_BYTES} bytes")
-        if self.label is not None and not 1 <= len(self.label.encode()) <= _MAX_LABEL_BYTES:
-            raise InputError(f"IoT SAFE label must be 1..{_MAX_LABEL_BYTES} bytes")
+        if self.object_id is not None and not 1 <= len(self.object_id) <= MAX_ID_BYTES:
+            raise InputError(f"IoT SAFE object id must be 1..{MAX_ID_BYTES} bytes")
+        if self.label is not None and not 1 <= len(self.label.encode()) <= MAX_LABEL_BYTES:
+            raise InputError(f"IoT SAFE label must be 1..{MAX_LABEL_BYTES} bytes")
 
     def __str__(self) -> str:
         prefix = "file" if self.kind is ObjectKind.FILE else "key"

@@ -13,6 +13,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from est_agent.certificates import load_certificates
 from est_agent.errors import InputError
 from est_agent.est.client import EstCaCerts, EstClient, RetryPolicy
 from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
@@ -20,10 +21,7 @@ from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
 def _anchors(path: str) -> list[x509.Certificate]:
     data = read_bounded(path, limit_bytes=PEM_LIMIT_BYTES, what="--trust-anchor", error=InputError)
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise InputError(f"--trust-anchor {path}: no PEM certificate ({exc})") from exc
+    return load_certificates(data, f"--trust-anchor {path}")
 
 
 def _client(args: argparse.Namespace) -> EstClient:

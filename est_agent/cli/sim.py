@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from est_agent.certificates import load_certificates
 from est_agent.errors import InputError, UsageError
 from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
@@ -24,10 +25,7 @@ def _read(path: str, option: str) -> bytes:
 
 
 def load_ca(cert_path: str, key_path: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    try:
-        cert = x509.load_pem_x509_certificate(_read(cert_path, "--bootstrap-ca"))
-    except ValueError:
-        raise InputError(f"{cert_path} is not a PEM certificate") from None
+    cert = load_certificates(_read(cert_path, "--bootstrap-ca"), f"--bootstrap-ca {cert_path}")[0]
     try:
         key = load_pem_private_key(_read(key_path, "--bootstrap-ca-key"), password=None)
     except (ValueError, TypeError):

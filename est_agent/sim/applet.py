@@ -1,10 +1,10 @@
-"""The GSMA IoT SAFE applet (IoT.05) as the card sees it; commands per iot-safe-apdu.md §3.
+"""The GSMA IoT SAFE applet (IoT.05) as the card sees it; commands as in docs/iot-safe-card.md §3.
 
 Implemented: GET DATA (``CB``), GENERATE KEY PAIR (``B9``), READ PUBLIC KEY (``CD``), GET RANDOM
 (``84``), COMPUTE SIGNATURE INIT/UPDATE (``2A``/``2B``, mode 03 = host-hashed SHA-256, ECDSA
 P-256), VERIFY SIGNATURE INIT/UPDATE (``2C``/``2D``) and READ FILE (``B0``). Anything else is
 ``6D00``. The object store is issuer-made: the device creates no objects and writes no files
-(§3.12); ``put_file`` is the simulated-OTA back door for that.
+(docs/iot-safe-card.md §7); ``put_file`` is the simulated-OTA back door for that.
 
 Private key scalars are only ever used inside ``ecc``; no answer built here contains one.
 Volatile applet state (signature/verification sessions, the object-list cursor) is kept per
@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from est_agent.card import iotsafe_codes as iot
 from est_agent.card.apdu import CommandApdu
 from est_agent.card.tlv import decode_tlvs, encode_tlv
 from est_agent.errors import CardProtocolError, InputError
@@ -38,11 +39,6 @@ from est_agent.sim.reply import (
     Reply,
 )
 from est_agent.sim.state import (
-    ACCESS_READ,
-    CRYPTO_KEY_GENERATION,
-    CRYPTO_SIGNATURE,
-    HASH_SHA256,
-    SIGNATURE_ECDSA,
     AppletState,
     CardState,
     FileObject,
@@ -58,38 +54,13 @@ __all__ = [
     "put_file",
 ]
 
-INS_GET_DATA = 0xCB
-INS_GENERATE_KEY_PAIR = 0xB9
-INS_READ_PUBLIC_KEY = 0xCD
-INS_GET_RANDOM = 0x84
-INS_SIGN_INIT = 0x2A
-INS_SIGN_UPDATE = 0x2B
-INS_VERIFY_INIT = 0x2C
-INS_VERIFY_UPDATE = 0x2D
-INS_READ_FILE = 0xB0
-
 #: sessions per command family and channel; numbers 0..MAX_SESSIONS-1 (GET DATA tag B7)
 MAX_SESSIONS = 4
 APPLET_VERSION = 0x01
-#: GET DATA tag 11 is 32 bytes by the spec (OR#2)
+#: GET DATA tag 11 is 32 bytes (Orange's IoT-SAFE-APDU-library issue #2; docs/iot-safe-card.md §4)
 APPLET_IDENTIFIER = b"est-agent virtual IoT SAFE".ljust(32, b"\x00")
 
-_P1_OPEN = 0x00
-_P1_CLOSE = 0x01
-_P1_LAST_BLOCK = 0x80
-_P1_MORE_BLOCKS = 0x00
-
-_MODE_FULL_TEXT = 0x01
-_MODE_LAST_BLOCK = 0x02
-_MODE_PAD_AND_SIGN = 0x03
 _SHA256_BYTES = 32
-
-# GET DATA P1
-_APP_INFO = 0x00
-_OBJECT_LIST = 0x01
-_PRIVATE_KEY_INFO = 0xC1
-_PUBLIC_KEY_INFO = 0xC2
-_FILE_INFO = 0xC3
 
 
 class _RefusedError(Exception):
@@ -124,12 +95,13 @@ def _tlvs(cmd: CommandApdu) -> dict[int, bytes]:
 
 def _pick(
     tlvs: dict[int, bytes],
-    id_tag: int,
-    label_tag: int,
+    container: int,
     objects: Sequence[_O],
     id_of: Callable[[_O], bytes],
 ) -> _O:
-    """The one object an ID or a label TLV names (IoT.05: never both)."""
+    """The one object an ID or a label TLV names (IoT.05: never both); ``container`` is the
+    kind's info container tag (its ID and label tags are in ``iot.REF_TAGS``)."""
+    id_tag, label_tag = iot.REF_TAGS[container]
     object_id = tlvs.get(id_tag)
     label = tlvs.get(label_tag)
     if (object_id is None) == (label is None):
@@ -158,29 +130,32 @@ def _check_session(p2: int) -> None:
 
 def _check_algorithms(tlvs: dict[int, bytes]) -> None:
     """Only mode 03 (host hashed), SHA-256 and ECDSA are offered (GET DATA 90/91/92)."""
-    mode, hash_alg, sig_alg = tlvs.get(0xA1), tlvs.get(0x91), tlvs.get(0x92)
+    mode, hash_alg, sig_alg = (
+        tlvs.get(tag) for tag in (iot.TAG_MODE, iot.TAG_HASH_ALGS, iot.TAG_SIG_ALGS)
+    )
     if mode is None or hash_alg is None or sig_alg is None or len(mode) != 1:
         raise _RefusedError(SW_INCORRECT_DATA)
-    if mode[0] in (_MODE_FULL_TEXT, _MODE_LAST_BLOCK):
+    if mode[0] in (iot.MODE_FULL_TEXT, iot.MODE_LAST_BLOCK):
         raise _RefusedError(SW_P1P2)  # valid IoT.05 modes, not offered by this card
-    if mode[0] != _MODE_PAD_AND_SIGN:
+    if mode[0] != iot.MODE_PAD_AND_SIGN:
         raise _RefusedError(SW_INCORRECT_DATA)
-    if hash_alg != HASH_SHA256.to_bytes(2, "big") or sig_alg != bytes((SIGNATURE_ECDSA,)):
+    if hash_alg != iot.HASH_SHA256.to_bytes(2, "big") or sig_alg != bytes((iot.SIGNATURE_ECDSA,)):
         raise _RefusedError(SW_INCORRECT_DATA)
 
 
 def _check_key_use(key: PrivateKeyObject | PublicKeyObject) -> None:
     if not (
-        key.crypto_functions & CRYPTO_SIGNATURE
-        and key.signature_algorithms & SIGNATURE_ECDSA
-        and key.hash_algorithms & HASH_SHA256
+        key.crypto_functions & iot.CRYPTO_SIGNATURE
+        and key.signature_algorithms & iot.SIGNATURE_ECDSA
+        and key.hash_algorithms & iot.HASH_SHA256
         and key.filled
     ):
         raise _RefusedError(SW_CONDITIONS)
 
 
 def _public_key_tlv(point: bytes) -> bytes:
-    return encode_tlv(0x34, encode_tlv(0x49, encode_tlv(0x86, point)))
+    ecc_key = encode_tlv(iot.TAG_ECC_KEY, encode_tlv(iot.TAG_EC_POINT, point))
+    return encode_tlv(iot.TAG_PUBLIC_KEY, ecc_key)
 
 
 def _install_key_pair(applet: AppletState, private_id: bytes, scalar: bytes, point: bytes) -> None:
@@ -227,15 +202,15 @@ class IotSafeApplet:
         # channel -> index of the next object-list container (P2 01 continues from there)
         self._list_cursor: dict[int, int] = {}
         self._handlers: dict[int, Callable[[int, CommandApdu, AppletState], Reply]] = {
-            INS_GET_DATA: self._get_data,
-            INS_GENERATE_KEY_PAIR: self._generate_key_pair,
-            INS_READ_PUBLIC_KEY: self._read_public_key,
-            INS_GET_RANDOM: self._get_random,
-            INS_SIGN_INIT: self._sign_init,
-            INS_SIGN_UPDATE: self._sign_update,
-            INS_VERIFY_INIT: self._verify_init,
-            INS_VERIFY_UPDATE: self._verify_update,
-            INS_READ_FILE: self._read_file,
+            iot.INS_GET_DATA: self._get_data,
+            iot.INS_GENERATE_KEY_PAIR: self._generate_key_pair,
+            iot.INS_READ_PUBLIC_KEY: self._read_public_key,
+            iot.INS_GET_RANDOM: self._get_random,
+            iot.INS_SIGN_INIT: self._sign_init,
+            iot.INS_SIGN_UPDATE: self._sign_update,
+            iot.INS_VERIFY_INIT: self._verify_init,
+            iot.INS_VERIFY_UPDATE: self._verify_update,
+            iot.INS_READ_FILE: self._read_file,
         }
 
     def reset(self) -> None:
@@ -271,44 +246,46 @@ class IotSafeApplet:
         def count(n: int) -> bytes:
             return bytes((min(n, 0xFF),))
 
+        functions = iot.CRYPTO_SIGNATURE | iot.CRYPTO_KEY_GENERATION
+
         return b"".join(
             (
-                encode_tlv(0x10, bytes((APPLET_VERSION,))),
-                encode_tlv(0x11, APPLET_IDENTIFIER),
-                encode_tlv(0xB1, count(len(applet.files))),
-                encode_tlv(0xB2, count(len(applet.private_keys))),
-                encode_tlv(0xB3, count(len(applet.public_keys))),
-                encode_tlv(0xB4, b"\x00"),  # no secret keys
-                encode_tlv(0x90, bytes((CRYPTO_SIGNATURE | CRYPTO_KEY_GENERATION,))),
-                encode_tlv(0x91, HASH_SHA256.to_bytes(2, "big")),
-                encode_tlv(0x92, bytes((SIGNATURE_ECDSA,))),
-                encode_tlv(0x93, b"\x00"),  # no key agreement (COMPUTE DH not offered)
-                encode_tlv(0x94, b"\x00"),  # no key derivation
-                encode_tlv(0xB7, bytes((MAX_SESSIONS,))),
+                encode_tlv(iot.TAG_APPLET_VERSION, bytes((APPLET_VERSION,))),
+                encode_tlv(iot.TAG_APPLET_ID, APPLET_IDENTIFIER),
+                encode_tlv(iot.TAG_MAX_FILES, count(len(applet.files))),
+                encode_tlv(iot.TAG_MAX_PRIVATE_KEYS, count(len(applet.private_keys))),
+                encode_tlv(iot.TAG_MAX_PUBLIC_KEYS, count(len(applet.public_keys))),
+                encode_tlv(iot.TAG_MAX_SECRET_KEYS, b"\x00"),  # no secret keys
+                encode_tlv(iot.TAG_CRYPTO_FUNCTIONS, bytes((functions,))),
+                encode_tlv(iot.TAG_HASH_ALGS, iot.HASH_SHA256.to_bytes(2, "big")),
+                encode_tlv(iot.TAG_SIG_ALGS, bytes((iot.SIGNATURE_ECDSA,))),
+                # no key agreement (COMPUTE DH not offered)
+                encode_tlv(iot.TAG_KEY_AGREEMENT_ALGS, b"\x00"),
+                encode_tlv(iot.TAG_KEY_DERIVATION_ALGS, b"\x00"),  # no key derivation
+                encode_tlv(iot.TAG_MAX_SESSIONS, bytes((MAX_SESSIONS,))),
             )
         )
 
     @staticmethod
     def _key_container(
         tag: int,
-        label_tag: int,
-        id_tag: int,
         key: PrivateKeyObject | PublicKeyObject,
         key_id: bytes,
     ) -> bytes:
+        id_tag, label_tag = iot.REF_TAGS[tag]
         body = b"".join(
             (
                 encode_tlv(label_tag, key.label.encode("utf-8")) if key.label else b"",
                 encode_tlv(id_tag, key_id),
-                encode_tlv(0x60, bytes((key.access,))),
-                encode_tlv(0x4A, b"\x01" if key.filled else b"\x00"),
-                encode_tlv(0x4B, bytes((key.key_type,))),
-                encode_tlv(0x4E, bytes((key.usage,))),
-                encode_tlv(0x61, bytes((key.crypto_functions,))),
-                encode_tlv(0x92, bytes((key.signature_algorithms,))),
-                encode_tlv(0x91, key.hash_algorithms.to_bytes(2, "big")),
+                encode_tlv(iot.TAG_ACCESS, bytes((key.access,))),
+                encode_tlv(iot.TAG_STATE, b"\x01" if key.filled else b"\x00"),
+                encode_tlv(iot.TAG_KEY_TYPE, bytes((key.key_type,))),
+                encode_tlv(iot.TAG_KEY_USAGE, bytes((key.usage,))),
+                encode_tlv(iot.TAG_OBJECT_FUNCTIONS, bytes((key.crypto_functions,))),
+                encode_tlv(iot.TAG_SIG_ALGS, bytes((key.signature_algorithms,))),
+                encode_tlv(iot.TAG_HASH_ALGS, key.hash_algorithms.to_bytes(2, "big")),
                 (
-                    encode_tlv(0x6F, bytes((key.key_agreement_algorithms,)))
+                    encode_tlv(iot.TAG_OBJECT_KEY_AGREEMENT, bytes((key.key_agreement_algorithms,)))
                     if key.key_agreement_algorithms
                     else b""
                 ),
@@ -317,27 +294,30 @@ class IotSafeApplet:
         return encode_tlv(tag, body)
 
     def _private_container(self, key: PrivateKeyObject) -> bytes:
-        return self._key_container(_PRIVATE_KEY_INFO, 0x74, 0x84, key, key.object_id)
+        return self._key_container(iot.CONTAINER_PRIVATE_KEY, key, key.object_id)
 
     def _public_container(self, key: PublicKeyObject) -> bytes:
-        return self._key_container(_PUBLIC_KEY_INFO, 0x75, 0x85, key, self._public_id(key))
+        return self._key_container(iot.CONTAINER_PUBLIC_KEY, key, self._public_id(key))
 
     @staticmethod
     def _file_container(obj: FileObject) -> bytes:
         body = b"".join(
             (
-                encode_tlv(0x73, obj.label.encode("utf-8")) if obj.label else b"",
-                encode_tlv(0x83, obj.object_id),
-                encode_tlv(0x60, bytes((obj.access,))),
-                encode_tlv(0x4A, b"\x01" if obj.filled else b"\x00"),
-                encode_tlv(0x21, bytes((obj.usage,))),
-                encode_tlv(0x20, len(obj.data).to_bytes(2, "big")),  # big-endian (TM, WS)
+                encode_tlv(iot.TAG_FILE_LABEL, obj.label.encode("utf-8")) if obj.label else b"",
+                encode_tlv(iot.TAG_FILE_ID, obj.object_id),
+                encode_tlv(iot.TAG_ACCESS, bytes((obj.access,))),
+                encode_tlv(iot.TAG_STATE, b"\x01" if obj.filled else b"\x00"),
+                encode_tlv(iot.TAG_FILE_USAGE, bytes((obj.usage,))),
+                # the size big-endian, as Thales' and wolfSSL's code read it
+                # (docs/iot-safe-card.md §4)
+                encode_tlv(iot.TAG_FILE_SIZE, len(obj.data).to_bytes(2, "big")),
             )
         )
-        return encode_tlv(_FILE_INFO, body)
+        return encode_tlv(iot.CONTAINER_FILE, body)
 
     def _containers(self, applet: AppletState) -> list[bytes]:
-        # OR's parser wants private keys, public keys, (secret keys,) files, in that order
+        # Orange's parser wants private keys, public keys, (secret keys,) files, in that
+        # order (docs/iot-safe-card.md §4)
         return (
             [self._private_container(k) for k in applet.private_keys]
             + [self._public_container(k) for k in applet.public_keys]
@@ -375,25 +355,25 @@ class IotSafeApplet:
         return Reply(SW_MORE_DATA if more else SW_OK, page, exact=True, transient=move_cursor)
 
     def _get_data(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        if cmd.p1 == _APP_INFO:
+        if cmd.p1 == iot.GET_DATA_APP_INFO:
             if cmd.p2:
                 raise _RefusedError(SW_P1P2)
             return Reply(SW_OK, self._app_info(applet), exact=True)
-        if cmd.p1 == _OBJECT_LIST:
+        if cmd.p1 == iot.GET_DATA_OBJECT_LIST:
             return self._object_list(channel, cmd, applet)
-        if cmd.p1 not in (_PRIVATE_KEY_INFO, _PUBLIC_KEY_INFO, _FILE_INFO):
+        if cmd.p1 not in (iot.CONTAINER_PRIVATE_KEY, iot.CONTAINER_PUBLIC_KEY, iot.CONTAINER_FILE):
             raise _RefusedError(SW_P1P2)
         if cmd.p2:
             raise _RefusedError(SW_P1P2)
         tlvs = _tlvs(cmd)
-        if cmd.p1 == _PRIVATE_KEY_INFO:
-            private = _pick(tlvs, 0x84, 0x74, applet.private_keys, _own_id)
+        if cmd.p1 == iot.CONTAINER_PRIVATE_KEY:
+            private = _pick(tlvs, iot.CONTAINER_PRIVATE_KEY, applet.private_keys, _own_id)
             data = self._private_container(private)
-        elif cmd.p1 == _PUBLIC_KEY_INFO:
-            public = _pick(tlvs, 0x85, 0x75, applet.public_keys, self._public_id)
+        elif cmd.p1 == iot.CONTAINER_PUBLIC_KEY:
+            public = _pick(tlvs, iot.CONTAINER_PUBLIC_KEY, applet.public_keys, self._public_id)
             data = self._public_container(public)
         else:
-            data = self._file_container(_pick(tlvs, 0x83, 0x73, applet.files, _own_id))
+            data = self._file_container(_pick(tlvs, iot.CONTAINER_FILE, applet.files, _own_id))
         return Reply(SW_OK, data, exact=True)
 
     # -- keys ------------------------------------------------------------------------------
@@ -406,8 +386,8 @@ class IotSafeApplet:
 
     def _generate_key_pair(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
         _check_p1p2(cmd)
-        private = _pick(_tlvs(cmd), 0x84, 0x74, applet.private_keys, _own_id)
-        if not private.crypto_functions & CRYPTO_KEY_GENERATION:
+        private = _pick(_tlvs(cmd), iot.CONTAINER_PRIVATE_KEY, applet.private_keys, _own_id)
+        if not private.crypto_functions & iot.CRYPTO_KEY_GENERATION:
             raise _RefusedError(SW_CONDITIONS)
         public = self._paired_public(applet, private)
         scalar, point = ecc.generate_key_pair()
@@ -417,16 +397,16 @@ class IotSafeApplet:
             _install_key_pair(state.applet, private_id, scalar, point)
 
         data = (
-            encode_tlv(0x84, private.object_id)
-            + encode_tlv(0x85, self._public_id(public))
+            encode_tlv(iot.TAG_PRIVATE_KEY_ID, private.object_id)
+            + encode_tlv(iot.TAG_PUBLIC_KEY_ID, self._public_id(public))
             + _public_key_tlv(point)
         )
         return Reply(SW_OK, data, exact=True, update=install)
 
     def _read_public_key(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
         _check_p1p2(cmd)
-        public = _pick(_tlvs(cmd), 0x85, 0x75, applet.public_keys, self._public_id)
-        if not public.access & ACCESS_READ:
+        public = _pick(_tlvs(cmd), iot.CONTAINER_PUBLIC_KEY, applet.public_keys, self._public_id)
+        if not public.access & iot.ACCESS_READ:
             raise _RefusedError(SW_SECURITY)
         if not public.filled:
             raise _RefusedError(SW_CONDITIONS)
@@ -448,14 +428,14 @@ class IotSafeApplet:
     ) -> Reply:
         _check_session(cmd.p2)
         key = (channel, cmd.ins, cmd.p2)
-        if cmd.p1 == _P1_CLOSE:
+        if cmd.p1 == iot.P1_CLOSE:
 
             def close_session() -> None:
                 # Closing a session that is not open is harmless: clients do it to clear stale ones.
                 self._sessions.pop(key, None)
 
             return Reply(SW_OK, transient=close_session)
-        if cmd.p1 != _P1_OPEN:
+        if cmd.p1 != iot.P1_OPEN:
             raise _RefusedError(SW_P1P2)
         tlvs = _tlvs(cmd)
         obj = pick(tlvs)
@@ -470,35 +450,37 @@ class IotSafeApplet:
 
     def _session_update(self, channel: int, cmd: CommandApdu, init_ins: int) -> tuple[bytes, bytes]:
         """(key object ID, SHA-256 digest) for a last-block UPDATE of an open session."""
-        if cmd.p1 not in (_P1_LAST_BLOCK, _P1_MORE_BLOCKS):
+        if cmd.p1 not in (iot.P1_LAST_BLOCK, iot.P1_MORE_BLOCKS):
             raise _RefusedError(SW_P1P2)
         _check_session(cmd.p2)
         object_id = self._sessions.get((channel, init_ins, cmd.p2))
         if object_id is None:
             raise _RefusedError(SW_CONDITIONS)
-        if cmd.p1 != _P1_LAST_BLOCK:
+        if cmd.p1 != iot.P1_LAST_BLOCK:
             raise _RefusedError(SW_P1P2)  # mode 03 takes the whole hash in one block
         return object_id, self._digest(cmd)
 
     @staticmethod
     def _digest(cmd: CommandApdu) -> bytes:
-        digest = _tlvs(cmd).get(0x9E)
+        digest = _tlvs(cmd).get(iot.TAG_HASH_VALUE)
         if digest is None or len(digest) != _SHA256_BYTES:
             raise _RefusedError(SW_INCORRECT_DATA)
         return digest
 
     def _sign_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        return self._init(
-            channel, cmd, lambda tlvs: _pick(tlvs, 0x84, 0x74, applet.private_keys, _own_id)
-        )
+        def key(tlvs: dict[int, bytes]) -> PrivateKeyObject:
+            return _pick(tlvs, iot.CONTAINER_PRIVATE_KEY, applet.private_keys, _own_id)
+
+        return self._init(channel, cmd, key)
 
     def _verify_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        return self._init(
-            channel, cmd, lambda tlvs: _pick(tlvs, 0x85, 0x75, applet.public_keys, self._public_id)
-        )
+        def key(tlvs: dict[int, bytes]) -> PublicKeyObject:
+            return _pick(tlvs, iot.CONTAINER_PUBLIC_KEY, applet.public_keys, self._public_id)
+
+        return self._init(channel, cmd, key)
 
     def _sign_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        object_id, digest = self._session_update(channel, cmd, INS_SIGN_INIT)
+        object_id, digest = self._session_update(channel, cmd, iot.INS_SIGN_INIT)
         private = next((k for k in applet.private_keys if k.object_id == object_id), None)
         if private is None or not private.filled:
             raise _RefusedError(SW_CONDITIONS)
@@ -508,16 +490,16 @@ class IotSafeApplet:
     def _signature_tlv(self, r: int, s: int) -> bytes:
         fmt = self._options.signature_format
         if fmt == "der":
-            return encode_tlv(0x33, encode_dss_signature(r, s))
+            return encode_tlv(iot.TAG_SIGNATURE, encode_dss_signature(r, s))
         raw = r.to_bytes(ecc.COORDINATE_BYTES, "big") + s.to_bytes(ecc.COORDINATE_BYTES, "big")
-        return encode_tlv(0x33, raw, two_byte_length=fmt == "wide")
+        return encode_tlv(iot.TAG_SIGNATURE, raw, two_byte_length=fmt == "wide")
 
     def _verify_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        object_id, digest = self._session_update(channel, cmd, INS_VERIFY_INIT)
+        object_id, digest = self._session_update(channel, cmd, iot.INS_VERIFY_INIT)
         public = next((k for k in applet.public_keys if k.object_id == object_id), None)
         if public is None or not public.filled:
             raise _RefusedError(SW_CONDITIONS)
-        signature = _tlvs(cmd).get(0x33)
+        signature = _tlvs(cmd).get(iot.TAG_SIGNATURE)
         rs = None if signature is None else ecc.decode_signature(signature)
         if rs is None:
             raise _RefusedError(SW_INCORRECT_DATA)
@@ -527,8 +509,8 @@ class IotSafeApplet:
     # -- files -----------------------------------------------------------------------------
 
     def _read_file(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        obj = _pick(_tlvs(cmd), 0x83, 0x73, applet.files, _own_id)
-        if not obj.access & ACCESS_READ:
+        obj = _pick(_tlvs(cmd), iot.CONTAINER_FILE, applet.files, _own_id)
+        if not obj.access & iot.ACCESS_READ:
             raise _RefusedError(SW_SECURITY)
         if not obj.filled:
             raise _RefusedError(SW_CONDITIONS)

@@ -21,6 +21,8 @@ from __future__ import annotations
 from functools import reduce
 from operator import xor
 
+from est_agent.errors import SimStateError
+
 __all__ = ["build_atr"]
 
 _INTERFACE = bytes.fromhex("3B 9F 96 80 B1 FE 45 1F C7")
@@ -29,7 +31,7 @@ _SERIAL_BYTES = 8
 
 def build_atr(serial: bytes) -> bytes:
     if len(serial) != _SERIAL_BYTES:
-        raise ValueError(f"card serial must be {_SERIAL_BYTES} bytes")
+        raise SimStateError(f"card serial must be {_SERIAL_BYTES} bytes, got {len(serial)}")
     historical = b"\x80\x31\xe0\x58" + serial + b"\x82\x90\x00"
     body = _INTERFACE + historical
     return body + bytes((reduce(xor, body[1:], 0),))

@@ -4,8 +4,8 @@ Theory of operation: ``process`` takes one command APDU and returns one response
 card behind a reader. It never raises for bad input; it answers a status word. The card layer
 here does what a UICC's operating system does (TS 102 221 / ISO/IEC 7816-4):
 
-- decodes the CLA into a logical channel (§1.3 of iot-safe-apdu.md): ``0N``/``8N``/``AN`` for
-  channels 0-3, ``4X``/``CX`` for 4-19; other classes are ``6E00``;
+- decodes the CLA into a logical channel (TS 102 221 §10.1.1, ``est_agent.transport.cla``):
+  ``0N``/``8N``/``AN`` for channels 0-3, ``4X``/``CX`` for 4-19; other classes are ``6E00``;
 - runs MANAGE CHANNEL (open/close channels 1-19) and SELECT by AID/DF name itself;
 - on a channel where the applet is selected, passes every other command to the applet, as a
   Java Card runtime does (so SELECT by FID there is the applet's business: ``6D00``);
@@ -34,14 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from est_agent.card.apdu import CommandApdu
+from est_agent.card.iotsafe_codes import INS_GENERATE_KEY_PAIR, INS_READ_PUBLIC_KEY, INS_SIGN_UPDATE
 from est_agent.errors import CardProtocolError, InputError, SimStateError
 from est_agent.sim import ecc, uicc
 from est_agent.sim.applet import IotSafeApplet, put_file
 from est_agent.sim.atr import build_atr
 from est_agent.sim.faults import (
-    INS_COMPUTE_SIGNATURE_UPDATE,
-    INS_GENERATE_KEY_PAIR,
-    INS_READ_PUBLIC_KEY,
     CardAnswer,
     Fault,
     FaultInjector,
@@ -69,6 +67,7 @@ from est_agent.sim.reply import (
 )
 from est_agent.sim.state import CardState, DedicatedFile, load_state, save_state
 from est_agent.sim.trace import ApduEvent, ApduObserver
+from est_agent.transport.cla import MAX_CHANNEL, channel_of_cla
 
 __all__ = ["ApduEvent", "CardAnswer", "CardOptions", "FaultPlan", "VirtualCard"]
 
@@ -80,7 +79,6 @@ INS_READ_BINARY = 0xB0
 INS_UPDATE_BINARY = 0xD6
 INS_GET_RESPONSE = 0xC0
 
-MAX_CHANNEL = 19
 _P1_SELECT_BY_NAME = 0x04
 _P1_OPEN = 0x00
 _P1_CLOSE = 0x80
@@ -94,17 +92,23 @@ class _ClassKind(enum.Enum):
     GSM = "gsm"  # AN: a channel, but no command here accepts it
 
 
+_CLASS_KINDS = {
+    0x0: _ClassKind.ISO,
+    0x4: _ClassKind.ISO,
+    0x8: _ClassKind.PROPRIETARY,
+    0xC: _ClassKind.PROPRIETARY,
+    0xA: _ClassKind.GSM,
+}
+
+
 def _decode_cla(cla: int) -> tuple[int, _ClassKind] | int:
     """(channel, class kind), or the SW refusing the class (TS 102 221 §10.1.1)."""
-    high = cla >> 4
-    if high in (0x0, 0x8, 0xA):
-        if cla & 0x0C:  # b4 b3: secure messaging
-            return SW_SM_NOT_SUPPORTED
-        kind = {0x0: _ClassKind.ISO, 0x8: _ClassKind.PROPRIETARY, 0xA: _ClassKind.GSM}[high]
-        return cla & 0x03, kind
-    if high in (0x4, 0xC):
-        return 4 + (cla & 0x0F), _ClassKind.ISO if high == 0x4 else _ClassKind.PROPRIETARY
-    return SW_CLA_NOT_SUPPORTED
+    channel = channel_of_cla(cla)
+    if channel is None:
+        return SW_CLA_NOT_SUPPORTED
+    if channel <= 3 and not cla & 0x40 and cla & 0x0C:  # `0N`/`8N`/`AN` b4 b3: secure messaging
+        return SW_SM_NOT_SUPPORTED
+    return channel, _CLASS_KINDS[cla >> 4]
 
 
 def _sw(sw: int) -> bytes:
@@ -301,7 +305,7 @@ class VirtualCard:
         if context is None:
             return _sw(SW_CHANNEL_NOT_SUPPORTED)
         action = None if fault is None else fault.action
-        if action is FaultKind.BAD_SIGNATURE and cmd.ins == INS_COMPUTE_SIGNATURE_UPDATE:
+        if action is FaultKind.BAD_SIGNATURE and cmd.ins == INS_SIGN_UPDATE:
             cmd = dataclasses.replace(cmd, data=flip_digest_bit(cmd.data))
         reply = self._dispatch(channel, kind, context, cmd)
         if (

@@ -64,13 +64,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from est_agent.card.iotsafe_codes import (
+    TAG_EC_POINT,
+    TAG_ECC_KEY,
+    TAG_HASH_VALUE,
+    TAG_PUBLIC_KEY,
+)
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv
 from est_agent.errors import CardProtocolError, InputError
+from est_agent.transport.cla import MAX_CHANNEL, channel_of_cla
 
 __all__ = [
-    "INS_COMPUTE_SIGNATURE_UPDATE",
-    "INS_GENERATE_KEY_PAIR",
-    "INS_READ_PUBLIC_KEY",
     "AnsweringCard",
     "CardAnswer",
     "Fault",
@@ -81,20 +85,11 @@ __all__ = [
     "LinkFault",
     "LinkFaultError",
     "answer_of",
-    "channel_of_cla",
     "flip_digest_bit",
     "parse_rule",
     "replace_public_point",
 ]
 
-INS_GENERATE_KEY_PAIR = 0xB9
-INS_READ_PUBLIC_KEY = 0xCD
-INS_COMPUTE_SIGNATURE_UPDATE = 0x2B
-_TAG_HASH = 0x9E
-_TAG_PUBLIC_KEY = 0x34
-_TAG_ECC_KEY = 0x49
-_TAG_POINT = 0x86
-_MAX_CHANNEL = 19
 _MAX_DELAY_MS = 600_000
 _MAX_RESPONSE = 0xFFFF + 2
 
@@ -151,8 +146,8 @@ class FaultRule:
             byte = getattr(self, name)
             if byte is not None and not 0 <= byte <= 0xFF:
                 raise InputError(f"fault {name} must be one byte (00..FF), got {byte}")
-        if self.channel is not None and not 0 <= self.channel <= _MAX_CHANNEL:
-            raise InputError(f"fault channel must be 0..{_MAX_CHANNEL}, got {self.channel}")
+        if self.channel is not None and not 0 <= self.channel <= MAX_CHANNEL:
+            raise InputError(f"fault channel must be 0..{MAX_CHANNEL}, got {self.channel}")
         if self.first < 1 or (self.count is not None and self.count < 1):
             raise InputError("fault nth/from/count count from 1")
         if self.action is None and not self.delay_ms:
@@ -207,16 +202,6 @@ class FaultRule:
         if self.delay_ms:
             words.append(f"delay_ms={self.delay_ms}")
         return " ".join(words)
-
-
-def channel_of_cla(cla: int) -> int | None:
-    """The logical channel a CLA byte codes (TS 102 221 §10.1.1), or None for other classes."""
-    high = cla >> 4
-    if high in (0x0, 0x8, 0xA):
-        return cla & 0x03
-    if high in (0x4, 0xC):
-        return 4 + (cla & 0x0F)
-    return None
 
 
 _WORD_SPLIT = re.compile(r"[\s,]+")
@@ -444,7 +429,7 @@ def flip_digest_bit(data: bytes) -> bytes:
     changed = False
     for item in items:
         value = item.value
-        if item.tag == _TAG_HASH and value and not changed:
+        if item.tag == TAG_HASH_VALUE and value and not changed:
             value = value[:-1] + bytes((value[-1] ^ 0x01,))
             changed = True
         out += encode_tlv(item.tag, value)
@@ -475,7 +460,7 @@ def replace_public_point(data: bytes, point: bytes) -> bytes:
         items = decode_tlvs(data)
     except CardProtocolError:
         return data
-    out, done = _replace_in(items, (_TAG_PUBLIC_KEY, _TAG_ECC_KEY, _TAG_POINT), point)
+    out, done = _replace_in(items, (TAG_PUBLIC_KEY, TAG_ECC_KEY, TAG_EC_POINT), point)
     return out if done else data
 
 

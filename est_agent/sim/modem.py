@@ -42,6 +42,7 @@ from typing import Protocol
 
 from est_agent.errors import UsageError
 from est_agent.sim.faults import CardAnswer, FaultPlan, LinkFault, answer_of
+from est_agent.transport.cla import channel_from_cla, cla_for_channel
 
 __all__ = ["EmulatedModem", "ModemCard", "ModemQuirks", "PtyModem", "run_modem_server"]
 
@@ -111,10 +112,6 @@ _CCHC = re.compile(r"^\+CCHC=(\d+)$")
 _CMEE = re.compile(r"^\+CMEE=([012])$")
 _BASIC = re.compile(r"^(?:&?[A-Za-z]\d*)*")  # V.250 §5.3.1 basic syntax commands
 _BASIC_ONE = re.compile(r"&?[A-Za-z]\d*")
-
-
-def _card_channel(cla: int) -> int:
-    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
 
 
 class EmulatedModem:
@@ -264,7 +261,7 @@ class EmulatedModem:
 
     def _csim(self, length: int, text: str) -> list[str]:
         apdu = self._command_bytes(length, text)
-        if self.quirks.csim_basic_only and (apdu[1] == 0x70 or _card_channel(apdu[0]) != 0):
+        if self.quirks.csim_basic_only and (apdu[1] == 0x70 or channel_from_cla(apdu[0]) != 0):
             raise _CmeError(_CME_NOT_ALLOWED)
         response = self._process(apdu)
         return [f"+CSIM: {2 * len(response)},{self._hex(response)}"]
@@ -274,8 +271,8 @@ class EmulatedModem:
         if len(opened) != 3 or opened[1:] != b"\x90\x00":
             raise _CmeError(_CME_NOT_ALLOWED)
         channel = opened[0]
-        cla = channel if channel <= 3 else 0x40 | (channel - 4)
-        selected = self._process(bytes([cla, 0xA4, 0x04, 0x00, len(aid)]) + aid)
+        by_aid = bytes([cla_for_channel(channel), 0xA4, 0x04, 0x00, len(aid)]) + aid
+        selected = self._process(by_aid)
         if selected[-2:] != b"\x90\x00" and selected[-2] != 0x61:
             self._process(bytes([0x00, 0x70, 0x80, channel, 0x00]))
             raise _CmeError(_CME_NOT_ALLOWED)
@@ -287,7 +284,7 @@ class EmulatedModem:
         channel = self.sessions.get(session)
         if channel is None:
             raise _CmeError(_CME_INVALID_INDEX)
-        if _card_channel(apdu[0]) != channel:
+        if channel_from_cla(apdu[0]) != channel:
             raise _CmeError(_CME_NOT_ALLOWED)
         response = self._process(apdu)
         return [f"+CGLA: {2 * len(response)},{self._hex(response)}"]

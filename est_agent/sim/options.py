@@ -1,4 +1,4 @@
-"""How the virtual SIM behaves where real cards differ (iot-safe-apdu.md §6, §8).
+"""How the virtual SIM behaves where real cards differ (docs/iot-safe-card.md).
 
 The defaults are a well-behaved T=1 card; each switch reproduces a quirk seen on real cards or
 in other implementations so that clients can be tested against it.
@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from est_agent.card.iotsafe_codes import DEFAULT_AID
 from est_agent.errors import ConfigError
 
 __all__ = ["DEFAULT_AID", "CardOptions", "SignatureFormat"]
 
-#: the GSMA IoT SAFE applet AID (iot-safe-apdu.md §1.1)
-DEFAULT_AID = bytes.fromhex("A0000005590010")
 
 SignatureFormat = Literal["wide", "short", "der"]
 _SIGNATURE_FORMATS: frozenset[str] = frozenset({"wide", "short", "der"})

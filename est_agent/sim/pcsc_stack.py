@@ -27,8 +27,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
+from est_agent.closing import Closing
 from est_agent.errors import ReaderError
 from est_agent.sim.vpcd import ServeOutcome, VpcdCard, VpcdCardServer
 
@@ -154,7 +154,7 @@ def stop_process(
 
 
 @dataclass
-class PcscStack:
+class PcscStack(Closing):
     """A running pcscd with one vpcd entry, owned by this process."""
 
     workdir: Path
@@ -208,15 +208,8 @@ class PcscStack:
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
 
-    def __enter__(self) -> PcscStack:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """``stop`` with its default grace period (the ``with`` block's exit)."""
         self.stop()
 
 
@@ -388,6 +381,8 @@ class CardThread:
     def join(self, timeout_s: float = 5.0) -> ServeOutcome | None:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
+            # A builtin on purpose: the card thread ignoring stop() is a simulator bug (exit 70),
+            # nothing a user's input or the link can cause.
             raise RuntimeError("vpcd card thread did not end")
         if self.error is not None:
             raise self.error

@@ -22,17 +22,20 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from est_agent.card.uicc import luhn_check_digit
-from est_agent.errors import InputError, SimStateError
-from est_agent.sim import ecc
-from est_agent.sim.applet import generate_key_pair, put_file
-from est_agent.sim.atr import build_atr
-from est_agent.sim.state import (
+from est_agent.card.iotsafe_codes import (
     ACCESS_READ,
     ACCESS_UPDATE,
     CRYPTO_KEY_GENERATION,
     CRYPTO_SIGNATURE,
     FILE_USAGE_X509,
+)
+from est_agent.card.uicc import luhn_check_digit
+from est_agent.certificates import SIGNING_KEY_USAGE
+from est_agent.errors import InputError, SimStateError
+from est_agent.sim import ecc
+from est_agent.sim.applet import generate_key_pair, put_file
+from est_agent.sim.atr import build_atr
+from est_agent.sim.state import (
     MF_FID,
     AccessRule,
     AppletState,
@@ -170,20 +173,7 @@ def _bootstrap_certificate(
         .not_valid_before(now)
         .not_valid_after(_add_years(now, _VALIDITY_YEARS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(SIGNING_KEY_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(aki, critical=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from est_agent.card.iotsafe_codes import SW_MORE_DATA, SW_SIGNATURE_MISMATCH
 from est_agent.sim.state import CardState
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
 
 SW_OK = 0x9000
 SW_EOF_WARNING = 0x6282
-SW_MORE_DATA = 0x6300
 SW_MEMORY = 0x6581
 SW_WRONG_LENGTH = 0x6700
 SW_CHANNEL_NOT_SUPPORTED = 0x6881
@@ -54,7 +54,6 @@ SW_P1P2 = 0x6A86
 SW_REF_NOT_FOUND = 0x6A88
 SW_WRONG_OFFSET = 0x6B00
 SW_INS_NOT_SUPPORTED = 0x6D00
-SW_SIGNATURE_MISMATCH = 0x6D01
 SW_CLA_NOT_SUPPORTED = 0x6E00
 SW_UNKNOWN = 0x6F00
 

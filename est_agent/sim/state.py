@@ -32,30 +32,31 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from est_agent.card.iotsafe_codes import (
+    ACCESS_READ,
+    CRYPTO_SIGNATURE,
+    FILE_USAGE_GENERAL,
+    HASH_SHA256,
+    KEY_TYPE_P256,
+    KEY_USAGE_GENERAL,
+    MAX_ID_BYTES,
+    MAX_LABEL_BYTES,
+    SIGNATURE_ECDSA,
+)
 from est_agent.errors import SimStateError
 from est_agent.fileio import SIM_STATE_LIMIT_BYTES, atomic_write, read_bounded
 
 __all__ = [
-    "ACCESS_READ",
-    "ACCESS_UPDATE",
-    "CRYPTO_KEY_AGREEMENT",
-    "CRYPTO_KEY_GENERATION",
-    "CRYPTO_SIGNATURE",
-    "FILE_USAGE_GENERAL",
-    "FILE_USAGE_X509",
     "FORMAT",
     "FORMAT_VERSION",
-    "HASH_SHA256",
-    "KEY_TYPE_P256",
-    "KEY_USAGE_GENERAL",
     "MF_FID",
-    "SIGNATURE_ECDSA",
     "AccessRule",
     "AppletState",
     "CardState",
     "DedicatedFile",
     "ElementaryFile",
     "FileObject",
+    "KeyObject",
     "PrivateKeyObject",
     "PublicKeyObject",
     "decode_state",
@@ -70,21 +71,6 @@ FORMAT_VERSION = 1
 MF_FID = b"\x3f\x00"
 _MAX_EF_SIZE = 0x7FFF  # READ/UPDATE BINARY carry a 15-bit offset (TS 102 221 §11.1.3)
 
-# IoT.05 value tables (iot-safe-apdu.md §3.1)
-ACCESS_READ = 0x01
-ACCESS_UPDATE = 0x02
-KEY_TYPE_P256 = 0x13
-KEY_USAGE_GENERAL = 0x01
-CRYPTO_SIGNATURE = 0x01
-CRYPTO_KEY_GENERATION = 0x02
-CRYPTO_KEY_AGREEMENT = 0x04
-HASH_SHA256 = 0x0001
-SIGNATURE_ECDSA = 0x04
-FILE_USAGE_GENERAL = 0x01
-FILE_USAGE_X509 = 0x02
-
-_MAX_ID_BYTES = 20  # OR caps object IDs at 0x14 and labels at 0x3C bytes
-_MAX_LABEL_BYTES = 60
 _SCALAR_BYTES = 32
 _POINT_BYTES = 65
 _SERIAL_BYTES = 8
@@ -122,20 +108,27 @@ class DedicatedFile:
     name: bytes = b""
 
 
-@dataclass
-class PrivateKeyObject:
-    """A private key slot. ``scalar`` is empty while the slot is empty (state 00)."""
+@dataclass(kw_only=True)
+class KeyObject:
+    """What private and public key slots share: their GET DATA info (docs/iot-safe-card.md §4)."""
 
     object_id: bytes
     label: str
-    public_id: bytes  # the public key object GENERATE KEY PAIR fills alongside
-    access: int = 0x00
+    access: int
     key_type: int = KEY_TYPE_P256
     usage: int = KEY_USAGE_GENERAL
     crypto_functions: int = CRYPTO_SIGNATURE
     signature_algorithms: int = SIGNATURE_ECDSA
     hash_algorithms: int = HASH_SHA256
     key_agreement_algorithms: int = 0x00
+
+
+@dataclass(kw_only=True)
+class PrivateKeyObject(KeyObject):
+    """A private key slot. ``scalar`` is empty while the slot is empty (state 00)."""
+
+    public_id: bytes  # the public key object GENERATE KEY PAIR fills alongside
+    access: int = 0x00
     scalar: bytes = field(default=b"", repr=False)
 
     @property
@@ -143,19 +136,11 @@ class PrivateKeyObject:
         return bool(self.scalar)
 
 
-@dataclass
-class PublicKeyObject:
+@dataclass(kw_only=True)
+class PublicKeyObject(KeyObject):
     """A public key slot; ``point`` is the SEC1 uncompressed point ``04||X||Y`` or empty."""
 
-    object_id: bytes
-    label: str
     access: int = ACCESS_READ
-    key_type: int = KEY_TYPE_P256
-    usage: int = KEY_USAGE_GENERAL
-    crypto_functions: int = CRYPTO_SIGNATURE
-    signature_algorithms: int = SIGNATURE_ECDSA
-    hash_algorithms: int = HASH_SHA256
-    key_agreement_algorithms: int = 0x00
     point: bytes = b""
 
     @property
@@ -221,7 +206,7 @@ def _df_to_json(df: DedicatedFile) -> dict[str, Any]:
     }
 
 
-def _key_attributes(key: PrivateKeyObject | PublicKeyObject) -> dict[str, Any]:
+def _key_attributes(key: KeyObject) -> dict[str, Any]:
     return {
         "id": _hex(key.object_id),
         "label": key.label,
@@ -327,13 +312,13 @@ def _list_field(obj: Any, key: str, where: str) -> list[Any]:
 
 
 def _object_id(obj: Any, key: str, where: str) -> bytes:
-    return _bytes_field(obj, key, where, range(1, _MAX_ID_BYTES + 1))
+    return _bytes_field(obj, key, where, range(1, MAX_ID_BYTES + 1))
 
 
 def _label(obj: Any, where: str) -> str:
     label = _field(obj, "label", str, where)
-    if len(label.encode("utf-8")) > _MAX_LABEL_BYTES:
-        raise _InvalidError(f"{where}.label: longer than {_MAX_LABEL_BYTES} bytes")
+    if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
+        raise _InvalidError(f"{where}.label: longer than {MAX_LABEL_BYTES} bytes")
     return label
 
 

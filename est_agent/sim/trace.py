@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol, runtime_checkable
+
+from est_agent.closing import Closing
 
 __all__ = ["ApduEvent", "ApduObserver", "ObservableCard", "TraceWriter", "attach_trace"]
 
@@ -45,7 +46,7 @@ class ObservableCard(Protocol):
     on_apdu: ApduObserver | None
 
 
-class TraceWriter:
+class TraceWriter(Closing):
     """Appends one JSON object per event to a file; usable as a card's ``on_apdu``."""
 
     def __init__(
@@ -76,21 +77,13 @@ class TraceWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> TraceWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def attach_trace(card: object, path: str | os.PathLike[str]) -> TraceWriter:
     """Trace ``card``'s APDUs to ``path`` (after any observer it already has); close when done."""
     if not isinstance(card, ObservableCard):
+        # A builtin on purpose: only code passes a card here (the CLI always a VirtualCard),
+        # so a card without ``on_apdu`` is a programming error, reported as a bug (exit 70).
         raise TypeError(f"{type(card).__name__} does not report APDUs (no on_apdu)")
     writer = TraceWriter(path)
     previous = card.on_apdu

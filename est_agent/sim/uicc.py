@@ -259,7 +259,9 @@ def update_binary(selection: FileSelection, cmd: CommandApdu, mf: DedicatedFile)
     def write(state: CardState) -> None:
         df = _resolve_df(state.mf, df_path)
         target = None if df is None else _child_ef(df, fid)
-        if target is None:  # the tree never changes shape; this would be a bug
+        if target is None:
+            # A builtin on purpose: the file tree never changes shape after personalization,
+            # so this is a broken invariant of the simulator (a bug, exit 70), not bad input.
             raise RuntimeError("selected EF vanished from the state")
         target.data = target.data[:offset] + data + target.data[offset + len(data) :]
 

@@ -45,21 +45,21 @@ class _Parser(argparse.ArgumentParser):
 def _duration(text: str) -> int:
     try:
         return parse_duration(text)
-    except ValueError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str) -> tuple[str, int]:
     try:
         return parse_listen(text)
-    except ValueError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _label(text: str) -> tuple[str, Profile]:
     try:
         return parse_label_profile(text)
-    except ValueError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -172,7 +172,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     host, port = args.listen
     try:
         ekus = parse_eku_names(args.eku.split(","))
-    except ValueError as exc:
+    except UsageError as exc:
         raise UsageError(f"--eku: {exc}") from None
     return ServerConfig(
         pki_dir=args.pki,

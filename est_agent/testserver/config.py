@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from est_agent.errors import ConfigError
+from est_agent.errors import ConfigError, UsageError
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.wire import (
     ENROLL_OPERATIONS,
@@ -65,7 +65,7 @@ def parse_label_profile(text: str) -> tuple[str, Profile]:
     """`NAME=DURATION[,EKU...]`, e.g. `short=30s` or `tls=1d,clientAuth,serverAuth`."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
-        raise ValueError(f"not NAME=DURATION[,EKU...]: {text!r}")
+        raise UsageError(f"not NAME=DURATION[,EKU...]: {text!r}")
     duration, *ekus = spec.split(",")
     profile = Profile(
         validity_s=parse_duration(duration),

@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from est_agent.certificates import CA_KEY_USAGE, SIGNING_KEY_USAGE
+from est_agent.errors import UsageError
+
 __all__ = [
     "EKU_BY_NAME",
     "CertificateAuthority",
@@ -39,7 +42,7 @@ def parse_eku_names(names: list[str]) -> tuple[x509.ObjectIdentifier, ...]:
         return ()
     unknown = [n for n in names if n not in EKU_BY_NAME]
     if unknown:
-        raise ValueError(f"unknown EKU {unknown[0]!r}; known: {', '.join(EKU_BY_NAME)}, none")
+        raise UsageError(f"unknown EKU {unknown[0]!r}; known: {', '.join(EKU_BY_NAME)}, none")
     return tuple(EKU_BY_NAME[n] for n in names)
 
 
@@ -52,7 +55,7 @@ class Profile:
 
     def __post_init__(self) -> None:
         if self.validity_s <= 0:
-            raise ValueError("profile validity must be at least one second")
+            raise UsageError(f"profile validity must be at least one second, got {self.validity_s}")
 
 
 @dataclass(frozen=True)
@@ -82,38 +85,11 @@ def make_ca(common_name: str, now: datetime, validity: timedelta) -> Certificate
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
     return CertificateAuthority(certificate=cert, key=key)
-
-
-def _end_entity_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def issue_from_csr(
@@ -143,7 +119,7 @@ def issue_from_csr(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_end_entity_key_usage(), critical=True)
+        .add_extension(SIGNING_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),

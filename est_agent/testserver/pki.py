@@ -1,7 +1,9 @@
 """The development PKI: generate it into a directory, load it back.
 
-Three CAs keep the trust stores apart, as in a real deployment (est-notes.md, "two trust
-stores, not one"):
+Three CAs keep the trust stores apart, as in a real deployment: an EST client authenticates the
+server with its explicit trust anchor (RFC 7030 §3.6.1) and checks issued certificates against
+the CA certificates of /cacerts (§4.1.3); the server's TLS certificate need not come from the
+EST CA, and a client that mixes the two up is caught here:
 
     tls-ca.pem / .key         signs server.pem: what a client trusts for the TLS server
     ca.pem / .key             the EST CA: issues enrolled certificates, served by /cacerts
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from est_agent.certificates import load_certificates
 from est_agent.errors import ConfigError
 from est_agent.fileio import atomic_write
 from est_agent.testserver.issuer import (
@@ -192,12 +195,14 @@ def generate_dev_pki(directory: Path, *, force: bool = False) -> list[Path]:
 def _load_ca(directory: Path, stem: str) -> CertificateAuthority:
     cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert_data, key_data = cert_path.read_bytes(), key_path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    cert = load_certificates(cert_data, str(cert_path), error=ConfigError)[0]
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
     except ValueError as exc:
-        raise ConfigError(f"{cert_path} / {key_path}: not a PEM certificate and key") from exc
+        raise ConfigError(f"{key_path}: not a PEM private key") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{key_path}: expected an EC private key")
     if key.public_key() != cert.public_key():
@@ -209,10 +214,12 @@ def load_dev_pki(directory: Path) -> DevPki:
     """Load the files the server needs from a directory made by `generate_dev_pki`."""
     est_ca = _load_ca(directory, "ca")
     bootstrap_ca = _load_ca(directory, "bootstrap-ca")
+    tls_ca_path = directory / "tls-ca.pem"
     try:
-        tls_ca = x509.load_pem_x509_certificate((directory / "tls-ca.pem").read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{directory / 'tls-ca.pem'}: cannot load ({exc})") from exc
+        tls_ca_data = tls_ca_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{tls_ca_path}: cannot load ({exc})") from exc
+    tls_ca = load_certificates(tls_ca_data, str(tls_ca_path), error=ConfigError)[0]
     for name in ("server.pem", "server.key"):
         if not (directory / name).is_file():
             raise ConfigError(f"{directory / name} is missing (run: est-testserver pki DIR)")

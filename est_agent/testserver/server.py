@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from est_agent.closing import Closing
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax
 from est_agent.testserver.csrcheck import (
     CheckedCsr,
@@ -189,7 +190,7 @@ class _HTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class EstTestServer:
+class EstTestServer(Closing):
     """An RFC 7030 server for tests; `serve_forever` in the CLI, `start` in-process."""
 
     def __init__(self, config: ServerConfig, pki: DevPki | None = None) -> None:
@@ -243,12 +244,6 @@ class EstTestServer:
             self._thread = None
         self._httpd.server_close()
         self._state.close()
-
-    def __enter__(self) -> EstTestServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def note(self, message: str) -> None:
         if not self._quiet:

@@ -20,7 +20,7 @@ from asn1crypto import core
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
-from est_agent.errors import EstError
+from est_agent.errors import EstError, UsageError
 
 __all__ = [
     "ENROLL_OPERATIONS",
@@ -130,8 +130,9 @@ def decode_base64_body(body: bytes) -> bytes:
 def encode_base64_body(der: bytes, *, wrap: bool = True) -> bytes:
     """Base64 for a response body: 64-character lines ending in CRLF, or one unwrapped line.
 
-    Wrapped is what OpenSSL-based clients expect; strongSwan's `pki --est` only parses the
-    unwrapped form (see est-notes.md), hence the switch.
+    Wrapped is what OpenSSL-based clients expect. RFC 8951 §3 tells receivers to ignore line
+    breaks, yet strongSwan's `pki --est` only parses the unwrapped form (tests/testserver/
+    test_interop.py shows it failing on wrapped bodies), hence the switch.
     """
     text = base64.b64encode(der)
     if not wrap:
@@ -257,10 +258,10 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in `90`, `90s`, `5m`, `2h` or `30d`; raises ValueError otherwise."""
+    """Seconds in `90`, `90s`, `5m`, `2h` or `30d`; raises UsageError otherwise."""
     match = _DURATION_RE.fullmatch(text.strip())
     if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 5m, 2h, 30d)")
+        raise UsageError(f"not a duration: {text!r} (use e.g. 90s, 5m, 2h, 30d)")
     return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
@@ -268,10 +269,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     """Host and port of `HOST:PORT` or `[IPV6]:PORT`; port 0 asks for a free port."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"not HOST:PORT: {text!r}")
+        raise UsageError(f"not HOST:PORT: {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     port = int(port_text)
     if port > 65535:
-        raise ValueError(f"port out of range: {port}")
+        raise UsageError(f"port out of range: {port}")
     return host, port

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from est_agent.errors import ModemError
+from est_agent.transport.cla import MAX_CHANNEL, channel_from_cla, with_channel
 
 __all__ = [
     "CME_ERRORS",
@@ -47,7 +48,6 @@ __all__ = [
     "FinalResult",
     "Route",
     "RouteKind",
-    "channel_of",
     "encode_cchc",
     "encode_ccho",
     "encode_cgla",
@@ -59,7 +59,6 @@ __all__ = [
     "parse_csim",
     "parse_digits",
     "parse_hex",
-    "with_channel",
 ]
 
 #: A reply bigger than this is garbage (or a runaway modem): the longest legitimate answer is
@@ -339,7 +338,6 @@ def parse_ccho(reply: AtReply) -> int:
 
 _INS_MANAGE_CHANNEL = 0x70
 _INS_SELECT = 0xA4
-_MAX_CHANNEL = 19
 _SW_OK = b"\x90\x00"
 _SW_CHANNEL_NOT_SUPPORTED = b"\x68\x81"  # TS 102 221 §10.2.1.3
 _SW_FUNCTION_NOT_SUPPORTED = b"\x6a\x81"
@@ -371,21 +369,6 @@ class Route:
     note: str = ""
 
 
-def channel_of(cla: int) -> int:
-    """TS 102 221 §10.1.1: `0N`/`8N`/`AN` -> N (0..3), `4X`/`CX` -> 4 + X."""
-    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
-
-
-def with_channel(cla: int, channel: int) -> int:
-    """``cla`` moved to ``channel``, keeping its class (ISO or proprietary) and, for `0N`/`8N`,
-    the secure-messaging bits (TS 102 221 §10.1.1)."""
-    proprietary = cla & 0x80
-    if channel <= 3:
-        base = proprietary if cla & 0x40 else cla & 0xFC
-        return base | channel
-    return proprietary | 0x40 | (channel - 4)
-
-
 class ChannelTable:
     """The card's side of MANAGE CHANNEL, played by the host where only ``AT+CCHO`` opens
     channels (TS 27.007 §8.43 opens *and* selects, so a bare MANAGE CHANNEL has no AT form).
@@ -403,9 +386,9 @@ class ChannelTable:
 
     def route(self, apdu: bytes) -> Route:
         cla, ins, p1, p2 = apdu[:4]
-        number = channel_of(cla)
+        number = channel_from_cla(cla)
         if ins == _INS_MANAGE_CHANNEL and p1 == 0x00:
-            free = next((n for n in range(1, _MAX_CHANNEL + 1) if n not in self.sessions), None)
+            free = next((n for n in range(1, MAX_CHANNEL + 1) if n not in self.sessions), None)
             if p2 != 0x00 or free is None:  # a chosen number: the modem's numbering is its own
                 return Route(RouteKind.LOCAL, answer=_SW_FUNCTION_NOT_SUPPORTED)
             self.sessions[free] = None
@@ -432,7 +415,7 @@ class ChannelTable:
                 'only opens channels onto an application (set card.uicc_channel = "basic")'
             )
             return Route(RouteKind.LOCAL, answer=_SW_CHANNEL_NOT_SUPPORTED, note=note)
-        wire = bytes([with_channel(cla, session)]) + apdu[1:] if session <= _MAX_CHANNEL else apdu
+        wire = bytes([with_channel(cla, session)]) + apdu[1:] if session <= MAX_CHANNEL else apdu
         return Route(RouteKind.CGLA, encode_cgla(session, wire), channel=number)
 
     def bind(self, channel: int, session_id: int) -> None:

@@ -29,9 +29,10 @@ import contextlib
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from types import TracebackType
+from typing import Self
 from urllib.parse import parse_qsl
 
+from est_agent.closing import Closing
 from est_agent.errors import TransportError, UsageError
 
 __all__ = [
@@ -161,7 +162,7 @@ def _ins_of(apdu: bytes) -> str:
     return f"INS {apdu[1]:02X}" if len(apdu) > 1 else "a malformed APDU"
 
 
-class CardTransport(abc.ABC):
+class CardTransport(Closing):
     """A connection to one card. Subclasses implement ``_connect``, ``_transmit``, ``_close``.
 
     Links that can block (a socket, a serial port, pcscd) override ``_transmit_within`` and
@@ -279,17 +280,10 @@ class CardTransport(abc.ABC):
             self._close()
         self._dead = None
 
-    def __enter__(self) -> CardTransport:
+    def __enter__(self) -> Self:
+        """Connected inside a ``with`` block, closed after it (``Closing``)."""
         self.connect()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @abc.abstractmethod
     def _connect(self) -> None: ...
@@ -301,10 +295,10 @@ class CardTransport(abc.ABC):
         """``_transmit`` with a deadline; links that can block override this."""
         return self._transmit(apdu)
 
-    def _begin_transaction(self, timeout_s: float) -> None:  # noqa: B027 - optional hook
+    def _begin_transaction(self, timeout_s: float) -> None:  # an optional hook
         """Take the card for this process (bounded by ``timeout_s``); default: nothing to do."""
 
-    def _end_transaction(self) -> None:  # noqa: B027 - optional hook
+    def _end_transaction(self) -> None:  # an optional hook
         """Give the card back, leaving it powered; never raises (the block's outcome counts)."""
 
     @abc.abstractmethod

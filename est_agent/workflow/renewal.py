@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timedelta
 
-__all__ = ["is_expired", "renewal_due_at", "should_renew"]
+from est_agent.errors import ConfigError
+
+__all__ = ["is_expired", "renewal_due_at"]
 
 _LATEST_FRACTION = 0.9
 
@@ -26,7 +28,8 @@ def renewal_due_at(
     serial: int = 0,
 ) -> datetime:
     if not 0.0 < threshold < 1.0:
-        raise ValueError("threshold must be between 0 and 1")
+        # RenewalConfig refuses such a value at load time; this guards other callers.
+        raise ConfigError(f"renewal.threshold: expected 0 < threshold < 1, got {threshold!r}")
     lifetime = not_after - not_before
     due = not_before + lifetime * threshold
     if jitter_s > 0:
@@ -35,21 +38,6 @@ def renewal_due_at(
         )
         due += timedelta(seconds=jitter_s * spread / 2**32)
     return min(due, not_before + lifetime * max(threshold, _LATEST_FRACTION))
-
-
-def should_renew(
-    not_before: datetime,
-    not_after: datetime,
-    now: datetime,
-    *,
-    threshold: float,
-    jitter_s: float = 0.0,
-    serial: int = 0,
-) -> bool:
-    due = renewal_due_at(
-        not_before, not_after, threshold=threshold, jitter_s=jitter_s, serial=serial
-    )
-    return now >= due
 
 
 def is_expired(not_after: datetime, now: datetime) -> bool:

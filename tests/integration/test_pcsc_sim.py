@@ -1,13 +1,12 @@
 """The virtual SIM through the whole stack: pyscard -> pcscd -> vpcd -> VirtualCard.
 
-The client here is written from iot-safe-apdu.md §7 with raw bytes, independent of
-est_agent.card.*, so that a bug shared by the agent's encoders and the card's decoders cannot
-pass unnoticed.
+The client here is written from the worked exchange of docs/iot-safe-card.md §8 with raw bytes,
+independent of est_agent.card.*, so that a bug shared by the agent's encoders and the card's
+decoders cannot pass unnoticed.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import subprocess
@@ -24,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.x509.oid import NameOID
 
 from est_agent.errors import NoCardError
 from est_agent.sim.vpcd import POWER_CUT_EXIT_CODE
 from est_agent.transport.pcsc import PcscTransport
+from tests.certs import ca_credential, trustme_ca
 from tests.integration.conftest import Cards
 
 pytestmark = pytest.mark.integration
@@ -38,7 +37,7 @@ BOOTSTRAP_FILE_ID = b"\x01"
 KEY_SLOT = b"\x02"
 
 
-# -- a raw client, from the reference's bytes -------------------------------------------------
+# -- a raw client, from the bytes of docs/iot-safe-card.md §8 ----------------------------------
 
 
 def tlvs(data: bytes) -> list[tuple[int, bytes]]:
@@ -49,7 +48,7 @@ def tlvs(data: bytes) -> list[tuple[int, bytes]]:
         tag = data[pos]
         length = data[pos + 1]
         pos += 2
-        if tag == 0x33 and length == 0x00:  # signature with a 2-byte length (§3.5 form 1)
+        if tag == 0x33 and length == 0x00:  # a 2-byte signature length (docs/iot-safe-card.md §2)
             length = int.from_bytes(data[pos - 1 : pos + 1], "big")
             pos += 1
         elif length == 0x81:
@@ -80,7 +79,7 @@ class RawClient:
 
     @property
     def cla(self) -> int:
-        return 0x80 | self.channel  # the proprietary class of channels 1-3 (§1.3)
+        return 0x80 | self.channel  # proprietary class, channels 1-3 (TS 102 221 §10.1.1)
 
     def send(self, apdu: bytes) -> tuple[bytes, int]:
         response = self.link.transmit(apdu)
@@ -105,7 +104,7 @@ class RawClient:
         """An IoT SAFE command on the open channel: CLA + the hex of INS..."""
         return self.ok(bytes([self.cla]) + bytes.fromhex(hex_tail))
 
-    # the §7 steps
+    # the steps of the worked exchange
 
     def open_and_select(self) -> None:
         data = self.ok(bytes.fromhex("0070000001"))
@@ -117,7 +116,7 @@ class RawClient:
         self.ok(bytes([0x00, 0x70, 0x80, self.channel]))
 
     def object_list(self) -> bytes:
-        """GET DATA 01 with the `63 00` / P2 `01` paging loop (§3.1)."""
+        """GET DATA 01 with the `63 00` / P2 `01` paging loop (docs/iot-safe-card.md §4)."""
         collected = b""
         p2 = 0x00
         for _ in range(32):
@@ -196,35 +195,7 @@ def _der_end(content: bytes) -> int | None:
 
 @pytest.fixture(scope="session")
 def bootstrap_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "integration bootstrap CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    return ca_credential(trustme_ca())
 
 
 @pytest.fixture
@@ -257,7 +228,7 @@ def serve_in_thread(cards: Cards, state: Path, *, t0_mode: bool = False) -> byte
     return card.atr
 
 
-# -- (a) the §7 walk-through, direct and T=0 --------------------------------------------------
+# -- (a) the worked exchange, direct and T=0 --------------------------------------------------
 
 
 @pytest.mark.parametrize("t0_mode", [False, True], ids=["direct", "t0"])

@@ -361,7 +361,8 @@ def test_strongswan_pki_enroll_and_renew(serve, dev_pki: DevPki, tmp_path: Path)
 
 @needs_strongswan
 def test_strongswan_cannot_parse_wrapped_base64(serve, dev_pki: DevPki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    # The quirk --unwrapped-base64 exists for (est-notes.md): keep it visible.
+    # The quirk --unwrapped-base64 exists for (RFC 8951 §3 says line breaks are to be
+    # tolerated; strongSwan's client does not): keep it visible.
     server = serve("--auth", "basic", "--basic", "alice:s3cret")
     key = tmp_path / "k.key"
     key.write_bytes(

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from est_agent.errors import ConfigError, StoreError
+from est_agent.errors import ConfigError, StoreError, UsageError
 from est_agent.testserver.cli import build_parser, config_from_args, main
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, parse_label_profile
 from est_agent.testserver.issuer import Profile, parse_eku_names
@@ -103,6 +103,21 @@ def test_load_reports_missing_and_mismatched_files(tmp_path: Path) -> None:
         load_dev_pki(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["ca.pem", "bootstrap-ca.pem", "tls-ca.pem"])
+def test_load_names_a_file_without_a_certificate(tmp_path: Path, name: str) -> None:
+    generate_dev_pki(tmp_path)
+    (tmp_path / name).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / name}: no usable certificate"):
+        load_dev_pki(tmp_path)
+
+
+def test_load_names_a_key_that_is_not_pem(tmp_path: Path) -> None:
+    generate_dev_pki(tmp_path)
+    (tmp_path / "ca.key").write_bytes(b"key")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'ca.key'}: not a PEM private key"):
+        load_dev_pki(tmp_path)
+
+
 def test_label_profiles() -> None:
     assert parse_label_profile("short=30s") == ("short", Profile(30))
     name, profile = parse_label_profile("tls=1d,clientAuth,serverAuth")
@@ -111,10 +126,14 @@ def test_label_profiles() -> None:
         86400, (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
     )
     assert parse_label_profile("bare=1h,none")[1].ekus == ()
-    for bad in ("x", "=1d", "x=", "x=1d,fooAuth", "x=0s"):
-        with pytest.raises(ValueError):
+    for bad in ("x", "=1d", "x="):
+        with pytest.raises(UsageError, match=r"^not NAME=DURATION\[,EKU\.\.\.\]: "):
             parse_label_profile(bad)
-    with pytest.raises(ValueError, match="unknown EKU"):
+    with pytest.raises(UsageError, match=r"^unknown EKU 'fooAuth'"):
+        parse_label_profile("x=1d,fooAuth")
+    with pytest.raises(UsageError, match=r"^profile validity must be at least one second, got 0"):
+        parse_label_profile("x=0s")
+    with pytest.raises(UsageError, match="unknown EKU"):
         parse_eku_names(["clientAuth", "nope"])
 
 
@@ -198,6 +217,17 @@ def test_cli_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture
         main(argv)
     assert info.value.code == 64
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_zero_validity_exits_64_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --validity 0 parses as a duration; the profile refuses it (a UsageError, not ValueError)
+    argv = ["serve", "--pki", str(tmp_path), "--listen", "127.0.0.1:0", "--validity", "0"]
+    assert main(argv) == 64
+    err = capsys.readouterr().err
+    assert "profile validity must be at least one second, got 0" in err
+    assert "Traceback" not in err
 
 
 def test_cli_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

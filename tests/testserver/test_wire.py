@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from est_agent.errors import UsageError
 from est_agent.testserver.pki import generate_dev_pki, load_dev_pki
 from est_agent.testserver.wire import (
     CsrAttrsKind,
@@ -178,7 +179,7 @@ def test_parse_duration(text: str, seconds: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "s", "1.5s", "-1", "10w", "1 d"])
 def test_parse_duration_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="duration"):
+    with pytest.raises(UsageError, match=r"^not a duration: "):
         parse_duration(text)
 
 
@@ -186,9 +187,11 @@ def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_listen("[::1]:8443") == ("::1", 8443)
     assert parse_listen("0.0.0.0:8443") == ("0.0.0.0", 8443)
-    for bad in ("8443", ":8443", "host:", "host:99999", "host:x"):
-        with pytest.raises(ValueError):
+    for bad in ("8443", ":8443", "host:", "host:x"):
+        with pytest.raises(UsageError, match=r"^not HOST:PORT: "):
             parse_listen(bad)
+    with pytest.raises(UsageError, match=r"^port out of range: 99999"):
+        parse_listen("host:99999")
 
 
 def test_certs_only_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,6 @@ from est_agent.transport.at import (
     ChannelTable,
     FinalResult,
     RouteKind,
-    channel_of,
     encode_cchc,
     encode_ccho,
     encode_cgla,
@@ -27,7 +26,6 @@ from est_agent.transport.at import (
     parse_csim,
     parse_digits,
     parse_hex,
-    with_channel,
 )
 
 CSIM = 'AT+CSIM=10,"00A4040000"'
@@ -335,12 +333,3 @@ def test_channel_table_refusals() -> None:
     table.bind(5, 5)
     with pytest.raises(ModemError):
         table.bind(5, 6)
-
-
-@given(cla=st.sampled_from([0x00, 0x80, 0xA0, 0x40, 0xC0, 0x04, 0x88]), channel=st.integers(0, 19))
-def test_with_channel_keeps_the_class(cla: int, channel: int) -> None:
-    moved = with_channel(cla, channel)
-    assert channel_of(moved) == channel
-    assert moved & 0x80 == cla & 0x80  # proprietary stays proprietary
-    if channel <= 3 and not cla & 0x40:
-        assert moved & 0xFC == cla & 0xFC  # class and secure-messaging bits untouched

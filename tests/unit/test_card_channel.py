@@ -1,31 +1,15 @@
 import pytest
 
 from est_agent.card.apdu import CommandApdu, ResponseApdu
-from est_agent.card.channel import CardSession, channel_from_cla, cla_for_channel, next_t0_step
+from est_agent.card.channel import CardSession, next_t0_step
 from est_agent.errors import (
     CardProtocolError,
     ConditionsNotSatisfiedError,
-    InputError,
     NotFoundError,
     SecurityStatusError,
     StatusWordError,
 )
 from tests.unit.scripted import ScriptedTransport
-
-
-@pytest.mark.parametrize(
-    ("channel", "iso", "proprietary"),
-    [(0, 0x00, 0x80), (1, 0x01, 0x81), (3, 0x03, 0x83), (4, 0x40, 0xC0), (19, 0x4F, 0xCF)],
-)
-def test_cla_coding_ts_102_221(channel: int, iso: int, proprietary: int) -> None:
-    assert cla_for_channel(channel) == iso
-    assert cla_for_channel(channel, proprietary=True) == proprietary
-    assert channel_from_cla(iso) == channel_from_cla(proprietary) == channel
-
-
-def test_cla_out_of_range() -> None:
-    with pytest.raises(InputError):
-        cla_for_channel(20)
 
 
 def test_t0_rule_table() -> None:

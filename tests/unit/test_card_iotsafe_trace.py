@@ -1,4 +1,4 @@
-"""The client replays iot-safe-apdu.md §7 byte for byte (T=0 card: 61xx answers)."""
+"""The client replays docs/iot-safe-card.md §8 byte for byte (T=0 card: 61xx answers)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet, ObjectType
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, NotFoundError
-from tests.unit.certs import self_signed_der
+from tests.certs import self_signed_der
 from tests.unit.scripted import ScriptedTransport
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -156,8 +156,8 @@ def test_e_read_file_stops_at_der_length() -> None:
     applet, transport = applet_for(
         [
             ("81 B0 00 00 03 83 01 03 00", cert[:256].hex() + " 90 00"),
-            # Le = exactly what the DER header says is left (the reference's Le 00 would
-            # also fetch the container's padding over a slow link)
+            # Le = exactly what the DER header says is left (Le 00 would also fetch the
+            # container's padding over a slow link)
             (f"81 B0 01 00 03 83 01 03 {len(cert) - 256:02X}", cert[256:].hex() + " 90 00"),
         ]
     )

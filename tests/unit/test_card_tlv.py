@@ -1,7 +1,7 @@
 import pytest
 
 from est_agent.card.tlv import Tlv, decode_tlvs, encode_tlv, find_tlv
-from est_agent.errors import CardProtocolError
+from est_agent.errors import CardProtocolError, InputError
 
 
 def test_one_byte_lengths() -> None:
@@ -15,7 +15,7 @@ def test_one_byte_lengths() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["3340", "330040", "338140"],  # 1-byte, 2-byte (ZARIOT/WS), BER long form
+    ["3340", "330040", "338140"],  # 1-byte, 2-byte (ZARIOT SIM, wolfSSL), BER long form
 )
 def test_signature_length_variants(header: str) -> None:
     value = bytes(range(64))
@@ -50,3 +50,14 @@ def test_find() -> None:
     tlvs = decode_tlvs(bytes.fromhex("840101 850102"))
     assert find_tlv(tlvs, 0x85) == b"\x02"
     assert find_tlv(tlvs, 0x86) is None
+
+
+@pytest.mark.parametrize(
+    ("two_byte_length", "header"), [(False, "3382FFFF"), (True, "33FFFF")]
+)
+def test_a_value_beyond_two_length_bytes_is_refused(two_byte_length: bool, header: str) -> None:
+    longest = encode_tlv(0x33, bytes(0xFFFF), two_byte_length=two_byte_length)
+    assert longest[: len(header) // 2] == bytes.fromhex(header)
+    assert len(longest) == len(header) // 2 + 0xFFFF
+    with pytest.raises(InputError, match=r"^TLV 33: value of 65536 bytes does not fit"):
+        encode_tlv(0x33, bytes(0x10000), two_byte_length=two_byte_length)

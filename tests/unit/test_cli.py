@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from est_agent.cli.main import main
+from tests.certs import ca_credential, trustme_ca
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -23,30 +20,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def make_ca(tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SIM provider bootstrap CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    """A bootstrap CA from trustme, as the PEM files ``sim init --bootstrap-ca`` reads."""
+    ca = trustme_ca()
     cert_path, key_path = tmp_path / "ca.pem", tmp_path / "ca.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path, cert
+    ca.cert_pem.write_to_path(str(cert_path))
+    ca.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path, ca_credential(ca)[0]
 
 
 def test_sim_init_with_ca_then_card_info_json(

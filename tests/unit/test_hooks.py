@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from est_agent import fileio, hooks
+from est_agent.errors import InputError
 from est_agent.hooks import (
     HOOK_ENV_NAMES,
     OUTPUT_EXCERPT_BYTES,
@@ -27,6 +25,7 @@ from est_agent.hooks import (
     run_deploy_hook,
     write_pem_export,
 )
+from tests.certs import certificate, p256_key
 
 NOT_AFTER = datetime.datetime(2027, 5, 1, 12, 30, 15, tzinfo=datetime.UTC)
 HOOK_ARGS = {
@@ -42,28 +41,13 @@ ENV = "/usr/bin/env"
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _cert(
-    cn: str, issuer_key: ec.EllipticCurvePrivateKey, issuer: str | None = None
-) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or cn)]))
-        .public_key(key.public_key() if issuer else issuer_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(issuer_key, hashes.SHA256())
-    )
-
-
 @pytest.fixture(scope="module")
 def chain() -> list[x509.Certificate]:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("unit-test CA", ca_key)
-    return [_cert("device-1", ca_key, issuer="unit-test CA"), ca]
+    # exact subjects (EST_AGENT_SUBJECT is checked as "CN=device-1"): not a trustme chain
+    ca_key, month = p256_key(), datetime.timedelta(days=30)
+    ca = certificate(ca_key, ca_key, cn="unit-test CA", ca=True, lifetime=month)
+    leaf = certificate(p256_key(), ca_key, cn="device-1", issuer_cn="unit-test CA", lifetime=month)
+    return [leaf, ca]
 
 
 def _script(tmp_path: Path, name: str, body: str) -> Path:
@@ -162,7 +146,7 @@ def test_not_after_is_converted_to_utc_and_naive_means_utc() -> None:
 
 
 def test_serial_must_be_hex() -> None:
-    with pytest.raises(ValueError, match="hexadecimal"):
+    with pytest.raises(InputError, match="hexadecimal"):
         hook_environment(**{**HOOK_ARGS, "serial": "0a:1b"})  # type: ignore[arg-type]
 
 
@@ -424,7 +408,7 @@ def test_export_replaces_a_symlink_not_its_target(
 
 
 def test_export_of_nothing_is_a_caller_bug(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no certificate"):
+    with pytest.raises(InputError, match="no certificate"):
         write_pem_export(tmp_path / "x.pem", [])
 
 

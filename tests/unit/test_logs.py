@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from est_agent import logs
+from est_agent.errors import InputError, UsageError
 from est_agent.logs import REDACTED, Progress, configure_logging, redact, register_secret
 
 # generated per run: no key material, not even a fragment, is committed
@@ -136,9 +137,9 @@ def test_configuring_twice_replaces_the_handler() -> None:
 
 
 def test_unknown_format_is_refused() -> None:
-    with pytest.raises(ValueError, match="log format"):
+    with pytest.raises(UsageError, match=r"^unknown log format 'xml'"):
         configure_logging(0, "xml")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="log format"):
+    with pytest.raises(UsageError, match=r"^unknown log format 'xml'"):
         Progress(total=3, fmt="xml")  # type: ignore[arg-type]
 
 
@@ -184,7 +185,7 @@ def test_progress_beyond_total_grows_the_total_and_disabled_prints_nothing() -> 
     quiet = io.StringIO()
     Progress(total=3, stream=quiet, enabled=False).step("x")
     assert quiet.getvalue() == ""
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="at least one step, got 0"):
         Progress(total=0)
 
 

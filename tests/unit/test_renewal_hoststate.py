@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from est_agent.errors import StoreError
+from est_agent.errors import ConfigError, StoreError
 from est_agent.workflow.hoststate import (
     ActiveCache,
     Deployment,
@@ -18,7 +18,7 @@ from est_agent.workflow.hoststate import (
     load_host_state,
     save_host_state,
 )
-from est_agent.workflow.renewal import is_expired, renewal_due_at, should_renew
+from est_agent.workflow.renewal import is_expired, renewal_due_at
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T1 = T0 + timedelta(days=90)
@@ -29,7 +29,12 @@ T1 = T0 + timedelta(days=90)
 )
 def test_two_thirds_of_the_lifetime(days: float, due: bool) -> None:
     now = T0 + timedelta(days=days)
-    assert should_renew(T0, T1, now, threshold=0.67) is due
+    assert (now >= renewal_due_at(T0, T1, threshold=0.67)) is due
+
+
+def test_due_at_the_threshold_of_the_lifetime() -> None:
+    # 0.67 x 90 days = 60.3 days, no jitter
+    assert renewal_due_at(T0, T1, threshold=0.67) == T0 + timedelta(days=60, hours=7, minutes=12)
 
 
 def test_jitter_is_deterministic_spread_and_bounded() -> None:
@@ -45,9 +50,10 @@ def test_jitter_is_deterministic_spread_and_bounded() -> None:
     assert late <= T0 + (T1 - T0) * 0.9
 
 
-def test_threshold_validated() -> None:
-    with pytest.raises(ValueError):
-        renewal_due_at(T0, T1, threshold=1.0)
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.5, float("nan")])
+def test_threshold_validated(threshold: float) -> None:
+    with pytest.raises(ConfigError, match=r"^renewal\.threshold: expected 0 < threshold < 1"):
+        renewal_due_at(T0, T1, threshold=threshold)
 
 
 def test_expiry() -> None:

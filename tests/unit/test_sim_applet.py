@@ -1,7 +1,7 @@
 """The virtual SIM's IoT SAFE applet, driven with raw APDU bytes (not the agent's client code).
 
-The worked example of iot-safe-apdu.md §7 is replayed byte for byte on a store built with the
-example's objects.
+The worked exchange of docs/iot-safe-card.md §8 is replayed byte for byte on a store built with
+its objects.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SIGN_INIT_01 = "81 2A 00 01 0D 84 01 01 A1 01 03 91 02 00 01 92 01 04"
 
 
 def example_state() -> CardState:
-    """The objects of §7 (b): KEY1/01 (pub 02), PUB1/02, CERT/03 of 500 bytes."""
+    """The objects of docs/iot-safe-card.md §8: KEY1/01 (pub 02), PUB1/02, CERT/03 of 500 bytes."""
     return CardState(
         iccid="8988000000000000001",
         serial=bytes(8),
@@ -79,7 +79,7 @@ def verify(point: bytes, r: int, s: int, digest: bytes = DIGEST) -> None:
     )
 
 
-# -- §7 worked example -------------------------------------------------------------------------
+# -- the worked exchange (docs/iot-safe-card.md §8) -----------------------------------------
 
 OBJECT_LIST = h(
     "C1 1F 74 04 4B 45 59 31 84 01 01 60 01 02 4A 01 00 4B 01 13 4E 01 01 61 01 03 92 01 04 91"
@@ -146,7 +146,7 @@ def test_worked_example_t0_mode_with_get_response() -> None:
     assert tx(card, "00 C0 00 00 01") == (h("01"), 0x9000)
     assert tx(card, f"01 A4 04 00 07 {AID}") == (b"", 0x9000)
     assert fetch("81 CB 01 00 00") == (OBJECT_LIST, 0x9000)
-    # exactly the §7 (c) exchange: 61 4D, then GET RESPONSE with Le 4D
+    # exactly the key generation of the worked exchange: 61 4D, then GET RESPONSE with Le 4D
     assert tx(card, "81 B9 00 00 03 84 01 01") == (b"", 0x614D)
     data, sw = tx(card, "81 C0 00 00 4D")
     assert sw == 0x9000 and data[:13] == h("84 01 01 85 01 02 34 45 49 43 86 41 04")
@@ -379,7 +379,8 @@ def test_read_file_chunking_and_end() -> None:
     assert tx(card, "81 B0 01 F4 03 83 01 03 00") == (b"", 0x6A86)
     assert tx(card, "81 B0 FF FF 03 83 01 03") == (b"", 0x6A86)
     assert tx(card, "81 B0 00 00 03 83 01 04 00") == (b"", 0x6A88)
-    # READ FILE without Le (WS, TP) answers as much as allowed
+    # READ FILE without Le (as wolfSSL and Thales' PKCS#11 module send it) answers as much as
+    # allowed
     assert tx(card, "81 B0 00 00 03 83 01 03") == (CERT[:100], 0x9000)
 
 

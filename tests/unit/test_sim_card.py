@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from est_agent.errors import SimStateError
+from est_agent.sim.atr import build_atr
 from est_agent.sim.card import ApduEvent, CardOptions, VirtualCard
 from est_agent.sim.personalize import personalize
 from est_agent.sim.trace import TraceWriter, attach_trace
@@ -76,6 +78,12 @@ def test_atr_is_valid_distinct_and_offers_t0_and_t1(state_path: Path, tmp_path: 
 
 
 # -- channels and CLA ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, 7, 9])
+def test_atr_needs_an_eight_byte_serial(length: int) -> None:
+    with pytest.raises(SimStateError, match=f"card serial must be 8 bytes, got {length}"):
+        build_atr(bytes(length))
 
 
 def test_manage_channel(state_path: Path) -> None:

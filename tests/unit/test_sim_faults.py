@@ -36,7 +36,6 @@ from est_agent.sim.faults import (
     LinkFault,
     LinkFaultError,
     answer_of,
-    channel_of_cla,
     flip_digest_bit,
     parse_rule,
     replace_public_point,
@@ -169,17 +168,6 @@ def test_missing_rules_file() -> None:
 
 
 # -- matching -------------------------------------------------------------------------------
-
-
-def test_channel_from_cla_ts_102_221() -> None:
-    assert [channel_of_cla(c) for c in (0x00, 0x81, 0xA3, 0x40, 0xCF, 0x20)] == [
-        0,
-        1,
-        3,
-        4,
-        19,
-        None,
-    ]
 
 
 def test_occurrences_nth_from_count() -> None:

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from est_agent.errors import InputError, SimStateError
 from est_agent.sim.card import VirtualCard
 from est_agent.sim.personalize import encode_iccid, luhn_check_digit, personalize
+from tests.certs import certificate
 
 AID = "A0 00 00 05 59 00 10"
 NOW = datetime(2024, 2, 29, 12, 0, 0, tzinfo=UTC)
@@ -167,22 +168,18 @@ def test_self_signed_bootstrap_certificate(tmp_path: Path) -> None:
 
 
 def test_certificate_issued_by_a_ca(tmp_path: Path) -> None:
+    # a P-384 CA signing with SHA-384: a curve trustme does not offer
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Bootstrap CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=9000))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA384())
+    ca_cert = certificate(
+        ca_key,
+        ca_key,
+        cn="Test Bootstrap CA",
+        ca=True,
+        not_before=NOW - timedelta(days=1),
+        lifetime=timedelta(days=9001),
+        hash_algorithm=hashes.SHA384(),
     )
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Bootstrap CA")])
     report = personalize(tmp_path / "card.json", bootstrap_ca=(ca_cert, ca_key), now=NOW)
     cert = report.bootstrap_certificate
     assert cert.issuer == ca_name

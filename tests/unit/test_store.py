@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from est_agent.backends.iotsafe_uicc import IotSafeUiccBackend
 from est_agent.card.channel import CardSession
@@ -30,7 +31,7 @@ from est_agent.store import (
     read_slot,
     write_slot,
 )
-from tests.unit.certs import self_signed_der
+from tests.certs import certificate, self_signed_der
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 OTHER = ec.generate_private_key(ec.SECP256R1())
@@ -145,9 +146,7 @@ def test_write_read_back_and_adopt(card: Card) -> None:
     applet, backend, _ = card
     key = backend.generate_key(SLOT_A.key)
     # a certificate for the card key, signed by some issuer key
-    from tests.unit.certs import cert_for_public_key_der
-
-    der = cert_for_public_key_der(key, KEY)
+    der = certificate(key, KEY, cn="device", issuer_cn="test issuer").public_bytes(Encoding.DER)
     written = write_slot(backend, SLOT_A, 5, der, key)
     assert written.valid
     view = read_slot(backend, SLOT_A)
