@@ -1,6 +1,6 @@
 """The EST client (RFC 7030): cacerts, csrattrs, simpleenroll, simplereenroll over one connection.
 
-Theory of operation: one ``EstTransport`` (est/tls.py) keeps a single keep-alive TLS connection.
+Theory of operation: one ``EstTransport`` (est/tls/) keeps a single keep-alive TLS connection.
 An enrollment attempt (1) fetches ``/cacerts`` once (the issued certificate must chain to it; it
 also brings the connection up), (2) calls ``csr_factory(binding)`` with the channel binding of
 the live connection, and (3) POSTs the CSR.
@@ -544,8 +544,8 @@ class EstClient:
             request = self._http.build_request(
                 method, url, headers=headers, content=body, extensions=self._extensions
             )
-            # The TLS transport bounds the whole request (est/tls.py: connect, handshake,
-            # sending and the whole body, card time excluded).
+            # The TLS transport bounds the whole request (est/tls/: connect, handshake, sending
+            # and the whole body, card time excluded).
             response = self._http.send(request, stream=True)
             try:
                 status, received = response.status_code, self._read_body(url, response)

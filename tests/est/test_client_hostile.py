@@ -229,7 +229,7 @@ def test_short_retry_after_is_waited_for(dev_pki: DevPki) -> None:
 
 # TLS 1.2 here, as libest (which closes after many answers) speaks it. A retry may still happen
 # on the card (tlslite) path: tlslite closes the socket when it meets close_notify, and reading
-# on gives EBADF (a ReadError, est/tls.py); the counts below hold whether or not one did.
+# on gives EBADF (a ReadError, est/tls/backend.py); the counts below hold whether or not one did.
 
 
 def _card_client(

@@ -1,4 +1,4 @@
-"""The TLS engine (est/tls.py) against hostile peers on 127.0.0.1 (tests/est/hostile_tls.py).
+"""The TLS engine (est/tls/) against hostile peers on 127.0.0.1 (tests/est/hostile_tls.py).
 
 One section per field report: the card signs only for a server that has proved it holds its
 certificate's key; no empty TLS record after a request; a certificate-refusal alert is a
@@ -19,9 +19,8 @@ import pytest
 from cryptography import x509
 
 from est_agent.errors import AuthError, EstConnectionError, TlsVerificationError
-from est_agent.est import tls as tls_module
 from est_agent.est.client import EstClient, RetryPolicy
-from est_agent.est.tls import EstTransport, StdlibTls, TlsliteTls
+from est_agent.est.tls import EstTransport, StdlibTls, TlsliteTls, policy
 from est_agent.testserver import DevPki
 from tests.est import hostile_tls as hostile
 from tests.est.card_helpers import SimCard
@@ -202,7 +201,7 @@ def test_static_rsa_is_refused_even_if_it_were_offered(
 ) -> None:
     # Defence in depth: with static RSA wrongly added to the offer, the client still refuses
     # the suite when the server picks it, before sending its certificate.
-    monkeypatch.setattr(tls_module, "_TLS12_KEY_EXCHANGES", ("rsa", "ecdhe_rsa"))
+    monkeypatch.setattr(policy, "TLS12_KEY_EXCHANGES", ("rsa", "ecdhe_rsa"))
     cert, _ = rsa_credential
     suite = S("TLS_RSA_WITH_AES_128_GCM_SHA256", TLS12, "rsa", "aes128gcm", "aead")
     apdus = sim.transport.stats.apdus
