@@ -11,9 +11,13 @@ Private internals used (overridden, called or read), and why:
 * the package import bypass (``_import_tlslite_core``): the package object is created without
   running ``tlslite/__init__.py`` (whose star-import of every integration helper costs ~33 ms,
   ~8 MiB and a DeprecationWarning); that ``__init__`` runs in place the first time anything
-  else reads an attribute of the package, so other tlslite users in the process see it whole.
-* ``cipherfactory.createAESGCM`` → ``python_aesgcm.new``: replaced by an OpenSSL-backed AES-GCM
-  of the same interface (``_install_fast_aes_gcm``).
+  else reads an attribute of the package, so other tlslite users in the process see it whole
+  (the one process-wide effect of this module, and invisible to them).
+* ``TLSRecordLayer._recordLayer`` and ``RecordLayer._getCipherSettings``: shadowed on our
+  connections' record layer only, so that their AES-GCM records are protected by OpenSSL
+  (``use_fast_aes_gcm``): same interface and results as tlslite's ``createAESGCM``, ~35 ms
+  less per handshake. Nothing process-wide: other tlslite connections in the process keep
+  tlslite's own ciphers.
 * ``ECDSAKey._sign`` / ``_verify`` (overridden by ``CardEcdsaKey``, whose ``__init__`` does not
   call the base one), and the attributes tlslite reads from an ECDSA key: ``key_type``,
   ``public_key``, ``private_key.curve.baselen`` (``KeyExchange.makeCertificateVerify``
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientConnection",
     "HandshakeFailed",
+    "OpenSslAesGcm",
     "TlsliteSslObject",
     "alert_name",
     "describe",
@@ -69,64 +74,104 @@ __all__ = [
     "loaded",
     "remote_alert",
     "tls_errors",
+    "use_fast_aes_gcm",
 ]
 
 
 def _import_tlslite_core() -> None:
-    """Load tlslite-ng's package object without running its ``__init__``.
+    """Load tlslite-ng's package object without running its ``__init__`` first.
 
     tlslite-ng 0.8.2's ``__init__`` star-imports ``tlslite.api``, which pulls in every
     integration helper (asyncio, asyncore, xmlrpc, smtplib, imaplib, poplib, httplib): ~33 ms
     and ~8 MiB of a process that only needs the TLS connection classes (measured with
     ``-X importtime`` on Python 3.11), plus a DeprecationWarning for asyncore. The submodules
     used here import each other by full or relative name, never through the package's
-    re-exports, so an unexecuted package module is enough.
+    re-exports, so an unexecuted package module is enough. That ``__init__`` still runs, in
+    place, the first time anything else reads an attribute of the package (``from tlslite
+    import TLSConnection``, ``tlslite.__version__``): another tlslite user in the process
+    sees the whole package, as if nothing had happened.
     """
     import importlib.util
 
     if "tlslite" in sys.modules:
         return
     spec = importlib.util.find_spec("tlslite")
-    if spec is None or spec.submodule_search_locations is None:
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         raise EstError("tlslite-ng is not installed (needed for TLS with a card key)")
-    sys.modules["tlslite"] = importlib.util.module_from_spec(spec)
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def complete(name: str) -> Any:
+        if name.startswith("__") and name not in ("__version__", "__all__"):
+            # introspection (inspect, mock, doctest) probing for __wrapped__ & co., not a
+            # tlslite user: no reason to run the package __init__
+            raise AttributeError(name)
+        del package.__dict__["__getattr__"]
+        loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__dict__["__getattr__"] = complete
+    sys.modules["tlslite"] = package
 
 
-def _install_fast_aes_gcm() -> None:
-    """Let tlslite's AES-GCM record protection run in OpenSSL (via ``cryptography``).
+class OpenSslAesGcm:
+    """tlslite's AES-GCM record cipher interface, run by OpenSSL (through ``cryptography``).
 
-    Without M2Crypto or pycryptodome, tlslite-ng encrypts records with its pure-Python AES,
+    Without M2Crypto or pycryptodome, tlslite-ng protects records with its pure-Python AES,
     whose constructor also inspects the caller's source on every call (a deprecation shim for
-    an old class name): ~35 ms of a ~50 ms handshake. ``cipherfactory.createAESGCM`` calls
-    ``python_aesgcm.new(key)`` at run time; this replaces that factory with an object of the
-    same interface (``seal``/``open``; ``open`` returns None on a bad tag, as tlslite expects).
+    an old class name): ~35 ms of a ~50 ms handshake. This object has the interface of
+    ``tlslite.utils.aesgcm.AESGCM`` (``seal``/``open``; ``open`` returns None on a bad tag, as
+    tlslite expects) and the same results (AES-GCM is deterministic: NIST SP 800-38D).
     """
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from tlslite.utils import python_aesgcm  # type: ignore[import-untyped]
 
-    class OpenSslAesGcm:
-        isBlockCipher = False
-        isAEAD = True
-        nonceLength = 12
-        tagLength = 16
-        implementation = "openssl"
+    isBlockCipher = False
+    isAEAD = True
+    nonceLength = 12
+    tagLength = 16
+    implementation = "openssl"
 
-        def __init__(self, key: bytearray) -> None:
-            self.key = key
-            self.name = "aes128gcm" if len(key) == 16 else "aes256gcm"
-            self._aead = AESGCM(bytes(key))
+    def __init__(self, key: bytearray) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        def seal(self, nonce: bytearray, plaintext: bytearray, data: bytearray) -> bytearray:
-            return bytearray(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
+        self.key = key
+        self.name = "aes128gcm" if len(key) == 16 else "aes256gcm"
+        self._aead = AESGCM(bytes(key))
 
-        def open(self, nonce: bytearray, ciphertext: bytearray, data: bytearray) -> Any:
-            try:
-                return bytearray(self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
-            except InvalidTag:
-                return None
+    def seal(self, nonce: bytearray, plaintext: bytearray, data: bytearray) -> bytearray:
+        return bytearray(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
 
-    python_aesgcm.new = OpenSslAesGcm
+    def open(self, nonce: bytearray, ciphertext: bytearray, data: bytearray) -> bytearray | None:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return bytearray(self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
+        except InvalidTag:
+            return None
+
+
+def _create_aes_gcm(key: bytearray, implementations: Any = None) -> OpenSslAesGcm:
+    """What ``cipherfactory.createAESGCM(key, implList)`` is called as, returning ours."""
+    return OpenSslAesGcm(key)
+
+
+def use_fast_aes_gcm(connection: Any) -> None:
+    """Let this one tlslite connection protect AES-GCM records with ``OpenSslAesGcm``.
+
+    tlslite's record layer picks each suite's cipher factory in
+    ``RecordLayer._getCipherSettings(cipherSuite)`` (a staticmethod, called through the
+    instance): an instance attribute in front of it changes this connection's record layer
+    only; every other tlslite connection in the process keeps tlslite's own factory.
+    """
+    from tlslite.utils.cipherfactory import createAESGCM  # type: ignore[import-untyped]
+
+    record_layer = connection._recordLayer
+    settings_of = type(record_layer)._getCipherSettings
+
+    def cipher_settings(cipher_suite: int) -> tuple[int, int, Any]:
+        key_length, iv_length, create = settings_of(cipher_suite)
+        return key_length, iv_length, (_create_aes_gcm if create is createAESGCM else create)
+
+    record_layer._getCipherSettings = cipher_settings
 
 
 def _tlslite_classes() -> tuple[type[Any], type[Any]]:
@@ -149,8 +194,6 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
     from tlslite.messages import ClientHello, Finished  # type: ignore[import-untyped]
     from tlslite.tlsconnection import TLSConnection  # type: ignore[import-untyped]
     from tlslite.utils.ecdsakey import ECDSAKey  # type: ignore[import-untyped]
-
-    _install_fast_aes_gcm()
 
     # TLS 1.2 suites whose server signs the key exchange with its certificate's key.
     signed_key_exchange = frozenset(
@@ -225,6 +268,7 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
 
         def __init__(self, sock: Any, anchors: Sequence[x509.Certificate], host: str) -> None:
             super().__init__(sock)
+            use_fast_aes_gcm(self)
             self.est_anchors = anchors
             self.est_host = host
             self.est_verification_error: TlsVerificationError | None = None
