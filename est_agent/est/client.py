@@ -231,10 +231,10 @@ class EstClient:
     """An EST client bound to one server (and label) and one TLS client identity.
 
     TLS: with a ``signer`` (and ``client_cert_chain``, certificate first) the handshake runs in
-    tlslite-ng and the client's CertificateVerify is signed by that signer (the card); without
-    one, the stdlib ``ssl`` path is used (server-only authentication, or ``client_cert_file`` /
-    ``client_key_file`` for a PEM credential). ``tls_max="1.2"`` pins TLS 1.2 (servers that
-    want tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
+    tlslite-ng and the client's CertificateVerify is signed by that signer (the card, or a
+    ``SoftwareSigner`` for a PEM key); without one, the stdlib ``ssl`` path is used
+    (server-only authentication). ``tls_max="1.2"`` pins TLS 1.2 (servers that want
+    tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
     + ``tls_server_name`` when given (the name to expect and send as SNI, e.g. when the URL
     holds an address; curl's ``--connect-to`` idea). ``transport`` replaces the TLS transport
     (tests: ``httpx.MockTransport``; no channel binding then).
@@ -248,8 +248,6 @@ class EstClient:
         label: str = "",
         client_cert_chain: Sequence[x509.Certificate] | None = None,
         signer: Signer | None = None,
-        client_cert_file: str | None = None,
-        client_key_file: str | None = None,
         basic_auth: tuple[str, str] | None = None,
         timeout_s: float = 30.0,
         run_timeout_s: float | None = None,
@@ -257,7 +255,6 @@ class EstClient:
         retry: RetryPolicy = RetryPolicy(),
         tls_max: str = "1.3",
         require_client_auth_eku: bool = True,
-        use_tlslite: bool | None = None,
         tls_server_name: str | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -271,7 +268,7 @@ class EstClient:
         if (client_cert_chain is None) != (signer is None):
             raise EstError("client_cert_chain and signer go together")
         tls: TlsliteTls | StdlibTls
-        if signer is not None or use_tlslite:
+        if signer is not None:
             tls = TlsliteTls(
                 trust_anchors=tuple(trust_anchors),
                 client_chain=tuple(client_cert_chain or ()),
@@ -279,12 +276,7 @@ class EstClient:
                 max_version=tls_max,
             )
         else:
-            tls = StdlibTls(
-                trust_anchors=tuple(trust_anchors),
-                cert_file=client_cert_file,
-                key_file=client_key_file,
-                max_version=tls_max,
-            )
+            tls = StdlibTls(trust_anchors=tuple(trust_anchors), max_version=tls_max)
         #: the TLS transport (connection count, channel binding); None when one was injected
         self.transport: EstTransport | None = (
             EstTransport(tls, timeout_s=timeout_s) if transport is None else None

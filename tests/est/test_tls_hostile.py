@@ -550,12 +550,19 @@ def test_server_refusing_our_certificate_with_an_alert_is_auth_error(
 
 
 @pytest.mark.parametrize("tls_max", ["1.2", "1.3"])
-def test_stdlib_path_file_key_refused_with_an_alert_is_auth_error(
+def test_pem_key_refused_with_an_alert_is_auth_error(
     dev_pki: DevPki, tmp_path: Path, tls_max: str
 ) -> None:
+    # A PEM bootstrap key signs through a SoftwareSigner on the tlslite path, as the workflow
+    # does for bootstrap.key = a PEM file (there is no file-key stdlib path).
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from est_agent.card.signer import SoftwareSigner
     from tests.testserver.esttls_helpers import bootstrap_credential
 
     cert_path, key_path, _ = bootstrap_credential(dev_pki, tmp_path)
+    key = load_pem_private_key(key_path.read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     version = ssl.TLSVersion.TLSv1_2 if tls_max == "1.2" else ssl.TLSVersion.TLSv1_3
     ctx = hostile.server_context(
         dev_pki,
@@ -569,8 +576,8 @@ def test_stdlib_path_file_key_refused_with_an_alert_is_auth_error(
         EstClient(
             server.url,
             trust_anchors=[dev_pki.tls_ca_certificate],
-            client_cert_file=str(cert_path),
-            client_key_file=str(key_path),
+            client_cert_chain=[cert],
+            signer=SoftwareSigner(key),  # type: ignore[arg-type]
             retry=RetryPolicy(attempts=2, sleep=Sleeps()),
         ) as client,
         pytest.raises(AuthError, match=r"unknown.ca") as info,

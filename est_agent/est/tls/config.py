@@ -3,8 +3,9 @@
 * ``TlsliteTls``: tlslite-ng runs the handshake, so the client's CertificateVerify can be
   signed by a ``Signer`` (a key inside the SIM, or a software key); the server is verified by
   the adapter (tlslite_adapter.py) before anything is signed.
-* ``StdlibTls``: the stdlib ``ssl`` module, for server-only authentication; OpenSSL checks the
-  chain against the same explicit anchors (no system store) and the host name or address.
+* ``StdlibTls``: the stdlib ``ssl`` module, for server-only authentication (``est-agent
+  cacerts``/``csrattrs``); OpenSSL checks the chain against the same explicit anchors (no
+  system store) and the host name or address.
 """
 
 from __future__ import annotations
@@ -51,15 +52,14 @@ class TlsliteTls:
 
 @dataclass(frozen=True)
 class StdlibTls:
-    """Handshake with the stdlib ``ssl`` module: no client certificate, or a file key.
+    """Handshake with the stdlib ``ssl`` module: server-only authentication (no client key:
+    every client key, on the card or in a PEM file, signs through ``TlsliteTls``).
 
     Channel binding: tls-unique under TLS 1.2; none under TLS 1.3 (the stdlib has no exporter
     API, and RFC 9266 §1 leaves tls-unique undefined for TLS 1.3).
     """
 
     trust_anchors: tuple[x509.Certificate, ...]
-    cert_file: str | None = None
-    key_file: str | None = None
     max_version: str = "1.3"
 
     def context(self) -> ssl.SSLContext:
@@ -77,9 +77,4 @@ class StdlibTls:
         ctx.load_verify_locations(cadata=pem.decode("ascii"))
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
         ctx.set_ciphers(STDLIB_TLS12_CIPHERS)
-        if self.cert_file is not None:
-            try:
-                ctx.load_cert_chain(self.cert_file, self.key_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise EstError(f"cannot load client credential {self.cert_file}: {exc}") from exc
         return ctx
