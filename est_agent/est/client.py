@@ -356,7 +356,8 @@ class EstClient:
         )
         self._http = httpx.Client(
             transport=self.transport or transport,
-            trust_env=False,  # trust and proxies from configuration only (style-anchors §1)
+            trust_env=False,  # trust and proxies from the configuration only: no HTTPS_PROXY,
+            # SSL_CERT_FILE or .netrc from the environment of whoever starts the agent
             follow_redirects=False,  # redirects are vetted here: same origin only
             timeout=httpx.Timeout(timeout_s),
         )
@@ -492,7 +493,9 @@ class EstClient:
     def _validate_issued(
         self, certs: list[x509.Certificate], csr_der: bytes, cacerts: EstCaCerts
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-        """est-notes.md "Enrollment outcomes": key, chain, validity, EKU, before use."""
+        """The enrollment answer (RFC 7030 §4.2.3), checked before it is used: one certificate
+        carries the CSR's key, is valid now, has clientAuth when required, and chains to the
+        /cacerts anchor (RFC 5280 §6; a CA rollover's new root counts too, RFC 7030 §4.1.3)."""
         from cryptography.x509 import verification
 
         try:
@@ -593,7 +596,8 @@ class EstClient:
                 f"HTTP {reply.status} redirect to an unusable Location {shown!r}: {exc}"
             ) from None
         if origin != self._origin:
-            # est-notes.md: never follow a redirect to another origin (credentials, PoP).
+            # Never to another origin: the Basic credentials and a CSR bound to this connection
+            # would go to a server this client was not configured for.
             raise EstRejectedError(f"refusing redirect to another origin: {target}")
         return target
 
