@@ -572,7 +572,8 @@ class EstClient:
             if reply.status in _REDIRECTS:
                 url = self._redirect_target(url, reply)
                 # same origin (vetted): credentials already sent in this exchange go along
-                carried = {k: v for k, v in request.headers.items() if k == "authorization"}
+                sent = request.headers.get("Authorization")
+                carried = {"Authorization": sent} if sent is not None else {}
                 request = self._request(method, url, headers | carried, body)
                 continue
             try:

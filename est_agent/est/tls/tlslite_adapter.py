@@ -50,7 +50,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from est_agent.errors import EstError, TlsVerificationError
 from est_agent.est.tls import policy
@@ -131,8 +133,6 @@ class OpenSslAesGcm:
     implementation = "openssl"
 
     def __init__(self, key: bytearray) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         self.key = key
         self.name = "aes128gcm" if len(key) == 16 else "aes256gcm"
         self._aead = AESGCM(bytes(key))
@@ -141,8 +141,6 @@ class OpenSslAesGcm:
         return bytearray(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
 
     def open(self, nonce: bytearray, ciphertext: bytearray, data: bytearray) -> bytearray | None:
-        from cryptography.exceptions import InvalidTag
-
         try:
             return bytearray(self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
         except InvalidTag:
