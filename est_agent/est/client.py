@@ -1,6 +1,6 @@
 """The EST client (RFC 7030): cacerts, csrattrs, simpleenroll, simplereenroll over one connection.
 
-Theory of operation: one ``EstTransport`` (est/tls.py) keeps a single keep-alive TLS connection.
+Theory of operation: one ``EstTransport`` (est/tls/) keeps a single keep-alive TLS connection.
 An enrollment attempt (1) fetches ``/cacerts`` once (the issued certificate must chain to it; it
 also brings the connection up), (2) calls ``csr_factory(binding)`` with the channel binding of
 the live connection, and (3) POSTs the CSR.
@@ -31,22 +31,24 @@ Outcomes: a validated ``Enrollment``; ``EnrollmentPending`` for 202 / 503 (RFC 7
 for waits too long for this run; ``AuthError`` for 401/403; ``EstRejectedError`` for other 4xx;
 ``EstResponseError`` when the answer does not parse or the certificate does not validate;
 ``EstConnectionError`` when the server stays unreachable or keeps failing after the retries. Only
-these public classes leave the client. Credentials (HTTP Basic) only ever travel inside a verified
-TLS session and only in answer to a 401 challenge (RFC 7030 §3.2.3); the password, its base64
-token and any Authorization value a server echoes back are masked in every error message.
+these public classes leave the client. Credentials (HTTP Basic, the ``EstAuth`` flow) only ever
+travel inside a verified TLS session and only in answer to a 401 challenge that offers Basic
+(RFC 7030 §3.2.3); the password, its base64 token and any Authorization value a server echoes
+back are masked in every error message.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+import httpx
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -86,13 +88,12 @@ from est_agent.est.tls import (
 )
 
 if TYPE_CHECKING:
-    import httpx
-
     from est_agent.backends.signer import Signer
 
 __all__ = [
     "CsrFactory",
     "Enrollment",
+    "EstAuth",
     "EstCaCerts",
     "EstClient",
     "RetryPolicy",
@@ -202,10 +203,17 @@ class _CsrMemo:
 
 @dataclass(frozen=True)
 class _Reply:
-    status: int
-    headers: httpx.Headers
-    body: bytes
+    response: httpx.Response  # closed: status, headers and request only
+    body: bytes  # read here, capped and decoded
     stream: object
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self.response.headers
 
 
 def _default_port(parts: SplitResult) -> tuple[str, str | None, int]:
@@ -227,14 +235,81 @@ def _scrub(exc: _E, secrets: Sequence[str]) -> _E:
     return exc
 
 
+# RFC 9110 §5.6.2 token; §11.6.1: a challenge is an auth-scheme (a token), then a token68 or
+# auth-params (token BWS "=" BWS value); one field may hold several challenges, comma-separated.
+_TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_LIST_ELEMENT = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*(?:"|$))+')  # a quote unclosed: to the end
+_ELEMENT_HEAD = re.compile(rf"\s*({_TCHARS})\s*(=?)")
+
+
+def challenge_schemes(values: Iterable[str]) -> frozenset[str]:
+    """The auth-schemes (lower case) of ``WWW-Authenticate`` field values (RFC 9110 §11.6.1).
+
+    A list element that starts with a token not followed by ``=`` starts a challenge (its
+    scheme); one followed by ``=`` is an auth-param of the challenge before it. Quoted strings
+    may hold commas. Garbage yields no scheme rather than an error.
+    """
+    schemes: set[str] = set()
+    for value in values:
+        for element in _LIST_ELEMENT.findall(value):
+            head = _ELEMENT_HEAD.match(element)
+            if head is not None and not head.group(2):
+                schemes.add(head.group(1).lower())
+    return frozenset(schemes)
+
+
+class EstAuth(httpx.Auth):
+    """The HTTP authentication of one EST client (RFC 7030 §3.2.3), as an ``httpx.Auth`` flow.
+
+    Basic (RFC 7617): the credentials go only in answer to a 401 whose challenge offers the
+    Basic scheme, once per request (a second 401 is the answer), and only to this client's
+    own server: the challenged request must be ``https`` at the client's origin. The flow runs
+    only on the client's own ``httpx.Client``, whose one transport verifies every TLS
+    connection before a byte of HTTP is sent, so credentials never leave a verified TLS
+    session. Never pre-emptive: a server that does not ask gets no password. Digest (RFC 7616)
+    would be another scheme answered here.
+
+    Driven by ``EstClient._exchange`` (``sync_auth_flow``) rather than by ``httpx.Client.send``
+    (``auth=``), which reads each challenged response's body in full, past the client's cap.
+    """
+
+    requires_request_body = False
+    requires_response_body = False  # the challenge is in the headers
+
+    def __init__(self, basic: tuple[str, str] | None, origin: tuple[str, str | None, int]) -> None:
+        self._basic = httpx.BasicAuth(*basic) if basic is not None else None
+        self._origin = origin
+
+    def __repr__(self) -> str:
+        return f"EstAuth(basic={self._basic is not None}, origin={self._origin!r})"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        response = yield request
+        if response.status_code != 401 or self._basic is None:
+            return
+        challenged = response.request
+        if _default_port(urlsplit(str(challenged.url))) != self._origin:
+            return  # not this client's server (redirects elsewhere are refused before)
+        if "basic" in challenge_schemes(response.headers.get_list("WWW-Authenticate")):
+            # A new request, so that the one sent (and logged, or recorded) stays as it was.
+            retry = httpx.Request(
+                challenged.method,
+                challenged.url,
+                headers=challenged.headers,
+                stream=challenged.stream,
+                extensions=challenged.extensions,
+            )
+            yield from self._basic.auth_flow(retry)
+
+
 class EstClient:
     """An EST client bound to one server (and label) and one TLS client identity.
 
     TLS: with a ``signer`` (and ``client_cert_chain``, certificate first) the handshake runs in
-    tlslite-ng and the client's CertificateVerify is signed by that signer (the card); without
-    one, the stdlib ``ssl`` path is used (server-only authentication, or ``client_cert_file`` /
-    ``client_key_file`` for a PEM credential). ``tls_max="1.2"`` pins TLS 1.2 (servers that
-    want tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
+    tlslite-ng and the client's CertificateVerify is signed by that signer (the card, or a
+    ``SoftwareSigner`` for a PEM key); without one, the stdlib ``ssl`` path is used
+    (server-only authentication). ``tls_max="1.2"`` pins TLS 1.2 (servers that want
+    tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
     + ``tls_server_name`` when given (the name to expect and send as SNI, e.g. when the URL
     holds an address; curl's ``--connect-to`` idea). ``transport`` replaces the TLS transport
     (tests: ``httpx.MockTransport``; no channel binding then).
@@ -248,8 +323,6 @@ class EstClient:
         label: str = "",
         client_cert_chain: Sequence[x509.Certificate] | None = None,
         signer: Signer | None = None,
-        client_cert_file: str | None = None,
-        client_key_file: str | None = None,
         basic_auth: tuple[str, str] | None = None,
         timeout_s: float = 30.0,
         run_timeout_s: float | None = None,
@@ -257,13 +330,10 @@ class EstClient:
         retry: RetryPolicy = RetryPolicy(),
         tls_max: str = "1.3",
         require_client_auth_eku: bool = True,
-        use_tlslite: bool | None = None,
         tls_server_name: str | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        import httpx
-
         self._base_url = base_url
         self._label = label
         est_url(base_url, "cacerts", label)  # refuses http://, credentials in the URL, ...
@@ -271,7 +341,7 @@ class EstClient:
         if (client_cert_chain is None) != (signer is None):
             raise EstError("client_cert_chain and signer go together")
         tls: TlsliteTls | StdlibTls
-        if signer is not None or use_tlslite:
+        if signer is not None:
             tls = TlsliteTls(
                 trust_anchors=tuple(trust_anchors),
                 client_chain=tuple(client_cert_chain or ()),
@@ -279,23 +349,19 @@ class EstClient:
                 max_version=tls_max,
             )
         else:
-            tls = StdlibTls(
-                trust_anchors=tuple(trust_anchors),
-                cert_file=client_cert_file,
-                key_file=client_key_file,
-                max_version=tls_max,
-            )
+            tls = StdlibTls(trust_anchors=tuple(trust_anchors), max_version=tls_max)
         #: the TLS transport (connection count, channel binding); None when one was injected
         self.transport: EstTransport | None = (
             EstTransport(tls, timeout_s=timeout_s) if transport is None else None
         )
         self._http = httpx.Client(
             transport=self.transport or transport,
-            trust_env=False,  # trust and proxies from configuration only (style-anchors §1)
+            trust_env=False,  # trust and proxies from the configuration only: no HTTPS_PROXY,
+            # SSL_CERT_FILE or .netrc from the environment of whoever starts the agent
             follow_redirects=False,  # redirects are vetted here: same origin only
             timeout=httpx.Timeout(timeout_s),
         )
-        self._basic = basic_auth
+        self._auth = EstAuth(basic_auth, self._origin)
         #: what would give the Basic credentials away: masked in every message this client
         #: raises, and so in the logs that show them (tracebacks included: chained messages too)
         self._secrets: tuple[str, ...] = basic_credential_secrets(*basic_auth) if basic_auth else ()
@@ -427,7 +493,9 @@ class EstClient:
     def _validate_issued(
         self, certs: list[x509.Certificate], csr_der: bytes, cacerts: EstCaCerts
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-        """est-notes.md "Enrollment outcomes": key, chain, validity, EKU, before use."""
+        """The enrollment answer (RFC 7030 §4.2.3), checked before it is used: one certificate
+        carries the CSR's key, is valid now, has clientAuth when required, and chains to the
+        /cacerts anchor (RFC 5280 §6; a CA rollover's new root counts too, RFC 7030 §4.1.3)."""
         from cryptography.x509 import verification
 
         try:
@@ -497,28 +565,24 @@ class EstClient:
         headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
         if content_type is not None:
             headers["Content-Type"] = content_type
-        sent_credentials = False
+        flow = self._auth.sync_auth_flow(self._request(method, url, headers, body))
+        request = next(flow)
         for _ in range(_MAX_REDIRECTS + 2):
-            reply = self._send(method, url, headers, body)
+            reply = self._send(url, request)
             if reply.status in _REDIRECTS:
                 url = self._redirect_target(url, reply)
+                # same origin (vetted): credentials already sent in this exchange go along
+                sent = request.headers.get("Authorization")
+                carried = {"Authorization": sent} if sent is not None else {}
+                request = self._request(method, url, headers | carried, body)
                 continue
-            if reply.status == 401 and self._basic is not None and not sent_credentials:
-                challenge = reply.headers.get("WWW-Authenticate", "")
-                if "basic" in challenge.lower():
-                    # RFC 7030 §3.2.3: answer the challenge once, inside the verified TLS
-                    # session (every connection of this client is verified).
-                    user, password = self._basic
-                    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-                    headers["Authorization"] = f"Basic {token}"
-                    sent_credentials = True
-                    continue
-            return reply
+            try:
+                request = flow.send(reply.response)  # the same URL, now with credentials
+            except StopIteration:
+                return reply
         raise EstRejectedError(f"{operation}: too many redirects or authentication rounds")
 
     def _redirect_target(self, url: str, reply: _Reply) -> str:
-        import httpx
-
         location = reply.headers.get("Location")
         if not location:
             raise EstResponseError(f"HTTP {reply.status} redirect without a Location")
@@ -533,24 +597,36 @@ class EstClient:
                 f"HTTP {reply.status} redirect to an unusable Location {shown!r}: {exc}"
             ) from None
         if origin != self._origin:
-            # est-notes.md: never follow a redirect to another origin (credentials, PoP).
+            # Never to another origin: the Basic credentials and a CSR bound to this connection
+            # would go to a server this client was not configured for.
             raise EstRejectedError(f"refusing redirect to another origin: {target}")
         return target
 
-    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> _Reply:
-        import httpx
-
-        try:
-            request = self._http.build_request(
+    def _request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+    ) -> httpx.Request:
+        with self._http_errors(url):
+            return self._http.build_request(
                 method, url, headers=headers, content=body, extensions=self._extensions
             )
-            # The TLS transport bounds the whole request (est/tls.py: connect, handshake,
-            # sending and the whole body, card time excluded).
+
+    def _send(self, url: str, request: httpx.Request) -> _Reply:
+        with self._http_errors(url):
+            # The TLS transport bounds the whole request (est/tls/: connect, handshake, sending
+            # and the whole body, card time excluded).
             response = self._http.send(request, stream=True)
             try:
-                status, received = response.status_code, self._read_body(url, response)
+                received = self._read_body(url, response)
             finally:
                 response.close()
+        return _Reply(response, received, response.extensions.get("network_stream"))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _http_errors(url: str) -> Iterator[None]:
+        """httpx's own exceptions as est_agent's (those of est/tls/ are typed already)."""
+        try:
+            yield
         except httpx.ProtocolError as exc:
             # httpx itself parses a redirect's Location (even when not following it) and
             # raises RemoteProtocolError for one it cannot use, e.g. "host:84x3": garbage.
@@ -559,7 +635,6 @@ class EstClient:
             raise EstConnectionError(f"{url}: {type(exc).__name__}: {exc}") from exc
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
             raise EstResponseError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        return _Reply(status, response.headers, received, response.extensions.get("network_stream"))
 
     def _read_body(self, url: str, response: httpx.Response) -> bytes:
         """The decoded body, capped at ``max_response_bytes`` before and after decoding."""

@@ -51,10 +51,10 @@ CERTIFICATE = 11  # handshake message types (RFC 5246 §7.4)
 
 
 def tlslite() -> None:
-    """Load tlslite-ng's submodules as est/tls.py does (its package ``__init__`` warns)."""
-    from est_agent.est import tls
+    """Load tlslite-ng's submodules as the EST client does (its package ``__init__`` warns)."""
+    from est_agent.est.tls import tlslite_adapter
 
-    tls._classes()
+    tlslite_adapter.load()
 
 
 # -- credentials -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from est_agent.errors import (
     EstRejectedError,
     EstResponseError,
 )
-from est_agent.est.client import EstClient, RetryPolicy
+from est_agent.est.client import EstAuth, EstClient, RetryPolicy, challenge_schemes
 from tests.est.card_helpers import build_csr
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -231,6 +231,123 @@ def test_basic_answers_one_challenge() -> None:
     with pytest.raises(AuthError):
         _enroll(rec.client(basic_auth=("dev", "wrong")))
     assert len(rec.posts()) == 2  # once, not in a loop
+
+
+@pytest.mark.parametrize(
+    ("values", "schemes"),
+    [
+        (['Basic realm="est"'], {"basic"}),
+        (["basic"], {"basic"}),
+        (['Digest realm="est", qop="auth", nonce="a,b", Basic realm="x"'], {"digest", "basic"}),
+        # the RFC 9110 §11.6.1 example: two challenges, a quoted comma and escaped quotes
+        (
+            ['Newauth realm="apps", type=1, title="Login to \\"apps\\"", Basic realm="simple"'],
+            {"newauth", "basic"},
+        ),
+        (['Digest realm="basic, really"', "Negotiate YIIBxQ=="], {"digest", "negotiate"}),
+        (['Bearer realm = "x" , error="invalid_token"'], {"bearer"}),
+        (["", ",,", 'realm="no scheme"', '"unterminated'], set()),
+    ],
+)
+def test_challenge_schemes(values: list[str], schemes: set[str]) -> None:
+    assert challenge_schemes(values) == schemes
+
+
+def test_basic_is_not_sent_when_the_challenge_does_not_offer_basic() -> None:
+    # Only Digest offered, with "basic" in a parameter: the password stays home.
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Digest realm="basic", nonce="n"'})
+    rec = Recorder(challenge)
+    with pytest.raises(AuthError, match="401") as info:
+        _enroll(rec.client(basic_auth=("dev", "pw")))
+    assert info.value.exit_code == 77
+    (post,) = rec.posts()
+    assert "Authorization" not in post.headers
+
+
+def test_basic_among_several_challenge_fields_is_answered() -> None:
+    challenge = httpx.Response(
+        401,
+        headers=[("WWW-Authenticate", "Negotiate"), ("WWW-Authenticate", 'Basic realm="est"')],
+    )
+    rec = Recorder(challenge, _issued())
+    _enroll(rec.client(basic_auth=("dev", "pw")))
+    first, second = rec.posts()
+    assert "Authorization" not in first.headers
+    assert second.headers["Authorization"] == "Basic ZGV2OnB3"  # base64("dev:pw"), RFC 7617 §2
+
+
+def test_a_challenge_body_is_capped_like_any_other() -> None:
+    # The flow is driven by the client, whose body reads are capped (httpx's own auth driver
+    # would read a challenge's body whole).
+    challenge = httpx.Response(
+        401, headers={"WWW-Authenticate": 'Basic realm="est"'}, content=b"A" * 5000
+    )
+    rec = Recorder(challenge, _issued())
+    with pytest.raises(EstResponseError, match="cap"):
+        _enroll(rec.client(basic_auth=("dev", "pw"), max_response_bytes=4096))
+    assert len(rec.posts()) == 1
+
+
+def test_challenge_after_a_redirect_is_answered_at_the_new_url_and_carried_on() -> None:
+    moved = httpx.Response(307, headers={"Location": "/.well-known/est/other/simpleenroll"})
+    again = httpx.Response(307, headers={"Location": "/.well-known/est/third/simpleenroll"})
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
+    rec = Recorder(moved, challenge, again, _issued())
+    _enroll(rec.client(basic_auth=("dev", "pw")))
+    sent = [(r.url.path, r.headers.get("Authorization")) for r in rec.posts()]
+    assert sent == [
+        ("/.well-known/est/simpleenroll", None),
+        ("/.well-known/est/other/simpleenroll", None),
+        ("/.well-known/est/other/simpleenroll", "Basic ZGV2OnB3"),
+        ("/.well-known/est/third/simpleenroll", "Basic ZGV2OnB3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "answered"),
+    [
+        ("https://est.example:8443/.well-known/est/cacerts", True),
+        ("https://EST.example:8443/.well-known/est/cacerts", True),
+        ("https://evil.example:8443/.well-known/est/cacerts", False),
+        ("https://est.example/.well-known/est/cacerts", False),  # port 443: another origin
+        ("http://est.example:8443/.well-known/est/cacerts", False),
+    ],
+)
+def test_auth_flow_answers_only_this_clients_origin(url: str, answered: bool) -> None:
+    auth = EstAuth(("dev", "pw"), ("https", "est.example", 8443))
+    request = httpx.Request("GET", url)
+    flow = auth.sync_auth_flow(request)
+    assert "Authorization" not in next(flow).headers  # never pre-emptive
+    challenge = httpx.Response(
+        401, headers={"WWW-Authenticate": 'Basic realm="est"'}, request=request
+    )
+    if not answered:
+        with pytest.raises(StopIteration):
+            flow.send(challenge)
+        return
+    retry = flow.send(challenge)
+    assert retry is not request and "Authorization" not in request.headers
+    assert retry.headers["Authorization"] == "Basic ZGV2OnB3"
+    assert retry.url == request.url
+    with pytest.raises(StopIteration):  # one answer only: a second 401 is the verdict
+        flow.send(httpx.Response(401, headers=challenge.headers, request=retry))
+
+
+def test_auth_flow_without_credentials_or_challenge_sends_nothing() -> None:
+    request = httpx.Request("GET", f"{BASE}/.well-known/est/cacerts")
+    for auth, response in [
+        (EstAuth(None, ("https", "est.example", 8443)), httpx.Response(401, request=request)),
+        (
+            EstAuth(("dev", "pw"), ("https", "est.example", 8443)),
+            httpx.Response(200, request=request),
+        ),
+    ]:
+        flow = auth.sync_auth_flow(request)
+        next(flow)
+        with pytest.raises(StopIteration):
+            flow.send(response)
+    shown = repr(EstAuth(("dev", "s3cret"), ("https", "est.example", 8443)))
+    assert "s3cret" not in shown and "ZGV2" not in shown
 
 
 def test_redirects_same_origin_only() -> None:

@@ -1,9 +1,10 @@
 """EstClient against the real test EST server over real TLS on 127.0.0.1, keys in a virtual SIM.
 
-Every TLS client authentication here signs on the (in-process) virtual SIM through tlslite-ng,
-except the stdlib-path tests, which use PEM files. The card-signature and APDU counters prove
-the two properties the issue insists on: one card signature per full handshake (plus one per
-CSR), and none at all when the server fails verification.
+Every TLS client authentication here signs through tlslite-ng: on the (in-process) virtual
+SIM, or with a PEM key through a SoftwareSigner; the stdlib path is server-only. The
+card-signature and APDU counters prove the two properties the issue insists on: one card
+signature per full handshake (plus one per CSR), and none at all when the server fails
+verification.
 """
 
 from __future__ import annotations
@@ -426,17 +427,20 @@ def test_stdlib_path_refuses_untrusted_server(start_server: StartServer, dev_pki
         client.cacerts()
 
 
-# -- stdlib path with a file key ----------------------------------------------------------------
+# -- a PEM bootstrap key (the workflow's SoftwareSigner for bootstrap.key = a PEM file) ---------
 
 
-def test_file_key_enrollment_over_stdlib_tls(
+def test_pem_key_enrollment_with_tls_unique_pop(
     start_server: StartServer, dev_pki: DevPki, tmp_path: Path
 ) -> None:
     server = start_server(tls_max=TlsMax.TLS1_2, pop_required=True)
     cert_path, key_path, key = bootstrap_credential(dev_pki, tmp_path)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     from est_agent.backends.signer import SoftwareSigner
 
     signer = SoftwareSigner(key)
+    tls_signer = SoftwareSigner(load_pem_private_key(key_path.read_bytes(), None))  # type: ignore[arg-type]
 
     def csr(binding: ChannelBinding | None) -> bytes:
         assert binding is not None and binding.kind == "tls-unique"
@@ -445,8 +449,8 @@ def test_file_key_enrollment_over_stdlib_tls(
     with EstClient(
         base_url(server),
         trust_anchors=[dev_pki.tls_ca_certificate],
-        client_cert_file=str(cert_path),
-        client_key_file=str(key_path),
+        client_cert_chain=[x509.load_pem_x509_certificate(cert_path.read_bytes())],
+        signer=tls_signer,
     ) as client:
         result = client.simpleenroll(csr)
     assert result.certificate.public_key() == key.public_key()

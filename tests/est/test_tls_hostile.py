@@ -1,4 +1,4 @@
-"""The TLS engine (est/tls.py) against hostile peers on 127.0.0.1 (tests/est/hostile_tls.py).
+"""The TLS engine (est/tls/) against hostile peers on 127.0.0.1 (tests/est/hostile_tls.py).
 
 One section per field report: the card signs only for a server that has proved it holds its
 certificate's key; no empty TLS record after a request; a certificate-refusal alert is a
@@ -19,9 +19,8 @@ import pytest
 from cryptography import x509
 
 from est_agent.errors import AuthError, EstConnectionError, TlsVerificationError
-from est_agent.est import tls as tls_module
 from est_agent.est.client import EstClient, RetryPolicy
-from est_agent.est.tls import EstTransport, StdlibTls, TlsliteTls
+from est_agent.est.tls import EstTransport, StdlibTls, TlsliteTls, policy
 from est_agent.testserver import DevPki
 from tests.est import hostile_tls as hostile
 from tests.est.card_helpers import SimCard
@@ -202,7 +201,7 @@ def test_static_rsa_is_refused_even_if_it_were_offered(
 ) -> None:
     # Defence in depth: with static RSA wrongly added to the offer, the client still refuses
     # the suite when the server picks it, before sending its certificate.
-    monkeypatch.setattr(tls_module, "_TLS12_KEY_EXCHANGES", ("rsa", "ecdhe_rsa"))
+    monkeypatch.setattr(policy, "TLS12_KEY_EXCHANGES", ("rsa", "ecdhe_rsa"))
     cert, _ = rsa_credential
     suite = S("TLS_RSA_WITH_AES_128_GCM_SHA256", TLS12, "rsa", "aes128gcm", "aead")
     apdus = sim.transport.stats.apdus
@@ -551,12 +550,19 @@ def test_server_refusing_our_certificate_with_an_alert_is_auth_error(
 
 
 @pytest.mark.parametrize("tls_max", ["1.2", "1.3"])
-def test_stdlib_path_file_key_refused_with_an_alert_is_auth_error(
+def test_pem_key_refused_with_an_alert_is_auth_error(
     dev_pki: DevPki, tmp_path: Path, tls_max: str
 ) -> None:
+    # A PEM bootstrap key signs through a SoftwareSigner on the tlslite path, as the workflow
+    # does for bootstrap.key = a PEM file (there is no file-key stdlib path).
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from est_agent.backends.signer import SoftwareSigner
     from tests.testserver.esttls_helpers import bootstrap_credential
 
     cert_path, key_path, _ = bootstrap_credential(dev_pki, tmp_path)
+    key = load_pem_private_key(key_path.read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     version = ssl.TLSVersion.TLSv1_2 if tls_max == "1.2" else ssl.TLSVersion.TLSv1_3
     ctx = hostile.server_context(
         dev_pki,
@@ -570,8 +576,8 @@ def test_stdlib_path_file_key_refused_with_an_alert_is_auth_error(
         EstClient(
             server.url,
             trust_anchors=[dev_pki.tls_ca_certificate],
-            client_cert_file=str(cert_path),
-            client_key_file=str(key_path),
+            client_cert_chain=[cert],
+            signer=SoftwareSigner(key),  # type: ignore[arg-type]
             retry=RetryPolicy(attempts=2, sleep=Sleeps()),
         ) as client,
         pytest.raises(AuthError, match=r"unknown.ca") as info,

@@ -1,4 +1,4 @@
-"""The server-verification policy of est/tls.py, offline (the dev PKI's certificates)."""
+"""The TLS policy and configurations of est/tls/ and its request Deadline, offline (dev PKI)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_channel_binding_repr_hides_the_value() -> None:
     assert "value" not in repr(binding) and "\\x01" not in repr(binding)
 
 
-# -- the request deadline (est/tls.py Deadline), on a fake clock --------------------------------
+# -- the request deadline (est/tls/backend.py Deadline), on a fake clock -----------------------
 
 
 class FakeClock:
