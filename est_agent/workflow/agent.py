@@ -51,6 +51,7 @@ from est_agent.errors import (
     TransportError,
 )
 from est_agent.store import (
+    REASON_KEY_MISMATCH,
     Slot,
     SlotState,
     SlotView,
@@ -319,7 +320,7 @@ class Agent:
             log.info("plan: %s %s", decision.action.value, decision.reason)
             active = views[decision.active] if decision.active is not None else None
             if decision.action is Action.STOP_UNKNOWN:
-                raise self._unreadable(views)
+                raise self._unreadable(views, decision)
             hook = None
             if active is not None:
                 hook = self._adopt(active, host)
@@ -348,7 +349,14 @@ class Agent:
 
     def _decide(self, operation: Operation, views: Sequence[SlotView], host: HostState) -> Plan:
         now = self._clock()
-        facts = [SlotFacts(v.state, v.header.sequence if v.header else None) for v in views]
+        facts = [
+            SlotFacts(
+                v.state,
+                v.header.sequence if v.header else None,
+                key_mismatch=v.reason == REASON_KEY_MISMATCH,
+            )
+            for v in views
+        ]
         timings: list[Timing | None] = []
         for view in views:
             cert = view.certificate
@@ -370,7 +378,14 @@ class Agent:
             )
         return plan(operation, facts, timings, pending)
 
-    def _unreadable(self, views: Sequence[SlotView]) -> SlotUnreadableError:
+    def _unreadable(self, views: Sequence[SlotView], decision: Plan) -> SlotUnreadableError:
+        if not any(v.state is SlotState.UNKNOWN for v in views):
+            # the newest record's key does not match (plan.py rule 4): kept, not overwritten
+            return SlotUnreadableError(
+                f"{decision.reason} (the card reports another key than the newest certificate's:"
+                " it may misreport it, or another program regenerated it); nothing was written."
+                " If the key really was replaced, clear that slot's record to let it be reused"
+            )
         parts = [
             f"slot {v.slot.name} ({v.reason}: {v.detail})"
             for v in views

@@ -14,12 +14,16 @@ The rules, in order:
    ``renew`` / ``run``: no active credential, or the active certificate expired → bootstrap
    enrollment (``simpleenroll``); not due and not forced → nothing to do; else re-enrollment
    (``simplereenroll``) authenticated by the active credential.
-4. The target of an enrollment is never the active slot. A pending request (RFC 7030 §4.2.3:
-   202 + Retry-After) for the same EST operation and a slot that is not active is resumed in
-   its slot (its key is the one the server knows) — or waited for while its Retry-After has
-   not passed. Otherwise the target is a non-active slot: an ``EMPTY`` one, else a ``DAMAGED``
-   one, else the superseded older ``VALID`` one (the previous credential: it must make room,
-   the active one stays); the lowest index among equals.
+4. The target of an enrollment is never the active slot, nor a *suspect* one: an intact
+   record newer than every valid one whose key does not match. That is what the active
+   credential looks like when the card misreports its key (or another program regenerated
+   it): it is kept, and when it is the only slot left to write, the run stops.
+   A pending request (RFC 7030 §4.2.3: 202 + Retry-After) for the same EST operation and a
+   slot that may be written is resumed in its slot (its key is the one the server knows) — or
+   waited for while its Retry-After has not passed. Otherwise the target is a non-active slot:
+   an ``EMPTY`` one, else a ``DAMAGED`` one, else the superseded older ``VALID`` one (the
+   previous credential: it must make room, the active one stays); the lowest index among
+   equals.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class Action(Enum):
 class SlotFacts:
     state: SlotState
     sequence: int | None = None  # of the record header, when one was read
+    #: DAMAGED because the intact certificate is not for the key the card reports
+    key_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,15 +157,31 @@ def plan(
     wanted = (
         EstOperation.SIMPLEENROLL if action is Action.BOOTSTRAP else EstOperation.SIMPLEREENROLL
     )
+    newest_valid = (slots[active].sequence or 0) if active is not None else 0
+    suspect = [
+        i
+        for i, facts in enumerate(slots)
+        if facts.state is SlotState.DAMAGED
+        and facts.key_mismatch
+        and (facts.sequence or 0) > newest_valid
+    ]
     if (
         pending is not None
         and pending.operation is wanted
         and 0 <= pending.slot < len(slots)
         and pending.slot != active
+        and pending.slot not in suspect
     ):
         if not pending.ready:
             return Plan(Action.WAIT_PENDING, active, pending.slot, True, "pending at the server")
         return Plan(action, active, pending.slot, True, reason)
-    candidates = [i for i in range(len(slots)) if i != active]
+    candidates = [i for i in range(len(slots)) if i != active and i not in suspect]
+    if not candidates:
+        which = ", ".join(str(i) for i in suspect)
+        return Plan(
+            Action.STOP_UNKNOWN,
+            active,
+            reason=f"slot {which} holds the newest record but not its key: not overwritten",
+        )
     target = min(candidates, key=lambda i: (_WRITE_PREFERENCE[slots[i].state], i))
     return Plan(action, active, target, False, reason)

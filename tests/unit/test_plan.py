@@ -29,6 +29,9 @@ from est_agent.workflow.plan import (
 )
 
 V, E, D, U = SlotState.VALID, SlotState.EMPTY, SlotState.DAMAGED, SlotState.UNKNOWN
+#: DAMAGED because the certificate is not for the key the card reports ("key-mismatch")
+DK = "damaged-key-mismatch"
+State = SlotState | str
 OK = Timing(expired=False, due=False)
 DUE = Timing(expired=False, due=True)
 EXPIRED = Timing(expired=True, due=True)
@@ -36,8 +39,11 @@ ENROLL, RENEW, FORCED = Operation.ENROLL, Operation.RENEW, Operation.RENEW_FORCE
 SE, SRE = EstOperation.SIMPLEENROLL, EstOperation.SIMPLEREENROLL
 
 
-def facts(a: SlotState, b: SlotState, seq_a: int = 1, seq_b: int = 2) -> list[SlotFacts]:
-    def one(state: SlotState, seq: int) -> SlotFacts:
+def facts(a: State, b: State, seq_a: int = 1, seq_b: int = 2) -> list[SlotFacts]:
+    def one(state: State, seq: int) -> SlotFacts:
+        if state == DK:
+            return SlotFacts(D, seq, key_mismatch=True)
+        assert isinstance(state, SlotState)
         return SlotFacts(state, seq if state in (V, D, U) else None)
 
     return [one(a, seq_a), one(b, seq_b)]
@@ -45,8 +51,8 @@ def facts(a: SlotState, b: SlotState, seq_a: int = 1, seq_b: int = 2) -> list[Sl
 
 def run(
     op: Operation,
-    a: SlotState,
-    b: SlotState,
+    a: State,
+    b: State,
     ta: Timing | None = None,
     tb: Timing | None = None,
     pending: PendingFacts | None = None,
@@ -95,6 +101,14 @@ ROWS = [
     ("pending-enroll-now-enrolled", ENROLL, V, E, OK, None, PendingFacts(SE, 1, False), (Action.ALREADY_ENROLLED, 0, None, False)),
     ("pending-out-of-range", RENEW, E, E, None, None, PendingFacts(SE, 7, True), (Action.BOOTSTRAP, None, 0, False)),
     ("pending-not-due-ignored", RENEW, V, E, OK, None, PendingFacts(SRE, 1, False), (Action.NOT_DUE, 0, None, False)),
+    # the newest record's key does not match (a card misreporting the active key): never written
+    ("suspect-newest-is-the-only-room", RENEW, V, DK, DUE, None, None, (Action.STOP_UNKNOWN, 0, None, False)),
+    ("suspect-newest-forced", FORCED, V, DK, OK, None, None, (Action.STOP_UNKNOWN, 0, None, False)),
+    ("suspect-newest-pending-not-resumed", RENEW, V, DK, DUE, None, PendingFacts(SRE, 1, True), (Action.STOP_UNKNOWN, 0, None, False)),
+    ("suspect-newest-enroll-already", ENROLL, V, DK, OK, None, None, (Action.ALREADY_ENROLLED, 0, None, False)),
+    ("suspect-no-valid-other-empty", ENROLL, DK, E, None, None, None, (Action.BOOTSTRAP, None, 1, False)),
+    ("suspect-no-valid-other-damaged", RENEW, D, DK, None, None, None, (Action.BOOTSTRAP, None, 0, False)),
+    ("both-suspect", RENEW, DK, DK, None, None, None, (Action.STOP_UNKNOWN, None, None, False)),
 ]
 
 
@@ -102,8 +116,8 @@ ROWS = [
 def test_table(
     name: str,
     op: Operation,
-    a: SlotState,
-    b: SlotState,
+    a: State,
+    b: State,
     ta: Timing | None,
     tb: Timing | None,
     pending: PendingFacts | None,
@@ -113,7 +127,7 @@ def test_table(
     assert (result.action, result.active, result.target, result.resume_pending) == expected
 
 
-STATES = [V, E, D, U]
+STATES: list[State] = [V, E, D, DK, U]
 TIMINGS = [OK, DUE, EXPIRED]
 PENDINGS: list[PendingFacts | None] = [None] + [
     PendingFacts(operation, slot, ready)
@@ -123,7 +137,7 @@ PENDINGS: list[PendingFacts | None] = [None] + [
 ]
 
 
-def _combinations() -> list[tuple[Operation, SlotState, SlotState, Timing | None, Timing | None, PendingFacts | None, int, int]]:
+def _combinations() -> list[tuple[Operation, State, State, Timing | None, Timing | None, PendingFacts | None, int, int]]:
     out = []
     for op, a, b in itertools.product(Operation, STATES, STATES):
         for ta, tb in itertools.product(
@@ -140,7 +154,7 @@ COMBINATIONS = _combinations()
 
 def _oracle(
     op: Operation,
-    states: tuple[SlotState, SlotState],
+    states: tuple[State, State],
     timings: tuple[Timing | None, Timing | None],
     seqs: tuple[int, int],
     pending: PendingFacts | None,
@@ -163,31 +177,34 @@ def _oracle(
         return Action.NOT_DUE, active, None, False
     else:
         action, wanted = Action.REENROLL, SRE
+    newest_valid = seqs[active] if active is not None else 0
+    suspect = {i for i in (0, 1) if states[i] == DK and seqs[i] > newest_valid}
     if (
         pending is not None
         and pending.operation is wanted
         and pending.slot in (0, 1)
         and pending.slot != active
+        and pending.slot not in suspect
     ):
         return (action if pending.ready else Action.WAIT_PENDING), active, pending.slot, True
-    others = [i for i in (0, 1) if i != active]
-    for wanted_state in (E, D, V):
+    others = [i for i in (0, 1) if i != active and i not in suspect]
+    for wanted_state in (E, D, DK, V):
         for i in others:
-            if states[i] is wanted_state:
+            if states[i] == wanted_state:
                 return action, active, i, False
-    raise AssertionError("no slot to write")
+    return Action.STOP_UNKNOWN, active, None, False
 
 
 def test_the_sweep_covers_every_combination() -> None:
-    # 3 operations x (states with their timings: 9 valid-valid + 2 x 3 x 3 one valid + 9
+    # 3 operations x (states with their timings: 9 valid-valid + 2 x 3 x 4 one valid + 16
     # neither) x 2 orders x 9 pendings
-    per_order = 9 + 3 * 3 * 2 + 9
+    per_order = 9 + 3 * 4 * 2 + 16
     assert len(COMBINATIONS) == 3 * per_order * 2 * 9 == len(set(COMBINATIONS))
 
 
 @pytest.mark.parametrize("combination", COMBINATIONS)
 def test_invariants_and_oracle(
-    combination: tuple[Operation, SlotState, SlotState, Timing | None, Timing | None, PendingFacts | None, int, int],
+    combination: tuple[Operation, State, State, Timing | None, Timing | None, PendingFacts | None, int, int],
 ) -> None:
     op, a, b, ta, tb, pending, seq_a, seq_b = combination
     states = (a, b)
@@ -201,6 +218,10 @@ def test_invariants_and_oracle(
         if states[result.target] is V:
             # only the superseded older valid credential may make room
             assert result.active is not None and states[result.active] is V
+        if states[result.target] == DK:
+            # a record with a mismatching key is written only when older than the active one
+            active_seq = (seq_a, seq_b)[result.active] if result.active is not None else 0
+            assert (seq_a, seq_b)[result.target] <= active_seq
     if result.action is Action.REENROLL:
         assert result.active is not None and states[result.active] is V
     if result.action in (Action.BOOTSTRAP, Action.REENROLL, Action.WAIT_PENDING):

@@ -139,6 +139,7 @@ def server(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Any:
 @settings(
     max_examples=60,
     deadline=None,
+    print_blob=True,  # a failure in CI prints the @reproduce_failure line
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(sequence=steps)

@@ -211,3 +211,24 @@ def test_a_record_claiming_more_than_its_ef_is_damaged_not_fatal(
     assert code == 0, err
     assert json.loads(out)["slot"] == "op-b"
     assert active_credential(clean_status(cli, device))["sequence"] == 6  # after the bogus 5
+
+
+def test_a_card_misreporting_the_newest_key_with_no_empty_slot_stops_the_run(
+    enrolled: Device, cli: Run
+) -> None:
+    # Both slots hold credentials (op-b the newest). The card reports another key for op-b:
+    # op-b looks "key regenerated", and the only slot a renewal could write is op-b itself.
+    # Overwriting it would cost the working credential if the card is lying: stop instead.
+    device = enrolled
+    code, _, err = cli("renew", "--force", "--config", str(device.config))
+    assert code == 0, err
+    before = clean_status(cli, device)
+    assert before["active_slot"] == "op-b"
+    sim_before = device.sim.read_bytes()
+    # the slots are read op-a, then op-b: the second READ PUBLIC KEY is op-b's
+    code, err, elapsed = run_hostile(cli, device, "ins=CD nth=2 wrong_public_key", "renew")
+    assert code == 76, err
+    assert "[SlotUnreadableError]" in err and "not overwritten" in err, err
+    assert elapsed < 5.0
+    assert device.sim.read_bytes() == sim_before
+    assert clean_status(cli, device)["slots"] == before["slots"]
