@@ -251,7 +251,7 @@ class CardConfig:
     def __post_init__(self) -> None:
         _check_type("card.reader", self.reader, str)
         scheme, sep, rest = self.reader.partition(":")
-        if not sep or scheme.lower() not in _READER_SCHEMES:
+        if not sep or scheme.lower() not in {*_READER_SCHEMES, *_registered_schemes()}:
             raise _fail(
                 "card.reader",
                 f"expected pcsc:[NAME], sim:STATE_FILE or modem:PORT, got {self.reader!r}",
@@ -274,6 +274,14 @@ class CardConfig:
                 raise _fail("card.aids", f"an AID is 5..16 bytes, got {aid.hex().upper()!r}")
         _check_type("card.iso_cla", self.iso_cla, bool)
         _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
+
+
+def _registered_schemes() -> tuple[str, ...]:
+    """Reader schemes registered beyond the built-in ones (est_agent/transport/registry.py):
+    what the runtime opens, configuration accepts."""
+    from est_agent.transport.registry import reader_schemes
+
+    return reader_schemes()
 
 
 def _check_modem_reader(rest: str) -> None:

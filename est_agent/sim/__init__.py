@@ -17,10 +17,12 @@ __all__ = ["register"]
 
 def register() -> None:
     """Make ``sim:<state file>[?faults=FILE&timeout=S&keygen_timeout=S]`` readers open the
-    virtual SIM in this process (``est_agent.sim.transport``). Idempotent."""
-    from est_agent.transport.registry import register_reader_scheme
+    virtual SIM in this process (``est_agent.sim.transport``). Idempotent, and a ``sim:``
+    factory already in place (e.g. one wrapping this one to trace the link) is kept."""
+    from est_agent.transport.registry import reader_factory, register_reader_scheme
 
-    register_reader_scheme("sim", _open_sim, usage="sim:STATE_FILE")
+    if reader_factory("sim") is None:
+        register_reader_scheme("sim", _open_sim, usage="sim:STATE_FILE")
 
 
 def _open_sim(rest: str) -> CardTransport:

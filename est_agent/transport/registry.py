@@ -19,6 +19,7 @@ from est_agent.transport.base import CardTransport
 __all__ = [
     "ReaderFactory",
     "open_transport",
+    "reader_factory",
     "reader_schemes",
     "register_reader_scheme",
 ]
@@ -42,15 +43,24 @@ _schemes: dict[str, _Scheme] = {}
 def register_reader_scheme(name: str, factory: ReaderFactory, *, usage: str = "") -> None:
     """Make ``<name>:...`` readers open with ``factory(rest)``.
 
-    ``usage`` shows the form in error messages (default ``<name>:``). Registering a name again
-    replaces its factory: registration is idempotent, and a test may put a double in place.
+    ``usage`` shows the form in error messages (default: the one registered before, else
+    ``<name>:``). Registering a name again replaces its factory: registration is idempotent,
+    and a test may put a double in place.
     """
     scheme = name.lower()
     if not _SCHEME_RE.fullmatch(scheme):
         raise UsageError(
             f"a reader scheme is a letter, then letters, digits, +, - or ., not {name!r}"
         )
-    _schemes[scheme] = _Scheme(factory, usage or f"{scheme}:")
+    previous = _schemes.get(scheme)
+    kept = previous.usage if previous is not None else f"{scheme}:"
+    _schemes[scheme] = _Scheme(factory, usage or kept)
+
+
+def reader_factory(name: str) -> ReaderFactory | None:
+    """The factory registered for a scheme (to wrap it: a tracing or fault-injecting link)."""
+    entry = _schemes.get(name.lower())
+    return entry.factory if entry is not None else None
 
 
 def reader_schemes() -> tuple[str, ...]:

@@ -36,8 +36,6 @@ from typing import Any
 
 import pytest
 
-import est_agent.transport
-import est_agent.workflow.agent as agent_module
 from est_agent.cli.main import main
 from est_agent.sim.card import VirtualCard
 from est_agent.sim.modem import EmulatedModem, ModemQuirks, PtyModem
@@ -46,6 +44,7 @@ from est_agent.sim.personalize import personalize
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
 from est_agent.transport.modem import ChannelAccess, ModemTransport
+from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import ICCID, Device
 from tests.workflow.test_crash_safety import (
     ALLOWED_SLOT_STATUS,
@@ -303,20 +302,18 @@ class ModemLink(Link):
 
 
 @pytest.fixture
-def link(monkeypatch: pytest.MonkeyPatch) -> ModemLink:
+def link() -> Iterator[ModemLink]:
     """Every card link the agent opens goes through a ``PowerCutTransport`` (here around the
     ``ModemTransport`` that ``modem:`` readers open)."""
     shared = ModemLink()
-    real_open = est_agent.transport.open_transport
 
-    def open_with_cut(reader: str) -> CardTransport:
-        inner = real_open(reader)
-        assert isinstance(inner, ModemTransport), reader
+    def cut(inner: CardTransport) -> CardTransport:
+        assert isinstance(inner, ModemTransport), inner
         shared.modems.append(inner)
         return PowerCutTransport(inner, shared)
 
-    monkeypatch.setattr(agent_module, "open_transport", open_with_cut)
-    return shared
+    with wrapped_reader_scheme("modem", cut):
+        yield shared
 
 
 def statuses(status: dict[str, Any]) -> tuple[str, ...]:

@@ -12,19 +12,17 @@ talks to a fresh ``sim serve`` of the same state file.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-import est_agent.transport
-import est_agent.workflow.agent as agent_module
 from est_agent.cli.main import main
 from est_agent.sim.personalize import personalize
 from est_agent.sim.vpcd import POWER_CUT_EXIT_CODE
 from est_agent.testserver import DevPki, EstTestServer
-from est_agent.transport.base import CardTransport
 from tests.integration.conftest import Cards
+from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import ICCID, Device
 from tests.workflow.test_crash_safety import (
     CUT_EXIT_CODES,
@@ -47,16 +45,11 @@ def device(tmp_path: Path, dev_pki: DevPki) -> Device:
 
 
 @pytest.fixture
-def link(monkeypatch: pytest.MonkeyPatch) -> Link:
+def link() -> Iterator[Link]:
     """Counts what the card answered (never cuts: the card process does that here)."""
     counted = Link()
-    real_open = est_agent.transport.open_transport
-
-    def open_counted(reader: str) -> CardTransport:
-        return PowerCutTransport(real_open(reader), counted)
-
-    monkeypatch.setattr(agent_module, "open_transport", open_counted)
-    return counted
+    with wrapped_reader_scheme("pcsc", lambda inner: PowerCutTransport(inner, counted)):
+        yield counted
 
 
 Run = Callable[..., tuple[int, str, str]]

@@ -27,8 +27,6 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-import est_agent.transport
-import est_agent.workflow.agent as agent_module
 from est_agent.config import load_config
 from est_agent.errors import NoCardError
 from est_agent.est.client import Enrollment, EstCaCerts, EstClient
@@ -37,6 +35,7 @@ from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
 from est_agent.workflow.agent import Agent
 from est_agent.workflow.session import backend_opener
+from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import Device, Run, openssl_verify
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
@@ -114,16 +113,11 @@ class PowerCutTransport(CardTransport):
 
 
 @pytest.fixture
-def link(monkeypatch: pytest.MonkeyPatch) -> Link:
-    """Route every card link the agent opens (``_Card``) through a ``PowerCutTransport``."""
+def link() -> Iterator[Link]:
+    """Route every ``sim:`` card link the agent opens through a ``PowerCutTransport``."""
     shared = Link()
-    real_open = est_agent.transport.open_transport
-
-    def open_with_cut(reader: str) -> CardTransport:
-        return PowerCutTransport(real_open(reader), shared)
-
-    monkeypatch.setattr(agent_module, "open_transport", open_with_cut)
-    return shared
+    with wrapped_reader_scheme("sim", lambda inner: PowerCutTransport(inner, shared)):
+        yield shared
 
 
 # --- device snapshots and checks ----------------------------------------------------------------

@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from est_agent.sim.transport import SimTransport
 from est_agent.testserver import DevPki, EstTestServer
+from est_agent.transport.base import CardTransport
+from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import Device, Run
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
@@ -180,23 +181,35 @@ def holders() -> Iterator[LockHolders]:
         manager.close()
 
 
+class _Touches(CardTransport):
+    """Records every connect and APDU header of the link it wraps."""
+
+    def __init__(self, inner: CardTransport, touches: list[str]) -> None:
+        super().__init__()
+        self.inner, self.touches = inner, touches
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    def _connect(self) -> None:
+        self.touches.append("connect")
+        self.inner.connect()
+
+    def _transmit(self, apdu: bytes) -> bytes:
+        self.touches.append(apdu[:4].hex())
+        return self.inner.transmit(apdu)
+
+    def _close(self) -> None:
+        self.inner.close()
+
+
 @pytest.fixture
-def card_touches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every connect / APDU of the in-process virtual SIM, in this process."""
+def card_touches() -> Iterator[list[str]]:
+    """Every connect / APDU of the in-process virtual SIM's links, in this process."""
     touches: list[str] = []
-    real_connect, real_transmit = SimTransport._connect, SimTransport._transmit
-
-    def connect(self: SimTransport) -> None:
-        touches.append("connect")
-        real_connect(self)
-
-    def transmit(self: SimTransport, apdu: bytes) -> bytes:
-        touches.append(apdu[:4].hex())
-        return real_transmit(self, apdu)
-
-    monkeypatch.setattr(SimTransport, "_connect", connect)
-    monkeypatch.setattr(SimTransport, "_transmit", transmit)
-    return touches
+    with wrapped_reader_scheme("sim", lambda inner: _Touches(inner, touches)):
+        yield touches
 
 
 Say = Callable[[str], None]
