@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import re
 import string
 import tomllib
@@ -37,7 +36,8 @@ from typing import TypeAlias, TypeVar
 from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind, UiccPath, parse_card_uri
 from est_agent.errors import ConfigError, InputError, UsageError
 from est_agent.est.url import est_url
-from est_agent.fileio import CONFIG_LIMIT_BYTES, PASSWORD_LIMIT_BYTES, read_bounded
+from est_agent.fileio import CONFIG_LIMIT_BYTES, read_bounded
+from est_agent.passwords import has_control_character, read_secret
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -185,12 +185,6 @@ def _check_seconds(key: str, value: float, *, allow_zero: bool, maximum: float) 
     if not in_range:
         bound = ">= 0" if allow_zero else "> 0"
         raise _fail(key, f"expected seconds {bound} and <= {maximum:g}, got {value!r}")
-
-
-def _has_control_character(text: str) -> bool:
-    # RFC 7617 §2: user-id and password MUST NOT contain CTL (RFC 5234 Appendix B.1: %x00-1F,
-    # %x7F); a server would refuse them or read another user-id than the one meant.
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
@@ -418,7 +412,7 @@ class EstConfig:
             if not self.basic_username or ":" in self.basic_username:
                 # RFC 7617 §2: the user-id cannot contain a colon.
                 raise _fail("est.basic_username", "must be non-empty and contain no ':'")
-            if _has_control_character(self.basic_username):
+            if has_control_character(self.basic_username):
                 raise _fail("est.basic_username", "contains a control character (RFC 7617 §2)")
         if self.basic_password_file is not None:
             _check_type("est.basic_password_file", self.basic_password_file, Path)
@@ -456,39 +450,12 @@ class EstConfig:
 
     def basic_password(self) -> str | None:
         """The Basic password, read now from its file (first line) or variable; None if unset."""
-        if self.basic_password_file is not None:
-            path = self.basic_password_file
-            raw = read_bounded(
-                path, limit_bytes=PASSWORD_LIMIT_BYTES, what="est.basic_password_file"
-            )
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ConfigError(f"est.basic_password_file: {path} is not UTF-8") from None
-            lines = text.splitlines()
-            password = lines[0] if lines else ""
-            if not password:
-                raise ConfigError(f"est.basic_password_file: the first line of {path} is empty")
-            if _has_control_character(password):
-                raise ConfigError(
-                    f"est.basic_password_file: the first line of {path} contains a control "
-                    "character (RFC 7617 §2)"
-                )
-            return password
-        if self.basic_password_env is not None:
-            name = self.basic_password_env
-            value = os.environ.get(name)
-            if not value:
-                raise ConfigError(
-                    f"est.basic_password_env: environment variable {name} is not set or empty"
-                )
-            if _has_control_character(value):
-                raise ConfigError(
-                    f"est.basic_password_env: environment variable {name} contains a control "
-                    "character (RFC 7617 §2)"
-                )
-            return value
-        return None
+        return read_secret(
+            file=self.basic_password_file,
+            env=self.basic_password_env,
+            file_key="est.basic_password_file",
+            env_key="est.basic_password_env",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -703,18 +670,22 @@ class _Table:
     def has(self, name: str) -> bool:
         return name in self.data
 
-    def get(self, name: str, expected: type | tuple[type, ...]) -> object:
-        value = self.data[name]
-        _check_type(self.key(name), value, expected)
-        return value
+    def value(self, name: str) -> object:
+        """A value handed to the dataclass as it is: its ``__post_init__`` checks the type (and
+        everything else) once, naming the key."""
+        return self.data[name]
 
     def string(self, name: str) -> str:
-        value = self.get(name, str)
+        """A string that is parsed here first (URI, path, enum, hex): checked before parsing."""
+        value = self.data[name]
+        _check_type(self.key(name), value, str)
         assert isinstance(value, str)
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
-        value = self.get(name, list)
+        """An array of strings, turned into the dataclass's tuple here."""
+        value = self.data[name]
+        _check_type(self.key(name), value, list)
         assert isinstance(value, list)
         for item in value:
             if not isinstance(item, str):
@@ -722,16 +693,6 @@ class _Table:
                     self.key(name), f"expected an array of strings, got {_toml_type(item)} in it"
                 )
         return tuple(value)
-
-    def number(self, name: str) -> float:
-        value = self.get(name, (int, float))
-        assert isinstance(value, int | float)
-        return value
-
-    def boolean(self, name: str) -> bool:
-        value = self.get(name, bool)
-        assert isinstance(value, bool)
-        return value
 
 
 def _path(key: str, text: str, base_dir: Path | None) -> Path:
@@ -769,7 +730,8 @@ def _enum(table: _Table, name: str, enum: type[_E]) -> _E:
 
 
 def _build(cls: type[_Section], kwargs: dict[str, object]) -> _Section:
-    # The readers hand over typed values; the dataclass checks them and names the key itself.
+    # One validation pass: the readers parse what needs parsing (URIs, paths, enums, hex) and
+    # hand everything else over as it is; the dataclass checks all of it and names the key.
     return cls(**kwargs)
 
 
@@ -791,7 +753,7 @@ def _card(data: object, base_dir: Path | None) -> CardConfig:
                 raise _fail(t.key("aids"), f"not hex: {text!r}") from None
         kwargs["aids"] = tuple(aids)
     if t.has("iso_cla"):
-        kwargs["iso_cla"] = t.boolean("iso_cla")
+        kwargs["iso_cla"] = t.value("iso_cla")
     if t.has("uicc_channel"):
         kwargs["uicc_channel"] = _enum(t, "uicc_channel", UiccChannel)
     return _build(CardConfig, kwargs)
@@ -830,9 +792,9 @@ def _slots(data: object) -> tuple[SlotConfig, SlotConfig]:
             raise _fail(
                 t.key("certificate"), f"expected a uicc:path= EF, got {_card_uri_kind(cert)}"
             )
-        name = t.string("name") if t.has("name") else DEFAULT_SLOTS[i].name
+        label = t.value("name") if t.has("name") else DEFAULT_SLOTS[i].name
         try:
-            slots.append(SlotConfig(name=name, key=key, certificate=cert))
+            slots.append(SlotConfig(name=label, key=key, certificate=cert))  # type: ignore[arg-type]
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("slot.", f"slot[{i}].", 1)) from None
     return slots[0], slots[1]
@@ -842,9 +804,9 @@ def _est(data: object, base_dir: Path | None) -> EstConfig:
     t = _Table(data, "est", _fields(EstConfig))
     if not t.has("url"):
         raise _fail("est.url", "required (the EST server, https://host/.well-known/est)")
-    kwargs: dict[str, object] = {"url": t.string("url")}
+    kwargs: dict[str, object] = {"url": t.value("url")}
     if t.has("label"):
-        kwargs["label"] = t.string("label")
+        kwargs["label"] = t.value("label")
     if t.has("trust_anchor"):
         text = t.string("trust_anchor")
         kwargs["trust_anchor"] = (
@@ -862,15 +824,13 @@ def _est(data: object, base_dir: Path | None) -> EstConfig:
     if t.has("pop"):
         kwargs["pop"] = _enum(t, "pop", PopMode)
     for name in ("basic_username", "basic_password_env"):
-        if t.has(name) and (text := t.string(name)):
-            kwargs[name] = text
+        if t.has(name) and (value := t.value(name)) != "":  # "" leaves it unset
+            kwargs[name] = value
     if t.has("basic_password_file") and (text := t.string("basic_password_file")):
         kwargs["basic_password_file"] = _path(t.key("basic_password_file"), text, base_dir)
-    for name in ("timeout_s", "run_timeout_s"):
+    for name in ("timeout_s", "run_timeout_s", "require_client_auth_eku"):
         if t.has(name):
-            kwargs[name] = t.number(name)
-    if t.has("require_client_auth_eku"):
-        kwargs["require_client_auth_eku"] = t.boolean("require_client_auth_eku")
+            kwargs[name] = t.value(name)
     return _build(EstConfig, kwargs)
 
 
@@ -879,7 +839,7 @@ def _subject(data: object) -> SubjectConfig:
     kwargs: dict[str, object] = {}
     for name, _ in _SUBJECT_ATTRIBUTES:
         if t.has(name):
-            kwargs[name] = t.string(name)
+            kwargs[name] = t.value(name)
     for name in ("san_dns", "san_uri"):
         if t.has(name):
             kwargs[name] = t.strings(name)
@@ -888,7 +848,7 @@ def _subject(data: object) -> SubjectConfig:
 
 def _renewal(data: object) -> RenewalConfig:
     t = _Table(data, "renewal", _fields(RenewalConfig))
-    kwargs = {name: t.number(name) for name in _fields(RenewalConfig) if t.has(name)}
+    kwargs = {name: t.value(name) for name in _fields(RenewalConfig) if t.has(name)}
     return _build(RenewalConfig, dict(kwargs))
 
 
@@ -907,7 +867,7 @@ def _paths(data: object, base_dir: Path | None) -> PathsConfig:
             argv[0] = str(_path(t.key("deploy_hook"), argv[0], base_dir))
         kwargs["deploy_hook"] = tuple(argv)
     if t.has("lock_wait_s"):
-        kwargs["lock_wait_s"] = t.number("lock_wait_s")
+        kwargs["lock_wait_s"] = t.value("lock_wait_s")
     return _build(PathsConfig, kwargs)
 
 
