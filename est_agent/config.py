@@ -613,6 +613,27 @@ class Config:
                 raise _fail(
                     f"slot[{i}].certificate", f"is the bootstrap certificate {slot.certificate}"
                 )
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """What the runtime would refuse later (after opening the card, or on first boot only),
+        refused now, naming the key."""
+        if self.est.trust_anchor is None:
+            # RFC 7030 §4.1.1 bootstrap distribution by fingerprint alone is not implemented:
+            # the run could only refuse, after reading the card.
+            raise _fail(
+                "est.trust_anchor",
+                "required: enrollment with only est.cacerts_fingerprint (RFC 7030 §4.1.1 "
+                "provisional trust) is not supported yet",
+            )
+        if not self.card.reader.lower().startswith("modem:"):
+            # {imei} is AT+CGSN (3GPP TS 27.007 §5.4): only a modem link knows it.
+            subject, sans = self.subject.templates()
+            for key, _field, pattern in subject + sans:
+                if "{imei}" in pattern:
+                    raise _fail(
+                        key, "uses {imei}, which only a modem: reader can fill (AT+CGSN)"
+                    )
 
     @classmethod
     def defaults(cls, *, est_url: str) -> Config:

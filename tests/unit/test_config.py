@@ -133,7 +133,7 @@ def test_full_config() -> None:
     config = parse_config(
         """
         [card]
-        reader = "pcsc:Virtual PCD 00 00"
+        reader = "modem:/dev/ttyUSB2?baud=921600"
         aids = ["A0000005590010", "a000000559001100"]
         iso_cla = true
         uicc_channel = "basic"
@@ -194,13 +194,26 @@ def test_full_config() -> None:
     assert [san.value for san in sans] == ["8988.devices.example.net", "urn:imei:3500"]
 
 
-def test_trust_anchor_may_be_empty_with_a_fingerprint() -> None:
-    config = parse_config(with_est(est=f'trust_anchor = ""\ncacerts_fingerprint = "{"00" * 32}"'))
-    assert config.est.trust_anchor is None
+def test_fingerprint_only_bootstrap_is_refused_at_load_time() -> None:
+    # RFC 7030 §4.1.1 provisional trust is not implemented yet: refused when the configuration
+    # is read, naming the key, instead of after the card was opened.
+    with pytest.raises(ConfigError, match=r"est\.trust_anchor: required: enrollment with only"):
+        parse_config(with_est(est=f'trust_anchor = ""\ncacerts_fingerprint = "{"00" * 32}"'))
+
+
+def test_an_imei_template_needs_a_modem_reader() -> None:
+    with pytest.raises(ConfigError, match=r"subject\.san_uri: uses \{imei\}, which only a modem"):
+        parse_config(with_est('[subject]\nsan_uri = ["urn:imei:{imei}"]'))
+    config = parse_config(
+        with_est('[card]\nreader = "modem:/dev/ttyUSB2"\n[subject]\nsan_uri = ["urn:imei:{imei}"]')
+    )
+    assert config.subject.san_uri == ("urn:imei:{imei}",)
 
 
 def test_render_without_imei_names_the_key() -> None:
-    config = parse_config(with_est('[subject]\nsan_uri = ["urn:imei:{imei}"]'))
+    config = parse_config(
+        with_est('[card]\nreader = "modem:/dev/ttyUSB2"\n[subject]\nsan_uri = ["urn:imei:{imei}"]')
+    )
     with pytest.raises(ConfigError, match=r"subject\.san_uri: placeholder \{imei\}"):
         render_subject(*config.subject.templates(), {"iccid": "8988"})
 
