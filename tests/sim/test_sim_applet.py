@@ -26,7 +26,7 @@ from est_agent.sim.state import (
     PrivateKeyObject,
     PublicKeyObject,
 )
-from tests.unit.scripted import AID, h, tx
+from tests.scripted import AID, h, tx
 
 CERT = bytes((i * 7 + 3) & 0xFF for i in range(500))
 DIGEST = hashlib.sha256(b"to be signed").digest()

@@ -9,7 +9,7 @@ import pytest
 
 from est_agent.sim.card import CardOptions, VirtualCard
 from est_agent.sim.personalize import personalize
-from tests.unit.scripted import AID, h, tx
+from tests.scripted import AID, h, tx
 
 
 def fcp_tlvs(fcp: bytes) -> dict[int, bytes]:

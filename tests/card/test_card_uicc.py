@@ -4,7 +4,7 @@ from est_agent.card.channel import CardSession
 from est_agent.card.uicc import UiccFiles, decode_fcp, decode_iccid
 from est_agent.card.uri import UiccPath
 from est_agent.errors import CardProtocolError, InputError, SecurityStatusError
-from tests.unit.scripted import ScriptedTransport
+from tests.scripted import ScriptedTransport
 
 # TS 102 221 FCP of a 2048-byte transparent EF 6F01
 FCP_6F01 = "62 14 82 02 41 21 83 02 6F 01 8A 01 05 8B 03 6F 06 01 80 02 08 00 88 00"

@@ -9,7 +9,7 @@ from est_agent.errors import (
     SecurityStatusError,
     StatusWordError,
 )
-from tests.unit.scripted import ScriptedTransport
+from tests.scripted import ScriptedTransport
 
 
 def test_t0_rule_table() -> None:

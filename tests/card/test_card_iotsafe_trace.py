@@ -16,7 +16,7 @@ from est_agent.card.iotsafe import IotSafeApplet, ObjectType
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, NotFoundError
 from tests.certs import self_signed_der
-from tests.unit.scripted import ScriptedTransport
+from tests.scripted import ScriptedTransport
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 POINT = KEY.public_key().public_numbers()

@@ -17,7 +17,7 @@ from est_agent.sim.atr import build_atr
 from est_agent.sim.card import ApduEvent, CardOptions, VirtualCard
 from est_agent.sim.personalize import personalize
 from est_agent.sim.trace import TraceWriter, attach_trace
-from tests.unit.scripted import AID, h, tx
+from tests.scripted import AID, h, tx
 
 
 @pytest.fixture(scope="module")

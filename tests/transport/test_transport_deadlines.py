@@ -26,7 +26,7 @@ from est_agent.transport.base import (
 )
 from est_agent.transport.modem import ModemTransport, parse_modem_reader
 from est_agent.transport.pcsc import PcscTransport
-from tests.unit.scripted import ScriptedTransport
+from tests.scripted import ScriptedTransport
 
 OP_A = IotSafeRef(ObjectKind.PRIVATE_KEY, label="op-a")
 
