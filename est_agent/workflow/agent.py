@@ -10,7 +10,7 @@ fail at any point:
 * the slots are read first (two APDUs each on a fresh SIM), the target slot last, so that it
   is still selected when the certificate is written; a slot that cannot be read stops the run
   before anything is written (``SlotUnreadableError``);
-* the EST server is verified before the card signs anything (est/tls.py), and the key is
+* the EST server is verified before the card signs anything (est/tls/), and the key is
   generated only once the server has answered /cacerts and /csrattrs;
 * a new certificate only ever goes to a slot that is *not* active, and counts once it reads
   back intact and matching its key (store.py): whatever fails, the previous credential stays;
