@@ -101,8 +101,9 @@ def _scard() -> ModuleType:
     That ``__init__`` imports the high-level Session/System/CardConnection layers (threading,
     observers, reader factories: 24 modules instead of 5, ~2-4 ms and ~0.25 MiB) that this
     module never uses. The package object is created unexecuted (the approach of
-    est/tls/tlslite_adapter.py's ``_import_tlslite_core``); its ``__init__`` still runs, in place, the first
-    time anything else reads an attribute of the package (``from smartcard import Session``).
+    est/tls/tlslite_adapter.py's ``_import_tlslite_core``); its ``__init__`` still runs, in
+    place, the first time anything else reads an attribute of the package (``from smartcard
+    import Session``).
     """
     import sys
 
