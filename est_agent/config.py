@@ -367,6 +367,7 @@ class EstConfig:
 
     The Basic password is deliberately not a field: only where to find it is stored, and
     `basic_password` reads it at use time (so it never shows up in a repr or a log line).
+    The proxy's password likewise: `https_proxy` reads it, and the environment, at use time.
     """
 
     #: ``https://host[:port][/path]``; a bare origin gets ``/.well-known/est``
