@@ -4,7 +4,7 @@
     ├── card       CardConfig       which reader, which IoT SAFE applet, how to talk to it
     ├── bootstrap  BootstrapConfig  the factory credential (on the SIM, or PEM files)
     ├── slots      (SlotConfig, SlotConfig)  the two operational slots ([[slot]] in TOML)
-    ├── est        EstConfig        server URL, label, trust, PoP, Basic credentials
+    ├── est        EstConfig        server URL, label, trust, PoP, Basic credentials, proxy
     ├── subject    SubjectConfig    subject / SAN templates for the first enrollment
     ├── renewal    RenewalConfig    when renewal is due, jitter, retry cap
     └── paths      PathsConfig      state directory, PEM export, deploy hook
@@ -16,14 +16,16 @@ whether it came from a file or from code; errors are `ConfigError` (exit 78) nam
 key, e.g. ``est.pop``.
 
 Nothing is read from disk at parse time apart from the configuration file itself: PEM files,
-the trust anchor and the Basic password are read when used, so that ``status`` works with a
-missing trust anchor and the password never sits in a long-lived object (or in its repr).
+the trust anchor, the Basic and proxy passwords and (``est.proxy = "env"``) ``HTTPS_PROXY`` are
+read when used, so that ``status`` works with a missing trust anchor and the password never
+sits in a long-lived object (or in its repr).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import re
 import string
 import tomllib
@@ -32,9 +34,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TypeAlias, TypeVar
+from urllib.parse import urlsplit
 
 from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind, UiccPath, parse_card_uri
 from est_agent.errors import ConfigError, InputError, UsageError
+from est_agent.est.proxy import HttpsProxy, ProxyUrl, environment_proxy, parse_proxy_url
 from est_agent.est.url import est_url
 from est_agent.fileio import CONFIG_LIMIT_BYTES, read_bounded
 from est_agent.passwords import has_control_character, read_secret
@@ -176,6 +180,13 @@ def _toml_type(value: object) -> str:
     if isinstance(value, datetime.time):
         return "time"
     return type(value).__name__
+
+
+def _proxy_url(key: str, text: str, *, assume_http: bool = False) -> ProxyUrl:
+    try:
+        return parse_proxy_url(text, assume_http=assume_http)
+    except InputError as exc:
+        raise _fail(key, str(exc)) from None
 
 
 def _check_seconds(key: str, value: float, *, allow_zero: bool, maximum: float) -> None:
@@ -356,6 +367,7 @@ class EstConfig:
 
     The Basic password is deliberately not a field: only where to find it is stored, and
     `basic_password` reads it at use time (so it never shows up in a repr or a log line).
+    The proxy's password likewise: `https_proxy` reads it, and the environment, at use time.
     """
 
     #: ``https://host[:port][/path]``; a bare origin gets ``/.well-known/est``
@@ -369,6 +381,11 @@ class EstConfig:
     basic_username: str | None = None
     basic_password_file: Path | None = None
     basic_password_env: str | None = None
+    #: "" (connect directly), "env" (``https_proxy``/``HTTPS_PROXY`` unless ``NO_PROXY``
+    #: excludes the server) or ``http://[user@]host:port``: a CONNECT proxy (RFC 9110 §9.3.6)
+    proxy: str = ""
+    proxy_password_file: Path | None = None
+    proxy_password_env: str | None = None
     timeout_s: float = 30.0
     #: upper bound of one run's time with the server: every request, retry and wait together
     run_timeout_s: float = 600.0
@@ -433,6 +450,7 @@ class EstConfig:
                 "est.basic_password_file",
                 "Basic username set without basic_password_file or basic_password_env",
             )
+        self._check_proxy()
         _check_seconds("est.timeout_s", self.timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S)
         _check_seconds(
             "est.run_timeout_s", self.run_timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S
@@ -443,6 +461,80 @@ class EstConfig:
                 f"shorter than one request (est.timeout_s = {self.timeout_s:g})",
             )
         _check_type("est.require_client_auth_eku", self.require_client_auth_eku, bool)
+
+    def _check_proxy(self) -> None:
+        _check_type("est.proxy", self.proxy, str)
+        url = None if self.proxy in ("", "env") else _proxy_url("est.proxy", self.proxy)
+        if url is not None and url.password is not None:
+            raise _fail(
+                "est.proxy",
+                "must not carry a password: put it in est.proxy_password_file or "
+                "est.proxy_password_env",
+            )
+        if self.proxy_password_file is not None:
+            _check_type("est.proxy_password_file", self.proxy_password_file, Path)
+        if self.proxy_password_env is not None:
+            _check_type("est.proxy_password_env", self.proxy_password_env, str)
+            if not _ENV_NAME_RE.fullmatch(self.proxy_password_env):
+                raise _fail(
+                    "est.proxy_password_env",
+                    f"not an environment variable name: {self.proxy_password_env!r}",
+                )
+        if self.proxy_password_file is not None and self.proxy_password_env is not None:
+            raise _fail("est.proxy_password_env", "set only one of proxy_password_file / _env")
+        has_password = self.proxy_password_file is not None or self.proxy_password_env is not None
+        if has_password and not self.proxy:
+            raise _fail("est.proxy", "required when a proxy password is configured")
+        if has_password and url is not None and url.username is None:
+            raise _fail("est.proxy", "the proxy password needs a user: http://user@host:port")
+        if url is not None and url.username is not None and not has_password:
+            raise _fail(
+                "est.proxy_password_file",
+                "est.proxy names a user without proxy_password_file or proxy_password_env",
+            )
+
+    def https_proxy(self, environ: Mapping[str, str] | None = None) -> HttpsProxy | None:
+        """The CONNECT proxy for `url`, resolved now (None: connect directly).
+
+        ``est.proxy = "env"`` reads ``https_proxy`` / ``HTTPS_PROXY`` and ``NO_PROXY`` from
+        ``environ`` (default: the process environment) now; the proxy password is read now
+        from its file or variable, or taken from the variable's URL, and registered with the
+        log redaction. ``ConfigError`` naming the key or variable when it cannot be used.
+        """
+        if not self.proxy:
+            return None
+        if self.proxy == "env":
+            target = urlsplit(self.url.strip())
+            port = target.port
+            found = environment_proxy(
+                os.environ if environ is None else environ,
+                target.hostname or "",
+                443 if port is None else port,
+            )
+            if found is None:
+                return None
+            key, text = found
+            url = _proxy_url(key, text, assume_http=True)
+        else:
+            key, url = "est.proxy", _proxy_url("est.proxy", self.proxy)
+        password = read_secret(
+            file=self.proxy_password_file,
+            env=self.proxy_password_env,
+            file_key="est.proxy_password_file",
+            env_key="est.proxy_password_env",
+        )
+        if password is not None and url.password is not None:
+            raise _fail(key, "carries a password and so does est.proxy_password_*: set one")
+        if password is not None and url.username is None:
+            raise _fail(key, "the proxy password needs a user: http://user@host:port")
+        password = url.password if password is None else password
+        if url.username is not None and password is None:
+            raise _fail(key, "names a proxy user without a password (est.proxy_password_file)")
+        if password:
+            from est_agent.logs import register_secret
+
+            register_secret(password)  # masked in every log line from now on
+        return HttpsProxy(url.host, url.port, url.username, password, source=key)
 
     def operation_url(self, operation: str) -> str:
         """The URL of an EST operation (``cacerts``, ``simpleenroll`` ...) with the label."""
@@ -849,6 +941,12 @@ def _est(data: object, base_dir: Path | None) -> EstConfig:
             kwargs[name] = value
     if t.has("basic_password_file") and (text := t.string("basic_password_file")):
         kwargs["basic_password_file"] = _path(t.key("basic_password_file"), text, base_dir)
+    if t.has("proxy"):
+        kwargs["proxy"] = t.value("proxy")
+    if t.has("proxy_password_env") and (value := t.value("proxy_password_env")) != "":
+        kwargs["proxy_password_env"] = value
+    if t.has("proxy_password_file") and (text := t.string("proxy_password_file")):
+        kwargs["proxy_password_file"] = _path(t.key("proxy_password_file"), text, base_dir)
     for name in ("timeout_s", "run_timeout_s", "require_client_auth_eku"):
         if t.has(name):
             kwargs[name] = t.value(name)

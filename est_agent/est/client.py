@@ -35,6 +35,10 @@ these public classes leave the client. Credentials (HTTP Basic, the ``EstAuth`` 
 travel inside a verified TLS session and only in answer to a 401 challenge that offers Basic
 (RFC 7030 §3.2.3); the password, its base64 token and any Authorization value a server echoes
 back are masked in every error message.
+
+Proxy: with ``proxy`` every connection is a CONNECT tunnel through that HTTP proxy (RFC 9110
+§9.3.6, est/tls/backend.py); TLS, its channel binding and the EST credentials stay end to end
+with the server inside it. The proxy's own Basic password is masked like the EST one.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ from est_agent.est.tls import (
 
 if TYPE_CHECKING:
     from est_agent.backends.signer import Signer
+    from est_agent.est.proxy import HttpsProxy
 
 __all__ = [
     "CsrFactory",
@@ -311,8 +316,9 @@ class EstClient:
     (server-only authentication). ``tls_max="1.2"`` pins TLS 1.2 (servers that want
     tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
     + ``tls_server_name`` when given (the name to expect and send as SNI, e.g. when the URL
-    holds an address; curl's ``--connect-to`` idea). ``transport`` replaces the TLS transport
-    (tests: ``httpx.MockTransport``; no channel binding then).
+    holds an address; curl's ``--connect-to`` idea). ``proxy``: connect through this HTTP
+    CONNECT proxy (None: directly; the environment is never read here). ``transport``
+    replaces the TLS transport (tests: ``httpx.MockTransport``; no channel binding, no proxy).
     """
 
     def __init__(
@@ -331,6 +337,7 @@ class EstClient:
         tls_max: str = "1.3",
         require_client_auth_eku: bool = True,
         tls_server_name: str | None = None,
+        proxy: HttpsProxy | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -340,6 +347,8 @@ class EstClient:
         self._origin = _default_port(urlsplit(base_url.strip()))
         if (client_cert_chain is None) != (signer is None):
             raise EstError("client_cert_chain and signer go together")
+        if proxy is not None and transport is not None:
+            raise EstError("a proxy needs the client's own TLS transport")
         tls: TlsliteTls | StdlibTls
         if signer is not None:
             tls = TlsliteTls(
@@ -352,7 +361,7 @@ class EstClient:
             tls = StdlibTls(trust_anchors=tuple(trust_anchors), max_version=tls_max)
         #: the TLS transport (connection count, channel binding); None when one was injected
         self.transport: EstTransport | None = (
-            EstTransport(tls, timeout_s=timeout_s) if transport is None else None
+            EstTransport(tls, timeout_s=timeout_s, proxy=proxy) if transport is None else None
         )
         self._http = httpx.Client(
             transport=self.transport or transport,
@@ -364,7 +373,10 @@ class EstClient:
         self._auth = EstAuth(basic_auth, self._origin)
         #: what would give the Basic credentials away: masked in every message this client
         #: raises, and so in the logs that show them (tracebacks included: chained messages too)
-        self._secrets: tuple[str, ...] = basic_credential_secrets(*basic_auth) if basic_auth else ()
+        secrets = basic_credential_secrets(*basic_auth) if basic_auth else ()
+        if proxy is not None and proxy.username is not None and proxy.password is not None:
+            secrets += basic_credential_secrets(proxy.username, proxy.password)
+        self._secrets: tuple[str, ...] = secrets
         self._timeout_s = timeout_s
         # All retries and waits of this client's lifetime (one run) end by this monotonic time:
         # a failing attempt after it is the last one (the run is then at most one request over).

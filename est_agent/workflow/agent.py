@@ -648,6 +648,7 @@ class Agent:
             timeout_s=est.timeout_s,
             run_timeout_s=est.run_timeout_s,
             tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",
+            proxy=est.https_proxy(),
             require_client_auth_eku=est.require_client_auth_eku,
             # renewal.retry_cap_s bounds the waits inside this run too
             retry=RetryPolicy(

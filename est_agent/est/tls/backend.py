@@ -3,15 +3,20 @@
 * ``Deadline``: one request's time budget, end to end, frozen while the card signs.
 * ``ConnectionState``: what the streams and the transport share (the request's deadline, the
   live stream and its channel binding, the pin that forbids a new connection).
-* ``EstNetworkBackend.connect_tcp`` opens the TCP connection. On the tlslite path
+* ``EstNetworkBackend.connect_tcp`` opens the TCP connection: to the server, or to the HTTP
+  proxy, which is asked with CONNECT (RFC 9110 §9.3.6) for a tunnel to the server
+  (``_open_tunnel``) before any TLS, so the handshake, its channel binding and every request
+  run end to end with the server inside the tunnel. On the tlslite path
   ``_TcpStream.start_tls`` runs tlslite-ng (through tlslite_adapter.py) and returns a
   ``_TlsliteStream``; on the stdlib path httpcore's own stream is wrapped (``_StdlibStream``).
 * Every socket operation waits at most min(its own timeout, the time left of the request).
 
 Errors leave the streams as httpcore's connection errors (transient: the transport maps them to
 ``EstConnectionError``) or typed already: ``TlsVerificationError`` (server not authenticated,
-handshake failed), ``AuthError`` (the server refused our certificate with a certificate alert).
-Messages say what happened, never which class.
+handshake failed), ``AuthError`` (the server refused our certificate with a certificate alert;
+the proxy refused its credentials, 407), ``EstConnectionError`` (the proxy refused the tunnel),
+``EstError`` (the proxy answered something that is not HTTP). Messages say what happened, never
+which class.
 """
 
 from __future__ import annotations
@@ -21,11 +26,20 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
+import h11
 import httpcore
 
-from est_agent.errors import AuthError, EstConnectionError, TlsVerificationError
+from est_agent.errors import (
+    AuthError,
+    EstAgentError,
+    EstConnectionError,
+    EstError,
+    TlsVerificationError,
+)
+from est_agent.est.proxy import HttpsProxy, authority
 from est_agent.est.tls import tlslite_adapter
 from est_agent.est.tls.config import StdlibTls, TlsliteTls
 from est_agent.est.tls.policy import (
@@ -48,6 +62,9 @@ __all__ = [
 
 _DEADLINE_SLACK_S = 0.05  # a socket timeout set to the time left ends within this of it
 _WRITE_CHUNK = 16384  # one TLS record's worth: each send gets its own (clamped) timeout
+# The proxy's answer to CONNECT: status line and header fields, at most this many bytes (h11
+# refuses a longer head, as a garbage answer).
+_MAX_PROXY_HEAD = 16384
 
 
 class ConnectionChangedError(EstConnectionError):
@@ -116,11 +133,13 @@ class ConnectionState:
 
     ``deadline``: the current request's (None between requests); ``connections_opened``:
     TCP connections so far; ``stream`` / ``channel_binding``: the most recently established
-    TLS connection; ``is_pinned``: no new connection may be opened.
+    TLS connection; ``is_pinned``: no new connection may be opened; ``proxy``: every
+    connection is tunnelled through it (None: direct).
     """
 
-    def __init__(self, tls: TlsliteTls | StdlibTls) -> None:
+    def __init__(self, tls: TlsliteTls | StdlibTls, proxy: HttpsProxy | None = None) -> None:
         self.tls = tls
+        self.proxy = proxy
         self.deadline: Deadline | None = None
         self.connections_opened = 0
         self.stream: httpcore.NetworkStream | None = None
@@ -563,8 +582,126 @@ class _StdlibStream(httpcore.NetworkStream):
         return stream
 
 
+# --------------------------------------------------------------------------------------------
+# CONNECT through an HTTP proxy
+# --------------------------------------------------------------------------------------------
+
+
+def _proxy_failure(exc: OSError) -> str:
+    """A socket failure while talking to the proxy, in words."""
+    if isinstance(exc, ConnectionResetError):
+        return "the proxy reset the connection"
+    if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
+        return "the proxy closed the connection"
+    return _what_happened(exc)
+
+
+def _challenge_schemes(values: Iterable[bytes]) -> list[str]:
+    """The auth-scheme of each Proxy-Authenticate field value (RFC 9110 §11.7.1, §11.6.1), for
+    the message: the first token of each value (several challenges in one field are named by
+    their first)."""
+    schemes = []
+    for value in values:
+        token = value.decode("latin-1").strip().split(" ", 1)[0].split(",", 1)[0]
+        if token and token.isascii() and token.isprintable():
+            schemes.append(token[:32])
+    return schemes
+
+
+def _proxy_refusal(proxy: HttpsProxy, target: str, response: h11.Response) -> EstAgentError:
+    """A proxy's non-2xx answer to CONNECT: 407 (RFC 9110 §15.5.8) is a credentials refusal
+    (AuthError, not retried); any other status says the proxy will not (403) or cannot (502,
+    503, 504) reach the server: unreachable through this path (EstConnectionError)."""
+    status = response.status_code
+    try:
+        phrase = HTTPStatus(status).phrase  # our words, not the proxy's reason text
+    except ValueError:
+        phrase = ""
+    said = f"HTTP {status}" + (f" {phrase}" if phrase else "")
+    if status == 407:
+        offered = _challenge_schemes(
+            value for name, value in response.headers if name == b"proxy-authenticate"
+        )
+        if proxy.username is None:
+            problem = "asks for credentials: give the user in the proxy URL and its password "
+            problem += "in est.proxy_password_file or est.proxy_password_env"
+        else:
+            problem = f"refused the credentials of user {proxy.username!r}"
+        if offered and not any(s.lower() == "basic" for s in offered):
+            problem += f" (it offers {', '.join(offered)}; the agent speaks Basic only)"
+        return AuthError(f"{proxy.describe()} {problem} ({said}, CONNECT {target})")
+    return EstConnectionError(f"{proxy.describe()} refused the tunnel to {target} ({said})")
+
+
+def _open_tunnel(
+    sock: socket.socket,
+    proxy: HttpsProxy,
+    target: str,
+    state: ConnectionState,
+    timeout: float | None,
+) -> None:
+    """Ask ``proxy`` (connected on ``sock``) for a tunnel to ``target`` (``host:port``, RFC 9110
+    §9.3.6) and return once it answers 2xx; the socket then carries the TLS session with the
+    server. Only the CONNECT request goes to the proxy in clear: the target, ``Host`` and the
+    proxy's own Proxy-Authorization (RFC 9110 §11.7.2), never an EST path or credential.
+
+    Every send and receive waits at most min(``timeout``, the request's time left): the
+    CONNECT counts against the request's deadline. h11 (httpcore's HTTP/1.1 parser) reads the
+    answer; 1xx answers are skipped. Bytes after a 2xx head are refused: in TLS the client
+    speaks first (RFC 8446 §2), so they cannot be the server's.
+    """
+    phase = f"CONNECT {target} through {proxy.describe()}"
+    connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_PROXY_HEAD)
+    headers = [("Host", target)]
+    credentials = proxy.authorization()
+    if credentials is not None:
+        headers.append(("Proxy-Authorization", credentials))
+    request = connection.send(h11.Request(method="CONNECT", target=target, headers=headers))
+    request = (request or b"") + (connection.send(h11.EndOfMessage()) or b"")
+    closed, received = False, 0
+    try:
+        sock.settimeout(state.op_timeout(timeout))
+        sock.sendall(request)
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                sock.settimeout(state.op_timeout(timeout))
+                data = sock.recv(4096)
+                closed, received = not data, received + len(data)
+                connection.receive_data(data)
+            elif isinstance(event, h11.Response):
+                answer = event
+                break
+            elif not isinstance(event, h11.InformationalResponse):  # 1xx: read on
+                raise httpcore.ConnectError(f"{phase}: the proxy closed the connection")
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(state.timeout_message(phase, timeout)) from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(f"{phase}: {_proxy_failure(exc)}") from exc
+    except h11.RemoteProtocolError as exc:
+        if closed:  # a close before a whole answer: the proxy shedding load (transient)
+            raise httpcore.ConnectError(
+                f"{phase}: the proxy closed the connection without a complete answer"
+            ) from exc
+        if received > _MAX_PROXY_HEAD:
+            said = f"no end of its head in {_MAX_PROXY_HEAD} bytes"
+        else:
+            said = str(exc)
+            said = said if len(said) <= 120 else said[:120] + "..."  # h11 quotes what it got
+        raise EstError(f"{phase}: the proxy's answer is not HTTP: {said}") from exc
+    if not 200 <= answer.status_code < 300:
+        raise _proxy_refusal(proxy, target, answer)
+    early, _ = connection.trailing_data
+    if early:
+        raise EstError(
+            f"{phase}: the proxy sent {len(early)} bytes after its HTTP {answer.status_code}, "
+            "before the TLS handshake began (in TLS the client speaks first)"
+        )
+
+
 class EstNetworkBackend(httpcore.NetworkBackend):
-    """httpcore's network backend for the EST transport: TCP, then tlslite-ng or stdlib TLS."""
+    """httpcore's network backend for the EST transport: TCP, or a CONNECT tunnel through the
+    state's proxy, then tlslite-ng or stdlib TLS."""
 
     def __init__(self, state: ConnectionState) -> None:
         self._state = state
@@ -585,20 +722,35 @@ class EstNetworkBackend(httpcore.NetworkBackend):
                 "be signed again on a new connection"
             )
         state.connections_opened += 1
-        what = f"connect to {host}:{port}"
+        proxy = state.proxy
+        if proxy is None:
+            peer, what = (host, port), f"connect to {host}:{port}"
+        else:
+            peer, what = (proxy.host, proxy.port), f"connect to {proxy.describe()}"
         tls = state.tls
+        inner: httpcore.NetworkStream | None = None
         try:
             budget = state.op_timeout(timeout)
             if isinstance(tls, StdlibTls):
-                inner = self._sync.connect_tcp(host, port, budget, local_address, socket_options)
-                return _StdlibStream(inner, state)
-            sock = socket.create_connection((host, port), budget)
+                inner = self._sync.connect_tcp(*peer, budget, local_address, socket_options)
+                sock = inner.get_extra_info("socket")
+            else:
+                sock = socket.create_connection(peer, budget)
         except (TimeoutError, httpcore.ConnectTimeout) as exc:
             raise httpcore.ConnectTimeout(state.timeout_message(what, timeout)) from exc
         except httpcore.ConnectError as exc:
             raise httpcore.ConnectError(f"{what}: {exc}") from exc
         except OSError as exc:
             raise httpcore.ConnectError(f"{what}: {_what_happened(exc)}") from exc
+        if proxy is not None:
+            try:
+                _open_tunnel(sock, proxy, authority(host, port), state, timeout)
+            except BaseException:
+                sock.close()
+                raise
+        if isinstance(tls, StdlibTls):
+            assert inner is not None
+            return _StdlibStream(inner, state)
         # Small request/response exchanges, each a few TLS records: no Nagle delay (RFC 1122
         # §4.2.3.4) waiting for the peer's delayed ACK (§4.2.3.2) between them.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

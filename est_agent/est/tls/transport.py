@@ -21,6 +21,7 @@ import httpcore
 import httpx
 
 from est_agent.errors import ConfigError, EstAgentError, EstConnectionError, EstError
+from est_agent.est.proxy import HttpsProxy
 from est_agent.est.tls.backend import ConnectionState, Deadline, EstNetworkBackend
 from est_agent.est.tls.config import StdlibTls, TlsliteTls
 from est_agent.est.tls.policy import ChannelBinding
@@ -104,7 +105,8 @@ class EstTransport(httpx.BaseTransport):
     whole response body: the deadline ends when the response stream is exhausted or closed),
     must finish within this many seconds; time spent in the card's signer does not count.
     Every socket operation waits at most min(its own timeout, the time left). ``clock`` is the
-    monotonic clock of those deadlines (tests inject one).
+    monotonic clock of those deadlines (tests inject one). ``proxy``: every connection is a
+    CONNECT tunnel through it (backend.py), the deadline covering the CONNECT too.
     """
 
     def __init__(
@@ -114,12 +116,13 @@ class EstTransport(httpx.BaseTransport):
         timeout_s: float | None = None,
         keepalive_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        proxy: HttpsProxy | None = None,
     ) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ConfigError(f"the EST request timeout must be positive, not {timeout_s}")
         self.tls = tls
         self.timeout_s = timeout_s
-        self._state = ConnectionState(tls)
+        self._state = ConnectionState(tls, proxy)
         self._clock = clock
         # The stdlib path's context does the verification; the tlslite path ignores the
         # context httpcore hands to start_tls, so give it a stand-in (an empty SSLContext would
