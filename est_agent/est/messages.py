@@ -92,8 +92,22 @@ _KEY_ALGORITHM_OIDS = frozenset(
         "1.3.101.113",  # Ed448
     }
 )
+# Named curves (RFC 5480 §2.1.1.1, RFC 5639 §4.1): a bare curve OID in CsrAttrs asks for an EC
+# key on that curve, as Attribute{id-ecPublicKey, {curve}} does (libest's default answer sends
+# the bare secp384r1 OID; the RFC 7030 §4.5.2 example the Attribute form).
+_EC_CURVE_OIDS = frozenset(
+    {
+        "1.2.840.10045.3.1.7",  # secp256r1 (P-256)
+        "1.3.132.0.34",  # secp384r1 (P-384)
+        "1.3.132.0.35",  # secp521r1 (P-521)
+        "1.3.36.3.3.2.8.1.1.7",  # brainpoolP256r1
+        "1.3.36.3.3.2.8.1.1.11",  # brainpoolP384r1
+        "1.3.36.3.3.2.8.1.1.13",  # brainpoolP512r1
+    }
+)
 # Hash and signature algorithms a server may ask for (RFC 7030 §4.5.2: "the hash algorithm
-# the client should use to sign the request"): sha2 family and ecdsa/rsa-with-sha2.
+# the client should use to sign the request"): sha2 family and ecdsa/rsa-with-sha2. The key
+# algorithms under the PKCS#1 arc (rsaEncryption, RSASSA-PSS) are not hashes.
 _HASH_OID_PREFIXES = (
     "2.16.840.1.101.3.4.2.",  # id-sha256 / sha384 / sha512 / sha224 ...
     "1.2.840.10045.4.3.",  # ecdsa-with-SHA224/256/384/512
@@ -104,6 +118,9 @@ _HASH_OID_PREFIXES = (
 # no dot-segments that a server or proxy would normalise away.
 # RFC 8951 §3: receivers tolerate CR, LF, space and tab inside base64.
 _B64_WHITESPACE = b" \t\r\n"
+# What may follow a /csrattrs body: whitespace and NULs (libest sends its C string with the
+# terminating NUL and counts it in Content-Length).
+_CSRATTRS_TRAILER = _B64_WHITESPACE + b"\x00"
 _B64_RE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 _PEM_RE = re.compile(
     rb"-----BEGIN (PKCS7|CMS|PKCS #7 SIGNED DATA)-----(.*?)-----END \1-----", re.DOTALL
@@ -466,16 +483,19 @@ def parse_csrattrs(body: bytes) -> CsrAttributes:
 
     ``CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID`` where ``AttrOrOID ::= CHOICE {
     oid OBJECT IDENTIFIER, attribute Attribute }``. Parsed leniently (RFC 8951 §4): unknown
-    items are kept and ignored, attribute values are kept as DER. An empty body or an empty
-    SEQUENCE means nothing is asked.
+    items are kept and ignored, attribute values are kept as DER; whitespace and NUL bytes
+    after the body are ignored (libest ends it with its C string's NUL). An empty body or an
+    empty SEQUENCE means nothing is asked.
     """
     stripped = body.strip(_B64_WHITESPACE)
-    if not stripped:
+    trimmed = body.lstrip(_B64_WHITESPACE).rstrip(_CSRATTRS_TRAILER)
+    if not trimmed:
         return CsrAttributes()
-    # Raw DER (unstripped first: its last byte may be 0x0A or 0x20), else base64.
-    der = next((d for d in (body, stripped) if d[:1] == b"\x30" and _is_der(d)), None)
+    # Raw DER (unstripped first: its last byte may be 0x0A, 0x20 or 0x00), else base64.
+    candidates = (body, stripped, trimmed)
+    der = next((d for d in candidates if d[:1] == b"\x30" and _is_der(d)), None)
     if der is None:
-        der = _strip_base64(stripped, "csrattrs response")
+        der = _strip_base64(trimmed, "csrattrs response")
     try:
         items = _load_sequence_of_any(der)
     except _ASN1_ERRORS as exc:
@@ -527,8 +547,13 @@ def _parse_attribute(item: core.Asn1Value) -> tuple[str, tuple[bytes, ...]] | No
 def _interpret(
     oids: tuple[str, ...], attributes: dict[str, tuple[bytes, ...]], unknown: tuple[bytes, ...]
 ) -> CsrAttributes:
-    hash_oids = [o for o in oids if o.startswith(_HASH_OID_PREFIXES)]
+    hash_oids = [
+        o for o in oids if o.startswith(_HASH_OID_PREFIXES) and o not in _KEY_ALGORITHM_OIDS
+    ]
     key_algorithms: dict[str, tuple[str, ...]] = {o: () for o in oids if o in _KEY_ALGORITHM_OIDS}
+    curves = tuple(dict.fromkeys(o for o in oids if o in _EC_CURVE_OIDS))
+    if curves:
+        key_algorithms[OID_EC_PUBLIC_KEY] = key_algorithms.get(OID_EC_PUBLIC_KEY, ()) + curves
     extension_requests: list[str] = []
     for attr_type, values in attributes.items():
         if attr_type == OID_EXTENSION_REQUEST:
@@ -537,7 +562,8 @@ def _interpret(
         elif attr_type in _KEY_ALGORITHM_OIDS:
             # RFC 7030 §4.5.2 example: Attribute{id-ecPublicKey, {secp384r1}} = "use this curve".
             params = [p for v in values if (p := _oid_of(core.load(v, strict=True))) is not None]
-            key_algorithms[attr_type] = key_algorithms.get(attr_type, ()) + tuple(params)
+            known = key_algorithms.get(attr_type, ())
+            key_algorithms[attr_type] = known + tuple(p for p in params if p not in known)
     return CsrAttributes(
         oids=oids,
         attributes=attributes,

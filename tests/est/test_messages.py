@@ -65,6 +65,11 @@ RFC7030_CSRATTRS = (
 SECP384R1 = "1.3.132.0.34"
 MAC_ADDRESS = "1.3.6.1.1.1.1.22"
 ECDSA_SHA384 = "1.2.840.10045.4.3.3"
+EMAIL_ADDRESS = "1.2.840.113549.1.9.1"
+SHA384 = "2.16.840.1.101.3.4.2.2"
+# Cisco libest 3.2.0p's example server, /csrattrs with no EST_CSR_ATTR set: TEST_CSR from
+# example/server/estserver.c, sent with sizeof() bytes, i.e. followed by the C string's NUL.
+LIBEST_CSRATTRS = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
 
 
 # --- URLs ------------------------------------------------------------------------------------
@@ -307,7 +312,9 @@ def test_csrattrs_unwrapped_and_der_forms_agree() -> None:
     assert parse_csrattrs(_wrap(base64.b64encode(der), 4, b" \t\n")) == reference
 
 
-@pytest.mark.parametrize("body", [b"", b"\r\n", b"MAA=", b"MAA=\r\n", b"\x30\x00"])
+@pytest.mark.parametrize(
+    "body", [b"", b"\r\n", b"MAA=", b"MAA=\r\n", b"\x30\x00", b"\x00", b"MAA=\x00"]
+)
 def test_csrattrs_empty_means_nothing_asked(body: bytes) -> None:
     attrs = parse_csrattrs(body)
     assert attrs == CsrAttributes()
@@ -327,6 +334,49 @@ def _csrattrs(*items: core.Asn1Value) -> bytes:
         _child_spec = core.Any
 
     return base64.b64encode(_Seq([core.Any.load(i.dump()) for i in items]).dump())
+
+
+def test_csrattrs_libest_default_with_its_trailing_nul() -> None:
+    attrs = parse_csrattrs(LIBEST_CSRATTRS)
+    assert attrs.oids == (MAC_ADDRESS, EMAIL_ADDRESS, SECP384R1, SHA384)
+    assert attrs.hash_oids == (SHA384,)
+    # the bare curve OID reads like Attribute{id-ecPublicKey, {secp384r1}}
+    assert attrs.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+    assert not attrs.challenge_password
+    assert attrs.unknown == ()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x00", b"\x00\x00", b"\r\n\x00", b"\x00\r\n", b" \t\x00\n", b"\n"],
+)
+def test_csrattrs_trailing_nul_and_whitespace_tolerated(tail: bytes) -> None:
+    reference = parse_csrattrs(RFC7030_CSRATTRS)
+    assert parse_csrattrs(RFC7030_CSRATTRS + tail) == reference
+    assert parse_csrattrs(b"\r\n " + RFC7030_CSRATTRS.replace(b"\r\n", b"") + tail) == reference
+    # raw DER with the NUL after it, too
+    assert parse_csrattrs(base64.b64decode(RFC7030_CSRATTRS) + tail) == reference
+
+
+def test_csrattrs_bare_curve_and_parameter_forms_agree() -> None:
+    bare = parse_csrattrs(_csrattrs(core.ObjectIdentifier(SECP384R1)))
+    attribute = parse_csrattrs(
+        _csrattrs(_attribute(OID_EC_PUBLIC_KEY, core.ObjectIdentifier(SECP384R1)))
+    )
+    assert bare.key_algorithms == attribute.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+    both = parse_csrattrs(
+        _csrattrs(
+            core.ObjectIdentifier(SECP384R1),
+            _attribute(OID_EC_PUBLIC_KEY, core.ObjectIdentifier(SECP384R1)),
+        )
+    )
+    assert both.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+
+
+def test_csrattrs_rsa_key_oid_is_not_a_hash() -> None:
+    attrs = parse_csrattrs(_csrattrs(core.ObjectIdentifier("1.2.840.113549.1.1.1")))
+    assert attrs.key_algorithms == {"1.2.840.113549.1.1.1": ()}
+    assert attrs.hash_oids == ()
 
 
 def test_csrattrs_rfc2985_extensions_and_unknown_items() -> None:
@@ -365,6 +415,8 @@ def test_csrattrs_rfc2985_extensions_and_unknown_items() -> None:
         base64.b64encode(b"\x02\x01\x01"),  # an INTEGER, not a SEQUENCE
         base64.b64encode(base64.b64decode(RFC7030_CSRATTRS) + b"\x00"),  # trailing byte
         b"<html>404</html>",
+        b"MCYG\x00" + LIBEST_CSRATTRS[4:],  # a NUL inside the base64 is not a terminator
+        b"\x00" + LIBEST_CSRATTRS,  # nor one before it
     ],
 )
 def test_csrattrs_malformed(body: bytes) -> None:
