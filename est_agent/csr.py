@@ -163,16 +163,26 @@ class CsrAttributes:
 class CsrDeviation:
     """One request of `/csrattrs` the CSR does not meet as asked, and what it carries instead.
 
-    `substitute` is True when the CSR carries something else than asked (another key or
-    digest: strict mode refuses that); False when an attribute is only left out.
+    `instead` is what the CSR carries in its place ("" when the item is only left out: an
+    attribute the agent has no value for); strict mode refuses a CSR with a substitute.
     """
 
     asked: str
-    sent: str
-    substitute: bool = True
+    reason: str
+    instead: str = ""
+
+    @property
+    def substitute(self) -> bool:
+        return bool(self.instead)
 
     def __str__(self) -> str:
-        return f"the EST server asks for {self.asked}; {self.sent}"
+        """The warning of advisory mode: what was asked, what is sent, why."""
+        sent = f"sending {self.instead}" if self.instead else "left out"
+        return f"the EST server asks for {self.asked}; {sent}: {self.reason}"
+
+    def refusal(self) -> str:
+        """The error of strict mode: what was asked and what the card can do."""
+        return f"the EST server asks for {self.asked}, but {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -432,7 +442,7 @@ class CsrBuilder:
             return
         refused = [d for d in fit.deviations if d.substitute]
         if refused:
-            raise CsrError("; and ".join(str(d) for d in refused))
+            raise CsrError("; and ".join(d.refusal() for d in refused))
         if attrs.challenge_password and self._challenge_password is None:
             raise CsrError(
                 "the EST server asks for a challengePassword (proof of possession, RFC 7030"
@@ -451,8 +461,8 @@ def _fit_digest(
         if digest in takes and key_type in (None, "ec"):
             return digest, ()
     asked = " or ".join(_name_of(o) for o in hash_oids)
-    sent = f"sending {_ECDSA_NAMES[default]}: the card signs {_digest_names(takes)} digests only"
-    return default, (CsrDeviation(asked, sent),)
+    reason = f"the card signs {_digest_names(takes)} digests only ({_ECDSA_NAMES[default]})"
+    return default, (CsrDeviation(asked, reason, _ECDSA_NAMES[default]),)
 
 
 def _digest_names(takes: tuple[str, ...]) -> str:
@@ -464,14 +474,14 @@ def _fit_key(
 ) -> tuple[CsrDeviation, ...]:
     """RFC 7030 §4.5.2: the key type (and curve) asked, against the key the card generated."""
     holds = "P-256 (secp256r1)" if isinstance(key.curve, ec.SECP256R1) else key.curve.name
-    sent = f"sending an EC {holds} key: the card makes no other"
+    reason, instead = f"the card makes EC {holds} keys only", f"an EC {holds} key"
     deviations = []
     for algorithm, curves in key_algorithms.items():
         if algorithm != OID_EC_PUBLIC_KEY:
-            deviations.append(CsrDeviation(f"{_name_of(algorithm)} keys", sent))
+            deviations.append(CsrDeviation(f"{_name_of(algorithm)} keys", reason, instead))
         elif curves and OID_SECP256R1 not in curves:
             asked = "an EC key on " + " or ".join(_name_of(c) for c in curves)
-            deviations.append(CsrDeviation(asked, sent))
+            deviations.append(CsrDeviation(asked, reason, instead))
     return tuple(deviations)
 
 
@@ -479,10 +489,7 @@ def _fit_unfillable(attrs: CsrAttributes) -> tuple[CsrDeviation, ...]:
     """Attributes and extensions asked that the agent recognises but has no value for."""
     asked = [*attrs.oids, *attrs.attributes, *attrs.extension_requests]
     names = dict.fromkeys(_UNFILLABLE[o] + f" ({o})" for o in asked if o in _UNFILLABLE)
-    return tuple(
-        CsrDeviation(name, "left out: the agent has no value for it", substitute=False)
-        for name in names
-    )
+    return tuple(CsrDeviation(name, "the agent has no value for it") for name in names)
 
 
 def _name_of(oid: str) -> str:

@@ -64,6 +64,7 @@ __all__ = [
     "parse_content_codings",
     "parse_csrattrs",
     "parse_retry_after",
+    "pop_refusal",
     "redact_secrets",
 ]
 
@@ -691,6 +692,28 @@ def error_excerpt(body: bytes, limit: int = 200, *, secrets: Iterable[str] = ())
         return text
     except Exception:  # a diagnostic helper must never mask the error it describes
         return ""
+
+
+# Words servers use when they refuse a CSR over proof of possession (RFC 7030 §3.5): libest
+# answers "Proof of Possession Mismatch.", others name challengePassword or the binding.
+_POP_TEXT_RE = re.compile(
+    r"proof[ -]of[ -]possession|\bpop\b|challenge[ _-]?password|channel[ _-]binding"
+    r"|tls[ _-]unique|tls[ _-]exporter",
+    re.IGNORECASE,
+)
+_BINDING_RE = re.compile(r"tls[ _-](unique|exporter)", re.IGNORECASE)
+
+
+def pop_refusal(text: str) -> str | None:
+    """Whether a server's error text is about proof of possession (RFC 7030 §3.5).
+
+    None: it is not. Else the channel binding it names (``tls-unique``, RFC 5929;
+    ``tls-exporter``, RFC 9266), or "" when it names none.
+    """
+    if not _POP_TEXT_RE.search(text):
+        return None
+    named = _BINDING_RE.search(text)
+    return f"tls-{named.group(1).lower()}" if named else ""
 
 
 # --- /cacerts and CA rollover ----------------------------------------------------------------

@@ -455,12 +455,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if body is None:
             return _Response(status=204)
-        return _Response(
+        ok = _Response(
             status=200,
             body=body,
             content_type="application/csrattrs",
             headers=(("Content-Transfer-Encoding", "base64"),),
         )
+        fault = self._est.state.take_fault("csrattrs")
+        return ok if fault is None else self._faulty(fault, ok, issued_der=None)
 
     def _authenticate_enroll(self, client: _ClientCert | None, now: datetime) -> str:
         """RFC 7030 §3.2.3/§3.3.2 for simpleenroll; returns the method for the log."""

@@ -39,6 +39,7 @@ from est_agent.est.messages import (
     parse_content_codings,
     parse_csrattrs,
     parse_retry_after,
+    pop_refusal,
     redact_secrets,
 )
 from est_agent.testserver.issuer import make_ca
@@ -422,6 +423,29 @@ def test_csrattrs_rfc2985_extensions_and_unknown_items() -> None:
 def test_csrattrs_malformed(body: bytes) -> None:
     with pytest.raises(EstResponseError):
         parse_csrattrs(body)
+
+
+# --- proof-of-possession refusals ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # libest 3.2.0p (EST_BODY_POP_MISMATCH, sent with 401)
+        ("Proof of Possession Mismatch.\n", ""),
+        # the test server
+        ("PoP required: CSR lacks challengePassword = base64(tls-unique)", "tls-unique"),
+        ("PoP failed: challengePassword does not match this TLS session", ""),
+        ("challenge password missing", ""),
+        ("channel binding tls_exporter mismatch", "tls-exporter"),
+        ("TLS-Unique value wrong", "tls-unique"),
+        ("Invalid or corrupted pkcs10 request.\n", None),  # libest EST_BODY_BAD_PKCS10
+        ("popular request", None),
+        ("", None),
+    ],
+)
+def test_pop_refusal(text: str, expected: str | None) -> None:
+    assert pop_refusal(text) == expected
 
 
 # --- Retry-After -----------------------------------------------------------------------------
