@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from asn1crypto import cms, core
+from asn1crypto import algos, cms, core
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -753,6 +753,41 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _signature_algorithm_name(cert: x509.Certificate) -> str:
+    dotted = cert.signature_algorithm_oid.dotted_string
+    name = algos.SignedDigestAlgorithmId.map(dotted)
+    return dotted if name == dotted else f"{name} ({dotted})"
+
+
+def _refused_self_signatures(pool: list[x509.Certificate]) -> str:
+    """Why self-issued certificates did not count as roots, when it is the signature algorithm.
+
+    RFC 7030 Appendix A.1's own example is signed with sha1WithRSAEncryption: refusing SHA-1
+    (RFC 9155, and cryptography verifies no SHA-1 signature) is right, but an operator must be
+    told that this is the reason, not that the root is missing.
+    """
+    reasons: list[str] = []
+    for cert in pool:
+        if not _self_issued(cert):
+            continue
+        try:
+            cert.verify_directly_issued_by(cert)
+        except UnsupportedAlgorithm:
+            pass
+        except ValueError as exc:
+            if "signature algorithm" not in str(exc).lower():
+                continue
+        except (TypeError, InvalidSignature):
+            continue
+        else:
+            continue
+        reasons.append(
+            f"{cert.subject.rfc4514_string() or '(empty subject)'} is signed with"
+            f" {_signature_algorithm_name(cert)}, a signature algorithm refused"
+        )
+    return "; ".join(reasons)
+
+
 def _self_issued(cert: x509.Certificate) -> bool:
     # RFC 5280 §3.2 / §6.1: subject and issuer match and are not empty.
     return cert.subject == cert.issuer and len(cert.subject) > 0
@@ -778,9 +813,10 @@ def classify_cacerts(
     pool = list(unique.values())
     roots = [c for c in pool if _self_issued(c) and _signed_by(c, c)]
     if not roots:
+        refused = _refused_self_signatures(pool)
         raise EstResponseError(
             "/cacerts holds no self-signed root CA certificate (RFC 7030 §4.1.3 requires the"
-            " current root)"
+            " current root)" + (f"; {refused}" if refused else "")
         )
     root_keys = {_spki(r): r for r in roots}
     links: list[tuple[x509.Certificate, x509.Certificate, x509.Certificate]] = []

@@ -8,6 +8,7 @@ import datetime as dt
 import gzip
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from asn1crypto import core
@@ -989,3 +990,38 @@ def test_small_rsa_key_is_refused(
     )
     with pytest.raises(EstResponseError, match="1024-bit RSA key"):
         decode_certs_only(certs_only(ca, cert))
+
+
+# --- RFC 7030 Appendix A.1 -------------------------------------------------------------------
+
+_APPENDIX_A1 = Path(__file__).resolve().parents[1] / "vectors" / "rfc7030-appendix-a1-cacerts.b64"
+
+
+def test_appendix_a1_cacerts_refusal_names_the_sha1_signatures() -> None:
+    # RFC 7030's own /cacerts example: four RSA certificates signed with sha1WithRSAEncryption.
+    # SHA-1 stays refused; the error must say that is why, not only that no root was found.
+    body = _APPENDIX_A1.read_bytes()
+    assert len(body) == 4246  # the Content-Length printed in Appendix A.1
+    certs = decode_certs_only(body)
+    assert sorted(c.subject.rfc4514_string() for c in certs) == [
+        "CN=estExampleCA NwN",
+        "CN=estExampleCA NwO",
+        "CN=estExampleCA OwN",
+        "CN=estExampleCA OwO",
+    ]
+    with pytest.raises(EstResponseError) as refused:
+        classify_cacerts(certs)
+    message = str(refused.value)
+    assert "no self-signed root" in message
+    assert "sha1_rsa (1.2.840.113549.1.1.5)" in message
+    # the two self-signed roots are named, the links (signed by the other key) are not
+    assert "CN=estExampleCA OwO" in message and "CN=estExampleCA NwN" in message
+    assert "NwO" not in message and "OwN" not in message
+
+
+def test_a_root_with_a_bad_signature_is_not_blamed_on_its_algorithm(
+    rollover: dict[str, x509.Certificate],
+) -> None:
+    with pytest.raises(EstResponseError) as refused:
+        classify_cacerts([rollover["sub"]])
+    assert "signature algorithm" not in str(refused.value)
