@@ -51,6 +51,7 @@ __all__ = [
     "CardConfig",
     "CertificateRef",
     "Config",
+    "CsrAttrsMode",
     "EstConfig",
     "KeyRef",
     "PathsConfig",
@@ -102,9 +103,26 @@ _SUBJECT_ATTRIBUTES = (
 class PopMode(Enum):
     """Proof-of-possession (RFC 7030 §3.5): bind the CSR to the TLS session, or not."""
 
-    AUTO = "auto"  # bind when the TLS version offers a binding, else send none
+    # bind when /csrattrs lists challengePassword: RFC 8951 §4, a server that requires the
+    # linking says so there (the binding then follows the TLS version), else send none
+    AUTO = "auto"
     TLS_UNIQUE = "tls-unique"  # RFC 5929: forces TLS 1.2
     TLS_EXPORTER = "tls-exporter"  # RFC 9266: forces TLS 1.3
+    OFF = "off"
+
+
+class CsrAttrsMode(Enum):
+    """How the server's `/csrattrs` is used (RFC 7030 §4.5; RFC 8951 §4: it is advice).
+
+    ``advisory``: fetched, and what the card can meet is honoured; what it cannot (another
+    curve, a digest the card does not sign, attributes the agent has no value for) or an
+    answer that cannot be parsed is logged as a warning and the CSR goes without it.
+    ``strict``: an unusable answer stops the run (76) and a request the card cannot meet
+    stops it before the card signs (65). ``off``: not fetched at all.
+    """
+
+    ADVISORY = "advisory"
+    STRICT = "strict"
     OFF = "off"
 
 
@@ -378,6 +396,7 @@ class EstConfig:
     #: SHA-256 of the EST CA root accepted from an unauthenticated ``/cacerts``
     cacerts_fingerprint: bytes | None = None
     pop: PopMode = PopMode.AUTO
+    csrattrs: CsrAttrsMode = CsrAttrsMode.ADVISORY
     basic_username: str | None = None
     basic_password_file: Path | None = None
     basic_password_env: str | None = None
@@ -424,6 +443,7 @@ class EstConfig:
                     f"a SHA-256 fingerprint is 32 bytes, got {len(self.cacerts_fingerprint)}",
                 )
         _check_type("est.pop", self.pop, PopMode)
+        _check_type("est.csrattrs", self.csrattrs, CsrAttrsMode)
         if self.basic_username is not None:
             _check_type("est.basic_username", self.basic_username, str)
             if not self.basic_username or ":" in self.basic_username:
@@ -936,6 +956,8 @@ def _est(data: object, base_dir: Path | None) -> EstConfig:
                 raise _fail(t.key("cacerts_fingerprint"), f"not hex: {text!r}") from None
     if t.has("pop"):
         kwargs["pop"] = _enum(t, "pop", PopMode)
+    if t.has("csrattrs"):
+        kwargs["csrattrs"] = _enum(t, "csrattrs", CsrAttrsMode)
     for name in ("basic_username", "basic_password_env"):
         if t.has(name) and (value := t.value(name)) != "":  # "" leaves it unset
             kwargs[name] = value

@@ -37,6 +37,8 @@ __all__ = [
     "OID_EC_PUBLIC_KEY",
     "CsrAttributes",
     "CsrBuilder",
+    "CsrDeviation",
+    "CsrFit",
     "KeyedTemplate",
     "SubjectSpec",
     "parse_san",
@@ -53,15 +55,38 @@ SubjectSpec: TypeAlias = x509.Name | Sequence[tuple[x509.ObjectIdentifier | str,
 OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 OID_SECP256R1 = "1.2.840.10045.3.1.7"
 _SAN_OID = ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string
-# What IoT SAFE cards do (GSMA IoT.05 §4): ECDSA on P-256 with SHA-256. A server may name the
-# hash, the signature algorithm or both in /csrattrs (RFC 7030 §4.5.2).
-_SUPPORTED_HASH_OIDS = frozenset(
-    {
-        "2.16.840.1.101.3.4.2.1",  # id-sha256
-        "1.2.840.10045.4.3.2",  # ecdsa-with-SHA256
-    }
-)
+# A server may name the hash, the signature algorithm or both in /csrattrs (RFC 7030 §4.5.2):
+# the hash each OID asks for (hashlib name, None: one this agent does not compute) and the key
+# type it implies ("ec", "rsa", or None for a bare hash: any key).
+_HASH_REQUESTS: dict[str, tuple[str | None, str | None]] = {
+    "2.16.840.1.101.3.4.2.1": ("sha256", None),  # id-sha256 (RFC 5758 §2)
+    "2.16.840.1.101.3.4.2.2": ("sha384", None),
+    "2.16.840.1.101.3.4.2.3": ("sha512", None),
+    "2.16.840.1.101.3.4.2.4": ("sha224", None),
+    "1.2.840.10045.4.3.1": ("sha224", "ec"),  # ecdsa-with-SHA224 (RFC 5758 §3.2)
+    "1.2.840.10045.4.3.2": ("sha256", "ec"),
+    "1.2.840.10045.4.3.3": ("sha384", "ec"),
+    "1.2.840.10045.4.3.4": ("sha512", "ec"),
+    "1.2.840.113549.1.1.11": ("sha256", "rsa"),  # sha256WithRSAEncryption (RFC 4055 §5)
+    "1.2.840.113549.1.1.12": ("sha384", "rsa"),
+    "1.2.840.113549.1.1.13": ("sha512", "rsa"),
+    "1.2.840.113549.1.1.14": ("sha224", "rsa"),
+}
+# RFC 5758 §3.2: ecdsa-with-SHA* (asn1crypto's names), the parameters field absent
+_ECDSA_WITH = {"sha256": "sha256_ecdsa", "sha384": "sha384_ecdsa", "sha512": "sha512_ecdsa"}
+_ECDSA_NAMES = {
+    "sha256": "ecdsa-with-SHA256",
+    "sha384": "ecdsa-with-SHA384",
+    "sha512": "ecdsa-with-SHA512",
+}
+# Attribute types a server may ask for that this agent recognises but has no value for: it
+# leaves them out and says so (anything unrecognised MUST be ignored, RFC 7030 §4.5.2).
+_UNFILLABLE = {
+    "1.3.6.1.1.1.1.22": "macAddress",  # RFC 2307 §2.4 (the RFC 7030 §4.5.2 example)
+    "1.2.840.113549.1.9.1": "emailAddress",  # PKCS#9, RFC 2985 §5.2.1
+}
 _ALGORITHM_NAMES = {
+    "2.16.840.1.101.3.4.2.1": "SHA-256",
     "2.16.840.1.101.3.4.2.2": "SHA-384",
     "2.16.840.1.101.3.4.2.3": "SHA-512",
     "2.16.840.1.101.3.4.2.4": "SHA-224",
@@ -73,13 +98,18 @@ _ALGORITHM_NAMES = {
     "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
     "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
     "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
+    "1.2.840.113549.1.1.14": "sha224WithRSAEncryption",
     "1.3.101.112": "Ed25519",
     "1.3.101.113": "Ed448",
+    "1.2.840.10045.3.1.7": "secp256r1 (P-256)",
     "1.3.132.0.34": "secp384r1 (P-384)",
     "1.3.132.0.35": "secp521r1 (P-521)",
     "1.3.36.3.3.2.8.1.1.7": "brainpoolP256r1",
+    "1.3.36.3.3.2.8.1.1.11": "brainpoolP384r1",
+    "1.3.36.3.3.2.8.1.1.13": "brainpoolP512r1",
 }
 _CARD_ALGORITHM = "ECDSA P-256 with SHA-256"
+_DEFAULT_DIGEST = "sha256"
 
 # PKCS#9 (RFC 2985 §5.4.1): ub-challenge-password = 255; PrintableString's alphabet (X.680 §41.4)
 _CHALLENGE_PASSWORD_MAX = 255
@@ -130,6 +160,45 @@ class CsrAttributes:
 
 
 @dataclass(frozen=True)
+class CsrDeviation:
+    """One request of `/csrattrs` the CSR does not meet as asked, and what it carries instead.
+
+    `instead` is what the CSR carries in its place ("" when the item is only left out: an
+    attribute the agent has no value for); strict mode refuses a CSR with a substitute.
+    """
+
+    asked: str
+    reason: str
+    instead: str = ""
+
+    @property
+    def substitute(self) -> bool:
+        return bool(self.instead)
+
+    def __str__(self) -> str:
+        """The warning of advisory mode: what was asked, what is sent, why."""
+        sent = f"sending {self.instead}" if self.instead else "left out"
+        return f"the EST server asks for {self.asked}; {sent}: {self.reason}"
+
+    def refusal(self) -> str:
+        """The error of strict mode: what was asked and what the card can do."""
+        return f"the EST server asks for {self.asked}, but {self.reason}"
+
+
+@dataclass(frozen=True)
+class CsrFit:
+    """How a CSR for one signer meets `/csrattrs`: the digest it is signed with (a hashlib
+    name) and every request it does not meet as asked."""
+
+    digest: str = _DEFAULT_DIGEST
+    deviations: tuple[CsrDeviation, ...] = ()
+
+    @property
+    def signature_algorithm(self) -> str:
+        return _ECDSA_NAMES[self.digest]
+
+
+@dataclass(frozen=True)
 class _Extension:
     oid: str
     critical: bool
@@ -146,6 +215,7 @@ class CsrBuilder:
     _eku_client_auth: bool = False
     _challenge_password: str | None = None
     _attributes: CsrAttributes | None = None
+    _strict: bool = True
 
     # --- setters (each returns a new builder) ------------------------------------------------
 
@@ -215,10 +285,16 @@ class CsrBuilder:
             )
         return replace(self, _challenge_password=value)
 
-    def csr_attributes(self, attributes: CsrAttributes | None) -> CsrBuilder:
-        """Apply what `/csrattrs` asks (RFC 7030 §4.5.2). Checked in `build()`: an algorithm
-        the card cannot do fails with `CsrError`; unknown items are ignored."""
-        return replace(self, _attributes=attributes)
+    def csr_attributes(
+        self, attributes: CsrAttributes | None, *, strict: bool = True
+    ) -> CsrBuilder:
+        """Apply what `/csrattrs` asks (RFC 7030 §4.5.2): a digest the signer takes is used.
+
+        `strict`: a key or digest the signer cannot provide, or a challengePassword asked for
+        but not set, fails `build()` with `CsrError` naming what was asked and what the card
+        can do. Otherwise the CSR carries what the signer can (see `fit`, which callers log).
+        Unrecognised items are ignored either way."""
+        return replace(self, _attributes=attributes, _strict=strict)
 
     def copy_from_certificate(self, certificate: x509.Certificate | bytes) -> CsrBuilder:
         """Subject and SubjectAltName copied raw from the certificate being renewed."""
@@ -242,7 +318,8 @@ class CsrBuilder:
         Raises `CsrError` when the request cannot be built or does not verify; errors from the
         card (`CardError`) pass through unchanged so that their exit code and retry policy hold.
         """
-        self._check_server_requirements()
+        fit = self.fit(signer)
+        self._check_server_requirements(fit)
         subject_der = self._subject_der if self._subject_der is not None else b"\x30\x00"
         if subject_der == b"\x30\x00" and self._san is None:
             raise CsrError("a CSR needs a subject or a subjectAltName (RFC 5280 §4.1.2.6)")
@@ -269,9 +346,9 @@ class CsrBuilder:
         except (ValueError, TypeError) as exc:
             raise CsrError(f"cannot encode the CertificationRequestInfo: {exc}") from None
         # RFC 2986 §4.2: the signature covers the DER of CertificationRequestInfo; the card
-        # signs a SHA-256 digest computed here (RFC 5758 §3.2 ecdsa-with-SHA256).
+        # signs a digest computed here (RFC 5758 §3.2 ecdsa-with-SHA256/384/512).
         try:
-            signature = signer.sign_digest(hashlib.sha256(tbs).digest())
+            signature = signer.sign_digest(hashlib.new(fit.digest, tbs).digest())
         except CardError:
             raise
         except Exception as exc:
@@ -280,8 +357,8 @@ class CsrBuilder:
             request = csr.CertificationRequest(
                 {
                     "certification_request_info": info,
-                    # RFC 5758 §3.2: ecdsa-with-SHA256 with the parameters field absent
-                    "signature_algorithm": {"algorithm": "sha256_ecdsa"},
+                    # RFC 5758 §3.2: ecdsa-with-SHA* with the parameters field absent
+                    "signature_algorithm": {"algorithm": _ECDSA_WITH[fit.digest]},
                     "signature": signature,
                 }
             )
@@ -344,34 +421,75 @@ class CsrBuilder:
             result.append(extension)
         return result
 
-    def _check_server_requirements(self) -> None:
-        """RFC 7030 §4.5.2: honour what the card can do; name what it cannot."""
+    def fit(self, signer: Signer) -> CsrFit:
+        """How the CSR `build(signer)` makes meets `/csrattrs` (RFC 7030 §4.5.2): the digest
+        (the first one asked that the signer takes, else SHA-256) and what is not met as asked.
+        Pure: asks the signer only for its public key and `digest_algorithms`."""
         attrs = self._attributes
+        takes = tuple(d for d in signer.digest_algorithms if d in _ECDSA_WITH)
+        default = _DEFAULT_DIGEST if _DEFAULT_DIGEST in takes or not takes else takes[0]
         if attrs is None:
+            return CsrFit(default)
+        digest, deviations = _fit_digest(attrs.hash_oids, takes, default)
+        deviations += _fit_key(attrs.key_algorithms, signer.public_key())
+        deviations += _fit_unfillable(attrs)
+        return CsrFit(digest, deviations)
+
+    def _check_server_requirements(self, fit: CsrFit) -> None:
+        """Strict mode: refuse, before the card signs, a CSR that does not meet `/csrattrs`."""
+        attrs = self._attributes
+        if attrs is None or not self._strict:
             return
-        for oid in attrs.hash_oids:
-            if oid not in _SUPPORTED_HASH_OIDS:
-                raise CsrError(
-                    f"the EST server asks for {_name_of(oid)}; the card signs only with"
-                    f" {_CARD_ALGORITHM}"
-                )
-        for algorithm, params in attrs.key_algorithms.items():
-            if algorithm != OID_EC_PUBLIC_KEY:
-                raise CsrError(
-                    f"the EST server asks for a {_name_of(algorithm)} key; the card holds"
-                    f" {_CARD_ALGORITHM} keys only"
-                )
-            for curve in params:
-                if curve != OID_SECP256R1:
-                    raise CsrError(
-                        f"the EST server asks for an EC key on {_name_of(curve)}; the card"
-                        f" holds P-256 (secp256r1) keys only"
-                    )
+        refused = [d for d in fit.deviations if d.substitute]
+        if refused:
+            raise CsrError("; and ".join(d.refusal() for d in refused))
         if attrs.challenge_password and self._challenge_password is None:
             raise CsrError(
                 "the EST server asks for a challengePassword (proof of possession, RFC 7030"
                 " §3.5) but none was given"
             )
+
+
+def _fit_digest(
+    hash_oids: Sequence[str], takes: tuple[str, ...], default: str
+) -> tuple[str, tuple[CsrDeviation, ...]]:
+    """The first digest asked that the signer takes with an EC key, else `default`."""
+    if not hash_oids:
+        return default, ()
+    for oid in hash_oids:
+        digest, key_type = _HASH_REQUESTS.get(oid, (None, None))
+        if digest in takes and key_type in (None, "ec"):
+            return digest, ()
+    asked = " or ".join(_name_of(o) for o in hash_oids)
+    reason = f"the card signs {_digest_names(takes)} digests only ({_ECDSA_NAMES[default]})"
+    return default, (CsrDeviation(asked, reason, _ECDSA_NAMES[default]),)
+
+
+def _digest_names(takes: tuple[str, ...]) -> str:
+    return ", ".join(d.upper().replace("SHA", "SHA-") for d in takes) or "no"
+
+
+def _fit_key(
+    key_algorithms: Mapping[str, tuple[str, ...]], key: ec.EllipticCurvePublicKey
+) -> tuple[CsrDeviation, ...]:
+    """RFC 7030 §4.5.2: the key type (and curve) asked, against the key the card generated."""
+    holds = "P-256 (secp256r1)" if isinstance(key.curve, ec.SECP256R1) else key.curve.name
+    reason, instead = f"the card makes EC {holds} keys only", f"an EC {holds} key"
+    deviations = []
+    for algorithm, curves in key_algorithms.items():
+        if algorithm != OID_EC_PUBLIC_KEY:
+            deviations.append(CsrDeviation(f"{_name_of(algorithm)} keys", reason, instead))
+        elif curves and OID_SECP256R1 not in curves:
+            asked = "an EC key on " + " or ".join(_name_of(c) for c in curves)
+            deviations.append(CsrDeviation(asked, reason, instead))
+    return tuple(deviations)
+
+
+def _fit_unfillable(attrs: CsrAttributes) -> tuple[CsrDeviation, ...]:
+    """Attributes and extensions asked that the agent recognises but has no value for."""
+    asked = [*attrs.oids, *attrs.attributes, *attrs.extension_requests]
+    names = dict.fromkeys(_UNFILLABLE[o] + f" ({o})" for o in asked if o in _UNFILLABLE)
+    return tuple(CsrDeviation(name, "the agent has no value for it") for name in names)
 
 
 def _name_of(oid: str) -> str:

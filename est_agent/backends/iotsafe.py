@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from est_agent.backends.signer import check_digest, public_key_from_point
+from est_agent.backends.signer import SHA256_ONLY, check_digest, public_key_from_point
 from est_agent.card.iotsafe import IotSafeApplet, ObjectType
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import CardProtocolError, InputError, NotFoundError
@@ -75,6 +75,12 @@ class CardSigner:
                 ref = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=obj.object_id)
                 return cls(applet, key, public_key_from_point(applet.read_public_key(ref)))
         raise NotFoundError(0x6A88, "READ PUBLIC KEY", f"no public key found for {key}")
+
+    @property
+    def digest_algorithms(self) -> tuple[str, ...]:
+        # COMPUTE SIGNATURE is sent 32-byte SHA-256 digests only today (check_digest); cards
+        # that take 48/64-byte digests widen this here, and CSRs follow without other changes.
+        return SHA256_ONLY
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public_key

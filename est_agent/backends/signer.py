@@ -14,17 +14,27 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from est_agent.errors import CardProtocolError, InputError
 
-__all__ = ["Signer", "SoftwareSigner", "check_digest", "public_key_from_point"]
+__all__ = ["SHA256_ONLY", "Signer", "SoftwareSigner", "check_digest", "public_key_from_point"]
+
+#: `Signer.digest_algorithms` of a signer that takes 32-byte SHA-256 digests only
+SHA256_ONLY: tuple[str, ...] = ("sha256",)
 
 
 @runtime_checkable
 class Signer(Protocol):
-    """Something that signs SHA-256 digests with a P-256 key."""
+    """Something that signs digests computed on the host with a P-256 key."""
+
+    @property
+    def digest_algorithms(self) -> tuple[str, ...]:
+        """The digests `sign_digest` takes, as hashlib names in order of preference (the host
+        hashes; ECDSA uses the leftmost bits of a longer digest, FIPS 186-5 §6.4.1). A CSR
+        follows a server asking for another one of these (RFC 7030 §4.5.2)."""
+        ...
 
     def public_key(self) -> ec.EllipticCurvePublicKey: ...
 
     def sign_digest(self, digest: bytes) -> bytes:
-        """ECDSA signature (DER Ecdsa-Sig-Value) over a 32-byte SHA-256 digest."""
+        """ECDSA signature (DER Ecdsa-Sig-Value) over a digest of `digest_algorithms`."""
         ...
 
 
@@ -50,6 +60,10 @@ class SoftwareSigner:
             raise InputError(f"only P-256 keys are supported, not {private_key.curve.name}")
         self._key = private_key
         self.signatures = 0
+
+    @property
+    def digest_algorithms(self) -> tuple[str, ...]:
+        return SHA256_ONLY
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._key.public_key()

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from asn1crypto import cms, core
+from asn1crypto import algos, cms, core
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -64,6 +64,7 @@ __all__ = [
     "parse_content_codings",
     "parse_csrattrs",
     "parse_retry_after",
+    "pop_refusal",
     "redact_secrets",
 ]
 
@@ -92,8 +93,22 @@ _KEY_ALGORITHM_OIDS = frozenset(
         "1.3.101.113",  # Ed448
     }
 )
+# Named curves (RFC 5480 §2.1.1.1, RFC 5639 §4.1): a bare curve OID in CsrAttrs asks for an EC
+# key on that curve, as Attribute{id-ecPublicKey, {curve}} does (libest's default answer sends
+# the bare secp384r1 OID; the RFC 7030 §4.5.2 example the Attribute form).
+_EC_CURVE_OIDS = frozenset(
+    {
+        "1.2.840.10045.3.1.7",  # secp256r1 (P-256)
+        "1.3.132.0.34",  # secp384r1 (P-384)
+        "1.3.132.0.35",  # secp521r1 (P-521)
+        "1.3.36.3.3.2.8.1.1.7",  # brainpoolP256r1
+        "1.3.36.3.3.2.8.1.1.11",  # brainpoolP384r1
+        "1.3.36.3.3.2.8.1.1.13",  # brainpoolP512r1
+    }
+)
 # Hash and signature algorithms a server may ask for (RFC 7030 §4.5.2: "the hash algorithm
-# the client should use to sign the request"): sha2 family and ecdsa/rsa-with-sha2.
+# the client should use to sign the request"): sha2 family and ecdsa/rsa-with-sha2. The key
+# algorithms under the PKCS#1 arc (rsaEncryption, RSASSA-PSS) are not hashes.
 _HASH_OID_PREFIXES = (
     "2.16.840.1.101.3.4.2.",  # id-sha256 / sha384 / sha512 / sha224 ...
     "1.2.840.10045.4.3.",  # ecdsa-with-SHA224/256/384/512
@@ -104,6 +119,9 @@ _HASH_OID_PREFIXES = (
 # no dot-segments that a server or proxy would normalise away.
 # RFC 8951 §3: receivers tolerate CR, LF, space and tab inside base64.
 _B64_WHITESPACE = b" \t\r\n"
+# What may follow a /csrattrs body: whitespace and NULs (libest sends its C string with the
+# terminating NUL and counts it in Content-Length).
+_CSRATTRS_TRAILER = _B64_WHITESPACE + b"\x00"
 _B64_RE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 _PEM_RE = re.compile(
     rb"-----BEGIN (PKCS7|CMS|PKCS #7 SIGNED DATA)-----(.*?)-----END \1-----", re.DOTALL
@@ -466,16 +484,19 @@ def parse_csrattrs(body: bytes) -> CsrAttributes:
 
     ``CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID`` where ``AttrOrOID ::= CHOICE {
     oid OBJECT IDENTIFIER, attribute Attribute }``. Parsed leniently (RFC 8951 §4): unknown
-    items are kept and ignored, attribute values are kept as DER. An empty body or an empty
-    SEQUENCE means nothing is asked.
+    items are kept and ignored, attribute values are kept as DER; whitespace and NUL bytes
+    after the body are ignored (libest ends it with its C string's NUL). An empty body or an
+    empty SEQUENCE means nothing is asked.
     """
     stripped = body.strip(_B64_WHITESPACE)
-    if not stripped:
+    trimmed = body.lstrip(_B64_WHITESPACE).rstrip(_CSRATTRS_TRAILER)
+    if not trimmed:
         return CsrAttributes()
-    # Raw DER (unstripped first: its last byte may be 0x0A or 0x20), else base64.
-    der = next((d for d in (body, stripped) if d[:1] == b"\x30" and _is_der(d)), None)
+    # Raw DER (unstripped first: its last byte may be 0x0A, 0x20 or 0x00), else base64.
+    candidates = (body, stripped, trimmed)
+    der = next((d for d in candidates if d[:1] == b"\x30" and _is_der(d)), None)
     if der is None:
-        der = _strip_base64(stripped, "csrattrs response")
+        der = _strip_base64(trimmed, "csrattrs response")
     try:
         items = _load_sequence_of_any(der)
     except _ASN1_ERRORS as exc:
@@ -527,8 +548,13 @@ def _parse_attribute(item: core.Asn1Value) -> tuple[str, tuple[bytes, ...]] | No
 def _interpret(
     oids: tuple[str, ...], attributes: dict[str, tuple[bytes, ...]], unknown: tuple[bytes, ...]
 ) -> CsrAttributes:
-    hash_oids = [o for o in oids if o.startswith(_HASH_OID_PREFIXES)]
+    hash_oids = [
+        o for o in oids if o.startswith(_HASH_OID_PREFIXES) and o not in _KEY_ALGORITHM_OIDS
+    ]
     key_algorithms: dict[str, tuple[str, ...]] = {o: () for o in oids if o in _KEY_ALGORITHM_OIDS}
+    curves = tuple(dict.fromkeys(o for o in oids if o in _EC_CURVE_OIDS))
+    if curves:
+        key_algorithms[OID_EC_PUBLIC_KEY] = key_algorithms.get(OID_EC_PUBLIC_KEY, ()) + curves
     extension_requests: list[str] = []
     for attr_type, values in attributes.items():
         if attr_type == OID_EXTENSION_REQUEST:
@@ -537,7 +563,8 @@ def _interpret(
         elif attr_type in _KEY_ALGORITHM_OIDS:
             # RFC 7030 §4.5.2 example: Attribute{id-ecPublicKey, {secp384r1}} = "use this curve".
             params = [p for v in values if (p := _oid_of(core.load(v, strict=True))) is not None]
-            key_algorithms[attr_type] = key_algorithms.get(attr_type, ()) + tuple(params)
+            known = key_algorithms.get(attr_type, ())
+            key_algorithms[attr_type] = known + tuple(p for p in params if p not in known)
     return CsrAttributes(
         oids=oids,
         attributes=attributes,
@@ -667,6 +694,28 @@ def error_excerpt(body: bytes, limit: int = 200, *, secrets: Iterable[str] = ())
         return ""
 
 
+# Words servers use when they refuse a CSR over proof of possession (RFC 7030 §3.5): libest
+# answers "Proof of Possession Mismatch.", others name challengePassword or the binding.
+_POP_TEXT_RE = re.compile(
+    r"proof[ -]of[ -]possession|\bpop\b|challenge[ _-]?password|channel[ _-]binding"
+    r"|tls[ _-]unique|tls[ _-]exporter",
+    re.IGNORECASE,
+)
+_BINDING_RE = re.compile(r"tls[ _-](unique|exporter)", re.IGNORECASE)
+
+
+def pop_refusal(text: str) -> str | None:
+    """Whether a server's error text is about proof of possession (RFC 7030 §3.5).
+
+    None: it is not. Else the channel binding it names (``tls-unique``, RFC 5929;
+    ``tls-exporter``, RFC 9266), or "" when it names none.
+    """
+    if not _POP_TEXT_RE.search(text):
+        return None
+    named = _BINDING_RE.search(text)
+    return f"tls-{named.group(1).lower()}" if named else ""
+
+
 # --- /cacerts and CA rollover ----------------------------------------------------------------
 
 
@@ -704,6 +753,41 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _signature_algorithm_name(cert: x509.Certificate) -> str:
+    dotted = cert.signature_algorithm_oid.dotted_string
+    name = algos.SignedDigestAlgorithmId.map(dotted)
+    return dotted if name == dotted else f"{name} ({dotted})"
+
+
+def _refused_self_signatures(pool: list[x509.Certificate]) -> str:
+    """Why self-issued certificates did not count as roots, when it is the signature algorithm.
+
+    RFC 7030 Appendix A.1's own example is signed with sha1WithRSAEncryption: refusing SHA-1
+    (RFC 9155, and cryptography verifies no SHA-1 signature) is right, but an operator must be
+    told that this is the reason, not that the root is missing.
+    """
+    reasons: list[str] = []
+    for cert in pool:
+        if not _self_issued(cert):
+            continue
+        try:
+            cert.verify_directly_issued_by(cert)
+        except UnsupportedAlgorithm:
+            pass
+        except ValueError as exc:
+            if "signature algorithm" not in str(exc).lower():
+                continue
+        except (TypeError, InvalidSignature):
+            continue
+        else:
+            continue
+        reasons.append(
+            f"{cert.subject.rfc4514_string() or '(empty subject)'} is signed with"
+            f" {_signature_algorithm_name(cert)}, a signature algorithm refused"
+        )
+    return "; ".join(reasons)
+
+
 def _self_issued(cert: x509.Certificate) -> bool:
     # RFC 5280 §3.2 / §6.1: subject and issuer match and are not empty.
     return cert.subject == cert.issuer and len(cert.subject) > 0
@@ -729,9 +813,10 @@ def classify_cacerts(
     pool = list(unique.values())
     roots = [c for c in pool if _self_issued(c) and _signed_by(c, c)]
     if not roots:
+        refused = _refused_self_signatures(pool)
         raise EstResponseError(
             "/cacerts holds no self-signed root CA certificate (RFC 7030 §4.1.3 requires the"
-            " current root)"
+            " current root)" + (f"; {refused}" if refused else "")
         )
     root_keys = {_spki(r): r for r in roots}
     links: list[tuple[x509.Certificate, x509.Certificate, x509.Certificate]] = []

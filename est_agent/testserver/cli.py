@@ -110,7 +110,17 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="off",
         help="required: challengePassword = base64(tls-unique) (TLS 1.2 connections only)",
     )
-    p.add_argument("--csrattrs", choices=[v.value for v in CsrAttrsKind], default="none")
+    p.add_argument(
+        "--csrattrs",
+        choices=[v.value for v in CsrAttrsKind],
+        default="none",
+        help="what /csrattrs asks for (libest-default: libest's example server, trailing NUL)",
+    )
+    p.add_argument(
+        "--csrattrs-trailing-nul",
+        action="store_true",
+        help="end the /csrattrs body with one 00 byte, counted in Content-Length (as libest)",
+    )
     p.add_argument("--validity", type=_duration, default=30 * 86400, metavar="DURATION")
     p.add_argument(
         "--eku",
@@ -183,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         basic=args.basic,
         pop_required=args.pop == "required",
         csrattrs=CsrAttrsKind(args.csrattrs),
+        csrattrs_trailing_nul=args.csrattrs_trailing_nul,
         default_profile=Profile(validity_s=args.validity, ekus=ekus),
         labels=dict(args.label),
         manual_approval_s=args.manual_approval,

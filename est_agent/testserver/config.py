@@ -86,6 +86,8 @@ class ServerConfig:
     basic: tuple[str, str] | None = None
     pop_required: bool = False
     csrattrs: CsrAttrsKind = CsrAttrsKind.NONE
+    #: one 00 byte after the /csrattrs base64, counted in Content-Length (libest's C string)
+    csrattrs_trailing_nul: bool = False
     default_profile: Profile = field(default_factory=lambda: Profile(validity_s=30 * 86400))
     labels: Mapping[str, Profile] = field(default_factory=dict)
     manual_approval_s: float | None = None

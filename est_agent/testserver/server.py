@@ -58,10 +58,10 @@ from est_agent.testserver.pki import DevPki, load_dev_pki
 from est_agent.testserver.wire import (
     UNSUPPORTED_OPERATIONS,
     HttpRefusal,
+    csrattrs_body,
     decode_base64_body,
     encode_base64_body,
     encode_certs_only,
-    encode_csrattrs,
     format_retry_after,
     media_type_of,
     parse_basic_authorization,
@@ -449,15 +449,20 @@ class _Handler(BaseHTTPRequestHandler):
         return ok if fault is None else self._faulty(fault, ok, issued_der=None)
 
     def _csrattrs(self) -> _Response:
-        der = encode_csrattrs(self._est.config.csrattrs)
-        if der is None:
+        config = self._est.config
+        body = csrattrs_body(
+            config.csrattrs, wrap=config.wrap_base64, trailing_nul=config.csrattrs_trailing_nul
+        )
+        if body is None:
             return _Response(status=204)
-        return _Response(
+        ok = _Response(
             status=200,
-            body=encode_base64_body(der, wrap=self._est.config.wrap_base64),
+            body=body,
             content_type="application/csrattrs",
             headers=(("Content-Transfer-Encoding", "base64"),),
         )
+        fault = self._est.state.take_fault("csrattrs")
+        return ok if fault is None else self._faulty(fault, ok, issued_der=None)
 
     def _authenticate_enroll(self, client: _ClientCert | None, now: datetime) -> str:
         """RFC 7030 §3.2.3/§3.3.2 for simpleenroll; returns the method for the log."""

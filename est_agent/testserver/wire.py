@@ -31,6 +31,7 @@ __all__ = [
     "EstPath",
     "HttpRefusal",
     "RetryAfterFormat",
+    "csrattrs_body",
     "decode_base64_body",
     "encode_base64_body",
     "encode_certs_only",
@@ -155,6 +156,11 @@ class CsrAttrsKind(enum.Enum):
     CHALLENGE_PASSWORD = "challengePassword"  # noqa: S105 - an option name, not a secret
     P256 = "p256"  # challengePassword, EC P-256 key, ecdsa-with-SHA256: what a card can do
     RFC8951 = "rfc8951"  # the RFC 7030 §4.5.2 example (as clarified by RFC 8951 §4): P-384
+    # Cisco libest 3.2.0p's example server (example/server/estserver.c) with no EST_CSR_ATTR:
+    # bare OIDs macAddress, emailAddress, secp384r1 and sha384, sent as one unwrapped base64
+    # line followed by the C string's terminating NUL (`*csr_len = sizeof(TEST_CSR)`), which
+    # its Content-Length counts.
+    LIBEST_DEFAULT = "libest-default"
 
 
 _OID_CHALLENGE_PASSWORD = "1.2.840.113549.1.9.7"  # noqa: S105 - an OID, not a secret
@@ -163,6 +169,8 @@ _OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 _OID_PRIME256V1 = "1.2.840.10045.3.1.7"
 _OID_SECP384R1 = "1.3.132.0.34"
 _OID_MAC_ADDRESS = "1.3.6.1.1.1.1.22"
+_OID_EMAIL_ADDRESS = "1.2.840.113549.1.9.1"  # PKCS#9 (RFC 2985 §5.2.1)
+_OID_SHA384 = "2.16.840.1.101.3.4.2.2"
 _OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 _OID_ECDSA_SHA384 = "1.2.840.10045.4.3.3"
 
@@ -203,6 +211,13 @@ def encode_csrattrs(kind: CsrAttrsKind) -> bytes | None:
             _attribute(_OID_EC_PUBLIC_KEY, _oid(_OID_PRIME256V1)),
             _oid(_OID_ECDSA_SHA256),
         )
+    if kind is CsrAttrsKind.LIBEST_DEFAULT:
+        return _sequence(
+            _oid(_OID_MAC_ADDRESS),
+            _oid(_OID_EMAIL_ADDRESS),
+            _oid(_OID_SECP384R1),
+            _oid(_OID_SHA384),
+        )
     # The published example keeps a bare OID where an Extensions value belongs; clients must
     # parse it leniently, which is exactly why it is offered verbatim.
     return _sequence(
@@ -211,6 +226,21 @@ def encode_csrattrs(kind: CsrAttrsKind) -> bytes | None:
         _attribute(_OID_EXTENSION_REQUEST, _oid(_OID_MAC_ADDRESS)),
         _oid(_OID_ECDSA_SHA384),
     )
+
+
+def csrattrs_body(kind: CsrAttrsKind, *, wrap: bool, trailing_nul: bool) -> bytes | None:
+    """The `/csrattrs` body for `kind` (base64 of the DER, RFC 7030 §4.5.2), or None for 204.
+
+    `trailing_nul` appends one 00 byte after the base64 text, as libest does; the
+    ``libest-default`` profile always has it and is never wrapped, as libest sends it.
+    """
+    der = encode_csrattrs(kind)
+    if der is None:
+        return None
+    if kind is CsrAttrsKind.LIBEST_DEFAULT:
+        return base64.b64encode(der) + b"\x00"
+    body = encode_base64_body(der, wrap=wrap)
+    return body + b"\x00" if trailing_nul else body
 
 
 class RetryAfterFormat(enum.Enum):

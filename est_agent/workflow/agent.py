@@ -39,11 +39,13 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from est_agent.card.uicc import is_valid_iccid
-from est_agent.config import UiccChannel
+from est_agent.config import CsrAttrsMode, PopMode, UiccChannel
 from est_agent.errors import (
+    AuthError,
     CardError,
     ConfigError,
     EnrollmentPending,
+    EstRejectedError,
     EstResponseError,
     InputError,
     SlotUnreadableError,
@@ -90,11 +92,12 @@ if TYPE_CHECKING:
     from est_agent.backends.iotsafe_uicc import TransportOpener
     from est_agent.backends.signer import Signer
     from est_agent.config import Config
+    from est_agent.csr import CsrBuilder
     from est_agent.est.client import Enrollment, EstClient
     from est_agent.est.messages import CsrAttributes
     from est_agent.est.tls import ChannelBinding
 
-__all__ = ["Agent", "Outcome", "Result", "SlotReport", "StatusReport"]
+__all__ = ["Agent", "Outcome", "Result", "SlotReport", "StatusReport", "pop_setting_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +476,7 @@ class Agent:
         try:
             cacerts = client.cacerts()
             self._check_fingerprint(cacerts.anchor)
-            attrs = client.csrattrs()
+            attrs = self._server_csrattrs(client)
             key = self._target_key(backend, target, host.state.pending, decision)
             op_signer = backend.signer(target.key, key)
             self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
@@ -531,6 +534,30 @@ class Agent:
                 f"{pending} (not remembered: {host.notes[-1]}; the next run asks again)",
             ) from pending
 
+    def _server_csrattrs(self, client: EstClient) -> CsrAttributes | None:
+        """What `/csrattrs` asks, as `est.csrattrs` says to use it.
+
+        The answer is advice to the client (RFC 7030 §4.5.2, RFC 8951 §4): in advisory mode an
+        answer that cannot be used (malformed, a 4xx) is logged and the CSR goes without it;
+        strict mode stops (76). An unreachable server or a refused TLS handshake stops in
+        every mode: enrolling would fail the same way.
+        """
+        mode = self.config.est.csrattrs
+        if mode is CsrAttrsMode.OFF:
+            log.info('/csrattrs not asked (est.csrattrs = "off")')
+            return None
+        try:
+            return client.csrattrs()
+        except (EstResponseError, EstRejectedError) as exc:
+            if mode is CsrAttrsMode.STRICT:
+                raise
+            log.warning(
+                '/csrattrs cannot be used (%s): enrolling without it (est.csrattrs = "advisory";'
+                ' "strict" stops here)',
+                exc,
+            )
+            return None
+
     def _request(
         self,
         client: EstClient,
@@ -541,11 +568,11 @@ class Agent:
         *,
         values: dict[str, str] | None,
     ) -> Enrollment:
-        from est_agent.config import PopMode
         from est_agent.csr import CsrBuilder, render_subject
         from est_agent.est.messages import challenge_password_value
 
         pop = self.config.est.pop
+        strict = self.config.est.csrattrs is CsrAttrsMode.STRICT
         if current is not None:
             # RFC 7030 §4.2.2: Subject and SubjectAltName byte-equal to the current certificate
             base = CsrBuilder().copy_from_certificate(current)
@@ -554,11 +581,17 @@ class Agent:
             base = CsrBuilder().subject(name)
             if sans:
                 base = base.subject_alt_names(list(sans))
-        base = base.key_usage().eku_client_auth().csr_attributes(attrs)
+        base = base.key_usage().eku_client_auth().csr_attributes(attrs, strict=strict)
+        # RFC 8951 §4: a server that requires the CSR to be linked to the TLS session lists
+        # challengePassword in /csrattrs; that is what est.pop = "auto" follows.
         asked = attrs is not None and attrs.challenge_password
+        if not strict:
+            self._warn_deviations(base, signer, asked=asked and pop is PopMode.OFF)
+        sent: list[str] = []  # the binding the last CSR carried (RFC 7030 §3.5), if any
 
         def csr_factory(binding: ChannelBinding | None) -> bytes:
             builder = base
+            sent.clear()
             if pop is PopMode.OFF or (pop is PopMode.AUTO and not asked):
                 return builder.build(signer)
             if binding is None:
@@ -569,11 +602,34 @@ class Agent:
                     f"({binding.tls_version})"
                 )
             builder = builder.challenge_password(challenge_password_value(binding.value))
+            sent.append(binding.kind)
             return builder.build(signer)
 
-        if operation == EstOperation.SIMPLEREENROLL.value:
-            return client.simplereenroll(csr_factory)
-        return client.simpleenroll(csr_factory)
+        try:
+            if operation == EstOperation.SIMPLEREENROLL.value:
+                return client.simplereenroll(csr_factory)
+            return client.simpleenroll(csr_factory)
+        except (EstRejectedError, AuthError) as exc:
+            hint = pop_setting_hint(
+                str(exc),
+                sent[0] if sent else None,
+                pop=pop,
+                csrattrs=self.config.est.csrattrs,
+            )
+            if hint is None:
+                raise
+            kind = AuthError if isinstance(exc, AuthError) else EstRejectedError
+            raise kind(f"{exc}; {hint}") from exc
+
+    def _warn_deviations(self, base: CsrBuilder, signer: Signer, *, asked: bool) -> None:
+        """Advisory mode: say what /csrattrs asked that this CSR does not carry, and why."""
+        for deviation in base.fit(signer).deviations:
+            log.warning('%s (est.csrattrs = "advisory": enrolling anyway)', deviation)
+        if asked:
+            log.warning(
+                "the EST server asks for a challengePassword (proof of possession, RFC 7030"
+                ' §3.5); sending none: est.pop = "off"'
+            )
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -847,6 +903,40 @@ class Agent:
             hook,
             tuple(host.notes),
         )
+
+
+def pop_setting_hint(
+    text: str, sent: str | None, *, pop: PopMode, csrattrs: CsrAttrsMode
+) -> str | None:
+    """Which setting to change when the server refused a CSR over proof of possession (RFC
+    7030 §3.5): `text` is its error, `sent` the binding the CSR carried (None: none). None when
+    the error is not about proof of possession."""
+    from est_agent.est.messages import pop_refusal
+
+    named = pop_refusal(text)
+    if named is None:
+        return None
+    either = 'set est.pop = "tls-unique" (TLS 1.2) or "tls-exporter" (TLS 1.3)'
+    wanted = f'set est.pop = "{named}"' if named else either
+    if sent is None:
+        if pop is PopMode.OFF:
+            return f'the server wants proof of possession and est.pop = "off": {wanted}'
+        why = (
+            '/csrattrs was not asked (est.csrattrs = "off")'
+            if csrattrs is CsrAttrsMode.OFF
+            else "the server's /csrattrs did not list challengePassword (RFC 8951 §4)"
+        )
+        return (
+            "the server wants proof of possession but the CSR carried none"
+            f' (est.pop = "{pop.value}" and {why}): {wanted}'
+        )
+    if named and named != sent:
+        return f"the server checks {named}, the CSR carried {sent}: {wanted}"
+    other = "tls-unique" if sent == "tls-exporter" else "tls-exporter"
+    return (
+        f'the server refused the CSR\'s {sent} binding: set est.pop = "{other}" if it binds to'
+        ' that, or "off" if it does not need proof of possession'
+    )
 
 
 def _iccid_from_certificate(cert: x509.Certificate) -> str | None:

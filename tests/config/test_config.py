@@ -18,6 +18,7 @@ from est_agent.config import (
     BootstrapConfig,
     CardConfig,
     Config,
+    CsrAttrsMode,
     EstConfig,
     PathsConfig,
     PopMode,
@@ -64,6 +65,7 @@ def test_defaults() -> None:
         ("op-b", "iotsafe:key-id=03", "uicc:path=7FF0/6F02"),
     ]
     assert config.est.pop is PopMode.AUTO
+    assert config.est.csrattrs is CsrAttrsMode.ADVISORY
     assert config.est.trust_anchor == Path("/etc/est-agent/tls-ca.pem")
     assert config.est.timeout_s == 30
     assert config.est.require_client_auth_eku
@@ -155,6 +157,7 @@ def test_full_config() -> None:
         cacerts_fingerprint = "AB:cd:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff:00:11:22:33:\
 44:55:66:77:88:99:aa:bb:cc:dd"
         pop = "tls-exporter"
+        csrattrs = "strict"
         basic_username = "device"
         basic_password_env = "EST_PASSWORD"
         timeout_s = 2.5
@@ -188,6 +191,7 @@ def test_full_config() -> None:
         "https://est.example.net:8443/.well-known/est/iot-devices/simpleenroll"
     )
     assert config.est.basic_username == "device"
+    assert config.est.csrattrs is CsrAttrsMode.STRICT
     assert config.paths.deploy_hook == ("systemctl", "reload", "mqtt-client")
     name, sans = render_subject(*config.subject.templates(), {"iccid": "8988", "imei": "3500"})
     assert name.rfc4514_string() == "2.5.4.5=3500,O=Acme,CN=dev-8988"
@@ -311,6 +315,12 @@ BAD = [
         "[est]\nurl = 'https://e.x'\npop = 'yes'",
         "est.pop: expected one of auto, tls-unique, tls-exporter, off, got 'yes'",
     ),
+    (
+        "est.csrattrs",
+        "[est]\nurl = 'https://e.x'\ncsrattrs = 'lenient'",
+        "est.csrattrs: expected one of advisory, strict, off, got 'lenient'",
+    ),
+    ("est.csrattrs", "[est]\nurl = 'https://e.x'\ncsrattrs = true", "est.csrattrs: expected"),
     ("est.url", "[est]\nurl = 'http://est.example.net'", "est.url: EST server URL must use https"),
     ("est.url", "[est]\nurl = 'https://u:p@e.x'", "est.url"),
     ("est.url", "[est]\nurl = 'https://e.x:99999'", "est.url"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -77,6 +78,26 @@ def test_csrattrs_none_and_pop(
     pop = start_server(csrattrs=CsrAttrsKind.CHALLENGE_PASSWORD)
     assert main(["csrattrs", *_args(pop, dev_pki, "--json")]) == 0
     assert json.loads(capsys.readouterr().out)["requested"]["challenge_password"] is True
+
+
+def test_csrattrs_shows_libest_default_body(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # libest's answer ends in a NUL its Content-Length counts: it used to be refused (76).
+    server = start_server(csrattrs=CsrAttrsKind.LIBEST_DEFAULT)
+    started = time.monotonic()
+    assert main(["csrattrs", *_args(server, dev_pki, "--json")]) == 0
+    assert time.monotonic() - started < 10
+    requested = json.loads(capsys.readouterr().out)["requested"]
+    assert requested["oids"] == [
+        "1.3.6.1.1.1.1.22",  # macAddress
+        "1.2.840.113549.1.9.1",  # emailAddress
+        "1.3.132.0.34",  # secp384r1
+        "2.16.840.1.101.3.4.2.2",  # sha384
+    ]
+    assert requested["hash_oids"] == ["2.16.840.1.101.3.4.2.2"]
+    assert requested["key_algorithms"] == {"1.2.840.10045.2.1": ["1.3.132.0.34"]}
+    assert requested["challenge_password"] is False
 
 
 def test_cacerts_console_script(start_server: StartServer, dev_pki: DevPki) -> None:

@@ -52,6 +52,10 @@ OP_A = IotSafeRef(ObjectKind.PRIVATE_KEY, label="op-a")
 RFC7030_CSRATTRS = (
     b"MEEGCSqGSIb3DQEJBzASBgcqhkjOPQIBMQcGBSuBBAAiMBYGCSqGSIb3DQEJDjEJBgcrBgEBAQEWBggqhkjOPQQDAw=="
 )
+# Cisco libest 3.2.0p's example server: its default /csrattrs (TEST_CSR in
+# example/server/estserver.c) with the C string's NUL it sends: macAddress, emailAddress,
+# secp384r1 and sha384 as bare OIDs.
+LIBEST_CSRATTRS = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
 
 
 def openssl_text(der: bytes, tmp_path: Path) -> str:
@@ -274,6 +278,7 @@ def test_invalid_inputs(signer: SoftwareSigner) -> None:
 def test_p384_signer_refused() -> None:
     class P384Signer:
         signatures = 0
+        digest_algorithms = ("sha256",)
 
         def __init__(self) -> None:
             self.key = ec.generate_private_key(ec.SECP384R1())
@@ -293,6 +298,8 @@ def test_p384_signer_refused() -> None:
 
 class BrokenSigner:
     """Signs with another key than it claims, or raises: the builder must notice."""
+
+    digest_algorithms = ("sha256",)
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -397,6 +404,139 @@ def test_satisfiable_csrattrs_build(signer: SoftwareSigner) -> None:
     )
     assert check_csr(der).challenge_password == base64.b64encode(b"\x01" * 32).decode()
     assert signer.signatures == 1
+
+
+LIBEST_DEVIATIONS = [
+    "the EST server asks for SHA-384 (2.16.840.1.101.3.4.2.2); sending ecdsa-with-SHA256: the"
+    " card signs SHA-256 digests only (ecdsa-with-SHA256)",
+    "the EST server asks for an EC key on secp384r1 (P-384) (1.3.132.0.34); sending an EC P-256"
+    " (secp256r1) key: the card makes EC P-256 (secp256r1) keys only",
+    "the EST server asks for macAddress (1.3.6.1.1.1.1.22); left out: the agent has no value"
+    " for it",
+    "the EST server asks for emailAddress (1.2.840.113549.1.9.1); left out: the agent has no value"
+    " for it",
+]
+
+
+def test_libest_default_advisory_sends_what_the_card_can(
+    signer: SoftwareSigner, tmp_path: Path
+) -> None:
+    builder = (
+        CsrBuilder()
+        .subject(parse_subject("CN=x"))
+        .csr_attributes(parse_csrattrs(LIBEST_CSRATTRS), strict=False)
+    )
+    fit = builder.fit(signer)
+    assert fit.digest == "sha256"
+    assert [str(d) for d in fit.deviations] == LIBEST_DEVIATIONS
+    assert signer.signatures == 0  # fit asks nothing of the card
+    der = builder.build(signer)
+    assert signer.signatures == 1
+    request = x509.load_der_x509_csr(der)
+    assert request.signature_algorithm_oid.dotted_string == "1.2.840.10045.4.3.2"
+    assert isinstance(request.public_key(), ec.EllipticCurvePublicKey)
+    assert request.public_key().curve.name == "secp256r1"
+    if OPENSSL is not None:
+        assert "ecdsa-with-SHA256" in openssl_text(der, tmp_path)
+
+
+def test_libest_default_strict_names_what_was_asked_and_what_the_card_does(
+    signer: SoftwareSigner,
+) -> None:
+    builder = CsrBuilder().subject(parse_subject("CN=x"))
+    with pytest.raises(CsrError) as info:
+        builder.csr_attributes(parse_csrattrs(LIBEST_CSRATTRS), strict=True).build(signer)
+    assert str(info.value) == (
+        "the EST server asks for SHA-384 (2.16.840.1.101.3.4.2.2), but the card signs SHA-256"
+        " digests only (ecdsa-with-SHA256); and the EST server asks for an EC key on secp384r1"
+        " (P-384) (1.3.132.0.34), but the card makes EC P-256 (secp256r1) keys only"
+    )
+    # macAddress/emailAddress are left out in both modes: not a reason to refuse
+    assert signer.signatures == 0
+
+
+class WideSigner:
+    """A card that also takes 48- and 64-byte digests (what the SIM issue adds): the CSR code
+    follows `digest_algorithms` and needs no change."""
+
+    digest_algorithms = ("sha256", "sha384", "sha512")
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.sizes: list[int] = []
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self.key.public_key()
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+        self.sizes.append(len(digest))
+        algorithm = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}[len(digest)]
+        return self.key.sign(digest, ec.ECDSA(Prehashed(algorithm)))
+
+
+@pytest.mark.parametrize(
+    ("asked", "size", "signature_oid", "openssl_name"),
+    [
+        ("2.16.840.1.101.3.4.2.2", 48, "1.2.840.10045.4.3.3", "ecdsa-with-SHA384"),  # sha384
+        ("1.2.840.10045.4.3.4", 64, "1.2.840.10045.4.3.4", "ecdsa-with-SHA512"),
+        ("2.16.840.1.101.3.4.2.1", 32, "1.2.840.10045.4.3.2", "ecdsa-with-SHA256"),
+    ],
+)
+def test_a_digest_the_card_takes_is_honoured(
+    asked: str, size: int, signature_oid: str, openssl_name: str, tmp_path: Path
+) -> None:
+    wide = WideSigner()
+    attrs = parse_csrattrs(_csrattrs(core.ObjectIdentifier(asked)))
+    builder = CsrBuilder().subject(parse_subject("CN=x")).csr_attributes(attrs, strict=True)
+    assert builder.fit(wide).deviations == ()
+    der = builder.build(wide)
+    assert wide.sizes == [size]
+    request = x509.load_der_x509_csr(der)
+    assert request.is_signature_valid
+    assert request.signature_algorithm_oid.dotted_string == signature_oid
+    if OPENSSL is not None:
+        assert openssl_name in openssl_text(der, tmp_path)
+
+
+def test_libest_default_on_a_wide_card_only_the_curve_is_left() -> None:
+    wide = WideSigner()
+    builder = CsrBuilder().subject(parse_subject("CN=x"))
+    fit = builder.csr_attributes(parse_csrattrs(LIBEST_CSRATTRS), strict=False).fit(wide)
+    assert fit.digest == "sha384"
+    assert [str(d) for d in fit.deviations] == LIBEST_DEVIATIONS[1:]
+
+
+def test_rsa_signature_asked_is_not_an_ecdsa_digest() -> None:
+    wide = WideSigner()
+    attrs = parse_csrattrs(_csrattrs(core.ObjectIdentifier("1.2.840.113549.1.1.12")))
+    fit = CsrBuilder().csr_attributes(attrs).fit(wide)
+    assert fit.digest == "sha256"
+    assert [d.asked for d in fit.deviations] == ["sha384WithRSAEncryption (1.2.840.113549.1.1.12)"]
+
+
+def test_challenge_password_asked_but_not_given_is_sent_without_in_advisory_mode(
+    signer: SoftwareSigner,
+) -> None:
+    attrs = parse_csrattrs(_csrattrs(core.ObjectIdentifier("1.2.840.113549.1.9.7")))
+    der = (
+        CsrBuilder()
+        .subject(parse_subject("CN=x"))
+        .csr_attributes(attrs, strict=False)
+        .build(signer)
+    )
+    assert check_csr(der).challenge_password is None
+    with pytest.raises(CsrError, match="challengePassword"):
+        CsrBuilder().subject(parse_subject("CN=x")).csr_attributes(attrs).build(signer)
+
+
+def test_card_signer_takes_sha256_only(card: tuple[IotSafeApplet, SimTransport]) -> None:
+    applet, _ = card
+    applet.generate_key_pair(OP_A)
+    card_signer = CardSigner.from_card(applet, OP_A)
+    assert card_signer.digest_algorithms == ("sha256",)
+    assert SoftwareSigner(ec.generate_private_key(ec.SECP256R1())).digest_algorithms == ("sha256",)
 
 
 # --- subject templates and CLI-style parsing ---------------------------------------------------

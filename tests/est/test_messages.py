@@ -8,6 +8,7 @@ import datetime as dt
 import gzip
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from asn1crypto import core
@@ -39,6 +40,7 @@ from est_agent.est.messages import (
     parse_content_codings,
     parse_csrattrs,
     parse_retry_after,
+    pop_refusal,
     redact_secrets,
 )
 from est_agent.testserver.issuer import make_ca
@@ -65,6 +67,11 @@ RFC7030_CSRATTRS = (
 SECP384R1 = "1.3.132.0.34"
 MAC_ADDRESS = "1.3.6.1.1.1.1.22"
 ECDSA_SHA384 = "1.2.840.10045.4.3.3"
+EMAIL_ADDRESS = "1.2.840.113549.1.9.1"
+SHA384 = "2.16.840.1.101.3.4.2.2"
+# Cisco libest 3.2.0p's example server, /csrattrs with no EST_CSR_ATTR set: TEST_CSR from
+# example/server/estserver.c, sent with sizeof() bytes, i.e. followed by the C string's NUL.
+LIBEST_CSRATTRS = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
 
 
 # --- URLs ------------------------------------------------------------------------------------
@@ -307,7 +314,9 @@ def test_csrattrs_unwrapped_and_der_forms_agree() -> None:
     assert parse_csrattrs(_wrap(base64.b64encode(der), 4, b" \t\n")) == reference
 
 
-@pytest.mark.parametrize("body", [b"", b"\r\n", b"MAA=", b"MAA=\r\n", b"\x30\x00"])
+@pytest.mark.parametrize(
+    "body", [b"", b"\r\n", b"MAA=", b"MAA=\r\n", b"\x30\x00", b"\x00", b"MAA=\x00"]
+)
 def test_csrattrs_empty_means_nothing_asked(body: bytes) -> None:
     attrs = parse_csrattrs(body)
     assert attrs == CsrAttributes()
@@ -327,6 +336,49 @@ def _csrattrs(*items: core.Asn1Value) -> bytes:
         _child_spec = core.Any
 
     return base64.b64encode(_Seq([core.Any.load(i.dump()) for i in items]).dump())
+
+
+def test_csrattrs_libest_default_with_its_trailing_nul() -> None:
+    attrs = parse_csrattrs(LIBEST_CSRATTRS)
+    assert attrs.oids == (MAC_ADDRESS, EMAIL_ADDRESS, SECP384R1, SHA384)
+    assert attrs.hash_oids == (SHA384,)
+    # the bare curve OID reads like Attribute{id-ecPublicKey, {secp384r1}}
+    assert attrs.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+    assert not attrs.challenge_password
+    assert attrs.unknown == ()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x00", b"\x00\x00", b"\r\n\x00", b"\x00\r\n", b" \t\x00\n", b"\n"],
+)
+def test_csrattrs_trailing_nul_and_whitespace_tolerated(tail: bytes) -> None:
+    reference = parse_csrattrs(RFC7030_CSRATTRS)
+    assert parse_csrattrs(RFC7030_CSRATTRS + tail) == reference
+    assert parse_csrattrs(b"\r\n " + RFC7030_CSRATTRS.replace(b"\r\n", b"") + tail) == reference
+    # raw DER with the NUL after it, too
+    assert parse_csrattrs(base64.b64decode(RFC7030_CSRATTRS) + tail) == reference
+
+
+def test_csrattrs_bare_curve_and_parameter_forms_agree() -> None:
+    bare = parse_csrattrs(_csrattrs(core.ObjectIdentifier(SECP384R1)))
+    attribute = parse_csrattrs(
+        _csrattrs(_attribute(OID_EC_PUBLIC_KEY, core.ObjectIdentifier(SECP384R1)))
+    )
+    assert bare.key_algorithms == attribute.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+    both = parse_csrattrs(
+        _csrattrs(
+            core.ObjectIdentifier(SECP384R1),
+            _attribute(OID_EC_PUBLIC_KEY, core.ObjectIdentifier(SECP384R1)),
+        )
+    )
+    assert both.key_algorithms == {OID_EC_PUBLIC_KEY: (SECP384R1,)}
+
+
+def test_csrattrs_rsa_key_oid_is_not_a_hash() -> None:
+    attrs = parse_csrattrs(_csrattrs(core.ObjectIdentifier("1.2.840.113549.1.1.1")))
+    assert attrs.key_algorithms == {"1.2.840.113549.1.1.1": ()}
+    assert attrs.hash_oids == ()
 
 
 def test_csrattrs_rfc2985_extensions_and_unknown_items() -> None:
@@ -365,11 +417,36 @@ def test_csrattrs_rfc2985_extensions_and_unknown_items() -> None:
         base64.b64encode(b"\x02\x01\x01"),  # an INTEGER, not a SEQUENCE
         base64.b64encode(base64.b64decode(RFC7030_CSRATTRS) + b"\x00"),  # trailing byte
         b"<html>404</html>",
+        b"MCYG\x00" + LIBEST_CSRATTRS[4:],  # a NUL inside the base64 is not a terminator
+        b"\x00" + LIBEST_CSRATTRS,  # nor one before it
     ],
 )
 def test_csrattrs_malformed(body: bytes) -> None:
     with pytest.raises(EstResponseError):
         parse_csrattrs(body)
+
+
+# --- proof-of-possession refusals ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # libest 3.2.0p (EST_BODY_POP_MISMATCH, sent with 401)
+        ("Proof of Possession Mismatch.\n", ""),
+        # the test server
+        ("PoP required: CSR lacks challengePassword = base64(tls-unique)", "tls-unique"),
+        ("PoP failed: challengePassword does not match this TLS session", ""),
+        ("challenge password missing", ""),
+        ("channel binding tls_exporter mismatch", "tls-exporter"),
+        ("TLS-Unique value wrong", "tls-unique"),
+        ("Invalid or corrupted pkcs10 request.\n", None),  # libest EST_BODY_BAD_PKCS10
+        ("popular request", None),
+        ("", None),
+    ],
+)
+def test_pop_refusal(text: str, expected: str | None) -> None:
+    assert pop_refusal(text) == expected
 
 
 # --- Retry-After -----------------------------------------------------------------------------
@@ -913,3 +990,38 @@ def test_small_rsa_key_is_refused(
     )
     with pytest.raises(EstResponseError, match="1024-bit RSA key"):
         decode_certs_only(certs_only(ca, cert))
+
+
+# --- RFC 7030 Appendix A.1 -------------------------------------------------------------------
+
+_APPENDIX_A1 = Path(__file__).resolve().parents[1] / "vectors" / "rfc7030-appendix-a1-cacerts.b64"
+
+
+def test_appendix_a1_cacerts_refusal_names_the_sha1_signatures() -> None:
+    # RFC 7030's own /cacerts example: four RSA certificates signed with sha1WithRSAEncryption.
+    # SHA-1 stays refused; the error must say that is why, not only that no root was found.
+    body = _APPENDIX_A1.read_bytes()
+    assert len(body) == 4246  # the Content-Length printed in Appendix A.1
+    certs = decode_certs_only(body)
+    assert sorted(c.subject.rfc4514_string() for c in certs) == [
+        "CN=estExampleCA NwN",
+        "CN=estExampleCA NwO",
+        "CN=estExampleCA OwN",
+        "CN=estExampleCA OwO",
+    ]
+    with pytest.raises(EstResponseError) as refused:
+        classify_cacerts(certs)
+    message = str(refused.value)
+    assert "no self-signed root" in message
+    assert "sha1_rsa (1.2.840.113549.1.1.5)" in message
+    # the two self-signed roots are named, the links (signed by the other key) are not
+    assert "CN=estExampleCA OwO" in message and "CN=estExampleCA NwN" in message
+    assert "NwO" not in message and "OwN" not in message
+
+
+def test_a_root_with_a_bad_signature_is_not_blamed_on_its_algorithm(
+    rollover: dict[str, x509.Certificate],
+) -> None:
+    with pytest.raises(EstResponseError) as refused:
+        classify_cacerts([rollover["sub"]])
+    assert "signature algorithm" not in str(refused.value)

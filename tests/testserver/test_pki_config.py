@@ -16,6 +16,7 @@ from est_agent.testserver.cli import build_parser, config_from_args, main
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, parse_label_profile
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.pki import PKI_FILES, generate_dev_pki, load_dev_pki
+from est_agent.testserver.wire import CsrAttrsKind
 
 
 def test_generate_writes_all_files_with_private_keys_0600(tmp_path: Path) -> None:
@@ -163,7 +164,8 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
             "--pop",
             "required",
             "--csrattrs",
-            "rfc8951",
+            "libest-default",
+            "--csrattrs-trailing-nul",
             "--validity",
             "90s",
             "--eku",
@@ -191,6 +193,8 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
     assert (config.host, config.port) == ("::1", 0)
     assert config.basic == ("alice", "pw:with:colons")
     assert config.pop_required
+    assert config.csrattrs is CsrAttrsKind.LIBEST_DEFAULT
+    assert config.csrattrs_trailing_nul
     assert config.default_profile.validity_s == 90
     assert len(config.default_profile.ekus) == 2
     assert config.labels["long"] == Profile(2 * 86400, ())

@@ -75,6 +75,25 @@ def test_cacerts_and_csrattrs(start_server: Start, dev_pki: DevPki) -> None:
     assert base64.b64decode(reply.body).startswith(b"\x30")
 
 
+def test_csrattrs_libest_default_counts_its_nul(start_server: Start, dev_pki: DevPki) -> None:
+    server = start_server(csrattrs=CsrAttrsKind.LIBEST_DEFAULT)
+    reply = request(server.port, client_context(dev_pki.directory), "GET", f"{EST}/csrattrs")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "application/csrattrs"
+    # libest 3.2.0p: the base64 text, then the C string's NUL, and Content-Length counts it
+    assert reply.body == b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
+    assert reply.headers["Content-Length"] == "57"
+
+
+def test_csrattrs_trailing_nul_switch(start_server: Start, dev_pki: DevPki) -> None:
+    server = start_server(csrattrs=CsrAttrsKind.P256, csrattrs_trailing_nul=True)
+    reply = request(server.port, client_context(dev_pki.directory), "GET", f"{EST}/csrattrs")
+    assert reply.status == 200
+    assert reply.body.endswith(b"\r\n\x00")
+    assert int(reply.headers["Content-Length"]) == len(reply.body)
+    assert base64.b64decode(reply.body[:-1]).startswith(b"\x30")
+
+
 def test_csrattrs_none_is_204(start_server: Start, dev_pki: DevPki) -> None:
     server = start_server()
     reply = request(server.port, client_context(dev_pki.directory), "GET", f"{EST}/csrattrs")

@@ -152,6 +152,22 @@ def test_faults_on_cacerts_only_when_asked(start_server: Start, dev_pki: DevPki)
     assert request(server.port, anon, "GET", f"{EST}/cacerts").status == 500
 
 
+def test_faults_on_csrattrs_only_when_asked(start_server: Start, dev_pki: DevPki) -> None:
+    from est_agent.testserver.wire import CsrAttrsKind
+
+    anon = client_context(dev_pki.directory)
+    server = start_server(fault=Fault.GARBAGE_BASE64, csrattrs=CsrAttrsKind.EMPTY)
+    assert request(server.port, anon, "GET", f"{EST}/csrattrs").body == b"MAA=\r\n"
+    server = start_server(
+        fault=Fault.GARBAGE_BASE64,
+        fault_operations=frozenset({"csrattrs"}),
+        csrattrs=CsrAttrsKind.EMPTY,
+    )
+    reply = request(server.port, anon, "GET", f"{EST}/csrattrs")
+    assert (reply.status, reply.headers["Content-Type"]) == (200, "application/csrattrs")
+    assert reply.body == b"%%% this is not base64 @@@\r\n"
+
+
 def _closed_by_peer(conn: http.client.HTTPSConnection, timeout_s: float = 5.0) -> bool:
     """Whether the server closed the TLS connection (EOF, with or without close_notify)."""
     sock = conn.sock

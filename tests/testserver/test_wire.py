@@ -15,6 +15,7 @@ from est_agent.testserver.wire import (
     EstPath,
     HttpRefusal,
     RetryAfterFormat,
+    csrattrs_body,
     decode_base64_body,
     encode_base64_body,
     encode_certs_only,
@@ -129,6 +130,29 @@ def test_csrattrs_other_kinds() -> None:
     assert p256 is not None
     assert bytes.fromhex("06082a8648ce3d030107") in p256  # prime256v1
     assert p256.endswith(bytes.fromhex("06082a8648ce3d040302"))  # ecdsa-with-SHA256
+
+
+# Cisco libest 3.2.0p, example/server/estserver.c: TEST_CSR, the default /csrattrs answer
+# (macAddress, emailAddress, secp384r1, sha384), copied from its source.
+LIBEST_CSRATTRS_B64 = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg=="
+
+
+def test_csrattrs_libest_default_is_byte_exact() -> None:
+    # libest returns sizeof(TEST_CSR) bytes: the base64 and the C string's NUL, unwrapped.
+    body = csrattrs_body(CsrAttrsKind.LIBEST_DEFAULT, wrap=True, trailing_nul=False)
+    assert body == LIBEST_CSRATTRS_B64 + b"\x00"
+    assert len(body) == 57
+
+
+def test_csrattrs_trailing_nul_switch() -> None:
+    body = csrattrs_body(CsrAttrsKind.RFC8951, wrap=False, trailing_nul=True)
+    assert body == RFC_CSRATTRS_B64.encode() + b"\x00"
+    wrapped = csrattrs_body(CsrAttrsKind.RFC8951, wrap=True, trailing_nul=True)
+    assert wrapped is not None and wrapped.endswith(b"\r\n\x00")
+    assert csrattrs_body(CsrAttrsKind.RFC8951, wrap=False, trailing_nul=False) == (
+        RFC_CSRATTRS_B64.encode()
+    )
+    assert csrattrs_body(CsrAttrsKind.NONE, wrap=False, trailing_nul=True) is None
 
 
 def test_retry_after_seconds_rounds_up() -> None:
