@@ -21,7 +21,14 @@ from est_agent.errors import (
     UsageError,
     exit_code_for,
 )
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax, parse_label_profile
+from est_agent.testserver.config import (
+    AuthMode,
+    CloseAfter,
+    Fault,
+    ServerConfig,
+    TlsMax,
+    parse_label_profile,
+)
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.pki import generate_dev_pki
 from est_agent.testserver.server import EstTestServer, write_port_file
@@ -145,6 +152,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="OPS",
         help="comma-separated operations the fault applies to",
     )
+    p.add_argument(
+        "--close-after",
+        choices=[v.value for v in CloseAfter],
+        help="close the connection after every 401 / every non-200 answer without saying so"
+        " (no Connection: close), as libest does",
+    )
     p.add_argument("--slow-body", type=_seconds, default=5.0, metavar="SECONDS")
     p.add_argument("--response-delay", type=_seconds, default=0.0, metavar="SECONDS")
     p.add_argument("--issuance-log", type=Path, metavar="FILE", help="JSON lines, appended")
@@ -192,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         wrap_base64=not args.unwrapped_base64,
         fault=Fault(args.fault) if args.fault else None,
         fault_times=args.fault_times,
+        close_after=CloseAfter(args.close_after) if args.close_after else None,
         fault_operations=frozenset(op for op in args.fault_ops.split(",") if op),
         slow_body_s=args.slow_body,
         response_delay_s=args.response_delay,

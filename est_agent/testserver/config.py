@@ -19,6 +19,7 @@ from est_agent.testserver.wire import (
 
 __all__ = [
     "AuthMode",
+    "CloseAfter",
     "Fault",
     "ServerConfig",
     "TlsMax",
@@ -33,6 +34,17 @@ class AuthMode(enum.Enum):
     BASIC = "basic"
     CERT_AND_BASIC = "cert+basic"
     CERT_OR_BASIC = "cert-or-basic"
+
+
+class CloseAfter(enum.Enum):
+    """`--close-after`: which answers end the connection, without `Connection: close` (RFC 9112
+    §9.6 would have the server say so). Cisco libest closes after every 401, 202 and 4xx."""
+
+    UNAUTHORIZED = "401"
+    NON_200 = "non-200"
+
+    def applies(self, status: int) -> bool:
+        return status == 401 if self is CloseAfter.UNAUTHORIZED else status != 200
 
 
 class TlsMax(enum.Enum):
@@ -94,6 +106,7 @@ class ServerConfig:
     busy_retry_after_s: int = 1
     wrap_base64: bool = True
     fault: Fault | None = None
+    close_after: CloseAfter | None = None
     fault_times: int = 0  # 0: every matching request; N: the first N, then behave
     fault_operations: frozenset[str] = ENROLL_OPERATIONS
     slow_body_s: float = 5.0

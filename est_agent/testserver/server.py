@@ -68,7 +68,7 @@ from est_agent.testserver.wire import (
     parse_est_path,
 )
 
-__all__ = ["EstTestServer"]
+__all__ = ["EstTestServer", "RequestRecord"]
 
 # X509_V_FLAG_NO_CHECK_TIME (openssl/x509_vfy.h); Python exposes no name for it but passes
 # verify_flags through to X509_VERIFY_PARAM_set_flags unchanged.
@@ -99,6 +99,21 @@ class _Response:
 
 
 @dataclass(frozen=True)
+class RequestRecord:
+    """One answered request, for tests that count what a client sent (`EstTestServer.requests`).
+
+    ``authorization`` is the scheme of the request's Authorization field (lower case), never its
+    credentials; ``connection`` numbers the TCP connections from 1 in the order accepted.
+    """
+
+    method: str
+    path: str
+    status: int
+    authorization: str | None
+    connection: int
+
+
+@dataclass(frozen=True)
 class _ClientCert:
     certificate: x509.Certificate
     #: "bootstrap" or "est": which of the two trusted CAs issued it
@@ -112,6 +127,8 @@ class _State:
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}
         self._faults_done = 0
+        self._connections = 0
+        self._requests: list[RequestRecord] = []
         self._config = config
         self._slots = (
             threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None
@@ -159,6 +176,20 @@ class _State:
                 return None
             self._faults_done += 1
         return fault
+
+    def next_connection(self) -> int:
+        with self._lock:
+            self._connections += 1
+            return self._connections
+
+    def record(self, entry: RequestRecord) -> None:
+        with self._lock:
+            self._requests.append(entry)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._requests)
 
     def log(self, entry: dict[str, Any]) -> None:
         if self._log is None:
@@ -303,6 +334,11 @@ class EstTestServer(Closing):
     def state(self) -> _State:
         return self._state
 
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Every request answered so far (the ones whose request line parsed), in order."""
+        return self._state.requests
+
 
 def _valid_now(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
@@ -337,6 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = cast(socket.socket, self.request)
         # Bounds the handshake and every later read and write; the TLS socket inherits it.
         raw.settimeout(est.config.io_timeout_s)
+        self._connection_number = est.state.next_connection()
         self.request = est.ssl_context.wrap_socket(raw, server_side=True)
         super().setup()
 
@@ -666,6 +703,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_consumed = True
 
     def _send(self, response: _Response) -> None:
+        close_after = self._est.config.close_after
+        if (
+            close_after is not None
+            and close_after.applies(response.status)
+            and response.delivery is _Delivery.NORMAL
+        ):
+            # libest's way: the answer as if keep-alive, then close_notify and the TCP close.
+            response = replace(response, delivery=_Delivery.DROP)
+        authorization = (self.headers.get("Authorization") or "").strip()
+        self._est.state.record(
+            RequestRecord(
+                method=self.command,
+                path=self.path,
+                status=response.status,
+                authorization=authorization.split(" ", 1)[0].lower() or None,
+                connection=self._connection_number,
+            )
+        )
         body = response.body
         length = _OVERSIZE_BYTES if response.delivery is _Delivery.OVERSIZE else len(body)
         if response.delivery is not _Delivery.NORMAL or response.status >= 500:

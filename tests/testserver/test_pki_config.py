@@ -13,7 +13,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.errors import ConfigError, StoreError, UsageError
 from est_agent.testserver.cli import build_parser, config_from_args, main
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, parse_label_profile
+from est_agent.testserver.config import (
+    AuthMode,
+    CloseAfter,
+    Fault,
+    ServerConfig,
+    parse_label_profile,
+)
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.pki import PKI_FILES, generate_dev_pki, load_dev_pki
 
@@ -185,6 +191,8 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
             "2",
             "--fault-ops",
             "cacerts,simpleenroll",
+            "--close-after",
+            "non-200",
         ]
     )
     config = config_from_args(args)
@@ -199,6 +207,7 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
     assert not config.wrap_base64
     assert config.fault is Fault.FOREIGN_CA
     assert config.fault_operations == {"cacerts", "simpleenroll"}
+    assert config.close_after is CloseAfter.NON_200
 
 
 @pytest.mark.parametrize(
