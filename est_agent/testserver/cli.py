@@ -25,6 +25,7 @@ from est_agent.testserver.config import (
     AuthMode,
     CloseAfter,
     Fault,
+    HttpScheme,
     ServerConfig,
     TlsMax,
     parse_label_profile,
@@ -110,7 +111,32 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="cert",
         help="what simpleenroll demands (simplereenroll always needs the certificate)",
     )
-    p.add_argument("--basic", type=_user_pass, metavar="USER:PASS", help="HTTP Basic account")
+    p.add_argument(
+        "--basic",
+        type=_user_pass,
+        metavar="USER:PASS",
+        help="the HTTP account (Basic, or Digest with --http-auth digest)",
+    )
+    p.add_argument(
+        "--http-auth",
+        choices=[v.value for v in HttpScheme],
+        default="basic",
+        help="how --auth asks for the account: Basic (RFC 7617) or Digest (RFC 7616)",
+    )
+    p.add_argument(
+        "--digest-algorithms",
+        default="MD5",
+        metavar="ALGS",
+        help="comma-separated, one challenge each in this order: MD5 (libest's), MD5-sess,"
+        " SHA-256, SHA-256-sess",
+    )
+    p.add_argument(
+        "--nonce-lifetime",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="Digest nonces older than this are answered stale=true",
+    )
     p.add_argument(
         "--pop",
         choices=["off", "required"],
@@ -194,6 +220,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_max=TlsMax(args.tls_max),
         auth=AuthMode(args.auth),
         basic=args.basic,
+        http_scheme=HttpScheme(args.http_auth),
+        digest_algorithms=tuple(a for a in args.digest_algorithms.split(",") if a),
+        digest_nonce_lifetime_s=args.nonce_lifetime,
         pop_required=args.pop == "required",
         csrattrs=CsrAttrsKind(args.csrattrs),
         default_profile=Profile(validity_s=args.validity, ekus=ekus),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from est_agent.errors import ConfigError, UsageError
+from est_agent.testserver.digest import DIGEST_ALGORITHMS
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.wire import (
     ENROLL_OPERATIONS,
@@ -21,6 +22,7 @@ __all__ = [
     "AuthMode",
     "CloseAfter",
     "Fault",
+    "HttpScheme",
     "ServerConfig",
     "TlsMax",
     "parse_label_profile",
@@ -45,6 +47,14 @@ class CloseAfter(enum.Enum):
 
     def applies(self, status: int) -> bool:
         return status == 401 if self is CloseAfter.UNAUTHORIZED else status != 200
+
+
+class HttpScheme(enum.Enum):
+    """`--http-auth`: how the HTTP account (`--basic USER:PASS`) is asked for where `--auth`
+    wants it: Basic (RFC 7617) or Digest (RFC 7616, as libest `-h`)."""
+
+    BASIC = "basic"
+    DIGEST = "digest"
 
 
 class TlsMax(enum.Enum):
@@ -96,6 +106,10 @@ class ServerConfig:
     tls_max: TlsMax = TlsMax.TLS1_3
     auth: AuthMode = AuthMode.CERT
     basic: tuple[str, str] | None = None
+    http_scheme: HttpScheme = HttpScheme.BASIC
+    #: offered in this order, one challenge each (RFC 7616 §3.7)
+    digest_algorithms: tuple[str, ...] = ("MD5",)
+    digest_nonce_lifetime_s: float = 300.0
     pop_required: bool = False
     csrattrs: CsrAttrsKind = CsrAttrsKind.NONE
     default_profile: Profile = field(default_factory=lambda: Profile(validity_s=30 * 86400))
@@ -119,6 +133,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.auth is not AuthMode.CERT and self.basic is None:
             raise ConfigError(f"--auth {self.auth.value} needs --basic USER:PASS")
+        if not self.digest_algorithms or not set(self.digest_algorithms) <= set(DIGEST_ALGORITHMS):
+            raise ConfigError(
+                f"--digest-algorithms: expected some of {', '.join(DIGEST_ALGORITHMS)}"
+            )
+        if not self.digest_nonce_lifetime_s > 0:
+            raise ConfigError("--nonce-lifetime must be positive")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError("--max-concurrent must be at least 1")
         if self.manual_approval_s is not None and self.manual_approval_s < 0:

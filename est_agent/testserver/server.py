@@ -40,13 +40,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.closing import Closing
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax
+from est_agent.testserver.config import AuthMode, Fault, HttpScheme, ServerConfig, TlsMax
 from est_agent.testserver.csrcheck import (
     CheckedCsr,
     check_challenge_password,
     check_csr,
     check_reenroll,
 )
+from est_agent.testserver.digest import DigestAuthenticator, DigestVerdict
 from est_agent.testserver.issuer import (
     CertificateAuthority,
     Profile,
@@ -75,7 +76,8 @@ __all__ = ["EstTestServer", "RequestRecord"]
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 _OVERSIZE_BYTES = 10 * 1024 * 1024 + 64 * 1024
-_BASIC_REALM = 'Basic realm="est", charset="UTF-8"'
+_REALM = "est"
+_BASIC_REALM = f'Basic realm="{_REALM}", charset="UTF-8"'
 
 
 class _Delivery(enum.Enum):
@@ -229,6 +231,18 @@ class EstTestServer(Closing):
         self.pki = pki or load_dev_pki(config.pki_dir)
         self.ssl_context = self._make_ssl_context()
         self._foreign_ca: CertificateAuthority | None = None
+        #: the Digest account and its nonces (`--http-auth digest`)
+        self.digest = (
+            DigestAuthenticator(
+                realm=_REALM,
+                username=config.basic[0],
+                password=config.basic[1],
+                algorithms=config.digest_algorithms,
+                lifetime_s=config.digest_nonce_lifetime_s,
+            )
+            if config.http_scheme is HttpScheme.DIGEST and config.basic is not None
+            else None
+        )
         self._foreign_lock = threading.Lock()
         self._quiet = False
         self._thread: threading.Thread | None = None
@@ -503,9 +517,6 @@ class _Handler(BaseHTTPRequestHandler):
         cert_ok = client is not None and client.issuer == "bootstrap"
         if cert_ok and client is not None and not _valid_now(client.certificate, now):
             raise HttpRefusal(403, "client certificate is expired or not yet valid")
-        creds = parse_basic_authorization(self.headers.get("Authorization"))
-        basic_ok = creds is not None and config.basic is not None and _same(creds, config.basic)
-        challenge = {"WWW-Authenticate": _BASIC_REALM}
         if mode is AuthMode.CERT or mode is AuthMode.CERT_AND_BASIC:
             if not cert_ok:
                 why = (
@@ -516,14 +527,34 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpRefusal(403, why)
             if mode is AuthMode.CERT:
                 return "cert"
-            if not basic_ok:
-                raise HttpRefusal(401, "HTTP Basic credentials required", challenge)
-            return "cert+basic"
+            return "cert+" + self._http_account(required=True)
         if mode is AuthMode.CERT_OR_BASIC and cert_ok:
-            return "cert+basic" if basic_ok else "cert"
-        if not basic_ok:
-            raise HttpRefusal(401, "HTTP Basic credentials required", challenge)
-        return "basic"
+            account = self._http_account(required=False)
+            return f"cert+{account}" if account else "cert"
+        return self._http_account(required=True)
+
+    def _http_account(self, *, required: bool) -> str:
+        """The HTTP scheme that authenticated the account ("basic" / "digest"); "" when it
+        did not and is not `required`; else a 401 with the challenges of `--http-auth`."""
+        est = self._est
+        config = est.config
+        header = self.headers.get("Authorization")
+        if config.http_scheme is HttpScheme.BASIC:
+            creds = parse_basic_authorization(header)
+            if creds is not None and config.basic is not None and _same(creds, config.basic):
+                return "basic"
+            if not required:
+                return ""
+            raise HttpRefusal(401, "HTTP Basic credentials required", challenges=(_BASIC_REALM,))
+        digest = est.digest
+        assert digest is not None
+        verdict, reason = digest.check(header, self.command, self.path)
+        if verdict is DigestVerdict.OK:
+            return "digest"
+        if not required:
+            return ""
+        stale = verdict is DigestVerdict.STALE
+        raise HttpRefusal(401, reason, challenges=digest.challenges(stale=stale))
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -682,7 +713,10 @@ class _Handler(BaseHTTPRequestHandler):
                 status=refusal.status,
                 body=(refusal.text + "\n").encode("utf-8"),
                 content_type="text/plain; charset=utf-8",
-                headers=tuple(refusal.headers.items()),
+                headers=(
+                    *refusal.headers.items(),
+                    *(("WWW-Authenticate", value) for value in refusal.challenges),
+                ),
             )
         )
 

@@ -17,6 +17,7 @@ from est_agent.testserver.config import (
     AuthMode,
     CloseAfter,
     Fault,
+    HttpScheme,
     ServerConfig,
     parse_label_profile,
 )
@@ -150,6 +151,12 @@ def test_config_validation(tmp_path: Path) -> None:
         ServerConfig(pki_dir=tmp_path, max_concurrent=0)
     with pytest.raises(ConfigError, match="fault-ops"):
         ServerConfig(pki_dir=tmp_path, fault_operations=frozenset({"bogus"}))
+    with pytest.raises(ConfigError, match="--digest-algorithms: expected some of MD5, MD5-sess"):
+        ServerConfig(pki_dir=tmp_path, digest_algorithms=("SHA-512-256",))
+    with pytest.raises(ConfigError, match="--digest-algorithms"):
+        ServerConfig(pki_dir=tmp_path, digest_algorithms=())
+    with pytest.raises(ConfigError, match="--nonce-lifetime"):
+        ServerConfig(pki_dir=tmp_path, digest_nonce_lifetime_s=0)
 
 
 def test_cli_maps_every_option(tmp_path: Path) -> None:
@@ -193,6 +200,12 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
             "cacerts,simpleenroll",
             "--close-after",
             "non-200",
+            "--http-auth",
+            "digest",
+            "--digest-algorithms",
+            "SHA-256,MD5-sess",
+            "--nonce-lifetime",
+            "2.5",
         ]
     )
     config = config_from_args(args)
@@ -208,6 +221,9 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
     assert config.fault is Fault.FOREIGN_CA
     assert config.fault_operations == {"cacerts", "simpleenroll"}
     assert config.close_after is CloseAfter.NON_200
+    assert config.http_scheme is HttpScheme.DIGEST
+    assert config.digest_algorithms == ("SHA-256", "MD5-sess")
+    assert config.digest_nonce_lifetime_s == 2.5
 
 
 @pytest.mark.parametrize(
@@ -218,6 +234,8 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
         ["serve", "--pki", "x", "--fault", "nope"],
         ["serve", "--pki", "x", "--max-concurrent", "0"],
         ["serve", "--pki", "x", "--validity", "1w"],
+        ["serve", "--pki", "x", "--http-auth", "bearer"],
+        ["serve", "--pki", "x", "--close-after", "403"],
         ["bogus"],
     ],
 )
