@@ -19,7 +19,7 @@ import base64
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 __all__ = [
@@ -46,12 +46,13 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 
 @dataclass(frozen=True)
 class Challenge:
-    """One challenge: its scheme (lower case) and its auth-params (names lower case, values
-    unquoted) or token68."""
+    """One challenge: its scheme (lower case; ``name`` as the server wrote it) and its
+    auth-params (names lower case, values unquoted) or token68."""
 
     scheme: str
     params: Mapping[str, str]
     token68: str | None = None
+    name: str = field(default="", compare=False)
 
 
 def parse_challenges(values: Iterable[str]) -> tuple[Challenge, ...]:
@@ -62,7 +63,7 @@ def parse_challenges(values: Iterable[str]) -> tuple[Challenge, ...]:
     value: §11.2 allows each only once). Quoted strings may hold commas and quoted-pairs.
     Elements that fit neither are skipped.
     """
-    found: list[tuple[str, dict[str, str], str | None]] = []
+    found: list[tuple[str, dict[str, str], str | None]] = []  # (name, params, token68)
     for value in values:
         pos, end = 0, len(value)
         while pos < end:
@@ -85,11 +86,11 @@ def parse_challenges(values: Iterable[str]) -> tuple[Challenge, ...]:
                 token68 = None if _PARAM.match(value, pos) else _TOKEN68.match(value, pos)
                 if token68 is not None:
                     pos = token68.end()
-                found.append((scheme.group(1).lower(), {}, token68.group(1) if token68 else None))
+                found.append((scheme.group(1), {}, token68.group(1) if token68 else None))
                 continue
             skipped = _SKIP.match(value, pos)
             pos = max(pos + 1, skipped.end() if skipped else pos + 1)
-    return tuple(Challenge(scheme, params, token68) for scheme, params, token68 in found)
+    return tuple(Challenge(name.lower(), params, token68, name) for name, params, token68 in found)
 
 
 def challenge_schemes(values: Iterable[str]) -> frozenset[str]:
