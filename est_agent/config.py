@@ -53,6 +53,7 @@ __all__ = [
     "Config",
     "CsrAttrsMode",
     "EstConfig",
+    "HttpAuth",
     "KeyRef",
     "PathsConfig",
     "PopMode",
@@ -124,6 +125,16 @@ class CsrAttrsMode(Enum):
     ADVISORY = "advisory"
     STRICT = "strict"
     OFF = "off"
+class HttpAuth(Enum):
+    """How the HTTP account (``est.basic_username`` and its password) answers the server.
+
+    Credentials only ever go inside the verified TLS session, to the configured server
+    (RFC 7030 §3.2.3); the EST client (``EstAuth``) says more.
+    """
+
+    AUTO = "auto"  # Basic pre-emptively; a Digest challenge answered with Digest
+    BASIC = "basic"  # RFC 7617, pre-emptively; Digest challenges not answered
+    DIGEST = "digest"  # RFC 7616 only: the password itself never travels
 
 
 class UiccChannel(Enum):
@@ -405,6 +416,7 @@ class EstConfig:
     proxy: str = ""
     proxy_password_file: Path | None = None
     proxy_password_env: str | None = None
+    http_auth: HttpAuth = HttpAuth.AUTO
     timeout_s: float = 30.0
     #: upper bound of one run's time with the server: every request, retry and wait together
     run_timeout_s: float = 600.0
@@ -471,6 +483,12 @@ class EstConfig:
                 "Basic username set without basic_password_file or basic_password_env",
             )
         self._check_proxy()
+        _check_type("est.http_auth", self.http_auth, HttpAuth)
+        if self.http_auth is not HttpAuth.AUTO and self.basic_username is None:
+            raise _fail(
+                "est.http_auth",
+                f'"{self.http_auth.value}" needs est.basic_username and its password',
+            )
         _check_seconds("est.timeout_s", self.timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S)
         _check_seconds(
             "est.run_timeout_s", self.run_timeout_s, allow_zero=False, maximum=_MAX_TIMEOUT_S
@@ -958,6 +976,8 @@ def _est(data: object, base_dir: Path | None) -> EstConfig:
         kwargs["pop"] = _enum(t, "pop", PopMode)
     if t.has("csrattrs"):
         kwargs["csrattrs"] = _enum(t, "csrattrs", CsrAttrsMode)
+    if t.has("http_auth"):
+        kwargs["http_auth"] = _enum(t, "http_auth", HttpAuth)
     for name in ("basic_username", "basic_password_env"):
         if t.has(name) and (value := t.value(name)) != "":  # "" leaves it unset
             kwargs[name] = value

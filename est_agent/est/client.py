@@ -16,6 +16,12 @@ may open a new connection, as it must when the server closed the old one (``Conn
 RFC 9112 §9.6, or a silent close). The factory signature stays ``csr_factory(binding)``: no flag
 to keep in step with what the factory really does.
 
+A server that closes the connection under a request is met at once, without a retry's wait:
+libest closes after every 401, 202 and 4xx without ``Connection: close``, so a request on that
+connection fails before any answer (or, pinned, cannot be sent at all). The attempt then begins
+again on a new connection (``_reconnecting``, at most ``_MAX_RECONNECTS`` times): an unbound CSR
+is sent again as it is, a bound one is signed again for the new connection.
+
 Transient failures (connection errors, 5xx) retry the whole attempt, with backoff; a server's
 Retry-After (RFC 9110 §10.2.3) is honoured inside the run only up to ``RetryPolicy.max_wait_s``
 per wait and ``budget_s`` for all waits of one operation: a longer wait ends the operation with
@@ -28,13 +34,16 @@ steps so ``max_response_bytes`` caps the decoded size before it is produced; oth
 refused.
 
 Outcomes: a validated ``Enrollment``; ``EnrollmentPending`` for 202 / 503 (RFC 7030 §4.2.3) and
-for waits too long for this run; ``AuthError`` for 401/403; ``EstRejectedError`` for other 4xx;
+for waits too long for this run; ``AuthError`` for 401/403 (saying which credentials were
+refused, or which challenge could not be answered and why); ``EstRejectedError`` for other 4xx;
 ``EstResponseError`` when the answer does not parse or the certificate does not validate;
 ``EstConnectionError`` when the server stays unreachable or keeps failing after the retries. Only
-these public classes leave the client. Credentials (HTTP Basic, the ``EstAuth`` flow) only ever
-travel inside a verified TLS session and only in answer to a 401 challenge that offers Basic
-(RFC 7030 §3.2.3); the password, its base64 token and any Authorization value a server echoes
-back are masked in every error message.
+these public classes leave the client.
+
+Credentials (``EstAuth``, RFC 7030 §3.2.3) only ever travel inside a verified TLS session, to
+this client's origin: HTTP Basic (RFC 7617) pre-emptively, HTTP Digest (RFC 7616) once the
+server has challenged, as ``http_auth`` allows. The password, its base64 token, the Digest
+responses and any Authorization value a server echoes back are masked in every error message.
 
 Proxy: with ``proxy`` every connection is a CONNECT tunnel through that HTTP proxy (RFC 9110
 §9.3.6, est/tls/backend.py); TLS, its channel binding and the EST credentials stay end to end
@@ -44,14 +53,15 @@ with the server inside it. The proxy's own Basic password is masked like the EST
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from secrets import token_hex
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+import httpcore
 import httpx
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -64,6 +74,16 @@ from est_agent.errors import (
     EstError,
     EstRejectedError,
     EstResponseError,
+)
+from est_agent.est.httpauth import (
+    Challenge,
+    DigestChallenge,
+    DigestUnusable,
+    basic_authorization,
+    choose_digest,
+    digest_authorization,
+    digest_response,
+    parse_challenges,
 )
 from est_agent.est.messages import (
     MEDIA_CSRATTRS,
@@ -101,6 +121,7 @@ __all__ = [
     "EstAuth",
     "EstCaCerts",
     "EstClient",
+    "HttpAuth",
     "RetryPolicy",
 ]
 
@@ -112,6 +133,14 @@ _E = TypeVar("_E", bound=BaseException)
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 3
+#: how often one attempt begins again at once after the server closed the connection under a
+#: request (module docstring): a Digest challenge, then a stale nonce
+_MAX_RECONNECTS = 2
+#: what a request that died on a reused connection before its answer fails with (httpcore)
+_UNANSWERED = (httpcore.ReadError, httpcore.WriteError, httpcore.RemoteProtocolError)
+
+#: which HTTP authentication the credentials answer (module docstring, README)
+HttpAuth = Literal["auto", "basic", "digest"]
 
 
 @dataclass(frozen=True)
@@ -240,39 +269,36 @@ def _scrub(exc: _E, secrets: Sequence[str]) -> _E:
     return exc
 
 
-# RFC 9110 §5.6.2 token; §11.6.1: a challenge is an auth-scheme (a token), then a token68 or
-# auth-params (token BWS "=" BWS value); one field may hold several challenges, comma-separated.
-_TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_LIST_ELEMENT = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*(?:"|$))+')  # a quote unclosed: to the end
-_ELEMENT_HEAD = re.compile(rf"\s*({_TCHARS})\s*(=?)")
+class _Reconnect(EstConnectionError):
+    """The server closed the connection under a request (after its 401 challenge, 202 or 4xx,
+    as libest does, without ``Connection: close``): begin the attempt again at once on a new
+    connection. Never leaves the client (``EstClient._reconnecting``)."""
 
 
-def challenge_schemes(values: Iterable[str]) -> frozenset[str]:
-    """The auth-schemes (lower case) of ``WWW-Authenticate`` field values (RFC 9110 §11.6.1).
-
-    A list element that starts with a token not followed by ``=`` starts a challenge (its
-    scheme); one followed by ``=`` is an auth-param of the challenge before it. Quoted strings
-    may hold commas. Garbage yields no scheme rather than an error.
-    """
-    schemes: set[str] = set()
-    for value in values:
-        for element in _LIST_ELEMENT.findall(value):
-            head = _ELEMENT_HEAD.match(element)
-            if head is not None and not head.group(2):
-                schemes.add(head.group(1).lower())
-    return frozenset(schemes)
+def _scheme_name(challenge: Challenge) -> str:
+    return {"basic": "Basic", "digest": "Digest"}.get(challenge.scheme, challenge.name)
 
 
 class EstAuth(httpx.Auth):
     """The HTTP authentication of one EST client (RFC 7030 §3.2.3), as an ``httpx.Auth`` flow.
 
-    Basic (RFC 7617): the credentials go only in answer to a 401 whose challenge offers the
-    Basic scheme, once per request (a second 401 is the answer), and only to this client's
-    own server: the challenged request must be ``https`` at the client's origin. The flow runs
-    only on the client's own ``httpx.Client``, whose one transport verifies every TLS
-    connection before a byte of HTTP is sent, so credentials never leave a verified TLS
-    session. Never pre-emptive: a server that does not ask gets no password. Digest (RFC 7616)
-    would be another scheme answered here.
+    Only to this client's own server: a request is authorized only when it is ``https`` at the
+    client's origin; the flow runs only on the client's own ``httpx.Client``, whose one
+    transport verifies every TLS connection before a byte of HTTP is sent, so credentials never
+    leave a verified TLS session (RFC 7030 §3.2.3). ``mode`` (``HttpAuth``):
+
+    * ``auto``: Basic (RFC 7617) pre-emptively, as strongSwan does (a server that closes the
+      connection after its 401, as libest does, needs no second round); a Digest challenge
+      is answered (then Digest only, from then on).
+    * ``basic``: Basic pre-emptively; a Digest challenge is not answered.
+    * ``digest``: never Basic (the password itself never travels); Digest challenges answered.
+
+    Digest (RFC 7616, qop=auth, MD5 or SHA-256): the strongest usable challenge is answered
+    once; its nonce then goes on every later request, pre-emptively, with a growing nonce count
+    (§3.4), also across connections; a ``stale=true`` challenge to an answer (or a new
+    challenge to a nonce the server had accepted before) is answered once more with the new
+    nonce. Otherwise a 401 after an answer is the verdict (``refusal`` says it in words). The
+    Digest responses sent are ``secrets``, to mask: one is replayable while its nonce lives.
 
     Driven by ``EstClient._exchange`` (``sync_auth_flow``) rather than by ``httpx.Client.send``
     (``auth=``), which reads each challenged response's body in full, past the client's cap.
@@ -281,30 +307,159 @@ class EstAuth(httpx.Auth):
     requires_request_body = False
     requires_response_body = False  # the challenge is in the headers
 
-    def __init__(self, basic: tuple[str, str] | None, origin: tuple[str, str | None, int]) -> None:
-        self._basic = httpx.BasicAuth(*basic) if basic is not None else None
+    def __init__(
+        self,
+        credentials: tuple[str, str] | None,
+        origin: tuple[str, str | None, int],
+        mode: HttpAuth = "auto",
+        *,
+        cnonce: Callable[[], str] = lambda: token_hex(16),
+    ) -> None:
+        if mode not in get_args(HttpAuth):
+            raise EstError(f"http_auth: expected one of auto, basic, digest, got {mode!r}")
+        self._credentials = credentials
         self._origin = origin
+        self._mode = mode
+        self._cnonce = cnonce
+        self._digest: DigestChallenge | None = None
+        self._nc = 0
+        #: the server has accepted an answer with this nonce (so a later 401 may mean it forgot)
+        self._digest_accepted = False
+        self._sent: list[str] = []
 
     def __repr__(self) -> str:
-        return f"EstAuth(basic={self._basic is not None}, origin={self._origin!r})"
+        return (
+            f"EstAuth(credentials={self._credentials is not None}, mode={self._mode!r},"
+            f" origin={self._origin!r})"
+        )
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The Digest responses sent so far (to mask wherever a server might echo them)."""
+        return tuple(self._sent)
+
+    def _ours(self, request: httpx.Request) -> bool:
+        return _default_port(urlsplit(str(request.url))) == self._origin
+
+    def authorize(self, request: httpx.Request) -> None:
+        """Set pre-emptive credentials on `request`: Digest with the last challenge's nonce,
+        else Basic where ``mode`` sends it; nothing without credentials or to another origin."""
+        if self._credentials is None or not self._ours(request):
+            return
+        if self._digest is not None and self._mode != "basic":
+            request.headers["Authorization"] = self._digest_answer(request, self._digest)
+        elif self._mode != "digest":
+            request.headers["Authorization"] = basic_authorization(*self._credentials)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        self.authorize(request)
         response = yield request
-        if response.status_code != 401 or self._basic is None:
-            return
+        for _ in range(2):  # the challenge, then at most one stale (or forgotten) nonce
+            self._note(response)
+            retry = self._answer(response)
+            if retry is None:
+                return
+            response = yield retry
+        self._note(response)
+
+    def _note(self, response: httpx.Response) -> None:
+        sent = response.request.headers.get("Authorization", "")
+        if response.status_code != 401 and sent[:7].lower() == "digest ":
+            self._digest_accepted = True
+
+    def _answer(self, response: httpx.Response) -> httpx.Request | None:
+        """The request answering a 401's Digest challenge, or None when it is the verdict."""
+        if response.status_code != 401 or self._credentials is None or self._mode == "basic":
+            return None
         challenged = response.request
-        if _default_port(urlsplit(str(challenged.url))) != self._origin:
-            return  # not this client's server (redirects elsewhere are refused before)
-        if "basic" in challenge_schemes(response.headers.get_list("WWW-Authenticate")):
-            # A new request, so that the one sent (and logged, or recorded) stays as it was.
-            retry = httpx.Request(
-                challenged.method,
-                challenged.url,
-                headers=challenged.headers,
-                stream=challenged.stream,
-                extensions=challenged.extensions,
+        if not self._ours(challenged):
+            return None  # not this client's server (redirects elsewhere are refused before)
+        offered = parse_challenges(response.headers.get_list("WWW-Authenticate"))
+        try:
+            challenge = choose_digest(offered)
+        except DigestUnusable:
+            return None
+        sent = challenged.headers.get("Authorization", "")
+        if sent[:7].lower() == "digest " and not (challenge.stale or self._digest_accepted):
+            # Our answer to a fresh challenge was refused: the verdict. RFC 7616 §3.3: stale
+            # means only the nonce was refused; a nonce accepted before and now refused was
+            # forgotten (a server restart): both are answered once with the new nonce.
+            return None
+        self._digest, self._nc, self._digest_accepted = challenge, 0, False
+        # A new request, so that the one sent (and logged, or recorded) stays as it was.
+        retry = httpx.Request(
+            challenged.method,
+            challenged.url,
+            headers=challenged.headers,
+            stream=challenged.stream,
+            extensions=challenged.extensions,
+        )
+        retry.headers["Authorization"] = self._digest_answer(retry, challenge)
+        return retry
+
+    def _digest_answer(self, request: httpx.Request, challenge: DigestChallenge) -> str:
+        assert self._credentials is not None
+        username, password = self._credentials
+        self._nc += 1
+        # RFC 7616 §3.4: uri is the request-target (origin-form: path and query)
+        uri, cnonce = request.url.raw_path.decode("ascii"), self._cnonce()
+        self._sent.append(
+            digest_response(
+                challenge,
+                username=username,
+                password=password,
+                method=request.method,
+                uri=uri,
+                nc=self._nc,
+                cnonce=cnonce,
             )
-            yield from self._basic.auth_flow(retry)
+        )
+        return digest_authorization(
+            challenge,
+            username=username,
+            password=password,
+            method=request.method,
+            uri=uri,
+            nc=self._nc,
+            cnonce=cnonce,
+        )
+
+    def refusal(self, response: httpx.Response) -> str:
+        """Why this 401 ends the exchange, in words for the operator (never a secret)."""
+        challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
+        offered = {c.scheme for c in challenges}
+        sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
+        if sent in ("basic", "digest") and (sent in offered or not offered):
+            return f"the EST server refused the HTTP {sent.capitalize()} credentials"
+        if not offered:
+            return "the EST server asks for credentials without a challenge (no WWW-Authenticate)"
+        names = ", ".join(dict.fromkeys(_scheme_name(c) for c in challenges))
+        if not offered & {"basic", "digest"}:
+            return (
+                f"the EST server asks for HTTP authentication by {names}, which this agent does"
+                " not speak (it speaks Basic, RFC 7617, and Digest, RFC 7616)"
+            )
+        if self._credentials is None:
+            return (
+                f"the EST server asks for HTTP authentication ({names}); none is configured"
+                " (est.basic_username and its password)"
+            )
+        if "digest" in offered and self._mode == "basic":
+            return (
+                'the EST server asks for HTTP Digest, which est.http_auth = "basic" does not'
+                ' answer (set it to "auto" or "digest")'
+            )
+        if "digest" in offered:
+            try:
+                choose_digest(challenges)
+            except DigestUnusable as exc:
+                return f"the EST server's Digest challenge cannot be answered: {exc}"
+        if self._mode == "digest":
+            return (
+                'the EST server asks for HTTP Basic, and est.http_auth = "digest" never sends'
+                ' the password itself (set it to "auto" or "basic")'
+            )
+        return f"the EST server asks for HTTP authentication ({names})"
 
 
 class EstClient:
@@ -316,9 +471,11 @@ class EstClient:
     (server-only authentication). ``tls_max="1.2"`` pins TLS 1.2 (servers that want
     tls-unique PoP). The server is always verified against ``trust_anchors`` + host, or
     + ``tls_server_name`` when given (the name to expect and send as SNI, e.g. when the URL
-    holds an address; curl's ``--connect-to`` idea). ``proxy``: connect through this HTTP
-    CONNECT proxy (None: directly; the environment is never read here). ``transport``
-    replaces the TLS transport (tests: ``httpx.MockTransport``; no channel binding, no proxy).
+    holds an address; curl's ``--connect-to`` idea). ``basic_auth`` is the HTTP account (user,
+    password), used as ``http_auth`` says: Basic pre-emptively and/or Digest (``EstAuth``).
+    ``proxy``: connect through this HTTP CONNECT proxy (None: directly; the environment is never
+    read here). ``transport`` replaces the TLS transport (tests: ``httpx.MockTransport``; no
+    channel binding, no proxy then).
     """
 
     def __init__(
@@ -330,6 +487,7 @@ class EstClient:
         client_cert_chain: Sequence[x509.Certificate] | None = None,
         signer: Signer | None = None,
         basic_auth: tuple[str, str] | None = None,
+        http_auth: HttpAuth = "auto",
         timeout_s: float = 30.0,
         run_timeout_s: float | None = None,
         max_response_bytes: int = 1024 * 1024,
@@ -370,13 +528,12 @@ class EstClient:
             follow_redirects=False,  # redirects are vetted here: same origin only
             timeout=httpx.Timeout(timeout_s),
         )
-        self._auth = EstAuth(basic_auth, self._origin)
-        #: what would give the Basic credentials away: masked in every message this client
-        #: raises, and so in the logs that show them (tracebacks included: chained messages too)
+        self._auth = EstAuth(basic_auth, self._origin, http_auth)
         secrets = basic_credential_secrets(*basic_auth) if basic_auth else ()
         if proxy is not None and proxy.username is not None and proxy.password is not None:
             secrets += basic_credential_secrets(proxy.username, proxy.password)
-        self._secrets: tuple[str, ...] = secrets
+        #: the EST and proxy passwords and their Basic tokens (Digest responses: ``_secrets``)
+        self._password_secrets: tuple[str, ...] = secrets
         self._timeout_s = timeout_s
         # All retries and waits of this client's lifetime (one run) end by this monotonic time:
         # a failing attempt after it is the last one (the run is then at most one request over).
@@ -387,6 +544,13 @@ class EstClient:
         self._clock = clock
         self._extensions = {"sni_hostname": tls_server_name} if tls_server_name else {}
         self._cacerts: EstCaCerts | None = None
+
+    @property
+    def _secrets(self) -> tuple[str, ...]:
+        """What would give the credentials away (the password, its Basic token, the Digest
+        responses sent): masked in every message this client raises, and so in the logs that
+        show them (tracebacks included: chained messages too)."""
+        return self._password_secrets + self._auth.secrets
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -578,18 +742,17 @@ class EstClient:
         if content_type is not None:
             headers["Content-Type"] = content_type
         flow = self._auth.sync_auth_flow(self._request(method, url, headers, body))
-        request = next(flow)
-        for _ in range(_MAX_REDIRECTS + 2):
+        request = next(flow)  # with pre-emptive credentials (EstAuth)
+        for _ in range(_MAX_REDIRECTS + 3):
             reply = self._send(url, request)
             if reply.status in _REDIRECTS:
                 url = self._redirect_target(url, reply)
-                # same origin (vetted): credentials already sent in this exchange go along
-                sent = request.headers.get("Authorization")
-                carried = {"Authorization": sent} if sent is not None else {}
-                request = self._request(method, url, headers | carried, body)
+                # same origin (vetted): the same credentials, a Digest answer for the new URI
+                request = self._request(method, url, headers, body)
+                self._auth.authorize(request)
                 continue
             try:
-                request = flow.send(reply.response)  # the same URL, now with credentials
+                request = flow.send(reply.response)  # the same URL, answering a challenge
             except StopIteration:
                 return reply
         raise EstRejectedError(f"{operation}: too many redirects or authentication rounds")
@@ -623,14 +786,30 @@ class EstClient:
             )
 
     def _send(self, url: str, request: httpx.Request) -> _Reply:
-        with self._http_errors(url):
-            # The TLS transport bounds the whole request (est/tls/: connect, handshake, sending
-            # and the whole body, card time excluded).
-            response = self._http.send(request, stream=True)
-            try:
-                received = self._read_body(url, response)
-            finally:
-                response.close()
+        transport = self.transport
+        opened = transport.connections_opened if transport is not None else 0
+        try:
+            with self._http_errors(url):
+                # The TLS transport bounds the whole request (est/tls/: connect, handshake,
+                # sending and the whole body, card time excluded).
+                response = self._http.send(request, stream=True)
+                try:
+                    received = self._read_body(url, response)
+                finally:
+                    response.close()
+        except ConnectionChangedError as exc:
+            # Pinned, and the connection had closed (libest after a 401, 202 or 4xx): the
+            # bound CSR is signed again for a new one, now (_reconnecting).
+            raise _Reconnect(str(exc)) from exc
+        except EstConnectionError as exc:
+            reused = transport is not None and 0 < opened == transport.connections_opened
+            if reused and isinstance(exc.__cause__, _UNANSWERED):
+                # RFC 9112 §9.3.1: a reused connection the server had closed (its close still
+                # in flight) fails a request before any answer. The transport sends a GET
+                # again itself; an enrollment is begun again here, its CSR signed again if
+                # bound (RFC 7030 §3.5), as the retries would, without their wait.
+                raise _Reconnect(str(exc)) from exc
+            raise
         return _Reply(response, received, response.extensions.get("network_stream"))
 
     @staticmethod
@@ -701,7 +880,11 @@ class EstClient:
                 )
             )
             raise _TransientError(f"server error {detail}", seconds)
-        if status in (401, 403):
+        if status == 401:
+            # what was answered and why this is the end (EstAuth): wrong credentials, a
+            # scheme not spoken or not enabled, an unusable Digest challenge
+            raise AuthError(f"{self._auth.refusal(reply.response)} ({detail})")
+        if status == 403:
             raise AuthError(f"EST server refused the credentials ({detail})")
         if 400 <= status < 500:
             raise EstRejectedError(f"EST server rejected the request ({detail})")
@@ -716,6 +899,19 @@ class EstClient:
             )
 
     # -- retries ------------------------------------------------------------------------------
+    @staticmethod
+    def _reconnecting(attempt: Callable[[], _T]) -> _T:
+        """`attempt`, begun again at once on a new connection when the server closed the old one
+        under a request (``_Reconnect``), up to ``_MAX_RECONNECTS`` times; not a retry (no wait,
+        no attempt used): libest closes after every 401, so Digest always takes two."""
+        for _ in range(_MAX_RECONNECTS):
+            with contextlib.suppress(_Reconnect):
+                return attempt()
+        try:
+            return attempt()
+        except _Reconnect as exc:
+            raise EstConnectionError(str(exc)) from exc  # transient: the retries take it
+
     def _with_retries(self, attempt: Callable[[], _T]) -> _T:
         from tenacity import RetryCallState, Retrying, retry_if_exception_type
         from tenacity.wait import wait_random_exponential
@@ -755,7 +951,7 @@ class EstClient:
             reraise=True,
         )
         try:
-            return retrying(attempt)
+            return retrying(lambda: self._reconnecting(attempt))
         except _TransientError as exc:
             # What leaves the client is public: the last failure's message, typed.
             if too_long:

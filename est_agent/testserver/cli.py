@@ -21,7 +21,15 @@ from est_agent.errors import (
     UsageError,
     exit_code_for,
 )
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax, parse_label_profile
+from est_agent.testserver.config import (
+    AuthMode,
+    CloseAfter,
+    Fault,
+    HttpScheme,
+    ServerConfig,
+    TlsMax,
+    parse_label_profile,
+)
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.pki import generate_dev_pki
 from est_agent.testserver.server import EstTestServer, write_port_file
@@ -103,7 +111,32 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="cert",
         help="what simpleenroll demands (simplereenroll always needs the certificate)",
     )
-    p.add_argument("--basic", type=_user_pass, metavar="USER:PASS", help="HTTP Basic account")
+    p.add_argument(
+        "--basic",
+        type=_user_pass,
+        metavar="USER:PASS",
+        help="the HTTP account (Basic, or Digest with --http-auth digest)",
+    )
+    p.add_argument(
+        "--http-auth",
+        choices=[v.value for v in HttpScheme],
+        default="basic",
+        help="how --auth asks for the account: Basic (RFC 7617) or Digest (RFC 7616)",
+    )
+    p.add_argument(
+        "--digest-algorithms",
+        default="MD5",
+        metavar="ALGS",
+        help="comma-separated, one challenge each in this order: MD5 (libest's), MD5-sess,"
+        " SHA-256, SHA-256-sess",
+    )
+    p.add_argument(
+        "--nonce-lifetime",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="Digest nonces older than this are answered stale=true",
+    )
     p.add_argument(
         "--pop",
         choices=["off", "required"],
@@ -155,6 +188,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="OPS",
         help="comma-separated operations the fault applies to",
     )
+    p.add_argument(
+        "--close-after",
+        choices=[v.value for v in CloseAfter],
+        help="close the connection after every 401 / every non-200 answer without saying so"
+        " (no Connection: close), as libest does",
+    )
     p.add_argument("--slow-body", type=_seconds, default=5.0, metavar="SECONDS")
     p.add_argument("--response-delay", type=_seconds, default=0.0, metavar="SECONDS")
     p.add_argument("--issuance-log", type=Path, metavar="FILE", help="JSON lines, appended")
@@ -191,6 +230,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_max=TlsMax(args.tls_max),
         auth=AuthMode(args.auth),
         basic=args.basic,
+        http_scheme=HttpScheme(args.http_auth),
+        digest_algorithms=tuple(a for a in args.digest_algorithms.split(",") if a),
+        digest_nonce_lifetime_s=args.nonce_lifetime,
         pop_required=args.pop == "required",
         csrattrs=CsrAttrsKind(args.csrattrs),
         csrattrs_trailing_nul=args.csrattrs_trailing_nul,
@@ -203,6 +245,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         wrap_base64=not args.unwrapped_base64,
         fault=Fault(args.fault) if args.fault else None,
         fault_times=args.fault_times,
+        close_after=CloseAfter(args.close_after) if args.close_after else None,
         fault_operations=frozenset(op for op in args.fault_ops.split(",") if op),
         slow_body_s=args.slow_body,
         response_delay_s=args.response_delay,

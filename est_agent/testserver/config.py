@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from est_agent.errors import ConfigError, UsageError
+from est_agent.testserver.digest import DIGEST_ALGORITHMS
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.wire import (
     ENROLL_OPERATIONS,
@@ -19,7 +20,9 @@ from est_agent.testserver.wire import (
 
 __all__ = [
     "AuthMode",
+    "CloseAfter",
     "Fault",
+    "HttpScheme",
     "ServerConfig",
     "TlsMax",
     "parse_label_profile",
@@ -33,6 +36,25 @@ class AuthMode(enum.Enum):
     BASIC = "basic"
     CERT_AND_BASIC = "cert+basic"
     CERT_OR_BASIC = "cert-or-basic"
+
+
+class CloseAfter(enum.Enum):
+    """`--close-after`: which answers end the connection, without `Connection: close` (RFC 9112
+    §9.6 would have the server say so). Cisco libest closes after every 401, 202 and 4xx."""
+
+    UNAUTHORIZED = "401"
+    NON_200 = "non-200"
+
+    def applies(self, status: int) -> bool:
+        return status == 401 if self is CloseAfter.UNAUTHORIZED else status != 200
+
+
+class HttpScheme(enum.Enum):
+    """`--http-auth`: how the HTTP account (`--basic USER:PASS`) is asked for where `--auth`
+    wants it: Basic (RFC 7617) or Digest (RFC 7616, as libest `-h`)."""
+
+    BASIC = "basic"
+    DIGEST = "digest"
 
 
 class TlsMax(enum.Enum):
@@ -84,6 +106,10 @@ class ServerConfig:
     tls_max: TlsMax = TlsMax.TLS1_3
     auth: AuthMode = AuthMode.CERT
     basic: tuple[str, str] | None = None
+    http_scheme: HttpScheme = HttpScheme.BASIC
+    #: offered in this order, one challenge each (RFC 7616 §3.7)
+    digest_algorithms: tuple[str, ...] = ("MD5",)
+    digest_nonce_lifetime_s: float = 300.0
     pop_required: bool = False
     csrattrs: CsrAttrsKind = CsrAttrsKind.NONE
     #: one 00 byte after the /csrattrs base64, counted in Content-Length (libest's C string)
@@ -96,6 +122,7 @@ class ServerConfig:
     busy_retry_after_s: int = 1
     wrap_base64: bool = True
     fault: Fault | None = None
+    close_after: CloseAfter | None = None
     fault_times: int = 0  # 0: every matching request; N: the first N, then behave
     fault_operations: frozenset[str] = ENROLL_OPERATIONS
     slow_body_s: float = 5.0
@@ -108,6 +135,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.auth is not AuthMode.CERT and self.basic is None:
             raise ConfigError(f"--auth {self.auth.value} needs --basic USER:PASS")
+        if not self.digest_algorithms or not set(self.digest_algorithms) <= set(DIGEST_ALGORITHMS):
+            raise ConfigError(
+                f"--digest-algorithms: expected some of {', '.join(DIGEST_ALGORITHMS)}"
+            )
+        if not self.digest_nonce_lifetime_s > 0:
+            raise ConfigError("--nonce-lifetime must be positive")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError("--max-concurrent must be at least 1")
         if self.manual_approval_s is not None and self.manual_approval_s < 0:

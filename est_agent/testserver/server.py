@@ -40,13 +40,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.closing import Closing
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax
+from est_agent.testserver.config import AuthMode, Fault, HttpScheme, ServerConfig, TlsMax
 from est_agent.testserver.csrcheck import (
     CheckedCsr,
     check_challenge_password,
     check_csr,
     check_reenroll,
 )
+from est_agent.testserver.digest import DigestAuthenticator, DigestVerdict
 from est_agent.testserver.issuer import (
     CertificateAuthority,
     Profile,
@@ -68,14 +69,15 @@ from est_agent.testserver.wire import (
     parse_est_path,
 )
 
-__all__ = ["EstTestServer"]
+__all__ = ["EstTestServer", "RequestRecord"]
 
 # X509_V_FLAG_NO_CHECK_TIME (openssl/x509_vfy.h); Python exposes no name for it but passes
 # verify_flags through to X509_VERIFY_PARAM_set_flags unchanged.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 _OVERSIZE_BYTES = 10 * 1024 * 1024 + 64 * 1024
-_BASIC_REALM = 'Basic realm="est", charset="UTF-8"'
+_REALM = "est"
+_BASIC_REALM = f'Basic realm="{_REALM}", charset="UTF-8"'
 
 
 class _Delivery(enum.Enum):
@@ -99,6 +101,21 @@ class _Response:
 
 
 @dataclass(frozen=True)
+class RequestRecord:
+    """One answered request, for tests that count what a client sent (`EstTestServer.requests`).
+
+    ``authorization`` is the scheme of the request's Authorization field (lower case), never its
+    credentials; ``connection`` numbers the TCP connections from 1 in the order accepted.
+    """
+
+    method: str
+    path: str
+    status: int
+    authorization: str | None
+    connection: int
+
+
+@dataclass(frozen=True)
 class _ClientCert:
     certificate: x509.Certificate
     #: "bootstrap" or "est": which of the two trusted CAs issued it
@@ -112,6 +129,8 @@ class _State:
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}
         self._faults_done = 0
+        self._connections = 0
+        self._requests: list[RequestRecord] = []
         self._config = config
         self._slots = (
             threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None
@@ -160,6 +179,20 @@ class _State:
             self._faults_done += 1
         return fault
 
+    def next_connection(self) -> int:
+        with self._lock:
+            self._connections += 1
+            return self._connections
+
+    def record(self, entry: RequestRecord) -> None:
+        with self._lock:
+            self._requests.append(entry)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._requests)
+
     def log(self, entry: dict[str, Any]) -> None:
         if self._log is None:
             return
@@ -198,6 +231,18 @@ class EstTestServer(Closing):
         self.pki = pki or load_dev_pki(config.pki_dir)
         self.ssl_context = self._make_ssl_context()
         self._foreign_ca: CertificateAuthority | None = None
+        #: the Digest account and its nonces (`--http-auth digest`)
+        self.digest = (
+            DigestAuthenticator(
+                realm=_REALM,
+                username=config.basic[0],
+                password=config.basic[1],
+                algorithms=config.digest_algorithms,
+                lifetime_s=config.digest_nonce_lifetime_s,
+            )
+            if config.http_scheme is HttpScheme.DIGEST and config.basic is not None
+            else None
+        )
         self._foreign_lock = threading.Lock()
         self._quiet = False
         self._thread: threading.Thread | None = None
@@ -303,6 +348,11 @@ class EstTestServer(Closing):
     def state(self) -> _State:
         return self._state
 
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Every request answered so far (the ones whose request line parsed), in order."""
+        return self._state.requests
+
 
 def _valid_now(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
@@ -337,6 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = cast(socket.socket, self.request)
         # Bounds the handshake and every later read and write; the TLS socket inherits it.
         raw.settimeout(est.config.io_timeout_s)
+        self._connection_number = est.state.next_connection()
         self.request = est.ssl_context.wrap_socket(raw, server_side=True)
         super().setup()
 
@@ -471,9 +522,6 @@ class _Handler(BaseHTTPRequestHandler):
         cert_ok = client is not None and client.issuer == "bootstrap"
         if cert_ok and client is not None and not _valid_now(client.certificate, now):
             raise HttpRefusal(403, "client certificate is expired or not yet valid")
-        creds = parse_basic_authorization(self.headers.get("Authorization"))
-        basic_ok = creds is not None and config.basic is not None and _same(creds, config.basic)
-        challenge = {"WWW-Authenticate": _BASIC_REALM}
         if mode is AuthMode.CERT or mode is AuthMode.CERT_AND_BASIC:
             if not cert_ok:
                 why = (
@@ -484,14 +532,34 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpRefusal(403, why)
             if mode is AuthMode.CERT:
                 return "cert"
-            if not basic_ok:
-                raise HttpRefusal(401, "HTTP Basic credentials required", challenge)
-            return "cert+basic"
+            return "cert+" + self._http_account(required=True)
         if mode is AuthMode.CERT_OR_BASIC and cert_ok:
-            return "cert+basic" if basic_ok else "cert"
-        if not basic_ok:
-            raise HttpRefusal(401, "HTTP Basic credentials required", challenge)
-        return "basic"
+            account = self._http_account(required=False)
+            return f"cert+{account}" if account else "cert"
+        return self._http_account(required=True)
+
+    def _http_account(self, *, required: bool) -> str:
+        """The HTTP scheme that authenticated the account ("basic" / "digest"); "" when it
+        did not and is not `required`; else a 401 with the challenges of `--http-auth`."""
+        est = self._est
+        config = est.config
+        header = self.headers.get("Authorization")
+        if config.http_scheme is HttpScheme.BASIC:
+            creds = parse_basic_authorization(header)
+            if creds is not None and config.basic is not None and _same(creds, config.basic):
+                return "basic"
+            if not required:
+                return ""
+            raise HttpRefusal(401, "HTTP Basic credentials required", challenges=(_BASIC_REALM,))
+        digest = est.digest
+        assert digest is not None
+        verdict, reason = digest.check(header, self.command, self.path)
+        if verdict is DigestVerdict.OK:
+            return "digest"
+        if not required:
+            return ""
+        stale = verdict is DigestVerdict.STALE
+        raise HttpRefusal(401, reason, challenges=digest.challenges(stale=stale))
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -650,7 +718,10 @@ class _Handler(BaseHTTPRequestHandler):
                 status=refusal.status,
                 body=(refusal.text + "\n").encode("utf-8"),
                 content_type="text/plain; charset=utf-8",
-                headers=tuple(refusal.headers.items()),
+                headers=(
+                    *refusal.headers.items(),
+                    *(("WWW-Authenticate", value) for value in refusal.challenges),
+                ),
             )
         )
 
@@ -671,6 +742,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_consumed = True
 
     def _send(self, response: _Response) -> None:
+        close_after = self._est.config.close_after
+        if (
+            close_after is not None
+            and close_after.applies(response.status)
+            and response.delivery is _Delivery.NORMAL
+        ):
+            # libest's way: the answer as if keep-alive, then close_notify and the TCP close.
+            response = replace(response, delivery=_Delivery.DROP)
+        authorization = (self.headers.get("Authorization") or "").strip()
+        self._est.state.record(
+            RequestRecord(
+                method=self.command,
+                path=self.path,
+                status=response.status,
+                authorization=authorization.split(" ", 1)[0].lower() or None,
+                connection=self._connection_number,
+            )
+        )
         body = response.body
         length = _OVERSIZE_BYTES if response.delivery is _Delivery.OVERSIZE else len(body)
         if response.delivery is not _Delivery.NORMAL or response.status >= 500:

@@ -63,13 +63,21 @@ class HttpRefusal(EstError):
     """Raised inside the test server to answer a request with an HTTP error status.
 
     `text` is the short plain-text body sent to the client; `headers` are extra response headers
-    (e.g. WWW-Authenticate, Retry-After, Allow).
+    (e.g. Retry-After, Allow); `challenges` are WWW-Authenticate values, one field each.
     """
 
-    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        text: str,
+        headers: dict[str, str] | None = None,
+        *,
+        challenges: tuple[str, ...] = (),
+    ) -> None:
         self.status = status
         self.text = text
         self.headers = dict(headers or {})
+        self.challenges = challenges
         super().__init__(f"HTTP {status}: {text}")
 
 

@@ -701,6 +701,7 @@ class Agent:
             client_cert_chain=list(chain),
             signer=signer,
             basic_auth=basic,
+            http_auth=est.http_auth.value,
             timeout_s=est.timeout_s,
             run_timeout_s=est.run_timeout_s,
             tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",

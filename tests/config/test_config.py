@@ -358,6 +358,12 @@ BAD = [
         "[est]\nurl = 'https://e.x'\nbasic_username = 'u'\nbasic_password_env = 'A B'",
         "not an environment variable name",
     ),
+    (
+        "est.http_auth",
+        "[est]\nurl = 'https://e.x'\nhttp_auth = 'ntlm'",
+        "expected one of auto, basic, digest, got 'ntlm'",
+    ),
+    ("est.http_auth", "[est]\nurl = 'https://e.x'\nhttp_auth = 'digest'", "needs est.basic_user"),
     ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = 0", "est.timeout_s"),
     ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = 1e9", "est.timeout_s"),
     ("est.timeout_s", "[est]\nurl = 'https://e.x'\ntimeout_s = nan", "est.timeout_s"),

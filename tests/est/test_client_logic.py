@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
+import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,10 +28,11 @@ from est_agent.errors import (
     AuthError,
     EnrollmentPending,
     EstConnectionError,
+    EstError,
     EstRejectedError,
     EstResponseError,
 )
-from est_agent.est.client import EstAuth, EstClient, RetryPolicy, challenge_schemes
+from est_agent.est.client import EstAuth, EstClient, RetryPolicy
 from tests.est.card_helpers import build_csr
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -219,61 +222,162 @@ def test_pending(status: int, retry_after: str | None, expected_s: float) -> Non
     assert rec.sleeps == []  # the caller decides when to come back
 
 
-def test_basic_answers_one_challenge() -> None:
-    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
-    rec = Recorder(challenge, _issued())
+def test_basic_is_sent_pre_emptively_and_a_401_is_the_verdict() -> None:
+    # RFC 7617 pre-emptively (as strongSwan): libest closes after its 401, so a second round
+    # would need a new connection. Only ever inside the verified TLS session (EstAuth).
+    rec = Recorder(_issued())
     _enroll(rec.client(basic_auth=("dev", "pw")))
-    first, second = rec.posts()
-    assert "Authorization" not in first.headers
-    assert second.headers["Authorization"] == "Basic " + base64.b64encode(b"dev:pw").decode()
+    (post,) = rec.posts()
+    assert post.headers["Authorization"] == "Basic " + base64.b64encode(b"dev:pw").decode()
+    assert all(r.headers["Authorization"] == "Basic ZGV2OnB3" for r in rec.requests)
 
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
     rec = Recorder(challenge)
-    with pytest.raises(AuthError):
+    with pytest.raises(AuthError, match="refused the HTTP Basic credentials") as info:
         _enroll(rec.client(basic_auth=("dev", "wrong")))
-    assert len(rec.posts()) == 2  # once, not in a loop
+    assert info.value.exit_code == 77
+    assert len(rec.posts()) == 1  # once, not in a loop
+    assert rec.sleeps == []
+
+
+DIGEST = 'Digest realm="est", qop="auth", algorithm=SHA-256, nonce="bm9uY2U=", opaque="op"'
+
+
+def _digest_fields(header: str) -> dict[str, str]:
+    """An Authorization: Digest value's parameters, read with a regex of the test's own."""
+    assert header.startswith("Digest ")
+    return {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|[^,\s]*)', header)}
+
+
+def _expected_digest(fields: dict[str, str], method: str, password: str = "pw") -> str:
+    """RFC 7616 §3.4.1 with hashlib, SHA-256, qop=auth."""
+
+    def h(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    ha1 = h(f"{fields['username']}:{fields['realm']}:{password}")
+    ha2 = h(f"{method}:{fields['uri']}")
+    return h(f"{ha1}:{fields['nonce']}:{fields['nc']}:{fields['cnonce']}:auth:{ha2}")
+
+
+def test_digest_challenge_is_answered_then_its_nonce_is_used_pre_emptively() -> None:
+    # Several challenge fields, Negotiate first (not spoken): Digest is answered, and the
+    # nonce goes on the next requests with a growing nonce count (RFC 7616 §3.4).
+    challenge = httpx.Response(
+        401, headers=[("WWW-Authenticate", "Negotiate"), ("WWW-Authenticate", DIGEST)]
+    )
+    rec = Recorder(challenge, _issued(), _issued())
+    with rec.client(basic_auth=("dev", "pw")) as client:
+        client.simpleenroll(lambda _b: build_csr(DEVICE))
+        client.simpleenroll(lambda _b: build_csr(DEVICE))
+    first, answer, again = rec.posts()
+    assert first.headers["Authorization"] == "Basic ZGV2OnB3"  # auto: Basic first
+    one, two = (
+        _digest_fields(answer.headers["Authorization"]),
+        _digest_fields(again.headers["Authorization"]),
+    )
+    for fields in (one, two):
+        assert fields["response"] == _expected_digest(fields, "POST")
+        assert (fields["username"], fields["realm"], fields["nonce"]) == ("dev", "est", "bm9uY2U=")
+        assert (fields["algorithm"], fields["qop"], fields["opaque"]) == ("SHA-256", "auth", "op")
+        assert fields["uri"] == "/.well-known/est/simpleenroll"
+    assert (one["nc"], two["nc"]) == ("00000001", "00000002")
+    assert one["cnonce"] != two["cnonce"]
+    assert [r.url.path.rsplit("/", 1)[1] for r in rec.requests] == ["cacerts"] + 3 * [
+        "simpleenroll"
+    ]
+
+
+def test_digest_mode_keeps_the_password_home() -> None:
+    # est.http_auth = "digest": no Basic ever, not even when the server asks for it
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
+    rec = Recorder(challenge)
+    with pytest.raises(AuthError, match=r'asks for HTTP Basic, and est\.http_auth = "digest"'):
+        _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="digest"))
+    assert [r.headers.get("Authorization") for r in rec.requests] == [None, None]
+
+
+def test_basic_mode_does_not_answer_digest() -> None:
+    # Only Digest offered, with "basic" in a parameter: est.http_auth = "basic" answers none.
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Digest realm="basic", nonce="n"'})
+    rec = Recorder(challenge)
+    with pytest.raises(AuthError, match="asks for HTTP Digest") as info:
+        _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="basic"))
+    assert info.value.exit_code == 77
+    (post,) = rec.posts()
+    assert post.headers["Authorization"] == "Basic ZGV2OnB3"
+
+
+def test_stale_nonce_is_answered_once_more_and_a_refused_answer_is_final() -> None:
+    stale = httpx.Response(
+        401, headers={"WWW-Authenticate": DIGEST.replace("bm9uY2U=", "bmV3") + ", stale=true"}
+    )
+    rec = Recorder(httpx.Response(401, headers={"WWW-Authenticate": DIGEST}), stale, _issued())
+    _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="digest"))
+    nonces = [_digest_fields(p.headers["Authorization"])["nonce"] for p in rec.posts()[1:]]
+    assert nonces == ["bm9uY2U=", "bmV3"]
+
+    refused = httpx.Response(401, headers={"WWW-Authenticate": DIGEST})
+    rec = Recorder(refused)
+    with pytest.raises(AuthError, match="refused the HTTP Digest credentials"):
+        _enroll(rec.client(basic_auth=("dev", "wrong"), http_auth="digest"))
+    assert len(rec.posts()) == 2  # the challenge and one answer
+
+    # a server that says stale every time gets two answers, not a loop
+    always = httpx.Response(401, headers={"WWW-Authenticate": DIGEST + ", stale=true"})
+    rec = Recorder(always)
+    with pytest.raises(AuthError):
+        _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="digest"))
+    assert len(rec.posts()) == 3
+
+
+def test_a_nonce_the_server_forgot_is_answered_once_more() -> None:
+    # Accepted once, then refused without stale (a restarted server knows no old nonce): the
+    # new challenge is answered; refused again, that is the verdict.
+    fresh = httpx.Response(401, headers={"WWW-Authenticate": DIGEST.replace("bm9uY2U=", "bmV3")})
+    rec = Recorder(httpx.Response(401, headers={"WWW-Authenticate": DIGEST}), _issued(), fresh)
+    with rec.client(basic_auth=("dev", "pw"), http_auth="digest") as client:
+        client.simpleenroll(lambda _b: build_csr(DEVICE))
+        rec.answers = [fresh, _issued()]
+        client.simpleenroll(lambda _b: build_csr(DEVICE))
+        rec.answers = [fresh]
+        with pytest.raises(AuthError, match="refused the HTTP Digest credentials"):
+            client.simpleenroll(lambda _b: build_csr(DEVICE))
+    nonces = [
+        _digest_fields(p.headers["Authorization"])["nonce"]
+        if "Authorization" in p.headers
+        else None
+        for p in rec.posts()
+    ]
+    # 1st: challenge, answer; 2nd: the accepted nonce refused, answered anew; 3rd: the same,
+    # and the new answer refused too: the verdict after two POSTs
+    assert nonces == [None, "bm9uY2U=", "bm9uY2U=", "bmV3", "bmV3", "bmV3"]
 
 
 @pytest.mark.parametrize(
-    ("values", "schemes"),
+    ("fields", "named"),
     [
-        (['Basic realm="est"'], {"basic"}),
-        (["basic"], {"basic"}),
-        (['Digest realm="est", qop="auth", nonce="a,b", Basic realm="x"'], {"digest", "basic"}),
-        # the RFC 9110 §11.6.1 example: two challenges, a quoted comma and escaped quotes
-        (
-            ['Newauth realm="apps", type=1, title="Login to \\"apps\\"", Basic realm="simple"'],
-            {"newauth", "basic"},
-        ),
-        (['Digest realm="basic, really"', "Negotiate YIIBxQ=="], {"digest", "negotiate"}),
-        (['Bearer realm = "x" , error="invalid_token"'], {"bearer"}),
-        (["", ",,", 'realm="no scheme"', '"unterminated'], set()),
+        (['Bearer realm="est"'], "by Bearer, which this agent does not speak"),
+        (["NTLM", 'Negotiate realm="x"'], "by NTLM, Negotiate"),
+        ([DIGEST.replace("SHA-256", "SHA-512-256")], "algorithm=SHA-512-256 is not supported"),
+        ([], "without a challenge"),
     ],
 )
-def test_challenge_schemes(values: list[str], schemes: set[str]) -> None:
-    assert challenge_schemes(values) == schemes
-
-
-def test_basic_is_not_sent_when_the_challenge_does_not_offer_basic() -> None:
-    # Only Digest offered, with "basic" in a parameter: the password stays home.
-    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Digest realm="basic", nonce="n"'})
+def test_what_cannot_be_answered_is_77_naming_it(fields: list[str], named: str) -> None:
+    challenge = httpx.Response(401, headers=[("WWW-Authenticate", f) for f in fields])
     rec = Recorder(challenge)
-    with pytest.raises(AuthError, match="401") as info:
-        _enroll(rec.client(basic_auth=("dev", "pw")))
-    assert info.value.exit_code == 77
-    (post,) = rec.posts()
-    assert "Authorization" not in post.headers
+    with pytest.raises(AuthError, match=named) as info:
+        _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="digest"))
+    assert info.value.exit_code == 77 and "HTTP 401" in str(info.value)
+    assert len(rec.posts()) == 1
 
 
-def test_basic_among_several_challenge_fields_is_answered() -> None:
-    challenge = httpx.Response(
-        401,
-        headers=[("WWW-Authenticate", "Negotiate"), ("WWW-Authenticate", 'Basic realm="est"')],
-    )
-    rec = Recorder(challenge, _issued())
-    _enroll(rec.client(basic_auth=("dev", "pw")))
-    first, second = rec.posts()
-    assert "Authorization" not in first.headers
-    assert second.headers["Authorization"] == "Basic ZGV2OnB3"  # base64("dev:pw"), RFC 7617 §2
+def test_no_credentials_configured_is_said() -> None:
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
+    rec = Recorder(challenge)
+    with pytest.raises(AuthError, match=r"asks for HTTP authentication \(Basic\); none is"):
+        _enroll(rec.client())
+    assert "Authorization" not in rec.posts()[0].headers
 
 
 def test_a_challenge_body_is_capped_like_any_other() -> None:
@@ -291,16 +395,21 @@ def test_a_challenge_body_is_capped_like_any_other() -> None:
 def test_challenge_after_a_redirect_is_answered_at_the_new_url_and_carried_on() -> None:
     moved = httpx.Response(307, headers={"Location": "/.well-known/est/other/simpleenroll"})
     again = httpx.Response(307, headers={"Location": "/.well-known/est/third/simpleenroll"})
-    challenge = httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="est"'})
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": DIGEST})
     rec = Recorder(moved, challenge, again, _issued())
-    _enroll(rec.client(basic_auth=("dev", "pw")))
+    _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="digest"))
     sent = [(r.url.path, r.headers.get("Authorization")) for r in rec.posts()]
-    assert sent == [
-        ("/.well-known/est/simpleenroll", None),
-        ("/.well-known/est/other/simpleenroll", None),
-        ("/.well-known/est/other/simpleenroll", "Basic ZGV2OnB3"),
-        ("/.well-known/est/third/simpleenroll", "Basic ZGV2OnB3"),
+    assert [(path, auth is not None) for path, auth in sent] == [
+        ("/.well-known/est/simpleenroll", False),
+        ("/.well-known/est/other/simpleenroll", False),
+        ("/.well-known/est/other/simpleenroll", True),
+        ("/.well-known/est/third/simpleenroll", True),
     ]
+    # the Digest answer names the URI it went to (RFC 7616 §3.4), also after the redirect
+    for path, auth in sent[2:]:
+        assert auth is not None
+        fields = _digest_fields(auth)
+        assert fields["uri"] == path and fields["response"] == _expected_digest(fields, "POST")
 
 
 @pytest.mark.parametrize(
@@ -314,20 +423,22 @@ def test_challenge_after_a_redirect_is_answered_at_the_new_url_and_carried_on() 
     ],
 )
 def test_auth_flow_answers_only_this_clients_origin(url: str, answered: bool) -> None:
-    auth = EstAuth(("dev", "pw"), ("https", "est.example", 8443))
+    origin = ("https", "est.example", 8443)
     request = httpx.Request("GET", url)
-    flow = auth.sync_auth_flow(request)
-    assert "Authorization" not in next(flow).headers  # never pre-emptive
-    challenge = httpx.Response(
-        401, headers={"WWW-Authenticate": 'Basic realm="est"'}, request=request
-    )
+    first = next(EstAuth(("dev", "pw"), origin).sync_auth_flow(request))
+    assert ("Authorization" in first.headers) is answered  # pre-emptive Basic, ours only
+
+    request = httpx.Request("GET", url)
+    flow = EstAuth(("dev", "pw"), origin, "digest").sync_auth_flow(request)
+    assert "Authorization" not in next(flow).headers  # Digest needs the challenge first
+    challenge = httpx.Response(401, headers={"WWW-Authenticate": DIGEST}, request=request)
     if not answered:
         with pytest.raises(StopIteration):
             flow.send(challenge)
         return
     retry = flow.send(challenge)
     assert retry is not request and "Authorization" not in request.headers
-    assert retry.headers["Authorization"] == "Basic ZGV2OnB3"
+    assert retry.headers["Authorization"].startswith('Digest username="dev", realm="est"')
     assert retry.url == request.url
     with pytest.raises(StopIteration):  # one answer only: a second 401 is the verdict
         flow.send(httpx.Response(401, headers=challenge.headers, request=retry))
@@ -348,6 +459,8 @@ def test_auth_flow_without_credentials_or_challenge_sends_nothing() -> None:
             flow.send(response)
     shown = repr(EstAuth(("dev", "s3cret"), ("https", "est.example", 8443)))
     assert "s3cret" not in shown and "ZGV2" not in shown
+    with pytest.raises(EstError, match="http_auth: expected one of auto, basic, digest"):
+        EstAuth(("dev", "pw"), ("https", "est.example", 8443), "ntlm")  # type: ignore[arg-type]
 
 
 def test_redirects_same_origin_only() -> None:
@@ -419,6 +532,22 @@ def test_echoed_credentials_are_masked_in_the_error(status: int, error: type[Exc
     for leaked in ("s3cret", "ZGV2OnMz", TOKEN):
         assert leaked not in message
     assert "user=dev" in message  # the rest of the excerpt is still there
+
+
+def test_an_echoed_digest_response_is_masked() -> None:
+    # A Digest response is replayable while its nonce lives: it is a secret like the password.
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent = request.headers.get("Authorization", "")
+        if not sent.startswith("Digest"):
+            return httpx.Response(401, headers={"WWW-Authenticate": DIGEST})
+        return httpx.Response(400, text=f"bad CSR; response={_digest_fields(sent)['response']}")
+
+    rec = Recorder(answer)
+    with pytest.raises(EstRejectedError) as info:
+        _enroll(rec.client(basic_auth=("dev", "pw"), http_auth="digest"))
+    response = _digest_fields(rec.posts()[-1].headers["Authorization"])["response"]
+    message = str(info.value)
+    assert "bad CSR; response=[REDACTED]" in message and response not in message
 
 
 # -- content codings -------------------------------------------------------------------------

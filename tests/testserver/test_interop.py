@@ -207,6 +207,32 @@ def test_curl_basic_auth(serve, dev_pki: DevPki, tmp_path: Path) -> None:  # typ
 
 
 @needs_curl_openssl
+@pytest.mark.parametrize(
+    ("algorithms", "close_after"),
+    [("MD5", None), ("SHA-256", None), ("SHA-256,MD5", None), ("MD5", "401")],
+)
+def test_curl_digest_auth(  # type: ignore[no-untyped-def]
+    serve, dev_pki: DevPki, tmp_path: Path, algorithms: str, close_after: str | None
+) -> None:
+    # curl's own RFC 7616 client against the server's Digest, also when the server closes the
+    # connection after its 401 as libest does (curl then answers on a new connection).
+    options = ["--auth", "basic", "--basic", "alice:s3cret", "--http-auth", "digest"]
+    options += ["--digest-algorithms", algorithms]
+    if close_after:
+        options += ["--close-after", close_after]
+    server = serve(*options)
+    work = tmp_path
+    (work / "pki").symlink_to(dev_pki.directory)
+    url = f"{server.url}/.well-known/est/simpleenroll"
+    csr = _openssl_csr(work, "d", "/CN=digest-device", "DNS:digest-device.example")
+    assert _curl_post(work, url, csr, work / "no.txt") == "401"
+    assert _curl_post(work, url, csr, work / "bad.txt", "--digest", "-u", "alice:wrong") == "401"
+    assert _curl_post(work, url, csr, work / "ok.b64", "--digest", "-u", "alice:s3cret") == "200"
+    _pkcs7_to_pem(work, work / "ok.b64", work / "d.pem")
+    run("openssl", "verify", "-CAfile", work / "pki/ca.pem", work / "d.pem", cwd=work)
+
+
+@needs_curl_openssl
 @pytest.mark.parametrize(("tls_max", "tls13_ok"), [("1.3", True), ("1.2", False)])
 def test_openssl_s_client_versions(
     serve, tmp_path: Path, dev_pki: DevPki, tls_max: str, tls13_ok: bool

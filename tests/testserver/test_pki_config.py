@@ -13,7 +13,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.errors import ConfigError, StoreError, UsageError
 from est_agent.testserver.cli import build_parser, config_from_args, main
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, parse_label_profile
+from est_agent.testserver.config import (
+    AuthMode,
+    CloseAfter,
+    Fault,
+    HttpScheme,
+    ServerConfig,
+    parse_label_profile,
+)
 from est_agent.testserver.issuer import Profile, parse_eku_names
 from est_agent.testserver.pki import PKI_FILES, generate_dev_pki, load_dev_pki
 from est_agent.testserver.wire import CsrAttrsKind
@@ -145,6 +152,12 @@ def test_config_validation(tmp_path: Path) -> None:
         ServerConfig(pki_dir=tmp_path, max_concurrent=0)
     with pytest.raises(ConfigError, match="fault-ops"):
         ServerConfig(pki_dir=tmp_path, fault_operations=frozenset({"bogus"}))
+    with pytest.raises(ConfigError, match="--digest-algorithms: expected some of MD5, MD5-sess"):
+        ServerConfig(pki_dir=tmp_path, digest_algorithms=("SHA-512-256",))
+    with pytest.raises(ConfigError, match="--digest-algorithms"):
+        ServerConfig(pki_dir=tmp_path, digest_algorithms=())
+    with pytest.raises(ConfigError, match="--nonce-lifetime"):
+        ServerConfig(pki_dir=tmp_path, digest_nonce_lifetime_s=0)
 
 
 def test_cli_maps_every_option(tmp_path: Path) -> None:
@@ -187,6 +200,14 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
             "2",
             "--fault-ops",
             "cacerts,simpleenroll",
+            "--close-after",
+            "non-200",
+            "--http-auth",
+            "digest",
+            "--digest-algorithms",
+            "SHA-256,MD5-sess",
+            "--nonce-lifetime",
+            "2.5",
         ]
     )
     config = config_from_args(args)
@@ -203,6 +224,10 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
     assert not config.wrap_base64
     assert config.fault is Fault.FOREIGN_CA
     assert config.fault_operations == {"cacerts", "simpleenroll"}
+    assert config.close_after is CloseAfter.NON_200
+    assert config.http_scheme is HttpScheme.DIGEST
+    assert config.digest_algorithms == ("SHA-256", "MD5-sess")
+    assert config.digest_nonce_lifetime_s == 2.5
 
 
 @pytest.mark.parametrize(
@@ -213,6 +238,8 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
         ["serve", "--pki", "x", "--fault", "nope"],
         ["serve", "--pki", "x", "--max-concurrent", "0"],
         ["serve", "--pki", "x", "--validity", "1w"],
+        ["serve", "--pki", "x", "--http-auth", "bearer"],
+        ["serve", "--pki", "x", "--close-after", "403"],
         ["bogus"],
     ],
 )
