@@ -22,7 +22,7 @@ from est_agent.errors import (
     exit_code_for,
 )
 from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax, parse_label_profile
-from est_agent.testserver.issuer import Profile, parse_eku_names
+from est_agent.testserver.issuer import CaProfile, Profile, parse_eku_names
 from est_agent.testserver.pki import generate_dev_pki
 from est_agent.testserver.server import EstTestServer, write_port_file
 from est_agent.testserver.wire import (
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     pki = sub.add_parser("pki", help="generate the development PKI into DIR")
     pki.add_argument("directory", type=Path, metavar="DIR")
     pki.add_argument("--force", action="store_true", help="overwrite existing files")
+    pki.add_argument(
+        "--ca-profile",
+        choices=[v.value for v in CaProfile],
+        default=CaProfile.RFC5280.value,
+        help="CA certificate extensions: rfc5280, or libest (non-critical basicConstraints, "
+        "no keyUsage, as libest's example CA)",
+    )
     serve = sub.add_parser("serve", help="run the EST server")
     _add_serve_arguments(serve)
     probe = sub.add_parser("probe", help="health check: GET BASE_URL/cacerts over TLS")
@@ -251,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pki":
-            for path in generate_dev_pki(args.directory, force=args.force):
+            profile = CaProfile(args.ca_profile)
+            for path in generate_dev_pki(args.directory, force=args.force, ca_profile=profile):
                 print(path)
             return 0
         if args.command == "serve":
