@@ -108,7 +108,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--pop",
         choices=["off", "required"],
         default="off",
-        help="required: challengePassword = base64(tls-unique) (TLS 1.2 connections only)",
+        help="required: challengePassword = base64(tls-unique) under TLS 1.2, "
+        "base64(tls-exporter) under TLS 1.3 (RFC 9266)",
     )
     p.add_argument("--csrattrs", choices=[v.value for v in CsrAttrsKind], default="none")
     p.add_argument("--validity", type=_duration, default=30 * 86400, metavar="DURATION")
