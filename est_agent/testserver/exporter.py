@@ -31,6 +31,8 @@ from collections import OrderedDict
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from est_agent.errors import ConfigError
+
 __all__ = [
     "CHANNEL_BINDING_LABEL",
     "ExporterSecrets",
@@ -134,9 +136,12 @@ class ExporterSecrets:
         try:
             # The key log is opened by path: the pipe's write end, as this process sees it.
             context.keylog_filename = f"/proc/self/fd/{write_end}"
-        except OSError:
+        except OSError as exc:
             os.close(read_end)
-            raise
+            raise ConfigError(
+                f"--pop required under TLS 1.3 needs OpenSSL's key log on a pipe ({exc}); "
+                "on a system without /proc use --tls-max 1.2 (tls-unique)"
+            ) from exc
         finally:
             os.close(write_end)  # the context holds its own descriptor now
         self._reader = threading.Thread(

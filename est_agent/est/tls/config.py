@@ -104,12 +104,18 @@ def _check_peer(tls: ssl.SSLSocket | ssl.SSLObject) -> None:
         if host is None:
             raise TlsVerificationError("no server name to verify the EST server against")
         verify_server_chain(_peer_chain(tls), anchors, host)
+    except ValueError as exc:  # DER that OpenSSL took and cryptography does not
+        error = TlsVerificationError(f"unparseable server certificate: {exc}")
     except TlsVerificationError as exc:
-        refusal = ssl.SSLCertVerificationError(ssl.SSL_ERROR_SSL, str(exc))
-        refusal.verify_code = 0
-        prefix = f"EST server certificate for {host!r} refused: "
-        refusal.verify_message = str(exc).removeprefix(prefix)
-        raise refusal from exc
+        error = exc
+    else:
+        return
+    refusal = ssl.SSLCertVerificationError(ssl.SSL_ERROR_SSL, str(error))
+    refusal.verify_code = 0
+    refusal.verify_message = str(error).removeprefix(
+        f"EST server certificate for {host!r} refused: "
+    )
+    raise refusal from error
 
 
 def _peer_chain(tls: ssl.SSLSocket | ssl.SSLObject) -> list[x509.Certificate]:
