@@ -24,7 +24,14 @@ import pytest
 
 from est_agent.testserver import DevPki, EstTestServer, TlsMax
 from est_agent.testserver.exporter import client_random_of, peek_client_random
-from tests.testserver.esttls_helpers import EST, b64, bootstrap_credential, make_csr, new_key
+from tests.testserver.esttls_helpers import (
+    EST,
+    ServerProcess,
+    b64,
+    bootstrap_credential,
+    make_csr,
+    new_key,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +40,7 @@ SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY
 
 
 def _s_client_enroll(
-    server: EstTestServer,
+    server: EstTestServer | ServerProcess,
     pki: DevPki,
     credential: tuple[Path, Path],
     suite: str,
@@ -107,6 +114,21 @@ def test_openssl_client_with_its_tls_exporter_enrolls(
     print(f"{suite}: openssl s_client exporter {exporter.hex()}")
     assert len(exporter) == 32
     assert status == 200, text
+    assert time.monotonic() - started < 20
+
+
+def test_serve_cli_pop_required_under_tls13(dev_pki: DevPki, tmp_path: Path) -> None:
+    # `est-testserver serve --pop required` (TLS 1.3 allowed by default) as its own process.
+    started = time.monotonic()
+    server = ServerProcess(dev_pki.directory, tmp_path / "srv", "--pop", "required", "--quiet")
+    try:
+        cert, key, _ = bootstrap_credential(dev_pki, tmp_path)
+        status, text, _ = _s_client_enroll(
+            server, dev_pki, (cert, key), SUITES[1], password=lambda v: base64.b64encode(v).decode()
+        )
+        assert status == 200, text
+    finally:
+        assert server.stop() == 0  # SIGTERM: the key log reader stops with the server
     assert time.monotonic() - started < 20
 
 
