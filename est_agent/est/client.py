@@ -674,6 +674,8 @@ class EstClient:
         /cacerts anchor (RFC 5280 §6; a CA rollover's new root counts too, RFC 7030 §4.1.3)."""
         from cryptography.x509 import verification
 
+        from est_agent.est.tls.policy import ca_extension_policy, verification_reason
+
         try:
             csr_key = x509.load_der_x509_csr(csr_der).public_key()
         except ValueError as exc:
@@ -702,7 +704,9 @@ class EstClient:
         if cacerts.roles.new_root is not None:
             anchors.append(cacerts.roles.new_root)
         # EST certificates need not carry a SAN or an EKU (checked above when it matters):
-        # relax just those two of the web-PKI end-entity rules; CA rules stay as they are.
+        # relax just those two of the web-PKI end-entity rules. CA rules stay, except for the
+        # /cacerts anchor itself: trust-anchor information (RFC 5280 §6.1.1), as on the TLS
+        # paths (policy.ca_extension_policy).
         criticality = verification.Criticality.AGNOSTIC
         ee_policy = (
             verification.ExtensionPolicy.webpki_defaults_ee()
@@ -714,16 +718,14 @@ class EstClient:
                 verification.PolicyBuilder()
                 .store(verification.Store(anchors))
                 .time(now)
-                .extension_policies(
-                    ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
-                    ee_policy=ee_policy,
-                )
+                .extension_policies(ca_policy=ca_extension_policy(anchors), ee_policy=ee_policy)
                 .build_client_verifier()
             )
             verifier.verify(leaf, [*chain, *cacerts.roles.intermediates])
         except verification.VerificationError as exc:
             raise EstResponseError(
-                f"issued certificate does not chain to the /cacerts anchor: {exc}"
+                "issued certificate does not chain to the /cacerts anchor: "
+                + verification_reason(exc)
             ) from exc
         return leaf, chain
 

@@ -30,7 +30,7 @@ from est_agent.testserver.config import (
     TlsMax,
     parse_label_profile,
 )
-from est_agent.testserver.issuer import Profile, parse_eku_names
+from est_agent.testserver.issuer import CaProfile, Profile, parse_eku_names
 from est_agent.testserver.pki import generate_dev_pki
 from est_agent.testserver.server import EstTestServer, write_port_file
 from est_agent.testserver.wire import (
@@ -141,7 +141,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--pop",
         choices=["off", "required"],
         default="off",
-        help="required: challengePassword = base64(tls-unique) (TLS 1.2 connections only)",
+        help="required: challengePassword = base64(tls-unique) under TLS 1.2, "
+        "base64(tls-exporter) under TLS 1.3 (RFC 9266)",
     )
     p.add_argument(
         "--csrattrs",
@@ -206,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     pki = sub.add_parser("pki", help="generate the development PKI into DIR")
     pki.add_argument("directory", type=Path, metavar="DIR")
     pki.add_argument("--force", action="store_true", help="overwrite existing files")
+    pki.add_argument(
+        "--ca-profile",
+        choices=[v.value for v in CaProfile],
+        default=CaProfile.RFC5280.value,
+        help="CA certificate extensions: rfc5280, or libest (non-critical basicConstraints, "
+        "no keyUsage, as libest's example CA)",
+    )
     serve = sub.add_parser("serve", help="run the EST server")
     _add_serve_arguments(serve)
     probe = sub.add_parser("probe", help="health check: GET BASE_URL/cacerts over TLS")
@@ -305,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pki":
-            for path in generate_dev_pki(args.directory, force=args.force):
+            profile = CaProfile(args.ca_profile)
+            for path in generate_dev_pki(args.directory, force=args.force, ca_profile=profile):
                 print(path)
             return 0
         if args.command == "serve":

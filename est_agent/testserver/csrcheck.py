@@ -120,13 +120,18 @@ def check_csr(der: bytes) -> CheckedCsr:
     )
 
 
-def check_challenge_password(checked: CheckedCsr, tls_unique: bytes) -> None:
-    """RFC 7030 §3.5: challengePassword must be base64(tls-unique) of this TLS connection."""
-    expected = base64.b64encode(tls_unique).decode("ascii")
+def check_challenge_password(
+    checked: CheckedCsr, binding: bytes, kind: str = "tls-unique"
+) -> None:
+    """RFC 7030 §3.5: challengePassword must be base64 of this TLS connection's channel
+    binding ``kind``: tls-unique (RFC 5929) under TLS 1.2, tls-exporter (RFC 9266) under 1.3."""
+    expected = base64.b64encode(binding).decode("ascii")
     if checked.challenge_password is None:
-        raise HttpRefusal(400, "PoP required: CSR lacks challengePassword = base64(tls-unique)")
+        raise HttpRefusal(400, f"PoP required: CSR lacks challengePassword = base64({kind})")
     if checked.challenge_password != expected:
-        raise HttpRefusal(400, "PoP failed: challengePassword does not match this TLS session")
+        raise HttpRefusal(
+            400, f"PoP failed: challengePassword does not match this TLS session's {kind}"
+        )
 
 
 def raw_subject_and_san_of_certificate(der: bytes) -> tuple[bytes, bytes | None]:

@@ -6,6 +6,7 @@ what "now" is, so that validity down to seconds can be asserted exactly.
 
 from __future__ import annotations
 
+import enum
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ from est_agent.errors import UsageError
 
 __all__ = [
     "EKU_BY_NAME",
+    "CaProfile",
     "CertificateAuthority",
     "Profile",
     "issue_from_csr",
@@ -71,24 +73,51 @@ def random_serial() -> int:
     return secrets.randbits(127) | 1
 
 
-def make_ca(common_name: str, now: datetime, validity: timedelta) -> CertificateAuthority:
-    """A self-signed EC P-256 CA (used for the dev PKI and for the foreign-CA fault)."""
+class CaProfile(enum.Enum):
+    """The extensions of a CA certificate made here (`est-testserver pki --ca-profile`)."""
+
+    #: RFC 5280 §4.2.1.9 / §4.2.1.3 as written: critical basicConstraints cA, critical
+    #: keyUsage keyCertSign + cRLSign, subjectKeyIdentifier (and AKI when not self-signed)
+    RFC5280 = "rfc5280"
+    #: libest's example CA (example/server/estExampleCA.cnf, section v3_ca:
+    #: "basicConstraints = CA:TRUE", "subjectKeyIdentifier=hash"): basicConstraints cA *not*
+    #: critical and no keyUsage; what curl, `openssl verify` and libest's client accept
+    LIBEST = "libest"
+
+
+def make_ca(
+    common_name: str,
+    now: datetime,
+    validity: timedelta,
+    *,
+    profile: CaProfile = CaProfile.RFC5280,
+    issuer: CertificateAuthority | None = None,
+) -> CertificateAuthority:
+    """An EC P-256 CA: self-signed (the dev PKI, the foreign-CA fault), or an intermediate
+    signed by ``issuer``; its extensions follow ``profile``."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    libest = profile is CaProfile.LIBEST
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer.certificate.subject if issuer else name)
         .public_key(key.public_key())
         .serial_number(random_serial())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=not libest)
     )
+    if not libest:
+        builder = builder.add_extension(CA_KEY_USAGE, critical=True)
+    builder = builder.add_extension(ski, critical=False)
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
     return CertificateAuthority(certificate=cert, key=key)
 
 

@@ -12,6 +12,9 @@ EST CA, and a client that mixes the two up is caught here:
 plus `server.pem`/`.key` (localhost, 127.0.0.1, ::1, est-server) and a sample bootstrap client
 credential `bootstrap-client.pem`/`.key` for curl and strongSwan demonstrations. Private keys
 are written with mode 0600 and are never committed (see certs/README.md).
+
+`--ca-profile libest` gives the three CAs the extensions of libest's example CA (issuer.py
+`CaProfile`): a server in the field whose trust anchor the client must take as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from est_agent.certificates import load_certificates
 from est_agent.errors import ConfigError
 from est_agent.fileio import atomic_write
 from est_agent.testserver.issuer import (
+    CaProfile,
     CertificateAuthority,
     issue_from_csr,
     make_ca,
@@ -42,6 +46,7 @@ __all__ = [
     "DevPki",
     "generate_dev_pki",
     "issue_bootstrap_certificate",
+    "issue_server_certificate",
     "load_dev_pki",
 ]
 
@@ -99,9 +104,11 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
     atomic_write(path, data, mode=mode, what="private key" if private else "certificate")
 
 
-def _server_certificate(
+def issue_server_certificate(
     tls_ca: CertificateAuthority, now: datetime
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The TLS server's certificate and key: SERVER_NAMES in the SAN, serverAuth, from
+    ``tls_ca`` (the dev TLS CA, or an intermediate under it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for name in SERVER_NAMES:
@@ -152,8 +159,11 @@ def issue_bootstrap_certificate(
     )
 
 
-def generate_dev_pki(directory: Path, *, force: bool = False) -> list[Path]:
+def generate_dev_pki(
+    directory: Path, *, force: bool = False, ca_profile: CaProfile = CaProfile.RFC5280
+) -> list[Path]:
     """Generate the dev PKI into `directory` (created if needed); returns the files written.
+    The three CAs' extensions follow `ca_profile`.
 
     Refuses (ConfigError) to overwrite existing files unless `force`: regenerating the CAs
     orphans every certificate issued so far. A file that cannot be written raises StoreError;
@@ -164,10 +174,10 @@ def generate_dev_pki(directory: Path, *, force: bool = False) -> list[Path]:
     if existing and not force:
         raise ConfigError(f"{directory}: {', '.join(existing)} already exist (use --force)")
     now = datetime.now(UTC)
-    est_ca = make_ca("est-agent dev EST CA", now, _CA_VALIDITY)
-    tls_ca = make_ca("est-agent dev TLS CA", now, _CA_VALIDITY)
-    bootstrap_ca = make_ca("est-agent dev bootstrap CA", now, _CA_VALIDITY)
-    server_cert, server_key = _server_certificate(tls_ca, now)
+    est_ca = make_ca("est-agent dev EST CA", now, _CA_VALIDITY, profile=ca_profile)
+    tls_ca = make_ca("est-agent dev TLS CA", now, _CA_VALIDITY, profile=ca_profile)
+    bootstrap_ca = make_ca("est-agent dev bootstrap CA", now, _CA_VALIDITY, profile=ca_profile)
+    server_cert, server_key = issue_server_certificate(tls_ca, now)
     client_key = ec.generate_private_key(ec.SECP256R1())
     client_cert = issue_bootstrap_certificate(
         bootstrap_ca, client_key.public_key(), "bootstrap-client", now=now

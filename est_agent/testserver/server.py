@@ -10,6 +10,10 @@ with its traceback and answered 500, and the server keeps serving.
 Client certificates: OpenSSL verifies the chain against both the bootstrap CA and the EST CA,
 with its time check switched off so that an expired certificate reaches the handler and gets
 a readable 403 instead of a bare TLS alert; which CA issued it decides what it may do.
+
+PoP (`--pop required`, RFC 7030 §3.5): challengePassword must be base64 of the connection's
+channel binding: tls-unique under TLS 1.2 (RFC 5929), tls-exporter under TLS 1.3 (RFC 9266;
+OpenSSL's exporter secret through its key log, exporter.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from est_agent.testserver.csrcheck import (
     check_reenroll,
 )
 from est_agent.testserver.digest import DigestAuthenticator, DigestVerdict
+from est_agent.testserver.exporter import ExporterSecrets, peek_client_random, tls_exporter
 from est_agent.testserver.issuer import (
     CertificateAuthority,
     Profile,
@@ -246,11 +251,24 @@ class EstTestServer(Closing):
         self._foreign_lock = threading.Lock()
         self._quiet = False
         self._thread: threading.Thread | None = None
-        self._httpd = _HTTPServer((config.host, config.port), self)
+        # tls-exporter needs OpenSSL's exporter secrets: only kept when PoP may meet TLS 1.3
+        self.exporter_secrets = (
+            ExporterSecrets(self.ssl_context)
+            if config.pop_required and config.tls_max is TlsMax.TLS1_3
+            else None
+        )
+        try:
+            self._httpd = _HTTPServer((config.host, config.port), self)
+        except OSError:
+            if self.exporter_secrets is not None:
+                self.exporter_secrets.close()
+            raise
         try:
             self._state = _State(config)
         except OSError:
             self._httpd.server_close()  # e.g. an unwritable --issuance-log: free the port
+            if self.exporter_secrets is not None:
+                self.exporter_secrets.close()
             raise
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -289,6 +307,8 @@ class EstTestServer(Closing):
             self._thread = None
         self._httpd.server_close()
         self._state.close()
+        if self.exporter_secrets is not None:
+            self.exporter_secrets.close()
 
     def note(self, message: str) -> None:
         if not self._quiet:
@@ -382,18 +402,27 @@ class _Handler(BaseHTTPRequestHandler):
     def _est(self) -> EstTestServer:
         return cast(_HTTPServer, self.server).est
 
+    #: ClientHello.random of this connection (when tls-exporter may be needed): the key of
+    #: its exporter secret
+    _client_random: bytes | None = None
+
     def setup(self) -> None:
         est = self._est
         raw = cast(socket.socket, self.request)
         # Bounds the handshake and every later read and write; the TLS socket inherits it.
         raw.settimeout(est.config.io_timeout_s)
         self._connection_number = est.state.next_connection()
+        if est.exporter_secrets is not None:
+            self._client_random = peek_client_random(raw, est.config.io_timeout_s)
         self.request = est.ssl_context.wrap_socket(raw, server_side=True)
         super().setup()
 
     def finish(self) -> None:
         # socketserver closes the plain socket it accepted, which wrap_socket detached; the
         # TLS socket that now owns the descriptor is ours to close.
+        secrets = self._est.exporter_secrets
+        if secrets is not None and self._client_random is not None:
+            secrets.forget(self._client_random)
         try:
             super().finish()
         finally:
@@ -642,18 +671,25 @@ class _Handler(BaseHTTPRequestHandler):
         return self._faulty(fault, ok, issued_der=cert.public_bytes(serialization.Encoding.DER))
 
     def _check_pop(self, checked: CheckedCsr) -> None:
-        # RFC 7030 §3.5 binds to tls-unique (RFC 5929), which TLS 1.3 does not define
-        # (RFC 9266 replaces it with tls-exporter, which Python's ssl cannot compute); the
-        # stdlib would return a meaningless value, so refuse plainly instead.
-        if self._tls.version() != "TLSv1.2":
-            raise HttpRefusal(
-                400,
-                "PoP required: tls-unique is undefined under TLS 1.3; connect with TLS 1.2",
-            )
-        binding = self._tls.get_channel_binding("tls-unique")
-        if not binding:
-            raise HttpRefusal(400, "PoP required: no tls-unique for this connection")
-        check_challenge_password(checked, binding)
+        # RFC 7030 §3.5 binds to tls-unique (RFC 5929) under TLS 1.2; TLS 1.3 does not define
+        # it, and RFC 9266 §1 replaces it with tls-exporter there.
+        tls = self._tls
+        if tls.version() == "TLSv1.2":
+            binding = tls.get_channel_binding("tls-unique")
+            if not binding:
+                raise HttpRefusal(400, "PoP required: no tls-unique for this connection")
+            check_challenge_password(checked, binding, "tls-unique")
+            return
+        secrets = self._est.exporter_secrets
+        secret = (
+            secrets.secret(self._client_random)
+            if secrets is not None and self._client_random is not None
+            else None
+        )
+        cipher = tls.cipher()
+        if secret is None or cipher is None:
+            raise HttpRefusal(400, "PoP required: no tls-exporter for this TLS 1.3 connection")
+        check_challenge_password(checked, tls_exporter(secret, cipher[0]), "tls-exporter")
 
     def _issue(
         self, checked: CheckedCsr, profile: Profile, now: datetime, fault: Fault | None

@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -184,6 +185,37 @@ def test_pop_tls_unique(
         else:
             assert client.simpleenroll(csr).certificate.public_key() == op_a.public_key()
     assert issued_log(server) == [] if tampered else len(issued_log(server)) == 1
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_pop_tls_exporter_under_tls13(
+    start_server: StartServer, dev_pki: DevPki, sim: SimCard, tampered: bool
+) -> None:
+    # RFC 9266 under TLS 1.3 with client authentication: the server takes OpenSSL's exporter
+    # secret; the agent's value must be the RFC 8446 §7.1/§7.5 one (tlslite-ng 0.8.2's own
+    # exporter differs once the client's Certificate is in its transcript).
+    started = time.monotonic()
+    server = start_server(tls_max=TlsMax.TLS1_3, pop_required=True)
+    op_a = sim.new_key(OP_KEY_A)
+
+    def csr(binding: ChannelBinding | None) -> bytes:
+        assert binding is not None and binding.kind == "tls-exporter"
+        assert (binding.tls_version, len(binding.value)) == ("TLSv1.3", 32)
+        value = binding.value
+        if tampered:
+            value = bytes([value[0] ^ 1]) + value[1:]
+        return DEVICE_CSR.challenge_password(challenge_password_value(value)).build(op_a)
+
+    with card_client(server, dev_pki, sim) as client:
+        if tampered:
+            with pytest.raises(EstRejectedError, match=r"PoP failed.*tls-exporter") as info:
+                client.simpleenroll(csr)
+            assert info.value.exit_code == 76
+        else:
+            assert client.simpleenroll(csr).certificate.public_key() == op_a.public_key()
+    assert len(issued_log(server)) == (0 if tampered else 1)
+    assert sim.bootstrap.signatures == 1  # one handshake; a refused PoP is not retried
+    assert time.monotonic() - started < 15
 
 
 def test_retry_on_new_connection_signs_the_csr_again(

@@ -14,6 +14,7 @@ from est_agent.est.tls import (
     verify_server_chain,
 )
 from est_agent.testserver import DevPki
+from tests.est.anchors import CASES, SHAPES, Case, chain_for
 
 
 def _server_cert(pki: DevPki):  # type: ignore[no-untyped-def]
@@ -41,6 +42,33 @@ def test_wrong_anchor_empty_chain_and_no_anchor_are_refused(dev_pki: DevPki) -> 
         verify_server_chain([], [dev_pki.tls_ca_certificate], "localhost")
     with pytest.raises(TlsVerificationError, match="no trust anchor"):
         verify_server_chain([cert], [], "localhost")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_anchor_is_exempt_from_the_ca_profile_intermediates_are_not(case: Case) -> None:
+    # The verdicts of tests/est/anchors.py CASES, offline (the same cases run over both TLS
+    # paths against a real server, and through `openssl verify`, in test_tls_anchor.py).
+    _, chain, anchor = chain_for(
+        anchor=SHAPES[case.anchor],
+        intermediate=SHAPES[case.intermediate] if case.intermediate else None,
+    )
+    if case.accepted:
+        verify_server_chain(chain, [anchor], "localhost")
+        return
+    with pytest.raises(TlsVerificationError, match=case.refusal) as info:
+        verify_server_chain(chain, [anchor], "localhost")
+    assert info.value.exit_code == 76
+    assert "ValueError" not in str(info.value)  # what happened, not which class
+
+
+def test_an_intermediate_configured_as_anchor_is_exempt_itself() -> None:
+    # RFC 5280 §6.1.1: whichever certificate is configured is the anchor (PARTIAL_CHAIN on the
+    # stdlib path): a libest-like intermediate trusted directly needs no profile of its own.
+    _, chain, root = chain_for(anchor=SHAPES["rfc5280"], intermediate=SHAPES["libest"])
+    with pytest.raises(TlsVerificationError, match="basicConstraints is not critical"):
+        verify_server_chain(chain, [root], "localhost")  # under the root: an intermediate
+    verify_server_chain(chain[:1], [chain[1]], "localhost")  # configured itself: the anchor
+    verify_server_chain(chain, [root, chain[1]], "localhost")  # both: the path ends there
 
 
 def test_client_chain_must_match_the_signer(dev_pki: DevPki) -> None:
@@ -102,3 +130,70 @@ def test_transport_refuses_a_non_positive_request_timeout(
     with pytest.raises(ConfigError, match="positive") as info:
         EstTransport(StdlibTls((dev_pki.tls_ca_certificate,)), timeout_s=timeout_s)
     assert info.value.exit_code == 78
+
+
+# -- the CA profile of the issued-certificate check (EstClient._validate_issued) ----------------
+
+
+@pytest.mark.parametrize(
+    ("sub_profile", "refusal"),
+    [("rfc5280", None), ("libest", "intermediate CA .* basicConstraints is not critical")],
+)
+def test_issued_chain_exempts_the_cacerts_anchor_not_its_intermediates(
+    sub_profile: str, refusal: str | None
+) -> None:
+    # /cacerts: a libest-like root (the anchor, RFC 5280 §6.1.1: accepted as it is) and a
+    # sub-CA that issued the certificate; the sub-CA is held to the CA profile.
+    from datetime import UTC, datetime, timedelta
+
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from est_agent.backends.signer import SoftwareSigner
+    from est_agent.errors import EstResponseError
+    from est_agent.est.client import EstClient
+    from est_agent.testserver.issuer import CaProfile, issue_from_csr, make_ca, random_serial
+    from tests.est.card_helpers import build_csr
+    from tests.est.oddcerts import certs_only
+
+    now = datetime.now(UTC)
+    root = make_ca("libest-like EST CA", now, timedelta(days=30), profile=CaProfile.LIBEST)
+    sub = make_ca(
+        "EST sub-CA", now, timedelta(days=30), profile=CaProfile(sub_profile), issuer=root
+    )
+    device = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
+    leaf = issue_from_csr(
+        sub,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-1")]),
+        public_key=device.public_key(),
+        san_der=None,
+        san_critical=False,
+        ekus=(),
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(days=1),
+        serial=random_serial(),
+    )
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/cacerts"):
+            body, kind = certs_only(root.certificate, sub.certificate), "application/pkcs7-mime"
+        else:
+            body, kind = certs_only(leaf), "application/pkcs7-mime; smime-type=certs-only"
+        return httpx.Response(200, content=body, headers={"Content-Type": kind})
+
+    client = EstClient(
+        "https://est.example",
+        trust_anchors=[root.certificate],
+        transport=httpx.MockTransport(answer),
+        require_client_auth_eku=False,
+    )
+    with client:
+        if refusal is None:
+            assert client.simpleenroll(lambda _b: build_csr(device)).certificate == leaf
+            return
+        with pytest.raises(EstResponseError, match=refusal) as info:
+            client.simpleenroll(lambda _b: build_csr(device))
+    assert info.value.exit_code == 76
+    assert "ValueError" not in str(info.value)

@@ -122,6 +122,8 @@ PRIVATE_METHODS: list[tuple[str, list[str], bool]] = [
         ["self", "label", "length"],
         False,
     ),
+    ("tlslite.handshakehashes.HandshakeHashes.copy", ["self"], False),
+    ("tlslite.handshakehashes.HandshakeHashes.digest", ["self", "digest"], False),
     ("tlslite.utils.ecdsakey.ECDSAKey._sign", ["self", "data", "hash_alg"], False),
     ("tlslite.utils.ecdsakey.ECDSAKey._verify", ["self", "signature", "hash_bytes"], False),
     ("tlslite.recordlayer.RecordLayer._getCipherSettings", ["cipherSuite"], False),
@@ -362,6 +364,50 @@ def test_our_client_uses_openssl_aes_gcm_a_plain_server_keeps_tlslites(
     assert all(isinstance(c, OpenSslAesGcm) for c in ours), f"patch did not take: {RECHECK}"
     assert [c.implementation for c in seen["ciphers"]] == ["python", "python"]
     assert negotiated == ("TLSv1.3" if version == (3, 4) else "TLSv1.2")
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.integration
+def test_our_tls13_exporter_derivation_matches_tlslites_where_tlslite_is_right(
+    dev_pki: DevPki,
+) -> None:
+    # Without a CertificateRequest nothing of the client's enters the transcript between the
+    # server Finished and the point where tlslite-ng derives exporter_master_secret, so its
+    # value is right there (RFC 8446 §7.1): ours, from the master secret, the suite and the
+    # transcript copy _sendMsg took, must be the same secret and the same exporter. A change
+    # of those tlslite internals (session.masterSecret, session.cipherSuite, _handshake_hash,
+    # the moment _sendMsg copies it) shows here. (Against OpenSSL, with client authentication
+    # too: tests/est/test_tls_exporter.py.)
+    import time
+
+    from est_agent.est.tls import keyschedule
+
+    started = time.monotonic()
+    client_sock, server_sock = socket.socketpair()
+    client_sock.settimeout(10)
+    server_sock.settimeout(10)
+    config = TlsliteTls((dev_pki.tls_ca_certificate,))
+    with client_sock, server_sock, _plain_tlslite_server(dev_pki, server_sock, (3, 4)) as seen:
+        client = tlslite_adapter.handshake(
+            client_sock, config, "localhost", card_time=contextlib.nullcontext
+        )
+        connection = client._connection
+        hash_name = keyschedule.transcript_hash_algorithm(connection.session.cipherSuite)
+        transcript = bytes(connection.est_server_finished_hashes.digest(hash_name))
+        ours = keyschedule.exporter_master_secret(
+            bytes(connection.session.masterSecret), transcript, hash_name
+        )
+        theirs = bytes(connection.session.exporterMasterSecret)
+        exported = client.ssl_object.export_keying_material(policy.TLS_EXPORTER_LABEL, 32)
+        tlslites = bytes(
+            connection.keyingMaterialExporter(bytearray(policy.TLS_EXPORTER_LABEL), 32)
+        )
+        client.sendall(b"ping")
+        client.recv(1024)
+        client.close()
+    assert "error" not in seen, seen.get("error")
+    assert ours == theirs, f"tlslite's exporter_master_secret is no longer derived so: {RECHECK}"
+    assert exported == tlslites
     assert time.monotonic() - started < 10
 
 

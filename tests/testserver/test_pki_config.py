@@ -58,6 +58,33 @@ def test_three_distinct_cas_and_server_names(tmp_path: Path) -> None:
         assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
+@pytest.mark.parametrize(
+    ("profile", "bc_critical", "key_usage"), [("rfc5280", True, True), ("libest", False, False)]
+)
+def test_pki_ca_profile_switch(
+    tmp_path: Path, profile: str, bc_critical: bool, key_usage: bool
+) -> None:
+    # `est-testserver pki DIR --ca-profile libest`: the three CAs as libest's example CA
+    # (estExampleCA.cnf [v3_ca]: basicConstraints CA:TRUE, not critical; no keyUsage).
+    assert main(["pki", str(tmp_path), "--ca-profile", profile]) == 0
+    pki = load_dev_pki(tmp_path)
+    for ca in (pki.est_ca.certificate, pki.tls_ca_certificate, pki.bootstrap_ca.certificate):
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+        assert (bc.value.ca, bc.critical) == (True, bc_critical)
+        present = {type(e.value) for e in ca.extensions}
+        assert (x509.KeyUsage in present) is key_usage
+        assert x509.SubjectKeyIdentifier in present
+    server = x509.load_pem_x509_certificate(pki.server_cert_path.read_bytes())
+    server.verify_directly_issued_by(pki.tls_ca_certificate)
+
+
+def test_pki_ca_profile_refuses_an_unknown_profile(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["pki", str(tmp_path), "--ca-profile", "web"])
+    assert info.value.code == 64
+    assert not list(tmp_path.iterdir())
+
+
 def test_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     generate_dev_pki(tmp_path)
     before = (tmp_path / "ca.pem").read_bytes()

@@ -3,10 +3,14 @@
 Laid out along httpx's lines, one direction of imports (each uses only those above it):
 
 * ``policy``: what is accepted and offered, pure: versions, suites, the server-chain check
-  (``verify_server_chain``), which alerts mean "certificate refused", the channel binding.
+  (``verify_server_chain``, whose CA profile exempts the configured trust anchor, RFC 5280
+  §6.1.1), which alerts mean "certificate refused", the channel binding.
+* ``keyschedule``: the TLS 1.3 exporter (RFC 8446 §7.1, §7.5), pure: tls-exporter is derived
+  here, not by tlslite-ng (whose 0.8.2 transcript is wrong for it under client authentication).
 * ``config``: the two configurations, ``TlsliteTls`` (tlslite-ng runs the handshake, so the
   client's CertificateVerify can be signed by a ``Signer``: the SIM's key) and ``StdlibTls``
-  (the stdlib ``ssl`` module, server-only authentication). Same anchors, same policy.
+  (the stdlib ``ssl`` module, server-only authentication). Same anchors, same check: the
+  stdlib path runs ``verify_server_chain`` on the server's chain after OpenSSL's own.
 * ``tlslite_adapter``: everything that touches tlslite-ng, its private internals included
   (listed in its docstring, watched by tests/est/test_tlslite_canary.py). tlslite does not
   verify the server at all, so the adapter checks the server's chain as soon as its

@@ -5,20 +5,21 @@
   the adapter (tlslite_adapter.py) before anything is signed.
 * ``StdlibTls``: the stdlib ``ssl`` module, for server-only authentication (``est-agent
   cacerts``/``csrattrs``); OpenSSL checks the chain against the same explicit anchors (no
-  system store) and the host name or address.
+  system store) and the host name or address, then, before a byte of HTTP is sent, the chain
+  the server sent goes through the tlslite path's ``verify_server_chain`` too: one policy.
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from est_agent.errors import EstError, TlsVerificationError
-from est_agent.est.tls.policy import STDLIB_TLS12_CIPHERS, TLS_MAX_VERSIONS
+from est_agent.est.tls.policy import STDLIB_TLS12_CIPHERS, TLS_MAX_VERSIONS, verify_server_chain
 
 if TYPE_CHECKING:
     from est_agent.backends.signer import Signer
@@ -63,18 +64,85 @@ class StdlibTls:
     max_version: str = "1.3"
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED
+        ctx = _AnchoredContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname + CERT_REQUIRED
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = (
             ssl.TLSVersion.TLSv1_2 if self.max_version == "1.2" else ssl.TLSVersion.TLSv1_3
         )
         # The configured anchors only, never the system store (RFC 7030 §3.6.1 explicit TA);
-        # PARTIAL_CHAIN lets an intermediate be an anchor, as cryptography's Store does, and
-        # X509_STRICT applies RFC 5280 as strictly as the tlslite path's verifier.
+        # PARTIAL_CHAIN lets an intermediate be an anchor, as cryptography's Store does.
+        # Not X509_STRICT: OpenSSL applies it to the trust anchor too (a non-critical
+        # basicConstraints, a missing keyUsage: libest's example CA), where RFC 5280 §6.1.1
+        # checks no anchor; the strict profile for intermediates and the leaf is
+        # verify_server_chain's, run on the same chain once OpenSSL is done (_VerifiedSocket).
         if not self.trust_anchors:
             raise TlsVerificationError("no trust anchor configured for the EST server")
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trust_anchors)
         ctx.load_verify_locations(cadata=pem.decode("ascii"))
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         ctx.set_ciphers(STDLIB_TLS12_CIPHERS)
+        ctx.est_anchors = self.trust_anchors
         return ctx
+
+
+class _AnchoredContext(ssl.SSLContext):
+    """An ``SSLContext`` whose sockets (and memory-BIO objects, for TLS inside a TLS proxy
+    tunnel) verify the server's chain with ``verify_server_chain`` when the handshake is done:
+    ``sslsocket_class`` / ``sslobject_class`` are the stdlib's hooks for exactly that."""
+
+    est_anchors: tuple[x509.Certificate, ...] = ()
+
+
+def _check_peer(tls: ssl.SSLSocket | ssl.SSLObject) -> None:
+    """After OpenSSL accepted the handshake: the tlslite path's check on the chain the server
+    sent (leaf first). A refusal is raised as OpenSSL's own certificate refusal, so that the
+    stream layer reports it the same way (and closes the connection unused)."""
+    context = tls.context
+    anchors = context.est_anchors if isinstance(context, _AnchoredContext) else ()
+    host = tls.server_hostname
+    try:
+        if host is None:
+            raise TlsVerificationError("no server name to verify the EST server against")
+        verify_server_chain(_peer_chain(tls), anchors, host)
+    except ValueError as exc:  # DER that OpenSSL took and cryptography does not
+        error = TlsVerificationError(f"unparseable server certificate: {exc}")
+    except TlsVerificationError as exc:
+        error = exc
+    else:
+        return
+    refusal = ssl.SSLCertVerificationError(ssl.SSL_ERROR_SSL, str(error))
+    refusal.verify_code = 0
+    refusal.verify_message = str(error).removeprefix(
+        f"EST server certificate for {host!r} refused: "
+    )
+    raise refusal from error
+
+
+def _peer_chain(tls: ssl.SSLSocket | ssl.SSLObject) -> list[x509.Certificate]:
+    """The certificates the server sent, leaf first (``get_unverified_chain``: public from
+    Python 3.13, the ``_ssl`` object's method since 3.10)."""
+    public = getattr(tls, "get_unverified_chain", None)
+    if public is not None:
+        ders = [bytes(c) for c in public()]
+    else:
+        import _ssl
+
+        inner: Any = tls._sslobj  # type: ignore[union-attr]
+        ders = [c.public_bytes(_ssl.ENCODING_DER) for c in inner.get_unverified_chain()]
+    return [x509.load_der_x509_certificate(der) for der in ders]
+
+
+class _VerifiedSocket(ssl.SSLSocket):
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        _check_peer(self)
+
+
+class _VerifiedObject(ssl.SSLObject):
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        _check_peer(self)
+
+
+_AnchoredContext.sslsocket_class = _VerifiedSocket
+_AnchoredContext.sslobject_class = _VerifiedObject

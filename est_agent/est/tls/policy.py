@@ -9,7 +9,11 @@
 * Ciphers: AEAD (RFC 9325 §4.2); AES-CBC with SHA-2 HMACs (and encrypt-then-MAC, RFC 7366) only
   as a last resort on the tlslite path.
 * The server's chain: ``verify_server_chain`` (explicit trust anchors only, RFC 7030 §3.6.1;
-  the leaf names the host, RFC 6125 §6.4.4; RFC 5280 path validation).
+  the leaf names the host, RFC 6125 §6.4.4; RFC 5280 path validation). The CA profile
+  (``ca_extension_policy``) is cryptography's web-PKI one for intermediates, while a configured
+  trust anchor is trust-anchor information (RFC 5280 §6.1.1(d)): its key and name are trusted,
+  its own extensions are not held to a profile; only what it says about itself is honoured
+  (cA, keyCertSign, pathLenConstraint, name constraints, EKU). README "Certificate checks".
 * Alerts: which TLS alerts mean "the server refused our certificate" (RFC 8446 §6.2), which
   are a mere close.
 * The channel binding a CSR may carry: tls-unique (RFC 5929 §3) under TLS 1.2, tls-exporter
@@ -19,14 +23,18 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from est_agent.errors import TlsVerificationError
+
+if TYPE_CHECKING:
+    from cryptography.x509.verification import ExtensionPolicy, Policy
 
 __all__ = [
     "CLIENT_CERT_ALERTS",
@@ -40,6 +48,8 @@ __all__ = [
     "TLS_MACS",
     "TLS_MAX_VERSIONS",
     "ChannelBinding",
+    "ca_extension_policy",
+    "verification_reason",
     "verify_server_chain",
 ]
 
@@ -118,6 +128,111 @@ def is_ip_address(host: str) -> bool:
     return True
 
 
+class _AnchorExempt:
+    """The CA-extension checks that a configured trust anchor is exempt from.
+
+    cryptography's web-PKI CA profile applies to every CA certificate of a path, the anchor
+    included. RFC 5280 §6.1.1(d) makes the anchor trust-anchor information (a name and a key,
+    however delivered, often as a self-signed certificate) that path validation does not
+    check; libest's example CA (basicConstraints not critical, no keyUsage) is refused by the
+    profile while curl, ``openssl verify`` and libest accept it. So, for the anchor only, the
+    profile's form requirements are dropped; what the anchor states about itself still binds
+    (RFC 5937 §2: constraints carried in the anchor's certificate): basicConstraints must say
+    cA (cryptography requires the extension on every CA), keyUsage when present must allow
+    keyCertSign, pathLenConstraint, nameConstraints and EKU are cryptography's checks.
+    Intermediates keep the whole profile (written out here where cryptography's own validator
+    cannot be called: critical basicConstraints, keyUsage present, the AKI/SKI rules).
+    """
+
+    def __init__(self, anchors: Collection[x509.Certificate]) -> None:
+        self._anchors = frozenset(anchors)
+
+    def _intermediate(self, cert: x509.Certificate) -> str | None:
+        """The subject of ``cert`` when it is not a configured anchor, else None."""
+        return None if cert in self._anchors else cert.subject.rfc4514_string()
+
+    def basic_constraints(
+        self, policy: Policy, cert: x509.Certificate, ext: x509.BasicConstraints
+    ) -> None:
+        # RFC 5280 §4.2.1.9: cA asserted in every CA certificate; "MUST be critical" in CA
+        # certificates that sign certificates: the anchor's form is not checked (§6.1.1).
+        if not ext.ca:
+            raise ValueError(f"{cert.subject.rfc4514_string()!r}: basicConstraints cA is false")
+        subject = self._intermediate(cert)
+        if subject is not None and not _is_critical(cert, x509.BasicConstraints):
+            raise ValueError(
+                f"intermediate CA {subject!r}: basicConstraints is not critical (RFC 5280 §4.2.1.9)"
+            )
+
+    def key_usage(self, policy: Policy, cert: x509.Certificate, ext: x509.KeyUsage | None) -> None:
+        # RFC 5280 §4.2.1.3: CA certificates MUST include keyUsage with keyCertSign; when an
+        # anchor has one, it limits what the anchor's key may do (RFC 5937 §2).
+        subject = self._intermediate(cert)
+        if ext is None:
+            if subject is not None:
+                raise ValueError(f"intermediate CA {subject!r} has no keyUsage (RFC 5280 §4.2.1.3)")
+            return
+        if not ext.key_cert_sign:
+            raise ValueError(
+                f"{cert.subject.rfc4514_string()!r}: keyUsage does not allow keyCertSign"
+            )
+
+    def authority_key_identifier(
+        self, policy: Policy, cert: x509.Certificate, ext: x509.AuthorityKeyIdentifier | None
+    ) -> None:
+        # cryptography's web-PKI CA rule, kept for intermediates: RFC 5280 §4.2.1.1 (not
+        # critical), CA/B BR 7.1.2.11.1 (keyIdentifier only).
+        subject = self._intermediate(cert)
+        if ext is None or subject is None:
+            return
+        if _is_critical(cert, x509.AuthorityKeyIdentifier):
+            raise ValueError(f"intermediate CA {subject!r}: authorityKeyIdentifier is critical")
+        if ext.key_identifier is None:
+            raise ValueError(
+                f"intermediate CA {subject!r}: authorityKeyIdentifier lacks keyIdentifier"
+            )
+        if ext.authority_cert_issuer is not None or ext.authority_cert_serial_number is not None:
+            raise ValueError(
+                f"intermediate CA {subject!r}: authorityKeyIdentifier names the issuer's issuer"
+                " and serial number"
+            )
+
+    def subject_key_identifier(
+        self, policy: Policy, cert: x509.Certificate, ext: x509.SubjectKeyIdentifier | None
+    ) -> None:
+        # RFC 5280 §4.2.1.2: MUST NOT be critical (cryptography's web-PKI CA rule).
+        subject = self._intermediate(cert)
+        if ext is not None and subject is not None and _is_critical(cert, type(ext)):
+            raise ValueError(f"intermediate CA {subject!r}: subjectKeyIdentifier is critical")
+
+
+def _is_critical(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> bool:
+    return cert.extensions.get_extension_for_class(kind).critical
+
+
+def ca_extension_policy(anchors: Collection[x509.Certificate]) -> ExtensionPolicy:
+    """The CA extension policy of every path check (server chains, issued certificates):
+    cryptography's web-PKI CA profile, with the configured ``anchors`` exempt from its form
+    requirements (``_AnchorExempt``, RFC 5280 §6.1.1)."""
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
+    exempt = _AnchorExempt(anchors)
+    agnostic = Criticality.AGNOSTIC
+    return (
+        ExtensionPolicy.webpki_defaults_ca()
+        .require_present(x509.BasicConstraints, agnostic, exempt.basic_constraints)
+        .may_be_present(x509.KeyUsage, agnostic, exempt.key_usage)
+        .may_be_present(x509.AuthorityKeyIdentifier, agnostic, exempt.authority_key_identifier)
+        .may_be_present(x509.SubjectKeyIdentifier, agnostic, exempt.subject_key_identifier)
+    )
+
+
+def verification_reason(exc: Exception) -> str:
+    """cryptography's verification error in words: without the name of the exception class a
+    validator of ``ca_extension_policy`` raised (cryptography prefixes it)."""
+    return re.sub(r"Python extension validator failed: \w+: ", "", str(exc))
+
+
 def verify_server_chain(
     chain: Sequence[x509.Certificate],
     anchors: Sequence[x509.Certificate],
@@ -130,7 +245,9 @@ def verify_server_chain(
     cryptography's RFC 5280 / CA/B web-PKI profile: the leaf must name ``host`` in its
     subjectAltName (DNS name or IP address; RFC 6125 §6.4.4: no CN fallback), carry serverAuth
     when it has an EKU, and chain to one of ``anchors`` through the intermediates the server
-    sent (any of them may itself be an anchor). Raises ``TlsVerificationError``.
+    sent (any of them may itself be an anchor). The anchor itself is not held to the CA
+    profile (``ca_extension_policy``). Both TLS paths call this (the stdlib one after
+    OpenSSL's own check). Raises ``TlsVerificationError``.
     """
     from cryptography.x509 import verification
 
@@ -139,12 +256,22 @@ def verify_server_chain(
     if not anchors:
         raise TlsVerificationError("no trust anchor configured for the EST server")
     try:
-        builder = verification.PolicyBuilder().store(verification.Store(list(anchors)))
+        builder = (
+            verification.PolicyBuilder()
+            .store(verification.Store(list(anchors)))
+            .extension_policies(
+                ca_policy=ca_extension_policy(anchors),
+                ee_policy=verification.ExtensionPolicy.webpki_defaults_ee(),
+            )
+        )
         if now is not None:
             builder = builder.time(now)
         verifier = builder.build_server_verifier(server_identity(host))
         verifier.verify(chain[0], list(chain[1:]))
     except verification.VerificationError as exc:
-        raise TlsVerificationError(f"EST server certificate for {host!r} refused: {exc}") from exc
+        reason = verification_reason(exc)
+        raise TlsVerificationError(
+            f"EST server certificate for {host!r} refused: {reason}"
+        ) from exc
     except ValueError as exc:  # e.g. a host name that is not a valid DNS name
         raise TlsVerificationError(f"cannot verify the EST server as {host!r}: {exc}") from exc

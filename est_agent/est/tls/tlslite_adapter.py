@@ -29,12 +29,20 @@ Private internals used (overridden, called or read), and why:
 * ``TLSConnection._clientTLS13Handshake`` (overridden): the decrypt_error / illegal_parameter
   alert RFC 8446 §4.4.3 requires on a bad server CertificateVerify (the TLS 1.3 signature-error
   mapping).
-* ``TLSRecordLayer._sendMsg`` (overridden): the ClientHello's suite order, and the tls-unique
-  capture (the first Finished message, RFC 5929 §3.1).
+* ``TLSRecordLayer._sendMsg`` (overridden): the ClientHello's suite order, the tls-unique
+  capture (the first Finished message, RFC 5929 §3.1), and, under TLS 1.3, a copy of
+  ``TLSRecordLayer._handshake_hash`` (a ``HandshakeHashes``: ``copy()``, ``digest(name)``)
+  as it is before the client's first message after the server Finished.
 * ``TLSRecordLayer._sendError`` (called): send a fatal alert and raise ``TLSLocalAlert``.
+* ``Session.masterSecret`` and ``Session.cipherSuite`` (read, TLS 1.3): the master secret and
+  suite that the RFC 9266 tls-exporter is derived from (keyschedule.py). tlslite-ng 0.8.2's
+  own ``keyingMaterialExporter`` derives exporter_master_secret after the client's
+  Certificate and CertificateVerify entered the transcript (``_clientTLS13Handshake``:
+  "Do after client cert and verify messages has been sent"), where RFC 8446 §7.1 stops at the
+  server Finished: with client authentication its value is not the server's.
 
 Public API used: ``TLSConnection`` (``handshakeClientCert``, ``recv``, ``sendall``, ``close``,
-``version``, ``session``, ``keyingMaterialExporter`` for RFC 8446 §7.5 exporters),
+``version``, ``session``, ``keyingMaterialExporter`` for TLS 1.2 exporters, RFC 5705),
 ``HandshakeSettings``, ``X509``, ``X509CertChain``, ``constants`` and ``errors``.
 
 What the rest of the package gets: ``handshake()`` returning a ``ClientConnection``, the
@@ -55,7 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from est_agent.errors import EstError, TlsVerificationError
-from est_agent.est.tls import policy
+from est_agent.est.tls import keyschedule, policy
 from est_agent.est.tls.policy import verify_server_chain
 
 if TYPE_CHECKING:
@@ -271,6 +279,8 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
             self.est_host = host
             self.est_verification_error: TlsVerificationError | None = None
             self.est_first_finished: bytes | None = None
+            #: TLS 1.3: the transcript (tlslite HandshakeHashes) ClientHello...server Finished
+            self.est_server_finished_hashes: Any = None
 
         def _clientKeyExchange(
             self,
@@ -328,6 +338,16 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
             if isinstance(msg, ClientHello):
                 # Our preference order (no PSK binder covers the list: we never resume).
                 msg.cipher_suites.sort(key=offer_rank)
+            elif (
+                self.est_server_finished_hashes is None
+                and msg.contentType == ContentType.handshake
+                and tuple(self.version) >= (3, 4)
+            ):
+                # RFC 8446 §2, §4.4: after its ClientHello(s) a TLS 1.3 client sends nothing
+                # until the server's Finished; its first other handshake message (Certificate,
+                # or Finished) follows it. The transcript now is ClientHello...server Finished,
+                # the one exporter_master_secret is derived from (§7.1).
+                self.est_server_finished_hashes = self._handshake_hash.copy()
             # RFC 5929 §3.1: tls-unique is the first Finished message of the connection; for
             # a full handshake (we never resume) that is the client's own.
             if (
@@ -393,8 +413,25 @@ class TlsliteSslObject:
         return first
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
-        # RFC 8446 §7.5 exporter with an empty context (what RFC 9266 asks for).
-        return bytes(self._connection.keyingMaterialExporter(bytearray(label), length))
+        """The RFC 8446 §7.5 exporter with an empty context (what RFC 9266 §2 asks for).
+
+        Under TLS 1.3 derived here from the master secret and the transcript through the
+        server Finished (RFC 8446 §7.1), not with tlslite's ``keyingMaterialExporter``: 0.8.2
+        derives its exporter_master_secret after the client's Certificate and
+        CertificateVerify, so with client authentication its value is not the peer's.
+        """
+        connection = self._connection
+        if self.version() != "TLSv1.3":
+            # RFC 5705 (TLS 1.2): tlslite's PRF over the master secret and both randoms.
+            return bytes(connection.keyingMaterialExporter(bytearray(label), length))
+        transcript = connection.est_server_finished_hashes
+        if transcript is None:
+            raise TlsVerificationError("TLS 1.3 handshake ended without a server Finished")
+        hash_name = keyschedule.transcript_hash_algorithm(connection.session.cipherSuite)
+        secret = keyschedule.exporter_master_secret(
+            bytes(connection.session.masterSecret), bytes(transcript.digest(hash_name)), hash_name
+        )
+        return keyschedule.tls13_exporter(secret, label, b"", length, hash_name)
 
 
 class ClientConnection:
