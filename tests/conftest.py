@@ -44,12 +44,14 @@ def start_server(dev_pki: DevPki, issuance_log: Path) -> Iterator[Callable[..., 
     """Start an in-process server on 127.0.0.1 and a free port with the given settings."""
     servers: list[EstTestServer] = []
 
-    def start(**settings: Any) -> EstTestServer:
-        # the first server logs to the `issuance_log` fixture's path, later ones beside it
+    def start(*, pki: DevPki | None = None, **settings: Any) -> EstTestServer:
+        # the first server logs to the `issuance_log` fixture's path, later ones beside it;
+        # `pki`: another PKI than the session's dev PKI (e.g. one made with libest's profile)
+        pki = pki or dev_pki
         log = issuance_log.with_name(f"issuance-{len(servers)}.jsonl") if servers else issuance_log
         settings.setdefault("issuance_log", log)
-        config = ServerConfig(pki_dir=dev_pki.directory, host="127.0.0.1", port=0, **settings)
-        server = EstTestServer(config, pki=dev_pki)
+        config = ServerConfig(pki_dir=pki.directory, host="127.0.0.1", port=0, **settings)
+        server = EstTestServer(config, pki=pki)
         server.quiet()
         servers.append(server.start())
         return server

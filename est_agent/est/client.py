@@ -403,18 +403,7 @@ class EstAuth(httpx.Auth):
         self._nc += 1
         # RFC 7616 §3.4: uri is the request-target (origin-form: path and query)
         uri, cnonce = request.url.raw_path.decode("ascii"), self._cnonce()
-        self._sent.append(
-            digest_response(
-                challenge,
-                username=username,
-                password=password,
-                method=request.method,
-                uri=uri,
-                nc=self._nc,
-                cnonce=cnonce,
-            )
-        )
-        return digest_authorization(
+        response = digest_response(
             challenge,
             username=username,
             password=password,
@@ -422,6 +411,10 @@ class EstAuth(httpx.Auth):
             uri=uri,
             nc=self._nc,
             cnonce=cnonce,
+        )
+        self._sent.append(response)
+        return digest_authorization(
+            challenge, username=username, uri=uri, nc=self._nc, cnonce=cnonce, response=response
         )
 
     def refusal(self, response: httpx.Response) -> str:

@@ -224,26 +224,17 @@ def digest_authorization(
     challenge: DigestChallenge,
     *,
     username: str,
-    password: str,
-    method: str,
     uri: str,
     nc: int,
     cnonce: str,
+    response: str,
 ) -> str:
-    """The ``Authorization`` value answering ``challenge`` (RFC 7616 §3.4).
+    """The ``Authorization`` value answering ``challenge`` (RFC 7616 §3.4) with ``response``
+    (``digest_response`` of the same username, uri, nc and cnonce; the caller keeps it to mask).
 
     ``algorithm``, ``qop`` and ``nc`` go unquoted (§3.4), the others as quoted strings. A
     username that is not plain ASCII travels as ``username*`` in RFC 8187 form (§3.4).
     """
-    response = digest_response(
-        challenge,
-        username=username,
-        password=password,
-        method=method,
-        uri=uri,
-        nc=nc,
-        cnonce=cnonce,
-    )
     if username.isascii() and username.isprintable():
         user = f"username={_quoted(username)}"
     else:

@@ -8,6 +8,8 @@ from, the project's own CSR builder.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,9 @@ from est_agent.backends.signer import Signer, public_key_from_point
 from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.uri import IotSafeRef, ObjectKind
+from est_agent.sim.personalize import personalize
 from est_agent.sim.transport import SimTransport
+from est_agent.testserver import DevPki
 
 BOOTSTRAP_KEY = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01")
 BOOTSTRAP_CERT_FILE = IotSafeRef(ObjectKind.FILE, object_id=b"\x01")
@@ -121,3 +125,23 @@ def raw_subject_and_san(cert: x509.Certificate) -> tuple[bytes, bytes | None]:
         if ext["extn_id"].native == "subject_alt_name":
             san = bytes(ext["extn_value"].contents)
     return bytes(tbs["subject"].dump()), san
+
+
+def personalized_sim(directory: Path, pki: DevPki) -> bytes:
+    """A fresh virtual SIM's state, its bootstrap certificate from `pki`'s bootstrap CA."""
+    path = directory / "sim.json"
+    ca = pki.bootstrap_ca
+    personalize(path, iccid="8988247000001234567", bootstrap_ca=(ca.certificate, ca.key))
+    return path.read_bytes()
+
+
+@contextmanager
+def sim_from(directory: Path, template: bytes) -> Iterator[SimCard]:
+    """A copy of `template` in `directory`, opened as a card; closed afterwards."""
+    path = directory / "sim.json"
+    path.write_bytes(template)
+    card = open_sim_card(path)
+    try:
+        yield card
+    finally:
+        card.close()

@@ -11,23 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from est_agent.sim.personalize import personalize
 from est_agent.testserver import DevPki
-from tests.est.card_helpers import SimCard, open_sim_card
+from tests.est.card_helpers import SimCard, personalized_sim, sim_from
 
 
 @pytest.fixture(scope="session")
 def sim_template(tmp_path_factory: pytest.TempPathFactory, dev_pki: DevPki) -> bytes:
-    path = tmp_path_factory.mktemp("sim") / "sim.json"
-    ca = dev_pki.bootstrap_ca
-    personalize(path, iccid="8988247000001234567", bootstrap_ca=(ca.certificate, ca.key))
-    return path.read_bytes()
+    return personalized_sim(tmp_path_factory.mktemp("sim"), dev_pki)
 
 
 @pytest.fixture
 def sim(tmp_path: Path, sim_template: bytes) -> Iterator[SimCard]:
-    path = tmp_path / "sim.json"
-    path.write_bytes(sim_template)
-    card = open_sim_card(path)
-    yield card
-    card.close()
+    with sim_from(tmp_path, sim_template) as card:
+        yield card

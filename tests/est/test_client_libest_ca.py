@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from est_agent.cli.main import main
 from est_agent.errors import EstResponseError, TlsVerificationError
 from est_agent.est.client import EstClient, RetryPolicy
-from est_agent.sim.personalize import personalize
-from est_agent.testserver import DevPki, EstTestServer, ServerConfig, TlsMax
+from est_agent.testserver import DevPki, EstTestServer, TlsMax
 from est_agent.testserver.issuer import CaProfile, CertificateAuthority, Profile, make_ca
 from est_agent.testserver.pki import generate_dev_pki, issue_server_certificate, load_dev_pki
 from tests.est.anchors import write_key, write_pem
@@ -36,8 +35,9 @@ from tests.est.card_helpers import (
     OP_KEY_B,
     SimCard,
     build_csr,
-    open_sim_card,
+    personalized_sim,
     raw_subject_and_san,
+    sim_from,
 )
 
 pytestmark = pytest.mark.integration
@@ -54,36 +54,19 @@ def libest_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
 
 @pytest.fixture(scope="module")
 def libest_sim_template(tmp_path_factory: pytest.TempPathFactory, libest_pki: DevPki) -> bytes:
-    path = tmp_path_factory.mktemp("libest-sim") / "sim.json"
-    ca = libest_pki.bootstrap_ca
-    personalize(path, iccid="8988247000001234567", bootstrap_ca=(ca.certificate, ca.key))
-    return path.read_bytes()
+    return personalized_sim(tmp_path_factory.mktemp("libest-sim"), libest_pki)
 
 
 @pytest.fixture
 def libest_sim(tmp_path: Path, libest_sim_template: bytes) -> Iterator[SimCard]:
-    path = tmp_path / "sim.json"
-    path.write_bytes(libest_sim_template)
-    card = open_sim_card(path)
-    yield card
-    card.close()
+    with sim_from(tmp_path, libest_sim_template) as card:
+        yield card
 
 
 @pytest.fixture
-def start_on(tmp_path: Path) -> Iterator[StartOn]:
+def start_on(start_server: Callable[..., EstTestServer]) -> StartOn:
     """Start an in-process test server on 127.0.0.1 and a free port over the given PKI."""
-    servers: list[EstTestServer] = []
-
-    def start(pki: DevPki, **settings: Any) -> EstTestServer:
-        config = ServerConfig(pki_dir=pki.directory, host="127.0.0.1", port=0, **settings)
-        server = EstTestServer(config, pki=pki)
-        server.quiet()
-        servers.append(server.start())
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+    return lambda pki, **settings: start_server(pki=pki, **settings)
 
 
 def _base(server: EstTestServer) -> str:

@@ -105,7 +105,7 @@ def test_basic_authorization() -> None:
 def test_rfc7616_example(algorithm: str, expected: str) -> None:
     chosen = [c for c in parse_challenges(RFC7616_FIELDS) if c.params["algorithm"] == algorithm]
     challenge = DigestChallenge.parse(chosen[0])
-    header = digest_authorization(
+    response = digest_response(
         challenge,
         username="Mufasa",
         password="Circle of Life",
@@ -113,6 +113,15 @@ def test_rfc7616_example(algorithm: str, expected: str) -> None:
         uri="/dir/index.html",
         nc=1,
         cnonce=RFC7616_CNONCE,
+    )
+    assert response == expected  # the response value of §3.9.1
+    header = digest_authorization(
+        challenge,
+        username="Mufasa",
+        uri="/dir/index.html",
+        nc=1,
+        cnonce=RFC7616_CNONCE,
+        response=response,
     )
     # the Authorization field of §3.9.1, parameter for parameter
     assert header == (
@@ -181,7 +190,7 @@ def test_sess_and_quoting_and_non_ascii_username() -> None:
         realm='a "quoted" \\ realm', nonce="n", algorithm="SHA-256-SESS", name="SHA-256-sess"
     )
     header = digest_authorization(
-        challenge, username="Jäsøn", password="pw", method="POST", uri="/x", nc=2, cnonce="c"
+        challenge, username="Jäsøn", uri="/x", nc=2, cnonce="c", response="r"
     )
     assert header.startswith(
         "Digest username*=UTF-8''J%C3%A4s%C3%B8n, "
