@@ -1,4 +1,4 @@
-"""contrib/systemd: the service and timer say what the README promises, and systemd accepts them.
+"""contrib/systemd: the service and timers say what the README promises, and systemd accepts them.
 
 The key checks parse the unit files directly, so they run everywhere. `systemd-analyze verify`
 (no running systemd needed, only the binary from Debian's `systemd` package, which
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 UNITS = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 SERVICE = UNITS / "est-agent.service"
 TIMER = UNITS / "est-agent.timer"
+BOOT_TIMER = UNITS / "est-agent-boot.timer"
 INSTALLED_BINARY = "/usr/local/bin/est-agent"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 NO_ANALYZE = "systemd-analyze not installed (Debian package 'systemd'; scripts/bootstrap adds it)"
@@ -91,21 +92,41 @@ def test_service_is_sandboxed_but_can_reach_pcscd_and_the_server() -> None:
     assert re.search(r"^#DeviceAllow=char-tty", text, re.MULTILINE)
 
 
-def test_timer_is_daily_spread_persistent_and_runs_after_boot() -> None:
+def test_timer_is_daily_spread_and_persistent() -> None:
     unit = parse_unit(TIMER)
     assert last(unit, "Timer", "OnCalendar") == "daily"
     assert last(unit, "Timer", "Persistent") == "true"
     assert last(unit, "Timer", "RandomizedDelaySec") == "6h"
-    assert last(unit, "Timer", "OnBootSec")
+    # the run after boot moved to est-agent-boot.timer: here it would wait up to the 6 h too
+    assert "OnBootSec" not in unit["Timer"]
     assert "Unit" not in unit["Timer"]  # activates est-agent.service by its name
     assert last(unit, "Install", "WantedBy") == "timers.target"
+
+
+def test_boot_timer_runs_the_service_soon_after_boot_without_random_delay() -> None:
+    unit = parse_unit(BOOT_TIMER)
+    assert last(unit, "Timer", "OnBootSec") == "2min"
+    assert last(unit, "Timer", "Unit") == SERVICE.name
+    # nothing that could postpone the first enrollment by hours, nor make it a daily run
+    assert not {"RandomizedDelaySec", "OnCalendar", "Persistent"} & set(unit["Timer"])
+    assert last(unit, "Install", "WantedBy") == "timers.target"
+
+
+def test_no_timer_randomizes_a_boot_trigger() -> None:
+    # RandomizedDelaySec= applies to every trigger of its timer (systemd.timer(5)): with
+    # OnBootSec= beside it, first boot would wait up to the random delay (issue 12).
+    timers = sorted(UNITS.glob("*.timer"))
+    assert [t.name for t in timers] == [BOOT_TIMER.name, TIMER.name]
+    for path in timers:
+        keys = set(parse_unit(path)["Timer"])
+        assert not ({"OnBootSec", "OnStartupSec"} & keys and "RandomizedDelaySec" in keys), path
 
 
 # --- systemd's own view -----------------------------------------------------------------------
 
 
 def _installable_copy(directory: Path, extra_service_line: str = "") -> list[Path]:
-    """Both units in `directory`, ExecStart pointing at this venv's est-agent (verify checks that
+    """The three units in `directory`, ExecStart pointing at this venv's est-agent (verify checks that
     the binary exists and is executable)."""
     binary = Path(sys.executable).parent / "est-agent"
     assert binary.exists(), f"{binary} missing: pip install -e . first"
@@ -115,9 +136,10 @@ def _installable_copy(directory: Path, extra_service_line: str = "") -> list[Pat
     if extra_service_line:
         text = text.replace("[Service]\n", f"[Service]\n{extra_service_line}\n")
     service.write_text(text)
-    timer = directory / TIMER.name
-    shutil.copyfile(TIMER, timer)
-    return [service, timer]
+    timers = [directory / TIMER.name, directory / BOOT_TIMER.name]
+    shutil.copyfile(TIMER, timers[0])
+    shutil.copyfile(BOOT_TIMER, timers[1])
+    return [service, *timers]
 
 
 def _verify(paths: list[Path]) -> list[str]:
@@ -138,8 +160,19 @@ def _verify(paths: list[Path]) -> list[str]:
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=NO_ANALYZE)
-def test_systemd_analyze_verify_accepts_both_units(tmp_path: Path) -> None:
-    assert _verify(_installable_copy(tmp_path)) == []
+def test_systemd_analyze_verify_accepts_all_units(tmp_path: Path) -> None:
+    units = _installable_copy(tmp_path)
+    assert {u.name for u in units} == {SERVICE.name, TIMER.name, BOOT_TIMER.name}
+    assert _verify(units) == []
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=NO_ANALYZE)
+def test_verify_reads_the_boot_timer_too(tmp_path: Path) -> None:
+    units = _installable_copy(tmp_path)
+    boot = tmp_path / BOOT_TIMER.name
+    boot.write_text(boot.read_text().replace("OnBootSec=", "OnBootSex="))
+    complaints = _verify(units)
+    assert any("OnBootSex" in line for line in complaints), complaints
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=NO_ANALYZE)
