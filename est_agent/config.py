@@ -6,7 +6,7 @@
     ├── slots      (SlotConfig, SlotConfig)  the two operational slots ([[slot]] in TOML)
     ├── est        EstConfig        server URL, label, trust, PoP, Basic credentials, proxy
     ├── subject    SubjectConfig    subject / SAN templates for the first enrollment
-    ├── renewal    RenewalConfig    when renewal is due, jitter, retry cap
+    ├── renewal    RenewalConfig    when renewal is due, its per-device offset, retry cap
     └── paths      PathsConfig      state directory, PEM export, deploy hook
 
 Every TOML key is a dataclass field of the same name (``[[slot]]`` is ``Config.slots``), so the
@@ -655,9 +655,12 @@ class RenewalConfig:
 
     #: fraction of the certificate's lifetime after which renewal is due
     threshold: float = 0.67
-    #: upper bound of the random delay ``run`` waits before contacting the server
+    #: spread of the due time: renewal is due a fixed per-device offset in 0..jitter_s seconds
+    #: after the threshold, derived from the certificate serial (workflow/renewal.py); nothing
+    #: sleeps for it, and it never moves the due time past 90 % of the lifetime
     jitter_s: float = 3600.0
-    #: upper bound of the retry delay after failures (and of an honoured Retry-After)
+    #: upper bound of the wait after a failed renewal before the next attempt
+    #: (workflow/renewal.py ``next_attempt_at``), and of an honoured Retry-After
     retry_cap_s: float = 86400.0
 
     def __post_init__(self) -> None:

@@ -134,8 +134,20 @@ def _add_workflow_commands(commands: Any, common: argparse.ArgumentParser) -> No
         ("run", "what the timer calls: enroll if nothing is installed, else renew if due"),
         ("status", "reader, applet, both slots, active slot, next renewal, pending request"),
     ]
+    timing = (
+        "Renewal is due at renewal.threshold of the certificate's lifetime plus a fixed"
+        " per-device offset of 0..renewal.jitter_s seconds derived from the certificate serial"
+        " (nothing sleeps for it). After a failed renewal the next attempt waits until the time"
+        " `status` shows (a run before it exits 0 without network); renew --force tries now."
+    )
     for name, text in workflow:
-        cmd = commands.add_parser(name, parents=[common], help=text, description=text)
+        cmd = commands.add_parser(
+            name,
+            parents=[common],
+            help=text,
+            description=text,
+            epilog=timing if name in ("renew", "run") else None,
+        )
         cmd.add_argument(
             "--config",
             default="/etc/est-agent/est-agent.toml",
