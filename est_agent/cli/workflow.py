@@ -50,6 +50,7 @@ def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str,
         "renewed": "renewed",
         "already-enrolled": "already enrolled (valid credential on the SIM; nothing to do)",
         "not-due": "not due for renewal",
+        "retry-later": "renewal due; waiting after a failed attempt (renew --force tries now)",
     }
     print(f"{messages.get(result.outcome.value, result.outcome.value)}: slot {result.slot}")
     print(f"  subject    {result.subject}")
@@ -57,6 +58,8 @@ def _print_result(args: argparse.Namespace, result: Result, card_link: dict[str,
     print(f"  not after  {result.not_after:%Y-%m-%d %H:%M:%S %Z}")
     if result.renew_at is not None:
         print(f"  renew at   {result.renew_at:%Y-%m-%d %H:%M:%S %Z}")
+    if result.next_attempt_at is not None:
+        print(f"  next try   {result.next_attempt_at:%Y-%m-%d %H:%M:%S %Z}")
     if result.hook is not None:
         print(f"  deploy hook exit status {result.hook.exit_status}")
     for note in result.notes:
@@ -114,6 +117,13 @@ def status(args: argparse.Namespace) -> int:
         print(
             f"pending:     {report.pending['operation']} for slot {report.pending['slot']}, "
             f"retry after {report.pending['retry_at']}"
+        )
+    if report.retry:
+        retry = report.retry
+        when = retry["next_attempt_at"] or "the next run"
+        print(
+            f"retry:       {retry['failures']} failed attempt(s), last {retry['last_error']}"
+            f" (exit {retry['exit_code']}) at {retry['failed_at']}; next attempt {when}"
         )
     if report.deployment:
         deployment = report.deployment

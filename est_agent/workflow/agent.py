@@ -45,6 +45,7 @@ from est_agent.errors import (
     CardError,
     ConfigError,
     EnrollmentPending,
+    EstAgentError,
     EstRejectedError,
     EstResponseError,
     InputError,
@@ -68,6 +69,7 @@ from est_agent.workflow.hoststate import (
     HostState,
     Installing,
     Pending,
+    Retry,
     load_host_state,
     save_host_state,
 )
@@ -83,7 +85,12 @@ from est_agent.workflow.plan import (
     plan,
 )
 from est_agent.workflow.quick import cached_not_due
-from est_agent.workflow.renewal import is_expired, renewal_due_at
+from est_agent.workflow.renewal import (
+    is_expired,
+    next_attempt_at,
+    renewal_due_at,
+    retry_not_before,
+)
 from est_agent.workflow.result import HookReport, Outcome, Result
 from est_agent.workflow.session import BackendOpener, backend_opener
 
@@ -130,6 +137,8 @@ class StatusReport:
     renew_at: str | None
     pending: dict[str, str] | None = None
     deployment: dict[str, Any] | None = None
+    #: failed attempts since the last success, and when the next may start (None: none failed)
+    retry: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +150,7 @@ class StatusReport:
             "renew_at": self.renew_at,
             "pending": self.pending,
             "deployment": self.deployment,
+            "retry": self.retry,
             "slots": [vars(s) for s in self.slots],
         }
 
@@ -283,6 +293,7 @@ class Agent:
             assert view.certificate is not None and view.header is not None
             renew_at = self._due_at(view.certificate).isoformat()
             deployment = self._deployment_report(view, state)
+        retry = self._retry_report(views[active] if active is not None else None, state)
         return StatusReport(
             reader=details.get("reader", backend.description),
             iccid=iccid,
@@ -292,6 +303,7 @@ class Agent:
             renew_at=renew_at,
             pending=pending,
             deployment=deployment,
+            retry=retry,
         )
 
     # -- the run -----------------------------------------------------------------------------
@@ -335,6 +347,9 @@ class Agent:
                     wait,
                     f"enrollment pending at the server; retry after {pending.retry_at:%H:%M:%S}",
                 )
+            if decision.action is Action.WAIT_RETRY:
+                assert active is not None
+                return self._retry_later(active, hook, host)
             if decision.action in (Action.ALREADY_ENROLLED, Action.NOT_DUE):
                 assert active is not None
                 outcome = (
@@ -343,12 +358,20 @@ class Agent:
                     else Outcome.NOT_DUE
                 )
                 return self._result(outcome, active, hook, host)
-            if decision.action is Action.BOOTSTRAP:
-                if active is not None:
-                    log.warning("the active certificate expired: falling back to bootstrap")
-                return self._bootstrap_enroll(backend, views, decision, host)
-            assert active is not None
-            return self._reenroll(backend, views, decision, active, host)
+            try:
+                if decision.action is Action.BOOTSTRAP:
+                    if active is not None:
+                        log.warning("the active certificate expired: falling back to bootstrap")
+                    return self._bootstrap_enroll(backend, views, decision, host)
+                assert active is not None
+                return self._reenroll(backend, views, decision, active, host)
+            except EnrollmentPending:
+                raise  # the server said when to come back: remembered as the pending request
+            except ConfigError:
+                raise  # the operator's to fix: the next run (after the fix) must not wait
+            except EstAgentError as exc:
+                self._record_failure(host, decision, active, exc)
+                raise
 
     def _decide(self, operation: Operation, views: Sequence[SlotView], host: HostState) -> Plan:
         now = self._clock()
@@ -370,6 +393,7 @@ class Agent:
                 Timing(
                     expired=is_expired(cert.not_valid_after_utc, now),
                     due=now >= self._due_at(cert),
+                    retry_later=self._retry_wait(view, host) is not None,
                 )
             )
         pending = None
@@ -501,7 +525,7 @@ class Agent:
         except StoreError:
             host.update(installing=None)  # nothing complete was written
             raise
-        host.update(active=self._cache_of(installed), pending=None, installing=None)
+        host.update(active=self._cache_of(installed), pending=None, installing=None, retry=None)
         hook = self._deploy(installed, enrollment.chain, host)
         outcome = Outcome.RENEWED if current is not None else Outcome.ENROLLED
         return self._result(outcome, installed, hook, host)
@@ -764,6 +788,87 @@ class Agent:
         self._progress(f"generating a key in SIM slot {target.name}")
         return backend.generate_key(target.key)
 
+    def _retry_wait(self, view: SlotView, host: HostState) -> datetime | None:
+        """Until when a due renewal of this slot's credential waits after failed attempts
+        (workflow/renewal.py ``retry_not_before``), or None."""
+        retry = host.retry
+        if retry is None or retry.next_at is None or view.header is None:
+            return None
+        if not retry.is_for(view.header.sha256.hex()):
+            return None
+        return retry_not_before(
+            retry.failed_at, retry.next_at, self._clock(), cap_s=self.config.renewal.retry_cap_s
+        )
+
+    def _record_failure(
+        self, host: _HostStateFile, decision: Plan, active: SlotView | None, exc: EstAgentError
+    ) -> None:
+        """Count a failed enrollment attempt and, when it renewed a valid credential, set when
+        the next may start (workflow/renewal.py ``next_attempt_at``). Without a valid credential
+        every run tries: the device has no working certificate to wait with."""
+        now = self._clock()
+        sha256 = active.header.sha256.hex() if active is not None and active.header else ""
+        previous = host.state.retry
+        failures = 1 + (previous.failures if previous and previous.is_for(sha256) else 0)
+        next_at = None
+        if decision.action is Action.REENROLL and active is not None and active.certificate:
+            next_at = next_attempt_at(
+                now,
+                active.certificate.not_valid_after_utc,
+                failures,
+                cap_s=self.config.renewal.retry_cap_s,
+            )
+        host.update(
+            retry=Retry(
+                sha256=sha256,
+                failures=min(failures, 2**32 - 1),
+                error=type(exc).__name__,
+                exit_code=exc.exit_code,
+                failed_at=now,
+                next_at=next_at,
+            )
+        )
+        if next_at is not None:
+            log.warning(
+                "renewal failed (%d attempt(s) in a row, %s): the next run tries again after %s"
+                " (renew --force tries now)",
+                failures,
+                type(exc).__name__,
+                next_at.isoformat(),
+            )
+
+    def _retry_later(
+        self, view: SlotView, hook: HookReport | None, host: _HostStateFile
+    ) -> Result:
+        until = self._retry_wait(view, host.state)
+        assert until is not None and host.state.retry is not None  # plan() saw it
+        retry = host.state.retry
+        log.info(
+            "renewal due; waiting after %d failed attempt(s) (last: %s): next attempt after %s",
+            retry.failures,
+            retry.error,
+            until.isoformat(),
+        )
+        return replace(
+            self._result(Outcome.RETRY_LATER, view, hook, host), next_attempt_at=until
+        )
+
+    def _retry_report(self, active: SlotView | None, state: HostState) -> dict[str, Any] | None:
+        retry = state.retry
+        if retry is None:
+            return None
+        sha256 = active.header.sha256.hex() if active is not None and active.header else ""
+        if not retry.is_for(sha256):
+            return None  # another credential's failures: the next full run clears them
+        until = self._retry_wait(active, state) if active is not None else None
+        return {
+            "failures": retry.failures,
+            "last_error": retry.error,
+            "exit_code": retry.exit_code,
+            "failed_at": retry.failed_at.isoformat(),
+            "next_attempt_at": until.isoformat() if until is not None else None,
+        }
+
     def _due_at(self, cert: x509.Certificate) -> datetime:
         return renewal_due_at(
             cert.not_valid_before_utc,
@@ -806,6 +911,8 @@ class Agent:
             changes["pending"] = None  # the pending request's slot now holds a valid certificate
         if state.installing is not None:
             changes["installing"] = None  # the full read judged every slot
+        if state.retry is not None and not state.retry.is_for(view.header.sha256.hex()):
+            changes["retry"] = None  # failures of another credential's renewal: not this one's
         host.update(**changes)
         hook = None
         deployment = state.deployment

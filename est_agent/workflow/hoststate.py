@@ -1,13 +1,18 @@
 """The agent's small host-side state: a cache of the active credential, a pending request, the
-deployment of the active certificate, and a note of a record being written.
+deployment of the active certificate, a note of a record being written, and the failed
+renewal attempts with the time of the next one.
 
 The SIM is the source of truth; this file lets `est-agent run` decide "nothing due" with a few
 APDUs (no certificate parse, no network), remembers a 202 (pending manual approval) across
 reboots, and remembers whether the active certificate's PEM export and deploy hook succeeded
-(a failed deployment is retried by later runs). It is a cache: a missing, unreadable or
-malformed file (a JSON list, a non-hex serial, a directory in its place) is treated as empty
-and rebuilt from the SIM by the next full run. Writing it may fail (read-only state directory):
-callers report that and go on, because the SIM holds what matters.
+(a failed deployment is retried by later runs), and after a failed renewal when to try again
+(workflow/renewal.py). It is a cache: a missing, unreadable or malformed file (a JSON list, a
+non-hex serial, a directory in its place) is treated as empty and rebuilt from the SIM by the
+next full run; for the retry schedule that means "no wait": a damaged file never delays a
+renewal. Writing it may fail (read-only state directory): callers report that and go on,
+because the SIM holds what matters.
+
+Format 3 added ``retry``; format 2 files (written before it) are read as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "HostState",
     "Installing",
     "Pending",
+    "Retry",
     "load_host_state",
     "save_host_state",
 ]
@@ -37,7 +43,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-_FORMAT = 2
+_FORMAT = 3
+#: formats this version reads: 2 is 3 without ``retry``
+_READABLE_FORMATS = frozenset({2, 3})
 _MAX_STATE_BYTES = 64 * 1024  # a few hundred bytes in practice
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _OPERATIONS = frozenset({"simpleenroll", "simplereenroll"})
@@ -95,11 +103,30 @@ class Installing:
 
 
 @dataclass(frozen=True)
+class Retry:
+    """Consecutive failed enrollment attempts and when the next one may start."""
+
+    #: hex SHA-256 of the record header of the active credential being renewed ("" none: a
+    #: first enrollment); a record for another credential no longer applies
+    sha256: str
+    failures: int
+    error: str  # class name of the last error (EstConnectionError, AuthError, ...)
+    exit_code: int  # of the last failed run
+    failed_at: datetime
+    #: None: no wait (no valid credential to renew: every run tries)
+    next_at: datetime | None
+
+    def is_for(self, sha256: str) -> bool:
+        return self.sha256 == sha256
+
+
+@dataclass(frozen=True)
 class HostState:
     active: ActiveCache | None = None
     pending: Pending | None = None
     deployment: Deployment | None = None
     installing: Installing | None = None
+    retry: Retry | None = None
 
 
 # --- decoding (strict: anything odd makes the whole file "no cache") -------------------------
@@ -137,6 +164,14 @@ def _key_hex(value: Any) -> str:
     return "" if value == "" else _hex(value, 130)
 
 
+def _optional_dt(value: Any) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+def _digest_or_empty(value: Any) -> str:
+    return "" if value == "" else _hex(value, 64)
+
+
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise _Malformed(f"not a string: {value!r}")
@@ -153,12 +188,13 @@ def _table(raw: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 
 def _decode(raw: Any) -> HostState:
-    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
-        raise _Malformed("not a state object of this format")
+    if not isinstance(raw, dict) or raw.get("format") not in _READABLE_FORMATS:
+        raise _Malformed("not a state object of a known format")
     active = _table(raw, "active")
     pending = _table(raw, "pending")
     deployment = _table(raw, "deployment")
     installing = _table(raw, "installing")
+    retry = _table(raw, "retry")
     return HostState(
         active=ActiveCache(
             slot=_int(active["slot"], maximum=15),
@@ -198,6 +234,16 @@ def _decode(raw: Any) -> HostState:
         )
         if installing
         else None,
+        retry=Retry(
+            sha256=_digest_or_empty(retry["sha256"]),
+            failures=_int(retry["failures"], minimum=1),
+            error=_str(retry["error"])[:80],
+            exit_code=_int(retry["exit_code"], maximum=255),
+            failed_at=_dt(retry["failed_at"]),
+            next_at=_optional_dt(retry["next_at"]),
+        )
+        if retry
+        else None,
     )
 
 
@@ -228,6 +274,7 @@ def _encode(state: HostState) -> dict[str, Any]:
         "pending": plain(state.pending),
         "deployment": plain(state.deployment),
         "installing": plain(state.installing),
+        "retry": plain(state.retry),
     }
 
 

@@ -2,8 +2,9 @@
 
 ``plan`` looks only at data: the operation asked for, what each slot was found to hold
 (``SlotState`` from store.py, with its record sequence number), the renewal timing of each valid
-slot's certificate, and a pending 202 from an earlier run. It returns a ``Plan``: do nothing,
-wait, enroll with the bootstrap credential, re-enroll with the active one, or stop.
+slot's certificate (due, expired, waiting after a failed attempt), and a pending 202 from an
+earlier run. It returns a ``Plan``: do nothing, wait, enroll with the bootstrap credential,
+re-enroll with the active one, or stop.
 
 The rules, in order:
 
@@ -12,8 +13,10 @@ The rules, in order:
 2. The active slot is the ``VALID`` one with the highest sequence (the lower index on a tie).
 3. ``enroll``: a valid credential exists → nothing to do; else bootstrap enrollment.
    ``renew`` / ``run``: no active credential, or the active certificate expired → bootstrap
-   enrollment (``simpleenroll``); not due and not forced → nothing to do; else re-enrollment
-   (``simplereenroll``) authenticated by the active credential.
+   enrollment (``simpleenroll``); not due and not forced → nothing to do; ``renew``/``run``
+   due but the retry time after a failed attempt has not come (workflow/renewal.py) → wait,
+   nothing sent; else re-enrollment (``simplereenroll``) authenticated by the active
+   credential. ``renew --force`` and an enrollment without a valid credential never wait.
 4. The target of an enrollment is never the active slot, nor a *suspect* one: an intact
    record newer than every valid one whose key does not match. That is what the active
    credential looks like when the card misreports its key (or another program regenerated
@@ -69,6 +72,7 @@ class Action(Enum):
     BOOTSTRAP = "bootstrap"  # simpleenroll with the bootstrap credential
     REENROLL = "reenroll"  # simplereenroll with the active credential
     WAIT_PENDING = "wait-pending"  # a pending request's Retry-After has not passed
+    WAIT_RETRY = "wait-retry"  # due, but a failed attempt's retry time has not come
     STOP_UNKNOWN = "stop-unknown"  # a slot could not be read: write nothing
 
 
@@ -86,6 +90,8 @@ class Timing:
 
     expired: bool
     due: bool
+    #: a failed renewal of this certificate set a next attempt time that has not come
+    retry_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ def plan(
         reason = "no valid credential" if active is None else "the active certificate expired"
     elif operation is Operation.RENEW and not timing.due:
         return Plan(Action.NOT_DUE, active)
+    elif operation is Operation.RENEW and timing.retry_later:
+        return Plan(Action.WAIT_RETRY, active, reason="waiting after a failed attempt")
     else:
         action = Action.REENROLL
         reason = "forced" if operation is Operation.RENEW_FORCED else "renewal due"

@@ -1,5 +1,8 @@
 """`est-agent run` with nothing due: decided from the host cache, one record header and the key.
 
+"Nothing due" includes a renewal that is due but waits after a failed attempt (the host state
+says until when, workflow/renewal.py): same card checks, no network, exit 0 saying when.
+
 Nothing here imports cryptography, httpx or the EST stack: the timer runs this daily on every
 device, and real SIM links cost tens of milliseconds per APDU. The card work is SELECT and one
 READ BINARY of the active slot's record header (it must still be the cached record), then the
@@ -26,7 +29,7 @@ from est_agent.errors import CardError, TransportError
 from est_agent.store import HEADER_SIZE, decode_header
 from est_agent.workflow.hoststate import HostState, load_host_state
 from est_agent.workflow.lock import run_lock
-from est_agent.workflow.renewal import renewal_due_at
+from est_agent.workflow.renewal import renewal_due_at, retry_not_before
 from est_agent.workflow.result import Outcome, Result
 
 if TYPE_CHECKING:
@@ -56,6 +59,16 @@ def _trusted_cache(config: Config, host: HostState) -> bool:
     return os.access(paths.state_dir, os.W_OK)
 
 
+def _retry_wait(config: Config, host: HostState, now: datetime) -> datetime | None:
+    """Until when the cached credential's due renewal waits after failed attempts, or None."""
+    cache, retry = host.active, host.retry
+    if cache is None or retry is None or retry.next_at is None or not retry.is_for(cache.sha256):
+        return None
+    if now >= cache.not_after:
+        return None  # expired: the full workflow falls back to the bootstrap credential now
+    return retry_not_before(retry.failed_at, retry.next_at, now, cap_s=config.renewal.retry_cap_s)
+
+
 def cached_not_due(
     config: Config,
     backend: CredentialBackend,
@@ -64,8 +77,9 @@ def cached_not_due(
     *,
     last_use: bool = False,
 ) -> Result | None:
-    """A NOT_DUE result when the cache says "not due" and the SIM still holds that record and
-    the key it was issued for; None when the full workflow must decide.
+    """A NOT_DUE result when the cache says "not due" (RETRY_LATER when due but waiting after
+    a failed attempt) and the SIM still holds that record and the key it was issued for; None
+    when the full workflow must decide.
 
     ``last_use``: the session ends right after this (the backend may then take shortcuts,
     e.g. select the applet on the EFs' own logical channel: 2 APDUs fewer on modem links).
@@ -81,8 +95,11 @@ def cached_not_due(
         jitter_s=config.renewal.jitter_s,
         serial=int(cache.serial, 16),
     )
+    wait_until = None
     if now >= due:
-        return None
+        wait_until = _retry_wait(config, host, now)
+        if wait_until is None:
+            return None
     slot = config.slots[cache.slot]
     try:
         header = decode_header(backend.read_record(slot.certificate, 0, HEADER_SIZE))
@@ -101,6 +118,17 @@ def cached_not_due(
     if digest != cache.public_key_sha256:
         log.warning("slot %s: the key on the card is not the cached one: full check", slot.name)
         return None
+    if wait_until is not None:
+        log.info("renewal due; waiting after a failed attempt until %s", wait_until.isoformat())
+        return Result(
+            Outcome.RETRY_LATER,
+            slot.name,
+            cache.subject,
+            cache.serial,
+            cache.not_after,
+            due,
+            next_attempt_at=wait_until,
+        )
     return Result(Outcome.NOT_DUE, slot.name, cache.subject, cache.serial, cache.not_after, due)
 
 

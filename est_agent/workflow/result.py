@@ -15,6 +15,8 @@ class Outcome(StrEnum):
     RENEWED = "renewed"
     ALREADY_ENROLLED = "already-enrolled"
     NOT_DUE = "not-due"
+    #: due, but waiting after a failed attempt (workflow/renewal.py): nothing was sent
+    RETRY_LATER = "retry-later"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Result:
     renew_at: datetime | None = None
     hook: HookReport | None = None
     notes: tuple[str, ...] = ()
+    #: RETRY_LATER: when the next attempt may start
+    next_attempt_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,4 +66,5 @@ class Result:
             "renew_at": self.renew_at.isoformat() if self.renew_at else None,
             "deploy_hook": self.hook.to_json() if self.hook is not None else None,
             "notes": list(self.notes),
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at else None,
         }

@@ -126,8 +126,8 @@ def test_no_timer_randomizes_a_boot_trigger() -> None:
 
 
 def _installable_copy(directory: Path, extra_service_line: str = "") -> list[Path]:
-    """The three units in `directory`, ExecStart pointing at this venv's est-agent (verify checks that
-    the binary exists and is executable)."""
+    """The three units in `directory`, ExecStart pointing at this venv's est-agent (verify checks
+    that the binary exists and is executable)."""
     binary = Path(sys.executable).parent / "est-agent"
     assert binary.exists(), f"{binary} missing: pip install -e . first"
     service = directory / SERVICE.name
