@@ -35,6 +35,8 @@ State = SlotState | str
 OK = Timing(expired=False, due=False)
 DUE = Timing(expired=False, due=True)
 EXPIRED = Timing(expired=True, due=True)
+#: due, but a failed attempt's next attempt time has not come (workflow/renewal.py)
+DUE_RETRY = Timing(expired=False, due=True, retry_later=True)
 ENROLL, RENEW, FORCED = Operation.ENROLL, Operation.RENEW, Operation.RENEW_FORCED
 SE, SRE = EstOperation.SIMPLEENROLL, EstOperation.SIMPLEREENROLL
 
@@ -109,6 +111,15 @@ ROWS = [
     ("suspect-no-valid-other-empty", ENROLL, DK, E, None, None, None, (Action.BOOTSTRAP, None, 1, False)),
     ("suspect-no-valid-other-damaged", RENEW, D, DK, None, None, None, (Action.BOOTSTRAP, None, 0, False)),
     ("both-suspect", RENEW, DK, DK, None, None, None, (Action.STOP_UNKNOWN, None, None, False)),
+    # after a failed renewal: `run` waits for the next attempt time, nothing is sent
+    ("retry-later", RENEW, V, E, DUE_RETRY, None, None, (Action.WAIT_RETRY, 0, None, False)),
+    ("retry-later-b-active", RENEW, V, V, OK, DUE_RETRY, None, (Action.WAIT_RETRY, 1, None, False)),
+    ("retry-forced-goes-now", FORCED, V, E, DUE_RETRY, None, None, (Action.REENROLL, 0, 1, False)),
+    ("retry-enroll-already", ENROLL, V, E, DUE_RETRY, None, None, (Action.ALREADY_ENROLLED, 0, None, False)),
+    ("retry-not-due-is-not-due", RENEW, V, E, Timing(False, False, True), None, None, (Action.NOT_DUE, 0, None, False)),
+    ("retry-expired-falls-back-now", RENEW, V, E, Timing(True, True, True), None, None, (Action.BOOTSTRAP, 0, 1, False)),
+    ("retry-before-a-ready-pending", RENEW, V, E, DUE_RETRY, None, PendingFacts(SRE, 1, True), (Action.WAIT_RETRY, 0, None, False)),
+    ("retry-unknown-stops", RENEW, V, U, DUE_RETRY, None, None, (Action.STOP_UNKNOWN, 0, None, False)),
 ]
 
 
@@ -128,7 +139,7 @@ def test_table(
 
 
 STATES: list[State] = [V, E, D, DK, U]
-TIMINGS = [OK, DUE, EXPIRED]
+TIMINGS = [OK, DUE, EXPIRED, DUE_RETRY]
 PENDINGS: list[PendingFacts | None] = [None] + [
     PendingFacts(operation, slot, ready)
     for operation in (SE, SRE)
@@ -175,6 +186,8 @@ def _oracle(
         action, wanted = Action.BOOTSTRAP, SE
     elif op is RENEW and not timing.due:
         return Action.NOT_DUE, active, None, False
+    elif op is RENEW and timing.retry_later:
+        return Action.WAIT_RETRY, active, None, False
     else:
         action, wanted = Action.REENROLL, SRE
     newest_valid = seqs[active] if active is not None else 0
@@ -196,9 +209,9 @@ def _oracle(
 
 
 def test_the_sweep_covers_every_combination() -> None:
-    # 3 operations x (states with their timings: 9 valid-valid + 2 x 3 x 4 one valid + 16
+    # 3 operations x (states with their timings: 16 valid-valid + 2 x 4 x 4 one valid + 16
     # neither) x 2 orders x 9 pendings
-    per_order = 9 + 3 * 4 * 2 + 16
+    per_order = 16 + 4 * 4 * 2 + 16
     assert len(COMBINATIONS) == 3 * per_order * 2 * 9 == len(set(COMBINATIONS))
 
 
