@@ -132,7 +132,11 @@ def _add_workflow_commands(commands: Any, common: argparse.ArgumentParser) -> No
         ("enroll", "first boot: obtain the operational certificate (no-op when one is valid)"),
         ("renew", "renew the certificate when due (or --force), rekeying in the other slot"),
         ("run", "what the timer calls: enroll if nothing is installed, else renew if due"),
-        ("status", "reader, applet, both slots, active slot, next renewal, pending request"),
+        (
+            "status",
+            "reader, applet, both slots, active slot, next renewal, pending request, failed"
+            " attempts and the next attempt time",
+        ),
     ]
     timing = (
         "Renewal is due at renewal.threshold of the certificate's lifetime plus a fixed"
