@@ -796,8 +796,11 @@ class Agent:
             return None
         if not retry.is_for(view.header.sha256.hex()):
             return None
+        now = self._clock()
+        if view.certificate is None or is_expired(view.certificate.not_valid_after_utc, now):
+            return None  # expired: the bootstrap credential enrolls now, nothing to wait with
         return retry_not_before(
-            retry.failed_at, retry.next_at, self._clock(), cap_s=self.config.renewal.retry_cap_s
+            retry.failed_at, retry.next_at, now, cap_s=self.config.renewal.retry_cap_s
         )
 
     def _record_failure(

@@ -60,6 +60,7 @@ def _enrolled_and_due(
     start_server: Callable[..., EstTestServer],
     dev_pki: DevPki,
     fault_times: int,
+    **config: str,
 ) -> tuple[EstTestServer, TimedDevice]:
     server = start_server(
         default_profile=Profile(validity_s=30 * 86400),
@@ -67,7 +68,7 @@ def _enrolled_and_due(
         fault_times=fault_times,
         fault_operations=REENROLL_ONLY,
     )
-    device.write_config(server, dev_pki)
+    device.write_config(server, dev_pki, **config)
     dev = TimedDevice(device, FakeClock())
     assert dev.agent().enroll().outcome == Outcome.ENROLLED
     dev.clock.advance(days=21)  # past 2/3 of the 30-day lifetime: due, 9 days left
@@ -185,6 +186,31 @@ def test_a_far_future_retry_time_waits_at_most_the_cap(
     assert result.next_attempt_at == failed + timedelta(days=1)  # renewal.retry_cap_s
     dev.clock.advance(hours=1)
     assert dev.agent().run().outcome == Outcome.RENEWED
+
+
+def test_an_expired_certificate_never_waits_for_a_retry(
+    device: Device, start_server: Callable[..., EstTestServer], dev_pki: DevPki
+) -> None:
+    # a 30-day cap, and a record asking to wait almost that long: still honoured while the
+    # certificate is valid, but at expiry the bootstrap credential enrolls at once
+    _, dev = _enrolled_and_due(
+        device, start_server, dev_pki, ATTEMPTS_PER_RUN, renewal__retry_cap_s=str(30 * 86400)
+    )
+    failed = dev.clock.now
+    with pytest.raises(EstConnectionError):
+        dev.agent().run()
+    path = device.state_dir / "state.json"
+    state = json.loads(path.read_text())
+    state["retry"]["next_at"] = (failed + timedelta(days=29)).isoformat()
+    path.write_text(json.dumps(state))
+    dev.clock.advance(days=8)  # 1 day left
+    assert dev.agent().run().outcome == Outcome.RETRY_LATER
+    dev.clock.advance(days=1, minutes=1)  # expired (the server's real clock: +30 days)
+    status = dev.agent().status()
+    assert status.retry is not None and status.retry["next_attempt_at"] is None
+    # the fast path (which would answer "retry later" from the cache) must let it through
+    assert dev.agent().run(use_cache=True).outcome == Outcome.ENROLLED
+    assert dev.retry() is None
 
 
 def test_run_and_status_on_the_command_line(
