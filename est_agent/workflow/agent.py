@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -713,7 +714,8 @@ class Agent:
             basic_auth=basic,
             http_auth=est.http_auth.value,
             timeout_s=est.timeout_s,
-            run_timeout_s=est.run_timeout_s,
+            # one budget for the run's network work: a bootstrap's share is spent already
+            run_timeout_s=max(0.0, est.run_timeout_s - self._bootstrap_spent_s),
             tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",
             proxy=est.https_proxy(),
             require_client_auth_eku=est.require_client_auth_eku,
@@ -768,6 +770,7 @@ class Agent:
         )
         cap = self.config.renewal.retry_cap_s
         defaults = RetryPolicy()
+        started = time.monotonic()
         bootstrap = fetch_bootstrap_anchor(
             est.url,
             fingerprint=est.cacerts_fingerprint,
@@ -783,6 +786,7 @@ class Agent:
             ),
             clock=self._clock,
         )
+        self._bootstrap_spent_s = time.monotonic() - started
         root = bootstrap.root
         log.info(
             "bootstrap: %s (SHA-256 %s) matches est.cacerts_fingerprint and authenticates the"
@@ -795,6 +799,8 @@ class Agent:
 
     #: the root this run's bootstrap established (fingerprint-only configuration)
     _bootstrap_anchor: x509.Certificate | None = None
+    #: seconds of ``est.run_timeout_s`` this run's bootstrap used (the enrollment gets the rest)
+    _bootstrap_spent_s: float = 0.0
 
     def _bootstrap_anchor_path(self) -> Path:
         return self.config.paths.state_dir / BOOTSTRAP_ANCHOR_FILE
