@@ -7,6 +7,10 @@ fail at any point:
 
 * the whole card session runs under the run lock (workflow/lock.py) and a card transaction, so
   two runs never pick the same target slot;
+* with only ``est.cacerts_fingerprint`` (no ``est.trust_anchor``) and no remembered anchor, the
+  TLS trust anchor is bootstrapped from ``/cacerts`` (RFC 7030 §4.1.1, est/bootstrap.py) under
+  the run lock but before the card is opened: the card is not touched until the server is
+  authenticated;
 * the slots are read first (two APDUs each on a fresh SIM), the target slot last, so that it
   is still selected when the certificate is written; a slot that cannot be read stops the run
   before anything is written (``SlotUnreadableError``);
