@@ -21,6 +21,7 @@ from est_agent.testserver import AuthMode, DevPki, EstTestServer, ServerCertCa
 from est_agent.testserver.server import RequestRecord
 from est_agent.transport.base import CardTransport
 from est_agent.workflow.agent import Agent
+from tests.connect_proxy import ConnectProxy
 from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import Device, Run
 from tests.workflow.test_enroll_renew import certificate_on_sim
@@ -271,6 +272,36 @@ def test_the_provisional_connection_sends_no_credentials_even_when_some_are_conf
         (200, "basic", "bootstrap")
     ]
     assert card.server_before_card == first
+
+
+def test_bootstrap_goes_through_the_configured_proxy_too(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+    card: CardLog,
+) -> None:
+    server = start_server(server_cert_ca=ServerCertCa.EST_CA)
+    with ConnectProxy() as proxy:
+        fingerprint_config(
+            device,
+            server,
+            dev_pki,
+            fingerprint(dev_pki.est_ca.certificate),
+            est__proxy=f'"http://127.0.0.1:{proxy.port}"',
+        )
+        card.server = server
+        started = time.monotonic()
+        code, _out, err = cli("enroll", "--config", str(device.config), "--json")
+        elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert elapsed < 20.0
+    # one tunnel per TLS connection the server saw: the provisional one first
+    connections = sorted({r.connection for r in server.requests})
+    assert len(proxy.tunnels) == len(connections) >= 2
+    assert all(t.target == f"127.0.0.1:{server.port}" and t.status == 200 for t in proxy.tunnels)
+    assert card.server_before_card is not None and len(card.server_before_card) == 1
+    assert provisional(card.server_before_card[0])
 
 
 def test_unreachable_server_during_bootstrap_is_69_before_any_apdu(
