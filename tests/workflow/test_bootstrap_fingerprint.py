@@ -10,6 +10,7 @@ import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -20,7 +21,7 @@ from est_agent.errors import ConfigError, EstResponseError, TlsVerificationError
 from est_agent.testserver import AuthMode, DevPki, EstTestServer, ServerCertCa
 from est_agent.testserver.server import RequestRecord
 from est_agent.transport.base import CardTransport
-from est_agent.workflow.agent import Agent
+from est_agent.workflow.agent import Agent, Outcome
 from tests.connect_proxy import ConnectProxy
 from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import Device, Run
@@ -148,6 +149,36 @@ def test_bootstrap_by_fingerprint_enrolls_remembers_the_root_and_the_next_run_us
     assert renewal and not any(provisional(r) for r in renewal)
     assert {r.client_certificate for r in renewal} == {"est"}
     assert "provisional" not in err
+
+
+def test_with_an_injected_clock_the_renewal_when_due_uses_the_remembered_anchor(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    card: CardLog,
+) -> None:
+    server = start_server(server_cert_ca=ServerCertCa.EST_CA)
+    fingerprint_config(device, server, dev_pki, fingerprint(dev_pki.est_ca.certificate))
+    config = load_config(device.config)
+    now = datetime.now(UTC)
+    card.server = server
+    first = Agent(config, clock=lambda: now).enroll()
+    assert first.outcome is Outcome.ENROLLED and first.notes == ()
+    assert first.renew_at is not None
+    assert card.server_before_card is not None and len(card.server_before_card) == 1
+    assert sum(provisional(r) for r in server.requests) == 1
+
+    # a day before the certificate is due: nothing to do, no network at all
+    before = len(server.requests)
+    idle = Agent(config, clock=lambda: first.renew_at - timedelta(days=1)).run()
+    assert idle.outcome is Outcome.NOT_DUE
+    assert len(server.requests) == before
+    # once due: renewed over connections verified with the remembered root, none provisional
+    renewed = Agent(config, clock=lambda: first.renew_at + timedelta(minutes=1)).run()
+    assert renewed.outcome is Outcome.RENEWED
+    assert renewed.serial != first.serial
+    assert server.requests[before:]
+    assert not any(provisional(r) for r in server.requests[before:])
 
 
 def test_a_remembered_anchor_for_another_fingerprint_is_not_used(
