@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -181,26 +182,39 @@ def test_with_an_injected_clock_the_renewal_when_due_uses_the_remembered_anchor(
     assert not any(provisional(r) for r in server.requests[before:])
 
 
-def test_a_remembered_anchor_for_another_fingerprint_is_not_used(
+@pytest.mark.parametrize("stale", ["another-root", "garbage", "fifo"])
+def test_a_remembered_anchor_that_is_not_the_pinned_root_is_not_used(
     device: Device,
     start_server: Callable[..., EstTestServer],
     dev_pki: DevPki,
     cli: Run,
+    stale: str,
 ) -> None:
-    # The configuration now pins another root than the remembered one (re-provisioned): the
-    # remembered file is not trusted; the run bootstraps again and replaces it.
+    # The remembered file is another root (the configuration was re-provisioned with another
+    # fingerprint), garbage, or a FIFO (never opened): not trusted; the run bootstraps again
+    # and replaces it.
     server = start_server(server_cert_ca=ServerCertCa.EST_CA)
     root = dev_pki.est_ca.certificate
     fingerprint_config(device, server, dev_pki, fingerprint(root))
     device.state_dir.mkdir()
-    stale = device.state_dir / ANCHOR_FILE
-    stale.write_bytes(dev_pki.tls_ca_certificate.public_bytes(Encoding.PEM))
+    remembered = device.state_dir / ANCHOR_FILE
+    if stale == "another-root":
+        remembered.write_bytes(dev_pki.tls_ca_certificate.public_bytes(Encoding.PEM))
+        said = f"{remembered} is not the root est.cacerts_fingerprint names: bootstrapping again"
+    elif stale == "garbage":
+        remembered.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+        said = "no usable certificate"
+    else:
+        os.mkfifo(remembered)
+        said = "a FIFO, not a regular file: bootstrapping the trust anchor again"
 
+    started = time.monotonic()
     code, _out, err = cli("enroll", "--config", str(device.config), "--json")
+    assert time.monotonic() - started < 15.0
     assert code == 0, err
-    assert f"{stale} is not the root est.cacerts_fingerprint names: bootstrapping again" in err
+    assert said in err
     assert provisional(server.requests[0])
-    assert x509.load_pem_x509_certificate(stale.read_bytes()) == root
+    assert x509.load_pem_x509_certificate(remembered.read_bytes()) == root
 
 
 # --- refusals before the card is touched -----------------------------------------------------
