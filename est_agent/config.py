@@ -402,9 +402,11 @@ class EstConfig:
     #: ``https://host[:port][/path]``; a bare origin gets ``/.well-known/est``
     url: str
     label: str = ""
-    #: None only when `cacerts_fingerprint` is set (RFC 7030 §4.1.1 bootstrap distribution)
+    #: None only when `cacerts_fingerprint` is set: the run then takes the anchor from a
+    #: provisional ``/cacerts`` (RFC 7030 §4.1.1 bootstrap distribution, est/bootstrap.py)
     trust_anchor: TrustAnchorRef | None = Path("/etc/est-agent/tls-ca.pem")
-    #: SHA-256 of the EST CA root accepted from an unauthenticated ``/cacerts``
+    #: SHA-256 of the EST CA root certificate: the root ``/cacerts`` must hold, and the one a
+    #: fingerprint-only bootstrap accepts from a provisional connection
     cacerts_fingerprint: bytes | None = None
     pop: PopMode = PopMode.AUTO
     csrattrs: CsrAttrsMode = CsrAttrsMode.ADVISORY
@@ -751,14 +753,6 @@ class Config:
     def _check_combinations(self) -> None:
         """What the runtime would refuse later (after opening the card, or on first boot only),
         refused now, naming the key."""
-        if self.est.trust_anchor is None:
-            # RFC 7030 §4.1.1 bootstrap distribution by fingerprint alone is not implemented:
-            # the run could only refuse, after reading the card.
-            raise _fail(
-                "est.trust_anchor",
-                "required: enrollment with only est.cacerts_fingerprint (RFC 7030 §4.1.1 "
-                "provisional trust) is not supported yet",
-            )
         if not self.card.reader.lower().startswith("modem:"):
             # {imei} is AT+CGSN (3GPP TS 27.007 §5.4): only a modem link knows it.
             subject, sans = self.subject.templates()

@@ -1,7 +1,10 @@
 """`est-agent cacerts` / `est-agent csrattrs`: diagnostics against an EST server (RFC 7030).
 
 Both use server-only TLS (stdlib ``ssl``) verified against the given trust anchor: they never
-touch the card and never send credentials.
+touch the card and never send credentials. ``cacerts --fingerprint`` instead fetches /cacerts on
+a provisional connection (RFC 7030 §4.1.1, est/bootstrap.py) and prints the root that matches
+the fingerprint, once the TLS server's chain has verified to it: what a fingerprint-only device
+would take as its trust anchor.
 """
 
 from __future__ import annotations
@@ -62,12 +65,26 @@ def _describe(cert: x509.Certificate, role: str) -> dict[str, Any]:
 
 
 def cacerts(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        ca = client.cacerts()
-    roles = _roles(ca)
-    described = [
-        _describe(c, roles.get(c.fingerprint(hashes.SHA256()), "other")) for c in ca.certificates
-    ]
+    if args.fingerprint is not None:
+        from est_agent.est.bootstrap import fetch_bootstrap_anchor
+
+        bootstrap = fetch_bootstrap_anchor(
+            args.server,
+            fingerprint=args.fingerprint,
+            label=args.label or "",
+            timeout_s=args.timeout,
+            retry=RetryPolicy(attempts=args.attempts),
+        )
+        # the one certificate a fingerprint-only device takes as its trust anchor
+        described = [_describe(bootstrap.root, "anchor")]
+    else:
+        with _client(args) as client:
+            ca = client.cacerts()
+        roles = _roles(ca)
+        described = [
+            _describe(c, roles.get(c.fingerprint(hashes.SHA256()), "other"))
+            for c in ca.certificates
+        ]
     if args.json:
         print(json.dumps({"server": args.server, "label": args.label, "certificates": described}))
         return 0

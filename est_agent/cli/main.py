@@ -43,6 +43,17 @@ _MAX_ATTEMPTS = 20
 _ARGPARSE_USAGE_STATUS = 2
 
 
+def _fingerprint(text: str) -> bytes:
+    """argparse type: a SHA-256 fingerprint, hex (colons allowed); else UsageError."""
+    try:
+        value = bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        raise UsageError(f"--fingerprint: not hex: {text!r}") from None
+    if len(value) != 32:
+        raise UsageError(f"--fingerprint: a SHA-256 fingerprint is 32 bytes, got {len(value)}")
+    return value
+
+
 def _seconds(option: str, maximum: float) -> Callable[[str], float]:
     """argparse type: seconds, finite, > 0 and <= maximum; else UsageError naming the option."""
 
@@ -107,9 +118,21 @@ def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         est_cmd = commands.add_parser(name, parents=[common], help=text)
         est_cmd.add_argument("--server", required=True, help="EST server, e.g. https://host:8443")
         est_cmd.add_argument("--label", default="", help="EST CA label (path segment)")
-        est_cmd.add_argument(
-            "--trust-anchor", required=True, metavar="PEM", help="CA that signed the TLS cert"
-        )
+        if name == "cacerts":
+            # RFC 7030 §4.1.1: either an explicit trust anchor or a fingerprint-only bootstrap
+            trust = est_cmd.add_mutually_exclusive_group(required=True)
+            trust.add_argument("--trust-anchor", metavar="PEM", help="CA that signed the TLS cert")
+            trust.add_argument(
+                "--fingerprint",
+                type=_fingerprint,
+                metavar="HEX",
+                help="SHA-256 of the EST CA root: fetch /cacerts provisionally, print the root"
+                " that matches once the TLS server has verified to it (RFC 7030 §4.1.1)",
+            )
+        else:
+            est_cmd.add_argument(
+                "--trust-anchor", required=True, metavar="PEM", help="CA that signed the TLS cert"
+            )
         est_cmd.add_argument(
             "--timeout",
             type=_seconds("--timeout", _MAX_TIMEOUT_S),

@@ -107,6 +107,7 @@ from est_agent.est.tls import (
     ChannelBinding,
     ConnectionChangedError,
     EstTransport,
+    ProvisionalTls,
     StdlibTls,
     TlsliteTls,
 )
@@ -468,7 +469,10 @@ class EstClient:
     password), used as ``http_auth`` says: Basic pre-emptively and/or Digest (``EstAuth``).
     ``proxy``: connect through this HTTP CONNECT proxy (None: directly; the environment is never
     read here). ``transport`` replaces the TLS transport (tests: ``httpx.MockTransport``; no
-    channel binding, no proxy then).
+    channel binding, no proxy then). ``server_only_tls`` replaces the server-only TLS
+    configuration (no ``signer``): a ``ProvisionalTls`` (RFC 7030 §4.1.1, est/bootstrap.py)
+    makes a client that only fetches ``/cacerts``, with no credentials, and does not verify
+    the server itself (its caller does, from the recorded chains).
     """
 
     def __init__(
@@ -490,6 +494,7 @@ class EstClient:
         tls_server_name: str | None = None,
         proxy: HttpsProxy | None = None,
         transport: httpx.BaseTransport | None = None,
+        server_only_tls: StdlibTls | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._base_url = base_url
@@ -500,6 +505,15 @@ class EstClient:
             raise EstError("client_cert_chain and signer go together")
         if proxy is not None and transport is not None:
             raise EstError("a proxy needs the client's own TLS transport")
+        if server_only_tls is not None and signer is not None:
+            raise EstError("a server-only TLS configuration and a signer exclude each other")
+        #: RFC 7030 §4.1.1: /cacerts only, without credentials, on an unverified connection
+        self._provisional = isinstance(server_only_tls, ProvisionalTls)
+        if self._provisional and basic_auth is not None:
+            raise EstError(
+                "no credentials on a provisional connection (RFC 7030 §4.1.1): the server is"
+                " not authenticated yet"
+            )
         tls: TlsliteTls | StdlibTls
         if signer is not None:
             tls = TlsliteTls(
@@ -508,6 +522,8 @@ class EstClient:
                 signer=signer,
                 max_version=tls_max,
             )
+        elif server_only_tls is not None:
+            tls = server_only_tls
         else:
             tls = StdlibTls(trust_anchors=tuple(trust_anchors), max_version=tls_max)
         #: the TLS transport (connection count, channel binding); None when one was injected
@@ -731,6 +747,9 @@ class EstClient:
         body: bytes | None = None,
         content_type: str | None = None,
     ) -> _Reply:
+        if self._provisional and (method, operation) != ("GET", "cacerts"):
+            # RFC 7030 §4.1.1: a provisional connection is for the CA certificates alone
+            raise EstError(f"{operation}: only /cacerts is fetched on a provisional connection")
         url = est_url(self._base_url, operation, self._label)
         # RFC 9110 §12.5.3: no content coding wanted (the body is decoded here if one comes).
         headers = {"Accept": "*/*", "Accept-Encoding": "identity"}

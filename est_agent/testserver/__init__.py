@@ -6,7 +6,7 @@ agent's EST client, so that a misunderstanding shared by both sides is less like
 
 from __future__ import annotations
 
-from est_agent.testserver.config import AuthMode, Fault, ServerConfig, TlsMax
+from est_agent.testserver.config import AuthMode, Fault, ServerCertCa, ServerConfig, TlsMax
 from est_agent.testserver.issuer import Profile
 from est_agent.testserver.pki import DevPki, generate_dev_pki, load_dev_pki
 from est_agent.testserver.server import EstTestServer
@@ -21,6 +21,7 @@ __all__ = [
     "HttpRefusal",
     "Profile",
     "RetryAfterFormat",
+    "ServerCertCa",
     "ServerConfig",
     "TlsMax",
     "generate_dev_pki",

@@ -26,6 +26,7 @@ from est_agent.testserver.config import (
     CloseAfter,
     Fault,
     HttpScheme,
+    ServerCertCa,
     ServerConfig,
     TlsMax,
     parse_label_profile,
@@ -105,6 +106,13 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--tls-max", choices=[v.value for v in TlsMax], default="1.3")
+    p.add_argument(
+        "--server-cert-from",
+        choices=[v.value for v in ServerCertCa],
+        default=ServerCertCa.TLS_CA.value,
+        help="CA of the TLS server certificate: tls-ca (server.pem) or est-ca (issued at start,"
+        " for clients that bootstrap their trust anchor from /cacerts by fingerprint)",
+    )
     p.add_argument(
         "--auth",
         choices=[v.value for v in AuthMode],
@@ -238,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_max=TlsMax(args.tls_max),
         auth=AuthMode(args.auth),
         basic=args.basic,
+        server_cert_ca=ServerCertCa(args.server_cert_from),
         http_scheme=HttpScheme(args.http_auth),
         digest_algorithms=tuple(a for a in args.digest_algorithms.split(",") if a),
         digest_nonce_lifetime_s=args.nonce_lifetime,

@@ -23,6 +23,7 @@ __all__ = [
     "CloseAfter",
     "Fault",
     "HttpScheme",
+    "ServerCertCa",
     "ServerConfig",
     "TlsMax",
     "parse_label_profile",
@@ -55,6 +56,16 @@ class HttpScheme(enum.Enum):
 
     BASIC = "basic"
     DIGEST = "digest"
+
+
+class ServerCertCa(enum.Enum):
+    """`--server-cert-from`: which CA issues the TLS server certificate. The dev TLS CA (the
+    default, `server.pem`), or the EST CA that /cacerts serves: what a client that bootstraps
+    its trust anchor from /cacerts by fingerprint (RFC 7030 §4.1.1) needs to verify the server
+    with that root (a certificate issued at start-up, for the names of `server.pem`)."""
+
+    TLS_CA = "tls-ca"
+    EST_CA = "est-ca"
 
 
 class TlsMax(enum.Enum):
@@ -104,6 +115,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8443
     tls_max: TlsMax = TlsMax.TLS1_3
+    server_cert_ca: ServerCertCa = ServerCertCa.TLS_CA
     auth: AuthMode = AuthMode.CERT
     basic: tuple[str, str] | None = None
     http_scheme: HttpScheme = HttpScheme.BASIC

@@ -44,7 +44,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.closing import Closing
-from est_agent.testserver.config import AuthMode, Fault, HttpScheme, ServerConfig, TlsMax
+from est_agent.testserver.config import (
+    AuthMode,
+    Fault,
+    HttpScheme,
+    ServerCertCa,
+    ServerConfig,
+    TlsMax,
+)
 from est_agent.testserver.csrcheck import (
     CheckedCsr,
     check_challenge_password,
@@ -60,7 +67,7 @@ from est_agent.testserver.issuer import (
     make_ca,
     random_serial,
 )
-from est_agent.testserver.pki import DevPki, load_dev_pki
+from est_agent.testserver.pki import DevPki, issue_server_certificate, load_dev_pki
 from est_agent.testserver.wire import (
     UNSUPPORTED_OPERATIONS,
     HttpRefusal,
@@ -110,7 +117,9 @@ class RequestRecord:
     """One answered request, for tests that count what a client sent (`EstTestServer.requests`).
 
     ``authorization`` is the scheme of the request's Authorization field (lower case), never its
-    credentials; ``connection`` numbers the TCP connections from 1 in the order accepted.
+    credentials; ``connection`` numbers the TCP connections from 1 in the order accepted;
+    ``client_certificate`` says which CA issued the TLS client certificate of that connection
+    ("bootstrap", "est", "unknown"), None when the client presented none.
     """
 
     method: str
@@ -118,6 +127,7 @@ class RequestRecord:
     status: int
     authorization: str | None
     connection: int
+    client_certificate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -322,7 +332,10 @@ class EstTestServer(Closing):
             if self.config.tls_max is TlsMax.TLS1_2
             else ssl.TLSVersion.TLSv1_3
         )
-        ctx.load_cert_chain(self.pki.server_cert_path, self.pki.server_key_path)
+        if self.config.server_cert_ca is ServerCertCa.EST_CA:
+            _load_est_ca_server_cert(ctx, self.pki)
+        else:
+            ctx.load_cert_chain(self.pki.server_cert_path, self.pki.server_key_path)
         # Optional, not required: Basic-only clients (strongSwan's first enrollment) and
         # /cacerts fetches come without a certificate.
         ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -372,6 +385,27 @@ class EstTestServer(Closing):
     def requests(self) -> list[RequestRecord]:
         """Every request answered so far (the ones whose request line parsed), in order."""
         return self._state.requests
+
+
+def _load_est_ca_server_cert(ctx: ssl.SSLContext, pki: DevPki) -> None:
+    """A TLS server certificate from the EST CA (`--server-cert-from est-ca`), made now: OpenSSL
+    loads a certificate and key from files only, so they pass through a private temporary
+    directory that is gone when this returns."""
+    import tempfile
+
+    cert, key = issue_server_certificate(pki.est_ca, datetime.now(UTC))
+    with tempfile.TemporaryDirectory(prefix="est-testserver-") as directory:
+        cert_path, key_path = Path(directory) / "server.pem", Path(directory) / "server.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        ctx.load_cert_chain(cert_path, key_path)
 
 
 def _valid_now(cert: x509.Certificate, now: datetime) -> bool:
@@ -787,6 +821,8 @@ class _Handler(BaseHTTPRequestHandler):
             # libest's way: the answer as if keep-alive, then close_notify and the TCP close.
             response = replace(response, delivery=_Delivery.DROP)
         authorization = (self.headers.get("Authorization") or "").strip()
+        der = self._tls.getpeercert(binary_form=True)
+        client = self._est.classify_client(der)
         self._est.state.record(
             RequestRecord(
                 method=self.command,
@@ -794,6 +830,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status=response.status,
                 authorization=authorization.split(" ", 1)[0].lower() or None,
                 connection=self._connection_number,
+                client_certificate=client.issuer if client else ("unknown" if der else None),
             )
         )
         body = response.body

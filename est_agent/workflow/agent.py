@@ -7,6 +7,10 @@ fail at any point:
 
 * the whole card session runs under the run lock (workflow/lock.py) and a card transaction, so
   two runs never pick the same target slot;
+* with only ``est.cacerts_fingerprint`` (no ``est.trust_anchor``) and no remembered anchor, the
+  TLS trust anchor is bootstrapped from ``/cacerts`` (RFC 7030 §4.1.1, est/bootstrap.py) under
+  the run lock but before the card is opened: the card is not touched until the server is
+  authenticated;
 * the slots are read first (two APDUs each on a fresh SIM), the target slot last, so that it
   is still selected when the certificate is written; a slot that cannot be read stops the run
   before anything is written (``SlotUnreadableError``);
@@ -24,6 +28,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -107,6 +112,9 @@ if TYPE_CHECKING:
 __all__ = ["Agent", "Outcome", "Result", "SlotReport", "StatusReport", "pop_setting_hint"]
 
 log = logging.getLogger(__name__)
+
+#: in ``paths.state_dir``: the root a fingerprint-only bootstrap established (RFC 7030 §4.1.1)
+BOOTSTRAP_ANCHOR_FILE = "bootstrap-anchor.pem"
 
 
 def _now() -> datetime:
@@ -309,21 +317,28 @@ class Agent:
     # -- the run -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[tuple[CredentialBackend, _HostStateFile]]:
-        """Run lock, then the credential backend, then the host state (read once)."""
+    def _session(
+        self, *, anchor_first: bool = False
+    ) -> Iterator[tuple[CredentialBackend, _HostStateFile]]:
+        """Run lock, then (``anchor_first``) the TLS trust anchor, then the credential backend,
+        then the host state (read once)."""
         paths = self.config.paths
         open_backend = self._backends or backend_opener(self._opener or open_transport)
-        with (
-            run_lock(paths.state_dir, wait_s=paths.lock_wait_s),
-            open_backend(self.config) as backend,
-        ):
-            try:
-                yield backend, _HostStateFile(paths.state_dir)
-            finally:
-                self.link_stats = backend.stats
+        with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
+            # RFC 7030 §4.1.1: a fingerprint-only bootstrap talks to an unverified server, so
+            # it happens before the card is opened: the card is not touched at all unless the
+            # server has been authenticated (est/bootstrap.py).
+            notes = self._establish_trust_anchor() if anchor_first else []
+            with open_backend(self.config) as backend:
+                try:
+                    host = _HostStateFile(paths.state_dir)
+                    host.notes.extend(notes)
+                    yield backend, host
+                finally:
+                    self.link_stats = backend.stats
 
     def _execute(self, operation: Operation, *, use_cache: bool) -> Result:
-        with self._session() as (backend, host):
+        with self._session(anchor_first=True) as (backend, host):
             with backend.transaction():  # the slots are judged as one picture
                 if use_cache:
                     quick = cached_not_due(self.config, backend, host.state, self._clock())
@@ -727,7 +742,8 @@ class Agent:
             basic_auth=basic,
             http_auth=est.http_auth.value,
             timeout_s=est.timeout_s,
-            run_timeout_s=est.run_timeout_s,
+            # one budget for the run's network work: a bootstrap's share is spent already
+            run_timeout_s=max(0.0, est.run_timeout_s - self._bootstrap_spent_s),
             tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",
             proxy=est.https_proxy(),
             require_client_auth_eku=est.require_client_auth_eku,
@@ -746,17 +762,114 @@ class Agent:
     def _trust_anchors(self, backend: CredentialBackend) -> list[x509.Certificate]:
         source = self.config.est.trust_anchor
         if source is None:
-            # RFC 7030 §4.1.1 bootstrap distribution (provisional TLS, /cacerts checked against
-            # the fingerprint) is not implemented: refuse rather than trust an unverified peer.
-            raise ConfigError(
-                "est.trust_anchor is required: enrollment without an explicit TLS trust anchor "
-                "(fingerprint-only bootstrap) is not supported yet"
-            )
+            # Fingerprint-only (RFC 7030 §4.1.1): the root this run's bootstrap established,
+            # or the one an earlier run's bootstrap remembered.
+            anchor = self._bootstrap_anchor or self._remembered_bootstrap_anchor()
+            if anchor is None:
+                # never trust an unverified peer: the run establishes the anchor first
+                raise ConfigError(
+                    "est.trust_anchor is empty and no anchor was bootstrapped from"
+                    " est.cacerts_fingerprint yet"
+                )
+            return [anchor]
         if isinstance(source, Path):
             data = _read_file(source, "est.trust_anchor")
         else:
             data = backend.read_object(source)
         return _load_certificates(data, "est.trust_anchor")
+
+    def _establish_trust_anchor(self) -> list[str]:
+        """With ``est.trust_anchor = ""``: the remembered bootstrap anchor, else a bootstrap by
+        ``est.cacerts_fingerprint`` (RFC 7030 §4.1.1, est/bootstrap.py) whose root is then
+        remembered. Runs before the card is opened; returns notes for the run's result."""
+        est = self.config.est
+        if est.trust_anchor is not None or est.cacerts_fingerprint is None:
+            return []
+        remembered = self._remembered_bootstrap_anchor()
+        if remembered is not None:
+            self._bootstrap_anchor = remembered
+            return []
+        from est_agent.est.bootstrap import fetch_bootstrap_anchor
+        from est_agent.est.client import RetryPolicy
+
+        self._progress(
+            "no TLS trust anchor yet: fetching /cacerts on a provisional connection and"
+            " checking it against est.cacerts_fingerprint (RFC 7030 §4.1.1)"
+        )
+        cap = self.config.renewal.retry_cap_s
+        defaults = RetryPolicy()
+        started = time.monotonic()
+        bootstrap = fetch_bootstrap_anchor(
+            est.url,
+            fingerprint=est.cacerts_fingerprint,
+            label=est.label,
+            timeout_s=est.timeout_s,
+            run_timeout_s=est.run_timeout_s,
+            tls_max="1.2" if est.pop is PopMode.TLS_UNIQUE else "1.3",
+            proxy=est.https_proxy(),
+            # renewal.retry_cap_s bounds the waits inside this run, as on the enrollment path
+            retry=RetryPolicy(
+                cap_s=min(defaults.cap_s, cap),
+                retry_after_cap_s=min(defaults.retry_after_cap_s, cap),
+            ),
+            clock=self._clock,
+        )
+        self._bootstrap_spent_s = time.monotonic() - started
+        root = bootstrap.root
+        log.info(
+            "bootstrap: %s (SHA-256 %s) matches est.cacerts_fingerprint and authenticates the"
+            " server: it is the TLS trust anchor",
+            root.subject.rfc4514_string(),
+            est.cacerts_fingerprint.hex(),
+        )
+        self._bootstrap_anchor = root
+        return self._remember_bootstrap_anchor(root)
+
+    #: the root this run's bootstrap established (fingerprint-only configuration)
+    _bootstrap_anchor: x509.Certificate | None = None
+    #: seconds of ``est.run_timeout_s`` this run's bootstrap used (the enrollment gets the rest)
+    _bootstrap_spent_s: float = 0.0
+
+    def _bootstrap_anchor_path(self) -> Path:
+        return self.config.paths.state_dir / BOOTSTRAP_ANCHOR_FILE
+
+    def _remember_bootstrap_anchor(self, root: x509.Certificate) -> list[str]:
+        """Keep the bootstrapped root for later runs (PEM, written atomically); when it cannot
+        be written, the run goes on with it and says so: the next run bootstraps again."""
+        from est_agent.fileio import atomic_write
+
+        path = self._bootstrap_anchor_path()
+        try:
+            atomic_write(path, root.public_bytes(Encoding.PEM), mode=0o644, what="trust anchor")
+        except StoreError as exc:
+            note = (
+                f"{exc}: the bootstrapped trust anchor is not remembered (the next run"
+                " bootstraps again)"
+            )
+            log.warning("%s", note)
+            return [note]
+        return []
+
+    def _remembered_bootstrap_anchor(self) -> x509.Certificate | None:
+        """The root an earlier bootstrap remembered, when it is still the one
+        ``est.cacerts_fingerprint`` names; None (bootstrap again) when there is none, or it
+        cannot be read or parsed, or another fingerprint is configured now."""
+        from est_agent.est.bootstrap import sha256_fingerprint
+
+        path = self._bootstrap_anchor_path()
+        if not path.exists():
+            return None
+        try:
+            cert = _load_certificates(_read_file(path, "bootstrap trust anchor"), str(path))[0]
+        except (ConfigError, InputError) as exc:
+            log.warning("%s: bootstrapping the trust anchor again", exc)
+            return None
+        if sha256_fingerprint(cert) != self.config.est.cacerts_fingerprint:
+            log.warning(
+                "%s is not the root est.cacerts_fingerprint names: bootstrapping again", path
+            )
+            return None
+        return cert
 
     def _check_fingerprint(self, anchor: x509.Certificate) -> None:
         pin = self.config.est.cacerts_fingerprint

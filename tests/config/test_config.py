@@ -198,11 +198,14 @@ def test_full_config() -> None:
     assert [san.value for san in sans] == ["8988.devices.example.net", "urn:imei:3500"]
 
 
-def test_fingerprint_only_bootstrap_is_refused_at_load_time() -> None:
-    # RFC 7030 §4.1.1 provisional trust is not implemented yet: refused when the configuration
-    # is read, naming the key, instead of after the card was opened.
-    with pytest.raises(ConfigError, match=r"est\.trust_anchor: required: enrollment with only"):
-        parse_config(with_est(est=f'trust_anchor = ""\ncacerts_fingerprint = "{"00" * 32}"'))
+def test_fingerprint_only_bootstrap_is_accepted_at_load_time() -> None:
+    # RFC 7030 §4.1.1: the run bootstraps the anchor from /cacerts (tests/workflow/
+    # test_bootstrap_fingerprint.py); only both empty is refused (est.trust_anchor case below).
+    config = parse_config(with_est(est=f'trust_anchor = ""\ncacerts_fingerprint = "{"0a" * 32}"'))
+    assert config.est.trust_anchor is None
+    assert config.est.cacerts_fingerprint == b"\x0a" * 32
+    with pytest.raises(ConfigError, match=r"est\.trust_anchor: required unless"):
+        parse_config(with_est(est='trust_anchor = ""\ncacerts_fingerprint = ""'))
 
 
 def test_an_imei_template_needs_a_modem_reader() -> None:

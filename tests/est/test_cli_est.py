@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from est_agent.cli.main import main
-from est_agent.testserver import DevPki, EstTestServer
+from est_agent.testserver import DevPki, EstTestServer, ServerCertCa
 from est_agent.testserver.wire import CsrAttrsKind
 
 pytestmark = pytest.mark.integration
@@ -116,3 +117,57 @@ def test_cacerts_console_script(start_server: StartServer, dev_pki: DevPki) -> N
 def test_http_server_url_is_a_data_error(dev_pki: DevPki) -> None:
     argv = ["cacerts", "--server", "http://127.0.0.1:1", "--trust-anchor"]
     assert main([*argv, str(dev_pki.directory / "tls-ca.pem")]) == 65
+
+
+# --- cacerts --fingerprint: the provisional bootstrap (RFC 7030 §4.1.1) -----------------------
+
+
+def _fingerprint_args(server: EstTestServer, pin: str, *extra: str) -> list[str]:
+    return ["cacerts", "--server", server.url.removesuffix("/.well-known/est"), "--fingerprint",
+            pin, *extra]  # fmt: skip
+
+
+def test_cacerts_fingerprint_prints_the_matched_root(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server(server_cert_ca=ServerCertCa.EST_CA)
+    root = dev_pki.est_ca.certificate
+    pin = root.fingerprint(hashes.SHA256()).hex(":")
+    started = time.monotonic()
+    assert main(_fingerprint_args(server, pin)) == 0
+    assert time.monotonic() - started < 10
+    out = capsys.readouterr().out
+    assert out.startswith("# anchor: CN=est-agent dev EST CA")
+    assert x509.load_pem_x509_certificates(out.encode()) == [root]
+    assert [(r.method, r.client_certificate) for r in server.requests] == [("GET", None)]
+    assert main([*_fingerprint_args(server, pin.replace(":", "")), "--json"]) == 0
+    (described,) = json.loads(capsys.readouterr().out)["certificates"]
+    assert (described["role"], described["sha256"]) == ("anchor", pin.replace(":", ""))
+
+
+def test_cacerts_fingerprint_refusals_are_76(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pin = dev_pki.est_ca.certificate.fingerprint(hashes.SHA256()).hex()
+    # the TLS server's certificate comes from the dev TLS CA, not from the pinned root
+    plain = start_server()
+    assert main(_fingerprint_args(plain, pin)) == 76
+    err = capsys.readouterr().err
+    assert "TlsVerificationError" in err and "does not chain to the /cacerts root" in err
+    # a pin no root of /cacerts has
+    server = start_server(server_cert_ca=ServerCertCa.EST_CA)
+    assert main(_fingerprint_args(server, "ab" * 32)) == 76
+    err = capsys.readouterr().err
+    assert "EstResponseError" in err and "ab" * 32 in err and pin in err
+
+
+def test_cacerts_needs_exactly_one_of_trust_anchor_and_fingerprint(
+    dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["cacerts", "--server", "https://127.0.0.1:1"]
+    assert main(base) == 64
+    anchor = ["--trust-anchor", str(dev_pki.directory / "tls-ca.pem")]
+    assert main([*base, *anchor, "--fingerprint", "00" * 32]) == 64
+    assert main([*base, "--fingerprint", "00" * 31]) == 64
+    assert "32 bytes, got 31" in capsys.readouterr().err
+    assert main([*base, "--fingerprint", "xyz"]) == 64

@@ -18,6 +18,7 @@ from est_agent.testserver.config import (
     CloseAfter,
     Fault,
     HttpScheme,
+    ServerCertCa,
     ServerConfig,
     parse_label_profile,
 )
@@ -235,9 +236,12 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
             "SHA-256,MD5-sess",
             "--nonce-lifetime",
             "2.5",
+            "--server-cert-from",
+            "est-ca",
         ]
     )
     config = config_from_args(args)
+    assert config.server_cert_ca is ServerCertCa.EST_CA
     assert (config.host, config.port) == ("::1", 0)
     assert config.basic == ("alice", "pw:with:colons")
     assert config.pop_required
@@ -267,6 +271,7 @@ def test_cli_maps_every_option(tmp_path: Path) -> None:
         ["serve", "--pki", "x", "--validity", "1w"],
         ["serve", "--pki", "x", "--http-auth", "bearer"],
         ["serve", "--pki", "x", "--close-after", "403"],
+        ["serve", "--pki", "x", "--server-cert-from", "bootstrap-ca"],
         ["bogus"],
     ],
 )

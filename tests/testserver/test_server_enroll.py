@@ -22,6 +22,7 @@ from est_agent.testserver import (
     EstTestServer,
     Profile,
     RetryAfterFormat,
+    ServerCertCa,
     TlsMax,
 )
 from tests.testserver.esttls_helpers import (
@@ -454,3 +455,29 @@ def test_reenroll_needs_client_auth_eku(
     ctx = client_context(dev_pki.directory, write_credential(tmp_path, "s", cert, key))
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _enroll(server, ctx, make_csr(new_key(), "dev", ()), "simplereenroll", label="server")
+
+
+def test_server_cert_from_est_ca_and_the_client_certificate_of_each_request(
+    start_server: Start, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    # --server-cert-from est-ca: the TLS certificate chains to the root /cacerts serves (what
+    # a fingerprint-only client bootstraps, RFC 7030 §4.1.1), for the names of server.pem.
+    server = start_server(server_cert_ca=ServerCertCa.EST_CA)
+    est_ca = dev_pki.directory / "ca.pem"
+    anon = ssl.create_default_context(cafile=str(est_ca))
+    assert request(server.port, anon, "GET", f"{EST}/cacerts").status == 200
+    cert_path, key_path, _key = bootstrap_credential(dev_pki, tmp_path)
+    boot = ssl.create_default_context(cafile=str(est_ca))
+    boot.load_cert_chain(str(cert_path), str(key_path))
+    assert request(server.port, boot, "GET", f"{EST}/cacerts").status == 200
+    assert [(r.connection, r.client_certificate) for r in server.requests] == [
+        (1, None),
+        (2, "bootstrap"),
+    ]
+    # the default server certificate (server.pem, dev TLS CA) does not verify to the EST CA
+    plain = start_server()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        request(plain.port, anon, "GET", f"{EST}/cacerts")
+    tls_ca = client_context(dev_pki.directory)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        request(server.port, tls_ca, "GET", f"{EST}/cacerts")

@@ -10,7 +10,9 @@ Laid out along httpx's lines, one direction of imports (each uses only those abo
 * ``config``: the two configurations, ``TlsliteTls`` (tlslite-ng runs the handshake, so the
   client's CertificateVerify can be signed by a ``Signer``: the SIM's key) and ``StdlibTls``
   (the stdlib ``ssl`` module, server-only authentication). Same anchors, same check: the
-  stdlib path runs ``verify_server_chain`` on the server's chain after OpenSSL's own.
+  stdlib path runs ``verify_server_chain`` on the server's chain after OpenSSL's own;
+  ``ProvisionalTls`` (RFC 7030 §4.1.1 bootstrap) is the stdlib path with the check deferred:
+  the chain is recorded, to be verified once /cacerts has yielded the fingerprint's root.
 * ``tlslite_adapter``: everything that touches tlslite-ng, its private internals included
   (listed in its docstring, watched by tests/est/test_tlslite_canary.py). tlslite does not
   verify the server at all, so the adapter checks the server's chain as soon as its
@@ -37,7 +39,7 @@ cryptography's verifier) happen when a connection is first made.
 from __future__ import annotations
 
 from est_agent.est.tls.backend import ConnectionChangedError, Deadline, DeadlineExceeded
-from est_agent.est.tls.config import StdlibTls, TlsliteTls
+from est_agent.est.tls.config import ProvisionalTls, ServerChains, StdlibTls, TlsliteTls
 from est_agent.est.tls.policy import ChannelBinding, verify_server_chain
 from est_agent.est.tls.transport import EstTransport
 
@@ -47,6 +49,8 @@ __all__ = [
     "Deadline",
     "DeadlineExceeded",
     "EstTransport",
+    "ProvisionalTls",
+    "ServerChains",
     "StdlibTls",
     "TlsliteTls",
     "verify_server_chain",
