@@ -1,0 +1,289 @@
+"""The anchor store (A/B files) and the pure CA-rollover decision (RFC 7030 §4.1.3)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from est_agent.errors import EstResponseError, StoreError
+from est_agent.testserver.issuer import CertificateAuthority, make_ca
+from est_agent.testserver.rollover import RootRollover, link_certificate, make_rollover
+from est_agent.workflow import anchors as anchors_module
+from est_agent.workflow.anchors import (
+    Anchor,
+    AnchorSet,
+    AnchorStore,
+    CopyState,
+    Source,
+    Step,
+    StoredAnchors,
+    StoreState,
+    decide_rollover,
+    needs_cacerts_check,
+)
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def old_ca() -> CertificateAuthority:
+    return make_ca("Old Root", T0 - timedelta(days=300), timedelta(days=400))  # ends T0+100d
+
+
+@pytest.fixture(scope="module")
+def ro(old_ca: CertificateAuthority) -> RootRollover:
+    return make_rollover(old_ca, T0, common_name="New Root")
+
+
+@pytest.fixture(scope="module")
+def stranger() -> CertificateAuthority:
+    return make_ca("Stranger Root", T0, timedelta(days=3650))
+
+
+def configured_only(cert: x509.Certificate) -> AnchorSet:
+    fallback = (Anchor(cert, Source.CONFIGURED),)
+    return AnchorSet(current=fallback, next=None, fallback=fallback, state=StoreState.EMPTY)
+
+
+def with_next(cert: x509.Certificate, nxt: x509.Certificate) -> AnchorSet:
+    return configured_only(cert).with_stored(StoredAnchors((), Anchor(nxt, Source.ROLLOVER)))
+
+
+def switched(cert: x509.Certificate, new: x509.Certificate) -> AnchorSet:
+    return configured_only(cert).with_stored(StoredAnchors((Anchor(new, Source.ROLLOVER),), None))
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+def test_empty_store_is_empty_and_current_is_the_configured_anchor(
+    tmp_path: Path, old_ca: CertificateAuthority
+) -> None:
+    held = AnchorStore(tmp_path).load([old_ca.certificate])
+    assert held.state is StoreState.EMPTY
+    assert [a.source for a in held.current] == [Source.CONFIGURED]
+    assert held.next is None
+    assert [c.state for c in held.copies] == [CopyState.ABSENT, CopyState.ABSENT]
+
+
+def test_writes_alternate_between_the_two_copies(
+    tmp_path: Path, old_ca: CertificateAuthority, ro: RootRollover
+) -> None:
+    store = AnchorStore(tmp_path)
+    held = store.load([old_ca.certificate])
+    held = store.save(held, StoredAnchors((), Anchor(ro.new.certificate, Source.ROLLOVER)))
+    assert (tmp_path / "anchors-a.json").exists() and not (tmp_path / "anchors-b.json").exists()
+    held = store.save(
+        store.load([old_ca.certificate]),
+        StoredAnchors((Anchor(ro.new.certificate, Source.ROLLOVER),), None),
+    )
+    assert json.loads((tmp_path / "anchors-b.json").read_text())["sequence"] == 2
+    again = store.load([old_ca.certificate])
+    assert again.sequence == 2 and again.state is StoreState.VALID
+    assert again.current[0].certificate == ro.new.certificate
+    assert again.current[0].source is Source.ROLLOVER and again.next is None
+    assert (tmp_path / "anchors-a.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # torn
+        lambda data: data.replace(b'"sequence": 2', b'"sequence": 3'),  # digest mismatch
+        lambda data: b"",
+    ],
+    ids=["torn", "digest-mismatch", "empty-file"],
+)
+def test_a_damaged_newest_copy_leaves_the_previous_set(
+    tmp_path: Path, old_ca: CertificateAuthority, ro: RootRollover, damage: object
+) -> None:
+    store = AnchorStore(tmp_path)
+    nxt = StoredAnchors((), Anchor(ro.new.certificate, Source.ROLLOVER))
+    store.save(store.load([old_ca.certificate]), nxt)  # seq 1 in A
+    store.save(store.load([old_ca.certificate]), StoredAnchors((nxt.next,), None))  # type: ignore[arg-type]  # seq 2 in B
+    path = tmp_path / "anchors-b.json"
+    path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
+    held = store.load([old_ca.certificate])
+    assert held.state is StoreState.VALID and held.sequence == 1
+    assert held.next is not None and held.next.certificate == ro.new.certificate
+    assert [c.state for c in held.copies] == [CopyState.VALID, CopyState.DAMAGED]
+    # the next write goes over the damaged copy, not over the good one
+    store.save(held, StoredAnchors((nxt.next,), None))  # type: ignore[arg-type]
+    assert store.load([old_ca.certificate]).sequence == 2
+    assert json.loads((tmp_path / "anchors-a.json").read_text())["sequence"] == 1
+
+
+def test_both_copies_damaged_is_damaged_not_empty(
+    tmp_path: Path, old_ca: CertificateAuthority
+) -> None:
+    (tmp_path / "anchors-a.json").write_text("{")
+    (tmp_path / "anchors-b.json").write_text('{"format": 1}')
+    held = AnchorStore(tmp_path).load([old_ca.certificate])
+    assert held.state is StoreState.DAMAGED
+    assert [c.state for c in held.copies] == [CopyState.DAMAGED, CopyState.DAMAGED]
+    assert [a.source for a in held.current] == [Source.CONFIGURED]  # the fallback
+
+
+def test_a_directory_in_place_of_a_copy_is_unreadable(
+    tmp_path: Path, old_ca: CertificateAuthority
+) -> None:
+    (tmp_path / "anchors-a.json").mkdir()
+    held = AnchorStore(tmp_path).load([old_ca.certificate])
+    assert held.state is StoreState.DAMAGED
+    assert held.copies[0].state is CopyState.UNREADABLE
+
+
+def test_power_cut_while_storing_keeps_the_previous_set(
+    tmp_path: Path,
+    old_ca: CertificateAuthority,
+    ro: RootRollover,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Power fails in the middle of the write: the target copy is left torn (as a file system
+    without the atomic rename would), and the run dies. The other copy still loads."""
+    store = AnchorStore(tmp_path)
+    first = StoredAnchors((Anchor(ro.old.certificate, Source.BOOTSTRAP),), None)
+    store.save(store.load(), first)
+
+    def torn_write(path: Path, data: bytes, **_: object) -> None:
+        Path(path).write_bytes(data[:100])
+        raise SystemExit("power cut")
+
+    monkeypatch.setattr(anchors_module, "atomic_write", torn_write)
+    with pytest.raises(SystemExit):
+        store.save(
+            store.load(), StoredAnchors(first.current, Anchor(ro.new.certificate, Source.ROLLOVER))
+        )
+    monkeypatch.undo()
+    held = store.load()
+    assert held.state is StoreState.VALID and held.sequence == 1
+    assert held.current[0].certificate == ro.old.certificate and held.next is None
+
+
+def test_unwritable_state_dir_is_a_store_error(
+    tmp_path: Path, old_ca: CertificateAuthority
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = AnchorStore(blocker / "state")
+    with pytest.raises(StoreError, match="anchor store"):
+        store.adopt(old_ca.certificate)
+
+
+def test_adopt_makes_the_bootstrap_root_current(
+    tmp_path: Path, old_ca: CertificateAuthority
+) -> None:
+    held = AnchorStore(tmp_path).adopt(old_ca.certificate)
+    again = AnchorStore(tmp_path).load()
+    assert again.current == held.current
+    assert again.current[0].source is Source.BOOTSTRAP and again.fallback == ()
+
+
+def test_trusted_during_the_overlap_is_both_roots(
+    old_ca: CertificateAuthority, ro: RootRollover
+) -> None:
+    held = with_next(old_ca.certificate, ro.new.certificate)
+    assert held.trusted(T0) == [old_ca.certificate, ro.new.certificate]
+    # after the old root expired only the new one is offered to the TLS verifier
+    assert held.trusted(T0 + timedelta(days=200)) == [ro.new.certificate]
+
+
+# --- the decision: stored set x /cacerts x time ------------------------------------------------
+
+OVERLAP = T0 + timedelta(days=10)
+EXPIRED = T0 + timedelta(days=101)  # past the old root's not-after
+
+
+def _cases() -> list[tuple[str, str, str, datetime, Step]]:
+    # (held, offered, expected next/current after, now, step)
+    return [
+        ("configured", "old", "-", OVERLAP, Step.KEEP),
+        ("configured", "old", "-", EXPIRED, Step.KEEP),
+        ("configured", "four", "next=new", OVERLAP, Step.STORE_NEXT),
+        ("configured", "four", "current=new", EXPIRED, Step.SWITCH),
+        ("configured", "old+bad-link", "-", OVERLAP, Step.REFUSE),
+        ("configured", "old+stranger", "-", OVERLAP, Step.REFUSE),
+        ("configured", "new-only", "-", OVERLAP, Step.UNRELATED),
+        ("configured", "stranger-only", "-", OVERLAP, Step.UNRELATED),
+        ("next", "four", "-", OVERLAP, Step.KEEP),
+        ("next", "four", "current=new", EXPIRED, Step.SWITCH),
+        ("next", "old", "-", OVERLAP, Step.KEEP),
+        ("next", "old", "current=new", EXPIRED, Step.SWITCH),
+        ("next", "new-only", "current=new", OVERLAP, Step.SWITCH),
+        ("next", "none", "-", OVERLAP, Step.KEEP),
+        ("next", "none", "current=new", EXPIRED, Step.SWITCH),
+        ("next", "old+stranger", "-", OVERLAP, Step.REFUSE),
+        ("switched", "four", "-", OVERLAP, Step.KEEP),
+        ("switched", "four", "-", EXPIRED, Step.KEEP),
+        ("switched", "new-only", "-", EXPIRED, Step.KEEP),
+        ("switched", "none", "-", EXPIRED, Step.KEEP),
+        ("configured", "none", "-", EXPIRED, Step.KEEP),
+    ]
+
+
+@pytest.mark.parametrize(("held_kind", "offered_kind", "after", "now", "step"), _cases())
+def test_rollover_decision(
+    old_ca: CertificateAuthority,
+    ro: RootRollover,
+    stranger: CertificateAuthority,
+    held_kind: str,
+    offered_kind: str,
+    after: str,
+    now: datetime,
+    step: Step,
+) -> None:
+    old, new = old_ca.certificate, ro.new.certificate
+    held = {
+        "configured": configured_only(old),
+        "next": with_next(old, new),
+        "switched": switched(old, new),
+    }[held_kind]
+    # a "link" signed by a stranger's key: carries the new key but does not verify with old's
+    bad_link = link_certificate(new, ro.new.key.public_key(), stranger, T0, T0 + timedelta(1))
+    offered: list[x509.Certificate] | None = {
+        "old": [old],
+        "four": ro.four,
+        "old+bad-link": [old, bad_link, new],
+        "old+stranger": [old, stranger.certificate],
+        "new-only": [new],
+        "stranger-only": [stranger.certificate],
+        "none": None,
+    }[offered_kind]
+    decision = decide_rollover(held, offered, now)
+    assert decision.step is step, decision.reason
+    if step in (Step.KEEP, Step.UNRELATED, Step.REFUSE):
+        assert decision.stored is None
+    elif after == "next=new":
+        assert decision.stored is not None and decision.stored.next is not None
+        assert decision.stored.next.certificate == new
+        assert decision.stored.next.source is Source.ROLLOVER
+        assert decision.stored.current == ()  # the configured anchor stays current
+    else:
+        assert after == "current=new" and decision.stored is not None
+        assert [a.certificate for a in decision.stored.current] == [new]
+        assert decision.stored.next is None
+    if step is Step.REFUSE:
+        with pytest.raises(EstResponseError, match="no anchor was stored"):
+            decision.raise_if_refused()
+
+
+def test_roles_named_for_the_four_certificates(
+    old_ca: CertificateAuthority, ro: RootRollover
+) -> None:
+    decision = decide_rollover(
+        configured_only(old_ca.certificate), list(reversed(ro.four)), OVERLAP
+    )
+    assert decision.roles == ("OldWithOld", "NewWithOld", "OldWithNew", "NewWithNew")
+
+
+def test_cacerts_check_near_expiry_or_with_a_next_anchor(
+    old_ca: CertificateAuthority, ro: RootRollover
+) -> None:
+    held = configured_only(old_ca.certificate)  # ends T0+100d
+    assert not needs_cacerts_check(held, T0)
+    assert needs_cacerts_check(held, T0 + timedelta(days=71))
+    assert needs_cacerts_check(with_next(old_ca.certificate, ro.new.certificate), T0)
