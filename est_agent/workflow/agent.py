@@ -45,6 +45,7 @@ from est_agent.errors import (
     CardError,
     ConfigError,
     EnrollmentPending,
+    EstAgentError,
     EstRejectedError,
     EstResponseError,
     InputError,
@@ -62,6 +63,16 @@ from est_agent.store import (
     write_slot,
 )
 from est_agent.transport import open_transport
+from est_agent.workflow.anchors import (
+    AnchorSet,
+    AnchorStore,
+    Rollover,
+    Step,
+    StoreState,
+    decide_rollover,
+    fingerprint,
+    needs_cacerts_check,
+)
 from est_agent.workflow.hoststate import (
     ActiveCache,
     Deployment,
@@ -97,7 +108,15 @@ if TYPE_CHECKING:
     from est_agent.est.messages import CsrAttributes
     from est_agent.est.tls import ChannelBinding
 
-__all__ = ["Agent", "Outcome", "Result", "SlotReport", "StatusReport", "pop_setting_hint"]
+__all__ = [
+    "Agent",
+    "AnchorReport",
+    "Outcome",
+    "Result",
+    "SlotReport",
+    "StatusReport",
+    "pop_setting_hint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +140,17 @@ class SlotReport:
 
 
 @dataclass(frozen=True)
+class AnchorReport:
+    """One trust anchor for the EST server's TLS chain (workflow/anchors.py)."""
+
+    role: str  # current | next | fallback (the configured anchor when it is not current)
+    source: str  # configured | bootstrap | rollover
+    subject: str
+    sha256: str
+    not_after: str
+
+
+@dataclass(frozen=True)
 class StatusReport:
     reader: str
     iccid: str | None
@@ -130,6 +160,9 @@ class StatusReport:
     renew_at: str | None
     pending: dict[str, str] | None = None
     deployment: dict[str, Any] | None = None
+    anchors: tuple[AnchorReport, ...] = ()
+    #: the anchor store's state: {"state": empty|valid|damaged, "sequence", "copies": [...]}
+    anchor_store: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -142,6 +175,8 @@ class StatusReport:
             "pending": self.pending,
             "deployment": self.deployment,
             "slots": [vars(s) for s in self.slots],
+            "anchors": [vars(a) for a in self.anchors],
+            "anchor_store": self.anchor_store,
         }
 
 
@@ -225,6 +260,8 @@ class Agent:
         #: the last session's link statistics (benchmarks and --json read them)
         self.link_stats: Any = None
         self.card_signatures = 0
+        #: the trust anchors of this run (loaded once per run, see `_anchors`)
+        self._held: AnchorSet | None = None
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -249,6 +286,7 @@ class Agent:
             views = self._scan(backend)
             iccid = backend.iccid()
             details = backend.details()
+            anchors, anchor_store = self._anchor_report(backend)
         state = host.state
         active = self._decide(Operation.ENROLL, views, state).active
         reports = []
@@ -292,7 +330,50 @@ class Agent:
             renew_at=renew_at,
             pending=pending,
             deployment=deployment,
+            anchors=anchors,
+            anchor_store=anchor_store,
         )
+
+    def _anchor_report(
+        self, backend: CredentialBackend
+    ) -> tuple[tuple[AnchorReport, ...], dict[str, Any]]:
+        """The anchors as the next run would trust them (nothing is written here)."""
+        try:
+            held = self._load_anchors(backend)
+        except ConfigError as exc:  # e.g. no anchor configured and none stored
+            return (), {"state": "unusable", "error": str(exc)}
+        rows: list[AnchorReport] = []
+
+        def row(role: str, source: str, cert: x509.Certificate) -> AnchorReport:
+            return AnchorReport(
+                role,
+                source,
+                cert.subject.rfc4514_string(),
+                fingerprint(cert),
+                cert.not_valid_after_utc.isoformat(),
+            )
+
+        for anchor in held.current:
+            rows.append(row("current", anchor.source.value, anchor.certificate))
+        if held.next is not None:
+            rows.append(row("next", held.next.source.value, held.next.certificate))
+        for anchor in held.fallback:
+            if not any(a.certificate == anchor.certificate for a in held.current):
+                rows.append(row("fallback", anchor.source.value, anchor.certificate))
+        store = {
+            "state": held.state.value,
+            "sequence": held.sequence,
+            "copies": [
+                {
+                    "file": c.name,
+                    "state": c.state.value,
+                    "sequence": c.sequence,
+                    "reason": c.reason or None,
+                }
+                for c in held.copies
+            ],
+        }
+        return tuple(rows), store
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -301,6 +382,7 @@ class Agent:
         """Run lock, then the credential backend, then the host state (read once)."""
         paths = self.config.paths
         open_backend = self._backends or backend_opener(self._opener or open_transport)
+        self._held = None  # the anchors are read again by every run
         with (
             run_lock(paths.state_dir, wait_s=paths.lock_wait_s),
             open_backend(self.config) as backend,
@@ -316,7 +398,7 @@ class Agent:
                 if use_cache:
                     quick = cached_not_due(self.config, backend, host.state, self._clock())
                     if quick is not None:
-                        return quick
+                        return self._check_anchors(backend, quick)
                 self._progress("reading the credential slots on the SIM")
                 views = self._scan(backend)
             decision = self._decide(operation, views, host.state)
@@ -342,7 +424,7 @@ class Agent:
                     if decision.action is Action.ALREADY_ENROLLED
                     else Outcome.NOT_DUE
                 )
-                return self._result(outcome, active, hook, host)
+                return self._check_anchors(backend, self._result(outcome, active, hook, host))
             if decision.action is Action.BOOTSTRAP:
                 if active is not None:
                     log.warning("the active certificate expired: falling back to bootstrap")
@@ -476,6 +558,9 @@ class Agent:
         try:
             cacerts = client.cacerts()
             self._check_fingerprint(cacerts.anchor)
+            # RFC 7030 §4.1.3: every run that talks to the server follows a CA rollover
+            # before the card makes a key: a refused /cacerts stops here (76)
+            self._roll_anchors(cacerts.certificates)
             attrs = self._server_csrattrs(client)
             key = self._target_key(backend, target, host.state.pending, decision)
             op_signer = backend.signer(target.key, key)
@@ -677,8 +762,13 @@ class Agent:
 
     @contextlib.contextmanager
     def _client(
-        self, backend: CredentialBackend, chain: Sequence[x509.Certificate], signer: Signer
+        self,
+        backend: CredentialBackend,
+        chain: Sequence[x509.Certificate] | None,
+        signer: Signer | None,
     ) -> Iterator[EstClient]:
+        """The EST client of this run; without `chain` and `signer` a server-only TLS client
+        (the card is not touched: the anchor check of a run that is otherwise not due)."""
         from est_agent.config import PopMode
         from est_agent.est.client import EstClient, RetryPolicy
 
@@ -696,9 +786,9 @@ class Agent:
         factory = self._client_factory or EstClient
         client = factory(
             est.url,
-            trust_anchors=self._trust_anchors(backend),
+            trust_anchors=self._anchors(backend).trusted(self._clock()),
             label=est.label,
-            client_cert_chain=list(chain),
+            client_cert_chain=list(chain) if chain is not None else None,
             signer=signer,
             basic_auth=basic,
             http_auth=est.http_auth.value,
@@ -733,6 +823,83 @@ class Agent:
         else:
             data = backend.read_object(source)
         return _load_certificates(data, "est.trust_anchor")
+
+    # -- trust anchors (workflow/anchors.py) -------------------------------------------------
+
+    def _load_anchors(self, backend: CredentialBackend) -> AnchorSet:
+        """The held anchors: the store in paths.state_dir over the configured est.trust_anchor
+        (the initial anchor and the fallback)."""
+        configured = (
+            self._trust_anchors(backend) if self.config.est.trust_anchor is not None else []
+        )
+        held = AnchorStore(self.config.paths.state_dir).load(configured)
+        if not held.current:
+            self._trust_anchors(backend)  # nothing configured, nothing stored: its error
+        if held.state is StoreState.DAMAGED:
+            log.warning(
+                "the trust-anchor store is damaged (%s): trusting the configured anchor only",
+                "; ".join(f"{c.name}: {c.state.value} {c.reason}".strip() for c in held.copies),
+            )
+        return held
+
+    def _anchors(self, backend: CredentialBackend) -> AnchorSet:
+        """This run's anchors, loaded once; the next anchor takes over here, without any
+        request, when the current one has expired (RFC 7030 §4.1.3)."""
+        if self._held is None:
+            held = self._load_anchors(backend)
+            self._held = held
+            self._apply_rollover(decide_rollover(held, None, self._clock()))
+        assert self._held is not None
+        return self._held
+
+    def _roll_anchors(self, certificates: Sequence[x509.Certificate]) -> None:
+        """Follow a CA rollover in one /cacerts answer (`decide_rollover`); refused: 76."""
+        held = self._held
+        if held is None:
+            return  # a client from elsewhere (tests' factories): no anchors loaded
+        decision = decide_rollover(held, certificates, self._clock())
+        log.info(
+            "/cacerts: %s: %s (%s)",
+            "+".join(decision.roles),
+            decision.step.value,
+            decision.reason,
+        )
+        decision.raise_if_refused()
+        self._apply_rollover(decision)
+
+    def _apply_rollover(self, decision: Rollover) -> None:
+        held = self._held
+        assert held is not None
+        if decision.stored is None:
+            return
+        if decision.step is Step.SWITCH:
+            self._progress(f"CA rollover: switching the trust anchor ({decision.reason})")
+        else:
+            self._progress(decision.reason)
+        # StoreError (73) propagates: the next run decides again from the same facts
+        self._held = AnchorStore(self.config.paths.state_dir).save(held, decision.stored)
+
+    def _check_anchors(self, backend: CredentialBackend, result: Result) -> Result:
+        """A run that is not due makes no request, except /cacerts (server-only TLS, no card)
+        when an anchor nears its end or a next anchor is held (anchors.ANCHOR_CHECK_MARGIN).
+        A server that cannot be asked is a note on the result; a refused /cacerts is 76."""
+        try:
+            held = self._anchors(backend)
+        except EstAgentError as exc:
+            log.warning("trust anchors: %s", exc)
+            return replace(result, notes=(*result.notes, f"trust anchors: {exc}"))
+        if not needs_cacerts_check(held, self._clock()):
+            return result
+        self._progress("checking /cacerts for a CA rollover (the trust anchor nears its end)")
+        try:
+            with self._client(backend, None, None) as client:
+                certificates = client.cacerts().certificates
+        except EstAgentError as exc:
+            note = f"CA rollover check failed (retried by the next run): {exc}"
+            log.warning("%s", note)
+            return replace(result, notes=(*result.notes, note[:600]))
+        self._roll_anchors(certificates)
+        return result
 
     def _check_fingerprint(self, anchor: x509.Certificate) -> None:
         pin = self.config.est.cacerts_fingerprint

@@ -38,9 +38,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from est_agent.errors import EstResponseError, StoreError
-from est_agent.est.messages import classify_cacerts
-from est_agent.fileio import atomic_write, read_bounded
+from est_agent.errors import ConfigError, EstResponseError, StoreError
+from est_agent.fileio import PEM_LIMIT_BYTES, atomic_write, read_bounded
 
 __all__ = [
     "ANCHOR_CHECK_MARGIN",
@@ -54,7 +53,9 @@ __all__ = [
     "Step",
     "StoreState",
     "StoredAnchors",
+    "check_due_on_fast_path",
     "decide_rollover",
+    "fingerprint",
     "needs_cacerts_check",
 ]
 
@@ -400,6 +401,30 @@ def needs_cacerts_check(
     return any(a.certificate.not_valid_after_utc - now <= margin for a in held.current)
 
 
+def check_due_on_fast_path(state_dir: Path, trust_anchor: object, now: datetime) -> bool:
+    """Whether `run`'s fast path (workflow/quick.py, no network) must give way to the full
+    run for the anchors' sake: a /cacerts check is due, or the next anchor takes over now.
+
+    `trust_anchor` is ``est.trust_anchor``: a PEM file is read here; an anchor on the SIM is
+    not (the fast path reads no more of the card than it must), so then only the stored
+    anchors count. A file that cannot be used leaves the decision (and its error) to the full
+    run.
+    """
+    configured: list[x509.Certificate] = []
+    if isinstance(trust_anchor, Path):
+        try:
+            data = read_bounded(trust_anchor, limit_bytes=PEM_LIMIT_BYTES, what="est.trust_anchor")
+            configured = x509.load_pem_x509_certificates(data)
+        except (ConfigError, ValueError):
+            return True
+    held = AnchorStore(state_dir).load(configured)
+    if not held.current:
+        return held.state is not StoreState.EMPTY
+    if held.state is StoreState.DAMAGED:
+        return True  # the full run says so
+    return needs_cacerts_check(held, now) or decide_rollover(held, None, now).stored is not None
+
+
 def decide_rollover(
     held: AnchorSet, offered: Sequence[x509.Certificate] | None, now: datetime
 ) -> Rollover:
@@ -420,6 +445,8 @@ def decide_rollover(
         ):
             return _switched(held, "the current anchor expired: the next one takes over")
         return Rollover(Step.KEEP, "no /cacerts this run")
+    from est_agent.est.messages import classify_cacerts  # not on `run`'s fast path
+
     certs = list(offered)
     if not certs:
         raise EstResponseError("/cacerts returned no certificates")
