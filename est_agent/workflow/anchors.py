@@ -477,10 +477,10 @@ def decide_rollover(
         )
     new = roles_of.new_root
     if new is not None and (
-        new.not_valid_before_utc <= old.not_valid_before_utc or _expired(new, now)
+        new.not_valid_after_utc <= old.not_valid_after_utc or _expired(new, now)
     ):
-        # After a switch the retired root is still sent, linked both ways: RFC 4210 §4.4's new
-        # key is generated at rollover, so the older root is the retired one, not a new one.
+        # After a switch the retired root is still sent, linked both ways: a new root replaces
+        # the current one (RFC 4210 §4.4), so one that ends no later is the retired one.
         new = None
     known = [*held_anchors, *((held.next,) if held.next else ())]
     # a linked root (new, or the retired one after a switch) is accounted for; any other is not
