@@ -287,3 +287,23 @@ def test_cacerts_check_near_expiry_or_with_a_next_anchor(
     assert not needs_cacerts_check(held, T0)
     assert needs_cacerts_check(held, T0 + timedelta(days=71))
     assert needs_cacerts_check(with_next(old_ca.certificate, ro.new.certificate), T0)
+
+
+def test_fast_path_check(tmp_path: Path, old_ca: CertificateAuthority, ro: RootRollover) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from est_agent.workflow.anchors import check_due_on_fast_path
+
+    pem = tmp_path / "anchor.pem"
+    pem.write_bytes(old_ca.certificate.public_bytes(Encoding.PEM))
+    state = tmp_path / "state"
+    assert not check_due_on_fast_path(state, pem, T0)  # 100 days left, nothing held
+    assert check_due_on_fast_path(state, pem, T0 + timedelta(days=80))  # within the margin
+    assert check_due_on_fast_path(state, tmp_path / "missing.pem", T0)  # the full run says why
+    sim_object = object()  # an anchor on the SIM is not read by the fast path
+    assert not check_due_on_fast_path(state, sim_object, T0 + timedelta(days=80))
+    store = AnchorStore(state)
+    store.save(store.load(), StoredAnchors((), Anchor(ro.new.certificate, Source.ROLLOVER)))
+    assert check_due_on_fast_path(state, pem, T0)  # a next anchor is held
+    (state / "anchors-a.json").write_text("torn")
+    assert check_due_on_fast_path(state, pem, T0)  # damaged: the full run reports it

@@ -198,6 +198,7 @@ def test_power_cut_while_storing_the_next_anchor(
     device: Device,
     short_pki: DevPki,
     monkeypatch: pytest.MonkeyPatch,
+    cli: Run,
 ) -> None:
     """The run dies in the middle of writing the next anchor (the copy left torn). The previous
     anchors still load (the configured one: the store is damaged, not empty) and the next run,
@@ -217,6 +218,9 @@ def test_power_cut_while_storing_the_next_anchor(
     held = _store(device, short_pki)
     assert held.state is StoreState.DAMAGED  # unknown is not empty
     assert [x.certificate for x in held.current] == [short_pki.est_ca.certificate]
+    code, out, _ = cli("status", "--config", str(device.config))
+    assert code == 0
+    assert "anchor store: damaged: anchors-a.json: damaged (not JSON (torn or overwritten))" in out
     started = time.monotonic()
     result = agent().renew(force=True)
     assert result.outcome.value == "renewed"
@@ -249,3 +253,26 @@ def test_a_device_that_missed_the_overlap_cannot_verify_the_new_chain(
     assert info.value.exit_code == 76
     assert _store(device, short_pki).state is StoreState.EMPTY
     assert elapsed < 20
+
+
+def test_the_fast_path_gives_way_to_the_anchor_check(
+    rig: tuple[EstTestServer, Clock, Callable[[], Agent]],
+    device: Device,
+    short_pki: DevPki,
+    cli: Run,
+) -> None:
+    """`est-agent run` answers "not due" from the host-state cache without the network, except
+    when a next anchor is held (or the anchor nears its end): then /cacerts is asked,
+    server-only, and the card signs nothing."""
+    server, clock, agent = rig
+    assert agent().enroll().outcome.value == "enrolled"
+    clock.now = ANNOUNCE + timedelta(minutes=10)  # the server's phase; the CLI runs on real time
+    assert agent().renew(force=True).outcome.value == "renewed"
+    assert _store(device, short_pki).next is not None
+    since = len(server.requests)
+    code, out, _ = cli("run", "--config", str(device.config), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["outcome"] == "not-due"
+    assert _ops(server, since) == ["cacerts"]
+    assert result["card_link"]["signatures"] == 0
