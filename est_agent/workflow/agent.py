@@ -262,6 +262,8 @@ class Agent:
         self.card_signatures = 0
         #: the trust anchors of this run (loaded once per run, see `_anchors`)
         self._held: AnchorSet | None = None
+        #: anchor-store writes that failed this run (notes on the result, like the host state's)
+        self._anchor_notes: list[str] = []
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -383,6 +385,7 @@ class Agent:
         paths = self.config.paths
         open_backend = self._backends or backend_opener(self._opener or open_transport)
         self._held = None  # the anchors are read again by every run
+        self._anchor_notes = []
         with (
             run_lock(paths.state_dir, wait_s=paths.lock_wait_s),
             open_backend(self.config) as backend,
@@ -876,8 +879,15 @@ class Agent:
             self._progress(f"CA rollover: switching the trust anchor ({decision.reason})")
         else:
             self._progress(decision.reason)
-        # StoreError (73) propagates: the next run decides again from the same facts
-        self._held = AnchorStore(self.config.paths.state_dir).save(held, decision.stored)
+        try:
+            self._held = AnchorStore(self.config.paths.state_dir).save(held, decision.stored)
+        except StoreError as exc:
+            # Like the host state: the run goes on with what it verified (the overlap's trust
+            # holds in memory); the next run decides again from the same facts and stores it.
+            note = f"{exc} (the CA rollover step is retried by the next run)"
+            log.warning("%s", note)
+            self._anchor_notes.append(note[:600])
+            self._held = held.with_stored(decision.stored)
 
     def _check_anchors(self, backend: CredentialBackend, result: Result) -> Result:
         """A run that is not due makes no request, except /cacerts (server-only TLS, no card)
@@ -889,7 +899,7 @@ class Agent:
             log.warning("trust anchors: %s", exc)
             return replace(result, notes=(*result.notes, f"trust anchors: {exc}"))
         if not needs_cacerts_check(held, self._clock()):
-            return result
+            return self._with_anchor_notes(result)
         self._progress("checking /cacerts for a CA rollover (the trust anchor nears its end)")
         try:
             with self._client(backend, None, None) as client:
@@ -899,7 +909,11 @@ class Agent:
             log.warning("%s", note)
             return replace(result, notes=(*result.notes, note[:600]))
         self._roll_anchors(certificates)
-        return result
+        return self._with_anchor_notes(result)
+
+    def _with_anchor_notes(self, result: Result) -> Result:
+        new = [n for n in self._anchor_notes if n not in result.notes]
+        return replace(result, notes=(*result.notes, *new)) if new else result
 
     def _check_fingerprint(self, anchor: x509.Certificate) -> None:
         pin = self.config.est.cacerts_fingerprint
@@ -1069,7 +1083,7 @@ class Agent:
             cert.not_valid_after_utc,
             self._due_at(cert),
             hook,
-            tuple(host.notes),
+            (*host.notes, *self._anchor_notes),
         )
 
 

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from est_agent.config import load_config
-from est_agent.errors import EstAgentError, EstResponseError
+from est_agent.errors import EstAgentError, EstResponseError, StoreError
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.issuer import make_ca
 from est_agent.testserver.pki import load_dev_pki
@@ -276,3 +276,27 @@ def test_the_fast_path_gives_way_to_the_anchor_check(
     assert result["outcome"] == "not-due"
     assert _ops(server, since) == ["cacerts"]
     assert result["card_link"]["signatures"] == 0
+
+
+def test_an_unwritable_anchor_store_is_a_note_not_a_failed_renewal(
+    rig: tuple[EstTestServer, Clock, Callable[[], Agent]],
+    device: Device,
+    short_pki: DevPki,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As with the host state: the renewal the card made stands; the next run stores it."""
+    _server, clock, agent = rig
+    assert agent().enroll().outcome.value == "enrolled"
+    clock.now = ANNOUNCE + timedelta(minutes=10)
+
+    def refuse(path: Path, data: bytes, **_: object) -> None:
+        raise StoreError(f"cannot write anchor store {path}: Read-only file system")
+
+    monkeypatch.setattr(anchors_module, "atomic_write", refuse)
+    result = agent().renew(force=True)
+    assert result.outcome.value == "renewed"
+    assert any("Read-only file system" in n and "next run" in n for n in result.notes)
+    assert _store(device, short_pki).state is StoreState.EMPTY
+    monkeypatch.undo()
+    assert agent().renew(force=True).notes == ()
+    assert _store(device, short_pki).next is not None
