@@ -67,6 +67,7 @@ from est_agent.workflow.anchors import (
     AnchorSet,
     AnchorStore,
     Rollover,
+    Source,
     Step,
     StoreState,
     decide_rollover,
@@ -560,7 +561,8 @@ class Agent:
         op_signer: Signer | None = None
         try:
             cacerts = client.cacerts()
-            self._check_fingerprint(cacerts.anchor)
+            if not self._rolled_over_to(cacerts.roles.roots):
+                self._check_fingerprint(cacerts.anchor)
             # RFC 7030 §4.1.3: every run that talks to the server follows a CA rollover
             # before the card makes a key: a refused /cacerts stops here (76)
             self._roll_anchors(cacerts.certificates)
@@ -888,6 +890,18 @@ class Agent:
             log.warning("%s", note)
             self._anchor_notes.append(note[:600])
             self._held = held.with_stored(decision.stored)
+
+    def _rolled_over_to(self, roots: Sequence[x509.Certificate]) -> bool:
+        """Whether /cacerts holds a root this device took from a verified rollover: the
+        fingerprint pin named the root before it; the link certificates carried the trust on
+        (RFC 7030 §4.1.3), so the pin no longer decides."""
+        held = self._held
+        if held is None:
+            return False
+        rolled = [a for a in (*held.current, held.next) if a is not None]
+        return any(
+            a.source is Source.ROLLOVER and a.same_key(root) for a in rolled for root in roots
+        )
 
     def _check_anchors(self, backend: CredentialBackend, result: Result) -> Result:
         """A run that is not due makes no request, except /cacerts (server-only TLS, no card)

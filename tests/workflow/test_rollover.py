@@ -65,14 +65,24 @@ def short_pki(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> DevP
     return load_dev_pki(directory)
 
 
-@pytest.fixture
+@pytest.fixture(params=["anchor", "anchor+pin"])
 def rig(
-    start_server: Callable[..., EstTestServer], short_pki: DevPki, device: Device
+    request: pytest.FixtureRequest,
+    start_server: Callable[..., EstTestServer],
+    short_pki: DevPki,
+    device: Device,
 ) -> Iterator[tuple[EstTestServer, Clock, Callable[[], Agent]]]:
+    """The server in rollover mode and a device trusting the old EST root; "anchor+pin" also
+    pins that root's fingerprint (est.cacerts_fingerprint): a verified rollover carries on."""
     clock = Clock()
     server = start_server(pki=short_pki, rollover_at=SWITCH, rollover_announce_at=ANNOUNCE)
     server.clock = clock
-    device.write_config(server, short_pki, est__trust_anchor=f'"{short_pki.directory / "ca.pem"}"')
+    extra = {"est__trust_anchor": f'"{short_pki.directory / "ca.pem"}"'}
+    if request.param == "anchor+pin":
+        extra["est__cacerts_fingerprint"] = (
+            f'"{anchors_module.fingerprint(short_pki.est_ca.certificate)}"'
+        )
+    device.write_config(server, short_pki, **extra)
 
     def agent() -> Agent:
         return Agent(load_config(device.config), clock=clock)
