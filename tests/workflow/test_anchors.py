@@ -198,31 +198,53 @@ OVERLAP = T0 + timedelta(days=10)
 EXPIRED = T0 + timedelta(days=101)  # past the old root's not-after
 
 
+# Every held set x every /cacerts x both times. Expected, written out: (step, what is stored):
+# "-" nothing, "next" NewWithNew as the next anchor, "switch" NewWithNew as the current one.
+# held: configured = only est.trust_anchor (old); bootstrap = old adopted by fingerprint, nothing
+# configured; next = configured old + NewWithNew stored as next; switched = NewWithNew current,
+# old still configured (the fallback). offered: old = OldWithOld alone; four = the rollover's
+# four certificates; old+bad-link = old, new and a "NewWithOld" signed by a stranger's key;
+# old+stranger = old and an unlinked root; new-only / stranger-only = that root alone;
+# none = no /cacerts this run.
+_TABLE = """
+configured    old            KEEP -         KEEP -
+configured    four           STORE_NEXT next SWITCH switch
+configured    old+bad-link   REFUSE -       REFUSE -
+configured    old+stranger   REFUSE -       REFUSE -
+configured    new-only       UNRELATED -    UNRELATED -
+configured    stranger-only  UNRELATED -    UNRELATED -
+configured    none           KEEP -         KEEP -
+bootstrap     old            KEEP -         KEEP -
+bootstrap     four           STORE_NEXT next SWITCH switch
+bootstrap     old+bad-link   REFUSE -       REFUSE -
+bootstrap     old+stranger   REFUSE -       REFUSE -
+bootstrap     new-only       UNRELATED -    UNRELATED -
+bootstrap     stranger-only  UNRELATED -    UNRELATED -
+bootstrap     none           KEEP -         KEEP -
+next          old            KEEP -         SWITCH switch
+next          four           KEEP -         SWITCH switch
+next          old+bad-link   KEEP -         SWITCH switch
+next          old+stranger   REFUSE -       REFUSE -
+next          new-only       SWITCH switch  SWITCH switch
+next          stranger-only  UNRELATED -    UNRELATED -
+next          none           KEEP -         SWITCH switch
+switched      old            KEEP -         KEEP -
+switched      four           KEEP -         KEEP -
+switched      old+bad-link   KEEP -         KEEP -
+switched      old+stranger   KEEP -         KEEP -
+switched      new-only       KEEP -         KEEP -
+switched      stranger-only  UNRELATED -    UNRELATED -
+switched      none           KEEP -         KEEP -
+"""
+
+
 def _cases() -> list[tuple[str, str, str, datetime, Step]]:
-    # (held, offered, expected next/current after, now, step)
-    return [
-        ("configured", "old", "-", OVERLAP, Step.KEEP),
-        ("configured", "old", "-", EXPIRED, Step.KEEP),
-        ("configured", "four", "next=new", OVERLAP, Step.STORE_NEXT),
-        ("configured", "four", "current=new", EXPIRED, Step.SWITCH),
-        ("configured", "old+bad-link", "-", OVERLAP, Step.REFUSE),
-        ("configured", "old+stranger", "-", OVERLAP, Step.REFUSE),
-        ("configured", "new-only", "-", OVERLAP, Step.UNRELATED),
-        ("configured", "stranger-only", "-", OVERLAP, Step.UNRELATED),
-        ("next", "four", "-", OVERLAP, Step.KEEP),
-        ("next", "four", "current=new", EXPIRED, Step.SWITCH),
-        ("next", "old", "-", OVERLAP, Step.KEEP),
-        ("next", "old", "current=new", EXPIRED, Step.SWITCH),
-        ("next", "new-only", "current=new", OVERLAP, Step.SWITCH),
-        ("next", "none", "-", OVERLAP, Step.KEEP),
-        ("next", "none", "current=new", EXPIRED, Step.SWITCH),
-        ("next", "old+stranger", "-", OVERLAP, Step.REFUSE),
-        ("switched", "four", "-", OVERLAP, Step.KEEP),
-        ("switched", "four", "-", EXPIRED, Step.KEEP),
-        ("switched", "new-only", "-", EXPIRED, Step.KEEP),
-        ("switched", "none", "-", EXPIRED, Step.KEEP),
-        ("configured", "none", "-", EXPIRED, Step.KEEP),
-    ]
+    cases = []
+    for line in _TABLE.strip().splitlines():
+        held, offered, step1, after1, step2, after2 = line.split()
+        cases.append((held, offered, after1, OVERLAP, Step[step1]))
+        cases.append((held, offered, after2, EXPIRED, Step[step2]))
+    return cases
 
 
 @pytest.mark.parametrize(("held_kind", "offered_kind", "after", "now", "step"), _cases())
@@ -237,8 +259,12 @@ def test_rollover_decision(
     step: Step,
 ) -> None:
     old, new = old_ca.certificate, ro.new.certificate
+    bootstrap = AnchorSet(current=(), next=None, fallback=(), state=StoreState.EMPTY).with_stored(
+        StoredAnchors((Anchor(old, Source.BOOTSTRAP),), None)
+    )
     held = {
         "configured": configured_only(old),
+        "bootstrap": bootstrap,
         "next": with_next(old, new),
         "switched": switched(old, new),
     }[held_kind]
@@ -255,20 +281,23 @@ def test_rollover_decision(
     }[offered_kind]
     decision = decide_rollover(held, offered, now)
     assert decision.step is step, decision.reason
-    if step in (Step.KEEP, Step.UNRELATED, Step.REFUSE):
+    if after == "-":
         assert decision.stored is None
-    elif after == "next=new":
+    elif after == "next":
         assert decision.stored is not None and decision.stored.next is not None
         assert decision.stored.next.certificate == new
         assert decision.stored.next.source is Source.ROLLOVER
-        assert decision.stored.current == ()  # the configured anchor stays current
+        assert decision.stored.current == held.stored.current  # the current one stays
     else:
-        assert after == "current=new" and decision.stored is not None
+        assert after == "switch" and decision.stored is not None
         assert [a.certificate for a in decision.stored.current] == [new]
+        assert decision.stored.current[0].source is Source.ROLLOVER
         assert decision.stored.next is None
     if step is Step.REFUSE:
         with pytest.raises(EstResponseError, match="no anchor was stored"):
             decision.raise_if_refused()
+    else:
+        decision.raise_if_refused()
 
 
 def test_roles_named_for_the_four_certificates(
