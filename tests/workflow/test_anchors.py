@@ -336,3 +336,23 @@ def test_fast_path_check(tmp_path: Path, old_ca: CertificateAuthority, ro: RootR
     assert check_due_on_fast_path(state, pem, T0)  # a next anchor is held
     (state / "anchors-a.json").write_text("torn")
     assert check_due_on_fast_path(state, pem, T0)  # damaged: the full run reports it
+
+
+def test_a_fifo_or_oversized_copy_is_unreadable_without_waiting(
+    tmp_path: Path, old_ca: CertificateAuthority, ro: RootRollover, fifo: Path
+) -> None:
+    import time
+
+    store = AnchorStore(tmp_path)
+    store.save(store.load(), StoredAnchors((), Anchor(ro.new.certificate, Source.ROLLOVER)))
+    # a symlink to a FIFO nobody writes to (the fixture releases a reader that blocks)
+    (tmp_path / "anchors-b.json").symlink_to(fifo)
+    started = time.monotonic()
+    held = store.load([old_ca.certificate])
+    assert time.monotonic() - started < 1.0
+    assert held.copies[1].state is CopyState.UNREADABLE and "FIFO" in held.copies[1].reason
+    assert held.state is StoreState.VALID and held.next is not None  # copy A still counts
+    (tmp_path / "anchors-b.json").unlink()
+    (tmp_path / "anchors-b.json").write_bytes(b" " * (512 * 1024))
+    held = store.load([old_ca.certificate])
+    assert held.copies[1].state is CopyState.UNREADABLE and "larger than" in held.copies[1].reason
