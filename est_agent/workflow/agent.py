@@ -12,6 +12,9 @@ fail at any point:
   before anything is written (``SlotUnreadableError``);
 * the EST server is verified before the card signs anything (est/tls/), and the key is
   generated only once the server has answered /cacerts and /csrattrs;
+* the server's TLS chain is checked against the anchor store (workflow/anchors.py: current,
+  next, the configured fallback), and every /cacerts answer is followed for a CA rollover
+  (RFC 7030 §4.1.3) before the key is generated: a refused one stops the run there;
 * a new certificate only ever goes to a slot that is *not* active, and counts once it reads
   back intact and matching its key (store.py): whatever fails, the previous credential stays;
 * the host state (a cache) notes a record before it is written, and a failure to write the
