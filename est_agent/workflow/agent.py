@@ -66,6 +66,7 @@ from est_agent.store import (
     write_slot,
 )
 from est_agent.transport import open_transport
+from est_agent.workflow.anchorcheck import forget_check, write_check
 from est_agent.workflow.anchors import (
     AnchorSet,
     AnchorStore,
@@ -76,6 +77,7 @@ from est_agent.workflow.anchors import (
     decide_rollover,
     fingerprint,
     needs_cacerts_check,
+    next_check_at,
 )
 from est_agent.workflow.hoststate import (
     ActiveCache,
@@ -857,8 +859,19 @@ class Agent:
             held = self._load_anchors(backend)
             self._held = held
             self._apply_rollover(decide_rollover(held, None, self._clock()))
+            self._note_check()
         assert self._held is not None
         return self._held
+
+    def _note_check(self) -> None:
+        """Tell `run`'s fast path when it must next give way (workflow/anchorcheck.py)."""
+        held = self._held
+        assert held is not None
+        state_dir = self.config.paths.state_dir
+        if held.state is StoreState.DAMAGED:
+            forget_check(state_dir)  # the fast path gives way: the full run reports it
+            return
+        write_check(state_dir, next_check_at(held), self.config.est.trust_anchor)
 
     def _roll_anchors(self, certificates: Sequence[x509.Certificate]) -> None:
         """Follow a CA rollover in one /cacerts answer (`decide_rollover`); refused: 76."""
@@ -884,6 +897,9 @@ class Agent:
             self._progress(f"CA rollover: switching the trust anchor ({decision.reason})")
         else:
             self._progress(decision.reason)
+        # The fast path's note goes first: a power cut after the store write must not leave a
+        # note computed from the previous anchors.
+        forget_check(self.config.paths.state_dir)
         try:
             self._held = AnchorStore(self.config.paths.state_dir).save(held, decision.stored)
         except StoreError as exc:
@@ -893,6 +909,8 @@ class Agent:
             log.warning("%s", note)
             self._anchor_notes.append(note[:600])
             self._held = held.with_stored(decision.stored)
+            return  # no fast-path note: the next run looks again
+        self._note_check()
 
     def _rolled_over_to(self, roots: Sequence[x509.Certificate]) -> bool:
         """Whether /cacerts holds a root this device took from a verified rollover: the

@@ -31,15 +31,15 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from est_agent.errors import ConfigError, EstResponseError, StoreError
-from est_agent.fileio import PEM_LIMIT_BYTES, atomic_write, read_bounded
+from est_agent.errors import EstResponseError, StoreError
+from est_agent.fileio import atomic_write, read_bounded
 
 __all__ = [
     "ANCHOR_CHECK_MARGIN",
@@ -53,10 +53,10 @@ __all__ = [
     "Step",
     "StoreState",
     "StoredAnchors",
-    "check_due_on_fast_path",
     "decide_rollover",
     "fingerprint",
     "needs_cacerts_check",
+    "next_check_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -401,28 +401,13 @@ def needs_cacerts_check(
     return any(a.certificate.not_valid_after_utc - now <= margin for a in held.current)
 
 
-def check_due_on_fast_path(state_dir: Path, trust_anchor: object, now: datetime) -> bool:
-    """Whether `run`'s fast path (workflow/quick.py, no network) must give way to the full
-    run for the anchors' sake: a /cacerts check is due, or the next anchor takes over now.
-
-    `trust_anchor` is ``est.trust_anchor``: a PEM file is read here; an anchor on the SIM is
-    not (the fast path reads no more of the card than it must), so then only the stored
-    anchors count. A file that cannot be used leaves the decision (and its error) to the full
-    run.
-    """
-    configured: list[x509.Certificate] = []
-    if isinstance(trust_anchor, Path):
-        try:
-            data = read_bounded(trust_anchor, limit_bytes=PEM_LIMIT_BYTES, what="est.trust_anchor")
-            configured = x509.load_pem_x509_certificates(data)
-        except (ConfigError, ValueError):
-            return True
-    held = AnchorStore(state_dir).load(configured)
-    if not held.current:
-        return held.state is not StoreState.EMPTY
-    if held.state is StoreState.DAMAGED:
-        return True  # the full run says so
-    return needs_cacerts_check(held, now) or decide_rollover(held, None, now).stored is not None
+def next_check_at(held: AnchorSet, margin: timedelta = ANCHOR_CHECK_MARGIN) -> datetime:
+    """From when `needs_cacerts_check` holds (workflow/anchorcheck.py writes it for `run`'s
+    fast path): at once while a next anchor is held, else `margin` before the first current
+    anchor ends."""
+    if held.next is not None or not held.current:
+        return datetime.min.replace(tzinfo=UTC)
+    return min(a.certificate.not_valid_after_utc for a in held.current) - margin
 
 
 def decide_rollover(

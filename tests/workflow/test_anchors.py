@@ -319,23 +319,33 @@ def test_cacerts_check_near_expiry_or_with_a_next_anchor(
 
 
 def test_fast_path_check(tmp_path: Path, old_ca: CertificateAuthority, ro: RootRollover) -> None:
+    import os
+
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from est_agent.workflow.anchors import check_due_on_fast_path
+    from est_agent.workflow.anchorcheck import check_due, write_check
+    from est_agent.workflow.anchors import next_check_at
 
     pem = tmp_path / "anchor.pem"
     pem.write_bytes(old_ca.certificate.public_bytes(Encoding.PEM))
     state = tmp_path / "state"
-    assert not check_due_on_fast_path(state, pem, T0)  # 100 days left, nothing held
-    assert check_due_on_fast_path(state, pem, T0 + timedelta(days=80))  # within the margin
-    assert check_due_on_fast_path(state, tmp_path / "missing.pem", T0)  # the full run says why
-    sim_object = object()  # an anchor on the SIM is not read by the fast path
-    assert not check_due_on_fast_path(state, sim_object, T0 + timedelta(days=80))
-    store = AnchorStore(state)
-    store.save(store.load(), StoredAnchors((), Anchor(ro.new.certificate, Source.ROLLOVER)))
-    assert check_due_on_fast_path(state, pem, T0)  # a next anchor is held
-    (state / "anchors-a.json").write_text("torn")
-    assert check_due_on_fast_path(state, pem, T0)  # damaged: the full run reports it
+    state.mkdir()
+    assert check_due(state, pem, T0)  # never noted: unknown is not "not due"
+    held = configured_only(old_ca.certificate)
+    assert next_check_at(held) == old_ca.certificate.not_valid_after_utc - timedelta(days=30)
+    write_check(state, next_check_at(held), pem)
+    assert not check_due(state, pem, T0)  # 100 days left
+    assert check_due(state, pem, T0 + timedelta(days=71))  # within the 30-day margin
+    os.utime(pem, ns=(1, 1))  # another configured anchor file than the note was made from
+    assert check_due(state, pem, T0)
+    write_check(state, next_check_at(held), pem)
+    assert not check_due(state, pem, T0)
+    assert check_due(state, object(), T0)  # the anchor moved to the SIM: look again
+    nxt = with_next(old_ca.certificate, ro.new.certificate)
+    write_check(state, next_check_at(nxt), pem)
+    assert check_due(state, pem, T0)  # a next anchor is held: every run looks
+    (state / "anchors-check.json").write_text("torn")
+    assert check_due(state, pem, T0)
 
 
 def test_a_fifo_or_oversized_copy_is_unreadable_without_waiting(

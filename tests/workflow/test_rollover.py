@@ -310,3 +310,27 @@ def test_an_unwritable_anchor_store_is_a_note_not_a_failed_renewal(
     monkeypatch.undo()
     assert agent().renew(force=True).notes == ()
     assert _store(device, short_pki).next is not None
+
+
+def test_the_fast_path_stays_fast_while_no_check_is_due(
+    start_server: Callable[..., EstTestServer], dev_pki: DevPki, device: Device
+) -> None:
+    """A ten-year anchor and no rollover: the full run notes when to look again, and `run`'s
+    fast path answers "not due" from the cache (no certificate parse, no network)."""
+    from est_agent.workflow.anchorcheck import check_due
+    from est_agent.workflow.quick import run_if_not_due
+
+    server = start_server()
+    device.write_config(server, dev_pki)
+    config = load_config(device.config)
+    assert Agent(config).enroll().outcome.value == "enrolled"
+    now = datetime.now(UTC)
+    assert not check_due(device.state_dir, config.est.trust_anchor, now)
+    since = len(server.requests)
+    result, stats = run_if_not_due(config, now)
+    assert result is not None and result.outcome.value == "not-due"
+    assert stats is not None and stats.apdus > 0
+    assert len(server.requests) == since
+    # 30 days before the anchor ends the fast path gives way to the full run's /cacerts check
+    later = dev_pki.tls_ca_certificate.not_valid_after_utc - timedelta(days=29)
+    assert run_if_not_due(config, later) == (None, None)
