@@ -167,7 +167,14 @@ def test_device_across_the_whole_rollover(
     assert f"anchor current (rollover): {new.subject.rfc4514_string()}" in out
     assert f"anchor fallback (configured): {old.subject.rfc4514_string()}" in out
     code, out, _ = cli("status", "--config", str(device.config), "--json")
-    rows = json.loads(out)["anchors"]
+    report = json.loads(out)
+    rows = report["anchors"]
+    assert report["anchor_store"]["state"] == "valid"
+    assert report["anchor_store"]["sequence"] == 2  # next stored, then the switch
+    assert {c["file"]: c["sequence"] for c in report["anchor_store"]["copies"]} == {
+        "anchors-a.json": 1,
+        "anchors-b.json": 2,
+    }
     assert [(r["role"], r["source"]) for r in rows] == [
         ("current", "rollover"),
         ("fallback", "configured"),
