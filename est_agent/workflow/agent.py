@@ -842,9 +842,13 @@ class Agent:
         configured = (
             self._trust_anchors(backend) if self.config.est.trust_anchor is not None else []
         )
-        held = AnchorStore(self.config.paths.state_dir).load(configured)
+        store = AnchorStore(self.config.paths.state_dir)
+        held = store.load(configured)
         if not held.current:
-            self._trust_anchors(backend)  # nothing configured, nothing stored: its error
+            # nothing configured, nothing stored: est.trust_anchor's own answer (its error;
+            # after the bootstrap branch's merge, the root a fingerprint bootstrap matched
+            # until `_remember_bootstrap_anchor` calls `AnchorStore.adopt`)
+            held = store.load(self._trust_anchors(backend))
         if held.state is StoreState.DAMAGED:
             log.warning(
                 "the trust-anchor store is damaged (%s): trusting the configured anchor only",
