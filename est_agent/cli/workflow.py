@@ -133,6 +133,18 @@ def status(args: argparse.Namespace) -> int:
         if deployment.get("error"):
             line += f" ({deployment['error']})"
         print(line)
+    store = report.anchor_store or {}
+    if store.get("state") not in (None, "valid", "empty"):
+        why = store.get("error") or "; ".join(
+            f"{c['file']}: {c['state']}" + (f" ({c['reason']})" if c.get("reason") else "")
+            for c in store.get("copies", ())
+        )
+        print(f"anchor store: {store['state']}: {why}")
+    for anchor in report.anchors:
+        print(
+            f"anchor {anchor.role} ({anchor.source}): {anchor.subject}, not after"
+            f" {anchor.not_after}, SHA-256 {anchor.sha256}"
+        )
     for slot in report.slots:
         line = f"slot {slot.name}: {slot.status}"
         if slot.subject:

@@ -8,6 +8,7 @@ import http.client
 import signal
 import ssl
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
@@ -77,6 +78,23 @@ def _user_pass(text: str) -> tuple[str, str]:
     if not sep or not user:
         raise argparse.ArgumentTypeError("expected USER:PASS")
     return user, password
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 time with a zone (``2030-01-01T00:00:00+00:00`` or ``...Z``), or ``+DURATION``
+    from now (``+90s``, ``+2h``)."""
+    if text.startswith("+"):
+        try:
+            return datetime.now(UTC) + timedelta(seconds=parse_duration(text[1:]))
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"needs a time zone (e.g. {text}Z): {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -180,6 +198,19 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--manual-approval", type=_seconds, metavar="SECONDS")
     p.add_argument(
+        "--rollover-at",
+        type=_moment,
+        metavar="TIME",
+        help="CA root key rollover (RFC 7030 §4.1.3): serve the four rollover certificates, and"
+        " from TIME (ISO 8601 or +DURATION) issue from the new root and present a TLS chain to it",
+    )
+    p.add_argument(
+        "--rollover-announce-at",
+        type=_moment,
+        metavar="TIME",
+        help="with --rollover-at: serve only the old root before TIME",
+    )
+    p.add_argument(
         "--retry-after-format", choices=[v.value for v in RetryAfterFormat], default="seconds"
     )
     p.add_argument("--max-concurrent", type=_positive_int, metavar="N")
@@ -268,6 +299,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         response_delay_s=args.response_delay,
         issuance_log=args.issuance_log,
         port_file=args.port_file,
+        rollover_at=args.rollover_at,
+        rollover_announce_at=args.rollover_announce_at,
     )
 
 

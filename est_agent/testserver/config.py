@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from est_agent.errors import ConfigError, UsageError
@@ -143,6 +144,14 @@ class ServerConfig:
     port_file: Path | None = None
     max_request_bytes: int = 64 * 1024
     io_timeout_s: float = 10.0
+    #: CA root key rollover (RFC 7030 §4.1.3): a new root is made at start; /cacerts serves
+    #: OldWithOld, NewWithOld, OldWithNew and NewWithNew (from `rollover_announce_at`, None:
+    #: from the start); from `rollover_at` certificates are issued by the new root and the TLS
+    #: chain leads to it; once the old root expired only NewWithNew is served. With either set
+    #: the server's TLS certificate comes from the EST CA (one root for TLS and issuance, as
+    #: after a bootstrap by fingerprint, RFC 7030 §4.1.1). Times are the server's `clock`.
+    rollover_at: datetime | None = None
+    rollover_announce_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.auth is not AuthMode.CERT and self.basic is None:
@@ -159,6 +168,11 @@ class ServerConfig:
             raise ConfigError("--manual-approval must not be negative")
         if self.fault_times < 0:
             raise ConfigError("--fault-times must not be negative")
+        if self.rollover_announce_at is not None and self.rollover_at is None:
+            raise ConfigError("--rollover-announce-at needs --rollover-at")
+        for moment in (self.rollover_at, self.rollover_announce_at):
+            if moment is not None and moment.tzinfo is None:
+                raise ConfigError("rollover times need a time zone (e.g. 2030-01-01T00:00Z)")
         unknown = self.fault_operations - OPERATIONS
         if unknown:
             raise ConfigError(f"--fault-ops: unknown operation {sorted(unknown)[0]!r}")

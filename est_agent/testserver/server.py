@@ -27,10 +27,11 @@ import json
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from est_agent.closing import Closing
+from est_agent.fileio import atomic_write
 from est_agent.testserver.config import (
     AuthMode,
     Fault,
@@ -68,6 +70,7 @@ from est_agent.testserver.issuer import (
     random_serial,
 )
 from est_agent.testserver.pki import DevPki, issue_server_certificate, load_dev_pki
+from est_agent.testserver.rollover import RootRollover, make_rollover
 from est_agent.testserver.wire import (
     UNSUPPORTED_OPERATIONS,
     HttpRefusal,
@@ -244,7 +247,15 @@ class EstTestServer(Closing):
     def __init__(self, config: ServerConfig, pki: DevPki | None = None) -> None:
         self.config = config
         self.pki = pki or load_dev_pki(config.pki_dir)
-        self.ssl_context = self._make_ssl_context()
+        #: the server's notion of time for the rollover phases (tests move it)
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.rollover: RootRollover | None = None
+        self._rollover_files: tempfile.TemporaryDirectory[str] | None = None
+        self._rollover_context: ssl.SSLContext | None = None
+        if config.rollover_at is not None:
+            self.ssl_context = self._make_rollover_contexts()
+        else:
+            self.ssl_context = self._make_ssl_context()
         self._foreign_ca: CertificateAuthority | None = None
         #: the Digest account and its nonces (`--http-auth digest`)
         self.digest = (
@@ -319,12 +330,71 @@ class EstTestServer(Closing):
         self._state.close()
         if self.exporter_secrets is not None:
             self.exporter_secrets.close()
+        if self._rollover_files is not None:
+            self._rollover_files.cleanup()
 
     def note(self, message: str) -> None:
         if not self._quiet:
             sys.stderr.write(f"est-testserver: {message}\n")
 
-    def _make_ssl_context(self) -> ssl.SSLContext:
+    # -- CA rollover (RFC 7030 §4.1.3) -------------------------------------------------------
+    def _make_rollover_contexts(self) -> ssl.SSLContext:
+        """The new root and its links, and one TLS server certificate under each EST root
+        (written to a private temporary directory: `load_cert_chain` reads files)."""
+        now = datetime.now(UTC)
+        rollover = make_rollover(self.pki.est_ca, now)
+        self.rollover = rollover
+        files = tempfile.TemporaryDirectory(prefix="est-testserver-rollover-")
+        self._rollover_files = files
+        contexts = []
+        for name, ca in (("old", rollover.old), ("new", rollover.new)):
+            cert, key = issue_server_certificate(ca, now)
+            cert_path, key_path = Path(files.name) / f"{name}.pem", Path(files.name) / f"{name}.key"
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            atomic_write(key_path, _private_pem(key), mode=0o600, what="private key")
+            contexts.append(self._make_ssl_context(cert_path, key_path))
+        self._rollover_context = contexts[1]
+        return contexts[0]
+
+    def rollover_phase(self, now: datetime | None = None) -> str:
+        """before | overlap | switched | expired (the old root's end), by the server's clock."""
+        config = self.config
+        if config.rollover_at is None or self.rollover is None:
+            return "none"
+        now = now or self.clock()
+        if config.rollover_announce_at is not None and now < config.rollover_announce_at:
+            return "before"
+        if now < config.rollover_at:
+            return "overlap"
+        if now < self.rollover.old.certificate.not_valid_after_utc:
+            return "switched"
+        return "expired"
+
+    def context_now(self) -> ssl.SSLContext:
+        """The TLS identity to present now: chained to the new root once switched."""
+        if self._rollover_context is not None and self.rollover_phase() in ("switched", "expired"):
+            return self._rollover_context
+        return self.ssl_context
+
+    def issuing_ca(self) -> CertificateAuthority:
+        if self.rollover is not None and self.rollover_phase() in ("switched", "expired"):
+            return self.rollover.new
+        return self.pki.est_ca
+
+    def cacerts_now(self) -> list[x509.Certificate]:
+        """What /cacerts sends now (RFC 7030 §4.1.3: the four certificates while both roots
+        live)."""
+        rollover = self.rollover
+        phase = self.rollover_phase()
+        if rollover is None or phase == "before":
+            return [self.pki.est_ca.certificate]
+        if phase == "expired":
+            return [rollover.new.certificate]
+        return rollover.four
+
+    def _make_ssl_context(
+        self, cert_path: Path | None = None, key_path: Path | None = None
+    ) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = (
@@ -332,7 +402,9 @@ class EstTestServer(Closing):
             if self.config.tls_max is TlsMax.TLS1_2
             else ssl.TLSVersion.TLSv1_3
         )
-        if self.config.server_cert_ca is ServerCertCa.EST_CA:
+        if cert_path is not None and key_path is not None:
+            ctx.load_cert_chain(cert_path, key_path)
+        elif self.config.server_cert_ca is ServerCertCa.EST_CA:
             _load_est_ca_server_cert(ctx, self.pki)
         else:
             ctx.load_cert_chain(self.pki.server_cert_path, self.pki.server_key_path)
@@ -343,6 +415,8 @@ class EstTestServer(Closing):
             ca.certificate.public_bytes(serialization.Encoding.PEM)
             for ca in (self.pki.bootstrap_ca, self.pki.est_ca)
         )
+        if self.rollover is not None:  # certificates issued after the switch renew too
+            trusted += self.rollover.new.certificate.public_bytes(serialization.Encoding.PEM)
         ctx.load_verify_locations(cadata=trusted.decode("ascii"))
         ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
         ctx.num_tickets = 0  # no session resumption: every connection is a full handshake
@@ -361,7 +435,10 @@ class EstTestServer(Closing):
         if not der:
             return None
         cert = x509.load_der_x509_certificate(der)
-        for name, ca in (("bootstrap", self.pki.bootstrap_ca), ("est", self.pki.est_ca)):
+        cas = [("bootstrap", self.pki.bootstrap_ca), ("est", self.pki.est_ca)]
+        if self.rollover is not None:
+            cas.append(("est", self.rollover.new))
+        for name, ca in cas:
             try:
                 cert.verify_directly_issued_by(ca.certificate)
             except (ValueError, TypeError, InvalidSignature):  # not issued by this CA
@@ -387,24 +464,23 @@ class EstTestServer(Closing):
         return self._state.requests
 
 
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def _load_est_ca_server_cert(ctx: ssl.SSLContext, pki: DevPki) -> None:
     """A TLS server certificate from the EST CA (`--server-cert-from est-ca`), made now: OpenSSL
     loads a certificate and key from files only, so they pass through a private temporary
     directory that is gone when this returns."""
-    import tempfile
-
     cert, key = issue_server_certificate(pki.est_ca, datetime.now(UTC))
     with tempfile.TemporaryDirectory(prefix="est-testserver-") as directory:
         cert_path, key_path = Path(directory) / "server.pem", Path(directory) / "server.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        atomic_write(key_path, _private_pem(key), mode=0o600, what="private key")
         ctx.load_cert_chain(cert_path, key_path)
 
 
@@ -448,7 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._connection_number = est.state.next_connection()
         if est.exporter_secrets is not None:
             self._client_random = peek_client_random(raw, est.config.io_timeout_s)
-        self.request = est.ssl_context.wrap_socket(raw, server_side=True)
+        self.request = est.context_now().wrap_socket(raw, server_side=True)
         super().setup()
 
     def finish(self) -> None:
@@ -552,7 +628,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- operations ---------------------------------------------------------------------------
     def _cacerts(self) -> _Response:
-        der = encode_certs_only([self._est.pki.est_ca.certificate])
+        der = encode_certs_only(self._est.cacerts_now())
         ok = _Response(
             status=200,
             body=encode_base64_body(der, wrap=self._est.config.wrap_base64),
@@ -729,7 +805,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, checked: CheckedCsr, profile: Profile, now: datetime, fault: Fault | None
     ) -> x509.Certificate:
         est = self._est
-        ca = est.pki.est_ca
+        ca = est.issuing_ca()
         public_key = cast(ec.EllipticCurvePublicKey, checked.csr.public_key())
         not_before, not_after = now, now + timedelta(seconds=profile.validity_s)
         if fault is Fault.WRONG_KEY:

@@ -16,6 +16,9 @@ fail at any point:
   before anything is written (``SlotUnreadableError``);
 * the EST server is verified before the card signs anything (est/tls/), and the key is
   generated only once the server has answered /cacerts and /csrattrs;
+* the server's TLS chain is checked against the anchor store (workflow/anchors.py: current,
+  next, the configured fallback), and every /cacerts answer is followed for a CA rollover
+  (RFC 7030 §4.1.3) before the key is generated: a refused one stops the run there;
 * a new certificate only ever goes to a slot that is *not* active, and counts once it reads
   back intact and matching its key (store.py): whatever fails, the previous credential stays;
 * the host state (a cache) notes a record before it is written, and a failure to write the
@@ -68,6 +71,19 @@ from est_agent.store import (
     write_slot,
 )
 from est_agent.transport import open_transport
+from est_agent.workflow.anchorcheck import forget_check, write_check
+from est_agent.workflow.anchors import (
+    AnchorSet,
+    AnchorStore,
+    Rollover,
+    Source,
+    Step,
+    StoreState,
+    decide_rollover,
+    fingerprint,
+    needs_cacerts_check,
+    next_check_at,
+)
 from est_agent.workflow.hoststate import (
     ActiveCache,
     Deployment,
@@ -109,12 +125,19 @@ if TYPE_CHECKING:
     from est_agent.est.messages import CsrAttributes
     from est_agent.est.tls import ChannelBinding
 
-__all__ = ["Agent", "Outcome", "Result", "SlotReport", "StatusReport", "pop_setting_hint"]
+__all__ = [
+    "Agent",
+    "AnchorReport",
+    "Outcome",
+    "Result",
+    "SlotReport",
+    "StatusReport",
+    "pop_setting_hint",
+]
 
 log = logging.getLogger(__name__)
 
 #: in ``paths.state_dir``: the root a fingerprint-only bootstrap established (RFC 7030 §4.1.1)
-BOOTSTRAP_ANCHOR_FILE = "bootstrap-anchor.pem"
 
 
 def _now() -> datetime:
@@ -136,6 +159,17 @@ class SlotReport:
 
 
 @dataclass(frozen=True)
+class AnchorReport:
+    """One trust anchor for the EST server's TLS chain (workflow/anchors.py)."""
+
+    role: str  # current | next | fallback (the configured anchor when it is not current)
+    source: str  # configured | bootstrap | rollover
+    subject: str
+    sha256: str
+    not_after: str
+
+
+@dataclass(frozen=True)
 class StatusReport:
     reader: str
     iccid: str | None
@@ -147,6 +181,9 @@ class StatusReport:
     deployment: dict[str, Any] | None = None
     #: failed attempts since the last success, and when the next may start (None: none failed)
     retry: dict[str, Any] | None = None
+    anchors: tuple[AnchorReport, ...] = ()
+    #: the anchor store's state: {"state": empty|valid|damaged, "sequence", "copies": [...]}
+    anchor_store: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -160,6 +197,8 @@ class StatusReport:
             "deployment": self.deployment,
             "retry": self.retry,
             "slots": [vars(s) for s in self.slots],
+            "anchors": [vars(a) for a in self.anchors],
+            "anchor_store": self.anchor_store,
         }
 
 
@@ -243,6 +282,10 @@ class Agent:
         #: the last session's link statistics (benchmarks and --json read them)
         self.link_stats: Any = None
         self.card_signatures = 0
+        #: the trust anchors of this run (loaded once per run, see `_anchors`)
+        self._held: AnchorSet | None = None
+        #: anchor-store writes that failed this run (notes on the result, like the host state's)
+        self._anchor_notes: list[str] = []
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -267,6 +310,7 @@ class Agent:
             views = self._scan(backend)
             iccid = backend.iccid()
             details = backend.details()
+            anchors, anchor_store = self._anchor_report(backend)
         state = host.state
         active = self._decide(Operation.ENROLL, views, state).active
         reports = []
@@ -312,7 +356,50 @@ class Agent:
             pending=pending,
             deployment=deployment,
             retry=retry,
+            anchors=anchors,
+            anchor_store=anchor_store,
         )
+
+    def _anchor_report(
+        self, backend: CredentialBackend
+    ) -> tuple[tuple[AnchorReport, ...], dict[str, Any]]:
+        """The anchors as the next run would trust them (nothing is written here)."""
+        try:
+            held = self._load_anchors(backend)
+        except ConfigError as exc:  # e.g. no anchor configured and none stored
+            return (), {"state": "unusable", "error": str(exc)}
+        rows: list[AnchorReport] = []
+
+        def row(role: str, source: str, cert: x509.Certificate) -> AnchorReport:
+            return AnchorReport(
+                role,
+                source,
+                cert.subject.rfc4514_string(),
+                fingerprint(cert),
+                cert.not_valid_after_utc.isoformat(),
+            )
+
+        for anchor in held.current:
+            rows.append(row("current", anchor.source.value, anchor.certificate))
+        if held.next is not None:
+            rows.append(row("next", held.next.source.value, held.next.certificate))
+        for anchor in held.fallback:
+            if not any(a.certificate == anchor.certificate for a in held.current):
+                rows.append(row("fallback", anchor.source.value, anchor.certificate))
+        store = {
+            "state": held.state.value,
+            "sequence": held.sequence,
+            "copies": [
+                {
+                    "file": c.name,
+                    "state": c.state.value,
+                    "sequence": c.sequence,
+                    "reason": c.reason or None,
+                }
+                for c in held.copies
+            ],
+        }
+        return tuple(rows), store
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -324,6 +411,8 @@ class Agent:
         then the host state (read once)."""
         paths = self.config.paths
         open_backend = self._backends or backend_opener(self._opener or open_transport)
+        self._held = None  # the anchors are read again by every run
+        self._anchor_notes = []
         with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
             # RFC 7030 §4.1.1: a fingerprint-only bootstrap talks to an unverified server, so
             # it happens before the card is opened: the card is not touched at all unless the
@@ -343,7 +432,7 @@ class Agent:
                 if use_cache:
                     quick = cached_not_due(self.config, backend, host.state, self._clock())
                     if quick is not None:
-                        return quick
+                        return self._check_anchors(backend, quick)
                 self._progress("reading the credential slots on the SIM")
                 views = self._scan(backend)
             decision = self._decide(operation, views, host.state)
@@ -372,7 +461,7 @@ class Agent:
                     if decision.action is Action.ALREADY_ENROLLED
                     else Outcome.NOT_DUE
                 )
-                return self._result(outcome, active, hook, host)
+                return self._check_anchors(backend, self._result(outcome, active, hook, host))
             try:
                 if decision.action is Action.BOOTSTRAP:
                     if active is not None:
@@ -514,7 +603,11 @@ class Agent:
         op_signer: Signer | None = None
         try:
             cacerts = client.cacerts()
-            self._check_fingerprint(cacerts.anchor)
+            if not self._rolled_over_to(cacerts.roles.roots):
+                self._check_fingerprint(cacerts.anchor)
+            # RFC 7030 §4.1.3: every run that talks to the server follows a CA rollover
+            # before the card makes a key: a refused /cacerts stops here (76)
+            self._roll_anchors(cacerts.certificates)
             attrs = self._server_csrattrs(client)
             key = self._target_key(backend, target, host.state.pending, decision)
             op_signer = backend.signer(target.key, key)
@@ -716,8 +809,13 @@ class Agent:
 
     @contextlib.contextmanager
     def _client(
-        self, backend: CredentialBackend, chain: Sequence[x509.Certificate], signer: Signer
+        self,
+        backend: CredentialBackend,
+        chain: Sequence[x509.Certificate] | None,
+        signer: Signer | None,
     ) -> Iterator[EstClient]:
+        """The EST client of this run; without `chain` and `signer` a server-only TLS client
+        (the card is not touched: the anchor check of a run that is otherwise not due)."""
         from est_agent.config import PopMode
         from est_agent.est.client import EstClient, RetryPolicy
 
@@ -735,9 +833,9 @@ class Agent:
         factory = self._client_factory or EstClient
         client = factory(
             est.url,
-            trust_anchors=self._trust_anchors(backend),
+            trust_anchors=self._anchors(backend).trusted(self._clock()),
             label=est.label,
-            client_cert_chain=list(chain),
+            client_cert_chain=list(chain) if chain is not None else None,
             signer=signer,
             basic_auth=basic,
             http_auth=est.http_auth.value,
@@ -830,17 +928,12 @@ class Agent:
     #: seconds of ``est.run_timeout_s`` this run's bootstrap used (the enrollment gets the rest)
     _bootstrap_spent_s: float = 0.0
 
-    def _bootstrap_anchor_path(self) -> Path:
-        return self.config.paths.state_dir / BOOTSTRAP_ANCHOR_FILE
-
     def _remember_bootstrap_anchor(self, root: x509.Certificate) -> list[str]:
-        """Keep the bootstrapped root for later runs (PEM, written atomically); when it cannot
-        be written, the run goes on with it and says so: the next run bootstraps again."""
-        from est_agent.fileio import atomic_write
-
-        path = self._bootstrap_anchor_path()
+        """Keep the bootstrapped root for later runs: the current anchor of the trust-anchor
+        store (A/B copies, workflow/anchors.py). When it cannot be written, the run goes on
+        with it and says so: the next run bootstraps again."""
         try:
-            atomic_write(path, root.public_bytes(Encoding.PEM), mode=0o644, what="trust anchor")
+            AnchorStore(self.config.paths.state_dir).adopt(root)
         except StoreError as exc:
             note = (
                 f"{exc}: the bootstrapped trust anchor is not remembered (the next run"
@@ -851,25 +944,148 @@ class Agent:
         return []
 
     def _remembered_bootstrap_anchor(self) -> x509.Certificate | None:
-        """The root an earlier bootstrap remembered, when it is still the one
-        ``est.cacerts_fingerprint`` names; None (bootstrap again) when there is none, or it
-        cannot be read or parsed, or another fingerprint is configured now."""
+        """The current anchor an earlier bootstrap (or a CA rollover after it) stored, when it
+        may still be used with ``est.cacerts_fingerprint``: the pinned root itself, or a root
+        taken from a verified rollover (its links carried the pin's trust on, RFC 7030
+        §4.1.3). None (bootstrap again) when the store holds nothing usable: empty, damaged
+        (with a pin the bootstrap can be repeated safely), or another fingerprint is
+        configured now."""
         from est_agent.est.bootstrap import sha256_fingerprint
 
-        path = self._bootstrap_anchor_path()
-        if not path.exists():
+        held = AnchorStore(self.config.paths.state_dir).load(())
+        if held.state is StoreState.DAMAGED:
+            log.warning("the trust-anchor store is damaged: bootstrapping the trust anchor again")
             return None
-        try:
-            cert = _load_certificates(_read_file(path, "bootstrap trust anchor"), str(path))[0]
-        except (ConfigError, InputError) as exc:
-            log.warning("%s: bootstrapping the trust anchor again", exc)
-            return None
-        if sha256_fingerprint(cert) != self.config.est.cacerts_fingerprint:
+        pin = self.config.est.cacerts_fingerprint
+        for anchor in held.current:
+            if anchor.source is Source.ROLLOVER or sha256_fingerprint(anchor.certificate) == pin:
+                return anchor.certificate
+        if held.current:
             log.warning(
-                "%s is not the root est.cacerts_fingerprint names: bootstrapping again", path
+                "the stored trust anchor is not the root est.cacerts_fingerprint names:"
+                " bootstrapping again"
             )
-            return None
-        return cert
+        return None
+
+    # -- trust anchors (workflow/anchors.py) -------------------------------------------------
+
+    def _load_anchors(self, backend: CredentialBackend) -> AnchorSet:
+        """The held anchors: the store in paths.state_dir over the configured est.trust_anchor
+        (the initial anchor and the fallback)."""
+        configured = (
+            self._trust_anchors(backend) if self.config.est.trust_anchor is not None else []
+        )
+        store = AnchorStore(self.config.paths.state_dir)
+        held = store.load(configured)
+        if not held.current:
+            # nothing configured, nothing stored: `_trust_anchors`' answer (the root this
+            # run's fingerprint bootstrap matched when the store could not keep it; else its
+            # ConfigError)
+            held = store.load(self._trust_anchors(backend))
+        if held.state is StoreState.DAMAGED:
+            log.warning(
+                "the trust-anchor store is damaged (%s): trusting the configured anchor only",
+                "; ".join(f"{c.name}: {c.state.value} {c.reason}".strip() for c in held.copies),
+            )
+        return held
+
+    def _anchors(self, backend: CredentialBackend) -> AnchorSet:
+        """This run's anchors, loaded once; the next anchor takes over here, without any
+        request, when the current one has expired (RFC 7030 §4.1.3)."""
+        if self._held is None:
+            held = self._load_anchors(backend)
+            self._held = held
+            self._apply_rollover(decide_rollover(held, None, self._clock()))
+            self._note_check()
+        assert self._held is not None
+        return self._held
+
+    def _note_check(self) -> None:
+        """Tell `run`'s fast path when it must next give way (workflow/anchorcheck.py)."""
+        held = self._held
+        assert held is not None
+        state_dir = self.config.paths.state_dir
+        if held.state is StoreState.DAMAGED:
+            forget_check(state_dir)  # the fast path gives way: the full run reports it
+            return
+        write_check(state_dir, next_check_at(held), self.config.est.trust_anchor)
+
+    def _roll_anchors(self, certificates: Sequence[x509.Certificate]) -> None:
+        """Follow a CA rollover in one /cacerts answer (`decide_rollover`); refused: 76."""
+        held = self._held
+        if held is None:
+            return  # a client from elsewhere (tests' factories): no anchors loaded
+        decision = decide_rollover(held, certificates, self._clock())
+        log.info(
+            "/cacerts: %s: %s (%s)",
+            "+".join(decision.roles),
+            decision.step.value,
+            decision.reason,
+        )
+        decision.raise_if_refused()
+        self._apply_rollover(decision)
+
+    def _apply_rollover(self, decision: Rollover) -> None:
+        held = self._held
+        assert held is not None
+        if decision.stored is None:
+            return
+        if decision.step is Step.SWITCH:
+            self._progress(f"CA rollover: switching the trust anchor ({decision.reason})")
+        else:
+            self._progress(decision.reason)
+        # The fast path's note goes first: a power cut after the store write must not leave a
+        # note computed from the previous anchors.
+        forget_check(self.config.paths.state_dir)
+        try:
+            self._held = AnchorStore(self.config.paths.state_dir).save(held, decision.stored)
+        except StoreError as exc:
+            # Like the host state: the run goes on with what it verified (the overlap's trust
+            # holds in memory); the next run decides again from the same facts and stores it.
+            note = f"{exc} (the CA rollover step is retried by the next run)"
+            log.warning("%s", note)
+            self._anchor_notes.append(note[:600])
+            self._held = held.with_stored(decision.stored)
+            return  # no fast-path note: the next run looks again
+        self._note_check()
+
+    def _rolled_over_to(self, roots: Sequence[x509.Certificate]) -> bool:
+        """Whether /cacerts holds a root this device took from a verified rollover: the
+        fingerprint pin named the root before it; the link certificates carried the trust on
+        (RFC 7030 §4.1.3), so the pin no longer decides."""
+        held = self._held
+        if held is None:
+            return False
+        rolled = [a for a in (*held.current, held.next) if a is not None]
+        return any(
+            a.source is Source.ROLLOVER and a.same_key(root) for a in rolled for root in roots
+        )
+
+    def _check_anchors(self, backend: CredentialBackend, result: Result) -> Result:
+        """A run that is not due makes no request, except /cacerts (server-only TLS, no card)
+        when an anchor nears its end or a next anchor is held (anchors.ANCHOR_CHECK_MARGIN).
+        A server that cannot be asked is a note on the result; a refused /cacerts is 76."""
+        try:
+            held = self._anchors(backend)
+        except EstAgentError as exc:
+            log.warning("trust anchors: %s", exc)
+            return replace(result, notes=(*result.notes, f"trust anchors: {exc}"))
+        if not needs_cacerts_check(held, self._clock()):
+            return self._with_anchor_notes(result)
+        self._progress("checking /cacerts for a CA rollover (the trust anchor nears its end)")
+        try:
+            with self._client(backend, None, None) as client:
+                certificates = client.cacerts().certificates
+        except EstAgentError as exc:
+            note = f"CA rollover check failed (retried by the next run): {exc}"
+            log.warning("%s", note)
+            return replace(result, notes=(*result.notes, note[:600]))
+        self._roll_anchors(certificates)
+        return self._with_anchor_notes(result)
+
+    def _with_anchor_notes(self, result: Result) -> Result:
+        new = [n for n in self._anchor_notes if n not in result.notes]
+        return replace(result, notes=(*result.notes, *new)) if new else result
 
     def _check_fingerprint(self, anchor: x509.Certificate) -> None:
         pin = self.config.est.cacerts_fingerprint
@@ -1125,7 +1341,7 @@ class Agent:
             cert.not_valid_after_utc,
             self._due_at(cert),
             hook,
-            tuple(host.notes),
+            (*host.notes, *self._anchor_notes),
         )
 
 

@@ -137,11 +137,14 @@ def run_if_not_due(
 ) -> tuple[Result | None, LinkStats | None]:
     """(result or None, link counters): the whole fast path, under the run lock, the device
     opened and closed here; the device is not touched when the cache cannot decide anyway."""
+    from est_agent.workflow.anchorcheck import check_due
     from est_agent.workflow.session import backend_opener
 
     paths = config.paths
     if not _trusted_cache(config, load_host_state(paths.state_dir)):
         return None, None
+    if check_due(paths.state_dir, config.est.trust_anchor, now):
+        return None, None  # a CA rollover check is due (RFC 7030 §4.1.3): the full run
     open_backend = backends or backend_opener()
     with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
         host = load_host_state(paths.state_dir)  # again: another run may just have changed it

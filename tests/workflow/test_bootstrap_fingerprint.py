@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -23,6 +24,7 @@ from est_agent.testserver import AuthMode, DevPki, EstTestServer, ServerCertCa
 from est_agent.testserver.server import RequestRecord
 from est_agent.transport.base import CardTransport
 from est_agent.workflow.agent import Agent, Outcome
+from est_agent.workflow.anchors import AnchorStore, Source
 from tests.connect_proxy import ConnectProxy
 from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import Device, Run
@@ -31,7 +33,10 @@ from tests.workflow.test_run_lock import REPO, agent_argv, needs_unshare, read_o
 
 pytestmark = pytest.mark.integration
 
-ANCHOR_FILE = "bootstrap-anchor.pem"
+def stored_anchors(state_dir: Path) -> list[tuple[x509.Certificate, Source]]:
+    """The current anchors of the trust-anchor store (workflow/anchors.py) as read back."""
+    held = AnchorStore(state_dir).load(())
+    return [(a.certificate, a.source) for a in held.stored.current]
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -135,9 +140,8 @@ def test_bootstrap_by_fingerprint_enrolls_remembers_the_root_and_the_next_run_us
     assert [r.path.rsplit("/", 1)[1] for r in later if r.method == "POST"] == ["simpleenroll"]
     assert card.apdus > 0
 
-    # The root is remembered (PEM), and it is the EST CA's own certificate.
-    remembered = device.state_dir / ANCHOR_FILE
-    assert x509.load_pem_x509_certificate(remembered.read_bytes()) == root
+    # The root is remembered in the anchor store, and it is the EST CA's own certificate.
+    assert stored_anchors(device.state_dir) == [(root, Source.BOOTSTRAP)]
     assert certificate_on_sim(device.sim, "op-a").issuer == root.subject
 
     # The next run uses it: no provisional connection at all (every request of the renewal
@@ -197,16 +201,19 @@ def test_a_remembered_anchor_that_is_not_the_pinned_root_is_not_used(
     root = dev_pki.est_ca.certificate
     fingerprint_config(device, server, dev_pki, fingerprint(root))
     device.state_dir.mkdir()
-    remembered = device.state_dir / ANCHOR_FILE
+    copy = device.state_dir / "anchors-a.json"
     if stale == "another-root":
-        remembered.write_bytes(dev_pki.tls_ca_certificate.public_bytes(Encoding.PEM))
-        said = f"{remembered} is not the root est.cacerts_fingerprint names: bootstrapping again"
+        AnchorStore(device.state_dir).adopt(dev_pki.tls_ca_certificate)
+        said = (
+            "the stored trust anchor is not the root est.cacerts_fingerprint names:"
+            " bootstrapping again"
+        )
     elif stale == "garbage":
-        remembered.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
-        said = "no usable certificate"
+        copy.write_bytes(b'{"format": 1, "sequence": 1, "anchors": "not a list"}')
+        said = "the trust-anchor store is damaged: bootstrapping the trust anchor again"
     else:
-        os.mkfifo(remembered)
-        said = "a FIFO, not a regular file: bootstrapping the trust anchor again"
+        os.mkfifo(copy)
+        said = "the trust-anchor store is damaged: bootstrapping the trust anchor again"
 
     started = time.monotonic()
     code, _out, err = cli("enroll", "--config", str(device.config), "--json")
@@ -214,7 +221,7 @@ def test_a_remembered_anchor_that_is_not_the_pinned_root_is_not_used(
     assert code == 0, err
     assert said in err
     assert provisional(server.requests[0])
-    assert x509.load_pem_x509_certificate(remembered.read_bytes()) == root
+    assert stored_anchors(device.state_dir) == [(root, Source.BOOTSTRAP)]
 
 
 # --- refusals before the card is touched -----------------------------------------------------
@@ -243,7 +250,7 @@ def test_wrong_fingerprint_stops_76_naming_both_before_any_apdu(
     assert [(r.path.rsplit("/", 1)[1], r.client_certificate) for r in server.requests] == [
         ("cacerts", None)
     ]
-    assert not (device.state_dir / ANCHOR_FILE).exists()
+    assert not device.state_dir.exists() or not list(device.state_dir.glob("anchors-*"))
 
     with pytest.raises(EstResponseError, match=r"no EST CA root from /cacerts matches"):
         Agent(load_config(device.config)).enroll()
@@ -273,7 +280,7 @@ def test_fingerprint_matches_but_the_tls_server_does_not_chain_to_it_stops_76_be
     assert "EST server certificate for '127.0.0.1' refused" in text
     assert "does not chain to the /cacerts root that matches est.cacerts_fingerprint" in text
     assert card.touches == []
-    assert not (device.state_dir / ANCHOR_FILE).exists()
+    assert not device.state_dir.exists() or not list(device.state_dir.glob("anchors-*"))
     assert [(r.method, r.client_certificate) for r in server.requests] == [("GET", None)]
 
     code, _out, err = cli("enroll", "--config", str(device.config))
@@ -434,7 +441,7 @@ def test_read_only_state_dir_enrolls_says_it_could_not_remember_and_bootstraps_a
     result = run("enroll")
     assert result["outcome"] == "enrolled"
     not_remembered = (
-        f"cannot write trust anchor {device.state_dir / ANCHOR_FILE}: Read-only file system:"
+        f"cannot write anchor store {device.state_dir / 'anchors-a.json'}: Read-only file system:"
         " the bootstrapped trust anchor is not remembered (the next run bootstraps again)"
     )
     notes = result["notes"]
