@@ -341,3 +341,54 @@ def test_the_fast_path_stays_fast_while_no_check_is_due(
     # 30 days before the anchor ends the fast path gives way to the full run's /cacerts check
     later = dev_pki.tls_ca_certificate.not_valid_after_utc - timedelta(days=29)
     assert run_if_not_due(config, later) == (None, None)
+
+
+def test_a_fingerprint_only_device_follows_the_rollover_without_bootstrapping_again(
+    start_server: Callable[..., EstTestServer],
+    short_pki: DevPki,
+    device: Device,
+) -> None:
+    # est.trust_anchor = "" + est.cacerts_fingerprint (RFC 7030 §4.1.1): the bootstrapped root
+    # is the store's current anchor; after the old root expired the server sends only the new
+    # root, which no longer matches the pin: the device must go on from the rollover it
+    # verified, not bootstrap again (that would be 76).
+    clock = Clock()
+    server = start_server(pki=short_pki, rollover_at=SWITCH, rollover_announce_at=ANNOUNCE)
+    server.clock = clock
+    assert server.rollover is not None
+    old, new = short_pki.est_ca.certificate, server.rollover.new.certificate
+    device.write_config(
+        server,
+        short_pki,
+        est__trust_anchor='""',
+        est__cacerts_fingerprint=f'"{anchors_module.fingerprint(old)}"',
+    )
+
+    def agent() -> Agent:
+        return Agent(load_config(device.config), clock=clock)
+
+    def stored() -> list[tuple[Any, Source]]:
+        held = AnchorStore(device.state_dir).load(())
+        return [(a.certificate, a.source) for a in held.stored.current]
+
+    assert agent().enroll().outcome.value == "enrolled"
+    assert stored() == [(old, Source.BOOTSTRAP)]
+    bootstrap_requests = len(server.requests)
+
+    clock.now = ANNOUNCE + timedelta(minutes=10)
+    assert agent().renew(force=True).outcome.value == "renewed"
+    held = AnchorStore(device.state_dir).load(())
+    assert held.next is not None and held.next.certificate == new
+
+    clock.now = SWITCH + timedelta(minutes=10)
+    assert agent().renew(force=True).outcome.value == "renewed"
+
+    clock.now = OLD_END + timedelta(hours=1)
+    since = len(server.requests)
+    assert agent().renew(force=True).outcome.value == "renewed"
+    assert stored() == [(new, Source.ROLLOVER)]
+    # every request after the first enrollment came with the device's certificate: no
+    # provisional connection again
+    later = server.requests[bootstrap_requests:]
+    assert later and all(r.client_certificate is not None for r in later)
+    assert "simplereenroll" in _ops(server, since)
