@@ -61,6 +61,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: the variables a deploy hook receives, in the order the README documents them
 HOOK_ENV_NAMES = (
     "EST_AGENT_SLOT",
+    "EST_AGENT_KEY",
     "EST_AGENT_SERIAL",
     "EST_AGENT_NOT_AFTER",
     "EST_AGENT_PEM",
@@ -204,6 +205,7 @@ def _base_path() -> str:
 def hook_environment(
     *,
     slot: str,
+    key: str,
     serial: str,
     not_after: datetime,
     pem_path: Path | None,
@@ -215,6 +217,9 @@ def hook_environment(
     `serial` is hexadecimal (any case, no separators) and is passed in upper case; `not_after`
     is passed as ISO 8601 UTC (`2027-05-01T12:00:00Z`), a naive value being taken as UTC as
     cryptography's naive accessors return it. `EST_AGENT_PEM` is empty when there is no export.
+    `key` is the active slot's private key as a card URI (`iotsafe:key-id=03`, the form of
+    `slot.key` in the configuration, card/uri.py), so device software that signs with the SIM
+    key (a TLS stack's IoT SAFE layer, an LwM2M client) can pick the slot that is now active.
     The `EST_AGENT_*` names always carry these values, even if `base_env` names them too.
     """
     if not _HEX.fullmatch(serial):
@@ -230,6 +235,7 @@ def hook_environment(
     env.update(
         {
             "EST_AGENT_SLOT": slot,
+            "EST_AGENT_KEY": key,
             "EST_AGENT_SERIAL": serial.upper(),
             "EST_AGENT_NOT_AFTER": not_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "EST_AGENT_PEM": str(pem_path) if pem_path is not None else "",
@@ -245,6 +251,7 @@ def run_deploy_hook(
     argv: Sequence[str],
     *,
     slot: str,
+    key: str,
     serial: str,
     not_after: datetime,
     pem_path: Path | None,
@@ -261,6 +268,7 @@ def run_deploy_hook(
     argv = tuple(argv)
     env = hook_environment(
         slot=slot,
+        key=key,
         serial=serial,
         not_after=not_after,
         pem_path=pem_path,
@@ -396,6 +404,7 @@ def deploy_new_certificate(
     certificates: Sequence[x509.Certificate],
     *,
     slot: str,
+    key: str,
     export_path: Path | None,
     hook_argv: Sequence[str],
     hook_timeout_s: float = DEFAULT_HOOK_TIMEOUT_S,
@@ -403,7 +412,8 @@ def deploy_new_certificate(
 ) -> DeployReport:
     """Export, then run the hook, for a certificate the store has just made active.
 
-    Call it only after the install was read back. The hook sees `EST_AGENT_PEM` only when the
+    `key`: the slot's private key URI (`EST_AGENT_KEY`). Call it only after the install was
+    read back. The hook sees `EST_AGENT_PEM` only when the
     export succeeded in this run, so it never deploys a stale file. Failures are logged as
     warnings and returned; nothing here raises for them.
     """
@@ -422,6 +432,7 @@ def deploy_new_certificate(
         hook = run_deploy_hook(
             hook_argv,
             slot=slot,
+            key=key,
             serial=format(leaf.serial_number, "X"),
             not_after=leaf.not_valid_after_utc,
             pem_path=export.path if export is not None and export.ok else None,

@@ -1276,6 +1276,8 @@ class Agent:
         report = hooks.deploy_new_certificate(
             [view.certificate, *chain],
             slot=view.slot.name,
+            # the key URI as the configuration writes it (card/uri.py): EST_AGENT_KEY
+            key=str(view.slot.key),
             export_path=paths.export_pem,
             hook_argv=paths.deploy_hook,
         )

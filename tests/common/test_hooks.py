@@ -30,6 +30,7 @@ from tests.certs import certificate, p256_key
 NOT_AFTER = datetime.datetime(2027, 5, 1, 12, 30, 15, tzinfo=datetime.UTC)
 HOOK_ARGS = {
     "slot": "op-b",
+    "key": "iotsafe:key-id=03",
     "serial": "0a1b2c",
     "not_after": NOT_AFTER,
     "pem_path": Path("/etc/est-agent/device.pem"),
@@ -102,6 +103,7 @@ def test_hook_gets_exactly_the_documented_environment() -> None:
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "EST_AGENT_SLOT": "op-b",
+        "EST_AGENT_KEY": "iotsafe:key-id=03",
         "EST_AGENT_SERIAL": "0A1B2C",
         "EST_AGENT_NOT_AFTER": "2027-05-01T12:30:15Z",
         "EST_AGENT_PEM": "/etc/est-agent/device.pem",
@@ -421,13 +423,16 @@ def test_deploy_exports_then_runs_the_hook_with_the_certificate_values(
 ) -> None:
     target = tmp_path / "device.pem"
     caplog.set_level(logging.INFO, logger="est_agent.hooks")
-    report = deploy_new_certificate(chain, slot="op-a", export_path=target, hook_argv=[ENV])
+    report = deploy_new_certificate(
+        chain, slot="op-a", key="iotsafe:key-id=02", export_path=target, hook_argv=[ENV]
+    )
     assert report.ok
     assert report.export is not None
     assert report.hook is not None
     env = _env_of(report.hook.stdout)
     leaf = chain[0]
     assert env["EST_AGENT_SLOT"] == "op-a"
+    assert env["EST_AGENT_KEY"] == "iotsafe:key-id=02"
     assert int(env["EST_AGENT_SERIAL"], 16) == leaf.serial_number
     assert env["EST_AGENT_PEM"] == str(target)
     assert env["EST_AGENT_SUBJECT"] == "CN=device-1"
@@ -439,7 +444,11 @@ def test_deploy_hook_gets_no_pem_when_the_export_failed(
     tmp_path: Path, chain: list[x509.Certificate], caplog: pytest.LogCaptureFixture
 ) -> None:
     report = deploy_new_certificate(
-        chain, slot="op-a", export_path=tmp_path / "missing" / "x.pem", hook_argv=[ENV]
+        chain,
+        slot="op-a",
+        key="iotsafe:key-id=02",
+        export_path=tmp_path / "missing" / "x.pem",
+        hook_argv=[ENV],
     )
     assert not report.ok
     assert report.export is not None
@@ -454,7 +463,9 @@ def test_failing_hook_is_logged_as_a_warning_and_nothing_raises(
     tmp_path: Path, chain: list[x509.Certificate], caplog: pytest.LogCaptureFixture
 ) -> None:
     hook = _script(tmp_path, "fail", "echo 'nginx: reload failed' >&2; exit 1\n")
-    report = deploy_new_certificate(chain, slot="op-b", export_path=None, hook_argv=[str(hook)])
+    report = deploy_new_certificate(
+        chain, slot="op-b", key="iotsafe:key-id=03", export_path=None, hook_argv=[str(hook)]
+    )
     assert report.export is None
     assert report.hook is not None
     assert report.hook.exit_status == 1
@@ -465,6 +476,8 @@ def test_failing_hook_is_logged_as_a_warning_and_nothing_raises(
 
 
 def test_deploy_with_nothing_configured(chain: list[x509.Certificate]) -> None:
-    report = deploy_new_certificate(chain, slot="op-a", export_path=None, hook_argv=())
+    report = deploy_new_certificate(
+        chain, slot="op-a", key="iotsafe:key-id=02", export_path=None, hook_argv=()
+    )
     assert report == hooks.DeployReport(None, None)
     assert report.ok

@@ -4,6 +4,7 @@ with every key inside the (in-process) virtual SIM."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -277,3 +278,29 @@ def test_retry_after_is_capped_by_the_configuration(
 
     wait = datetime.fromisoformat(pending["retry_at"]) - datetime.fromisoformat(pending["since"])
     assert 0 < wait.total_seconds() <= 2.0
+
+
+def test_deploy_hook_is_told_the_active_slots_key_uri(
+    device: Device,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+) -> None:
+    """EST_AGENT_KEY names the key of the slot just made active, in the configuration's URI
+    form: op-a (key 02) after enroll, op-b (03) after the first renewal, op-a after the next."""
+    server = start_server()
+    calls = device.root / "hook-calls.txt"
+    hook = device.root / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "$EST_AGENT_SLOT $EST_AGENT_KEY" >> "{calls}"\n')
+    hook.chmod(0o755)
+    device.write_config(server, dev_pki, paths__deploy_hook=f'["{hook}"]')
+    started = time.monotonic()
+    code, _, err = cli("enroll", "--config", str(device.config))
+    assert code == 0, err
+    assert calls.read_text().splitlines() == ["op-a iotsafe:key-id=02"]
+    for expected in ("op-b iotsafe:key-id=03", "op-a iotsafe:key-id=02"):
+        code, _, err = cli("renew", "--force", "--config", str(device.config))
+        assert code == 0, err
+        assert calls.read_text().splitlines()[-1] == expected
+    assert len(calls.read_text().splitlines()) == 3
+    assert time.monotonic() - started < 60.0
