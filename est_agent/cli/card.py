@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from est_agent.card.channel import CardSession
 from est_agent.card.info import read_card_info
@@ -38,4 +39,19 @@ def info(args: argparse.Namespace) -> int:
         print(json.dumps(card.to_json(), indent=2))
     else:
         print(card.render())
+    return 0
+
+
+def random(args: argparse.Namespace) -> int:
+    """`card random N [--hex]`: the bytes through the public API (est_agent/api.py), raw on
+    stdout or as one line of hex."""
+    from est_agent.api import open_card
+
+    aids = parse_aids([args.aid] if args.aid else None)
+    with open_card(args.reader, aids=aids, iso_cla=args.iso_cla) as card:
+        data = card.random(args.length)
+    if args.hex:
+        print(data.hex())
+    else:
+        sys.stdout.buffer.write(data)
     return 0

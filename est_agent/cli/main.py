@@ -39,6 +39,8 @@ DEFAULT_READER = "pcsc:"
 # socket timeout must be a finite positive number (socket.settimeout refuses NaN and overflows).
 _MAX_TIMEOUT_S = 3600.0
 _MAX_ATTEMPTS = 20
+# `card random N`: est_agent.api.MAX_RANDOM_BYTES, repeated so the parser loads no card code
+_MAX_RANDOM_BYTES = 4096
 # argparse's own exit status for a bad command line (ArgumentParser.error): shown as EX_USAGE.
 _ARGPARSE_USAGE_STATUS = 2
 
@@ -148,6 +150,57 @@ def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         )
         est_cmd.add_argument("--json", action="store_true", help="machine-readable output")
         est_cmd.set_defaults(func=_handler("est", name))
+
+
+def _add_card_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`card info` and `card random`: diagnostics against the card in a reader (cli/card.py)."""
+    card = commands.add_parser("card", help="inspect the card in a reader")
+    card_cmds = card.add_subparsers(dest="card_command", metavar="SUBCOMMAND", required=True)
+    info = card_cmds.add_parser(
+        "info", parents=[common], help="IoT SAFE applet info, object list and ICCID"
+    )
+    info.add_argument(
+        "--reader",
+        default=DEFAULT_READER,
+        help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
+    )
+    info.add_argument(
+        "--aid",
+        action="append",
+        default=None,
+        metavar="HEX",
+        help="IoT SAFE applet AID (repeatable; default A0000005590010)",
+    )
+    info.add_argument(
+        "--iso-cla", action="store_true", help="send applet commands with CLA 0N instead of 8N"
+    )
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_handler("card", "info"))
+
+    random = card_cmds.add_parser(
+        "random",
+        parents=[common],
+        help="N bytes from the card's random number generator (IoT SAFE GET RANDOM)",
+    )
+    random.add_argument(
+        "length",
+        metavar="N",
+        type=_count("N", _MAX_RANDOM_BYTES),
+        help=f"how many bytes (1..{_MAX_RANDOM_BYTES})",
+    )
+    random.add_argument(
+        "--hex", action="store_true", help="print them as hex and a newline instead of raw bytes"
+    )
+    random.add_argument(
+        "--reader",
+        default=DEFAULT_READER,
+        help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
+    )
+    random.add_argument(
+        "--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)"
+    )
+    random.add_argument("--iso-cla", action="store_true", help="applet commands with CLA 0N")
+    random.set_defaults(func=_handler("card", "random"))
 
 
 def _add_workflow_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -261,28 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    card = commands.add_parser("card", help="inspect the card in a reader")
-    card_cmds = card.add_subparsers(dest="card_command", metavar="SUBCOMMAND", required=True)
-    info = card_cmds.add_parser(
-        "info", parents=[common], help="IoT SAFE applet info, object list and ICCID"
-    )
-    info.add_argument(
-        "--reader",
-        default=DEFAULT_READER,
-        help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
-    )
-    info.add_argument(
-        "--aid",
-        action="append",
-        default=None,
-        metavar="HEX",
-        help="IoT SAFE applet AID (repeatable; default A0000005590010)",
-    )
-    info.add_argument(
-        "--iso-cla", action="store_true", help="send applet commands with CLA 0N instead of 8N"
-    )
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=_handler("card", "info"))
+    _add_card_commands(commands, common)
 
     csr = commands.add_parser(
         "csr", parents=[common], help="print a PEM CSR signed by a key inside the card"
