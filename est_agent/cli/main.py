@@ -196,9 +196,7 @@ def _add_card_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         default=DEFAULT_READER,
         help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
     )
-    random.add_argument(
-        "--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)"
-    )
+    random.add_argument("--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)")
     random.add_argument("--iso-cla", action="store_true", help="applet commands with CLA 0N")
     random.set_defaults(func=_handler("card", "random"))
 
