@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import stat
 import sys
 import time
@@ -111,6 +112,12 @@ def test_hook_gets_exactly_the_documented_environment() -> None:
     }
     assert "hunter2-secret" not in result.stdout
     assert set(HOOK_ENV_NAMES) <= set(_env_of(result.stdout))
+
+
+def test_readme_documents_exactly_the_hook_variables() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = re.findall(r"^\| `(EST_AGENT_[A-Z_]+)` \|", readme, flags=re.MULTILINE)
+    assert documented == list(HOOK_ENV_NAMES)
 
 
 def test_without_lang_or_path_in_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -259,6 +259,7 @@ def test_export_and_deploy_hook_after_install(
     assert export.stat().st_mode & 0o777 == 0o644
     env = dict(line.split("=", 1) for line in seen.read_text().splitlines())
     assert env["EST_AGENT_SLOT"] == "op-a"
+    assert env["EST_AGENT_KEY"] == "iotsafe:key-id=02"
     assert env["EST_AGENT_SERIAL"] == f"{cert.serial_number:X}"
     assert env["EST_AGENT_PEM"] == str(export)
 
