@@ -11,20 +11,61 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from est_agent.certificates import load_certificates
-from est_agent.errors import InputError
+from est_agent.errors import InputError, UsageError
 from est_agent.est.client import EstCaCerts, EstClient, RetryPolicy
+from est_agent.est.proxy import HttpsProxy, environment_proxy, parse_proxy_url
 from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
 
 def _anchors(path: str) -> list[x509.Certificate]:
     data = read_bounded(path, limit_bytes=PEM_LIMIT_BYTES, what="--trust-anchor", error=InputError)
     return load_certificates(data, f"--trust-anchor {path}")
+
+
+def _proxy(args: argparse.Namespace) -> HttpsProxy | None:
+    """``--proxy``: an HTTP CONNECT proxy (RFC 9110 §9.3.6) as the configuration's
+    ``est.proxy`` takes it: ``http://[user@]host:port``, or ``env`` for ``https_proxy`` /
+    ``HTTPS_PROXY`` unless ``NO_PROXY`` excludes the server. A password never on the command
+    line (other users see it in the process list): ``--proxy-password-env``, or in the
+    variable's URL with ``env``."""
+    text = args.proxy
+    if not text:
+        return None
+    if text == "env":
+        target = urlsplit(args.server.strip())
+        found = environment_proxy(os.environ, target.hostname or "", target.port or 443)
+        if found is None:
+            return None
+        source, value = found
+        url = parse_proxy_url(value, assume_http=True)
+    else:
+        source, url = "--proxy", parse_proxy_url(text)
+        if url.password is not None:
+            raise UsageError("--proxy: a password in the URL is refused; use --proxy-password-env")
+    password = url.password
+    if args.proxy_password_env:
+        if password is not None:
+            raise UsageError(f"{source} carries a password and so does --proxy-password-env")
+        password = os.environ.get(args.proxy_password_env)
+        if password is None:
+            raise UsageError(f"--proxy-password-env: {args.proxy_password_env} is not set")
+    if url.username is None and password is not None:
+        raise UsageError("the proxy password needs a user: http://user@host:port")
+    if url.username is not None and password is None:
+        raise UsageError(f"{source} names a proxy user without a password (--proxy-password-env)")
+    if password:
+        from est_agent.logs import register_secret
+
+        register_secret(password)  # masked in every log line and message from now on
+    return HttpsProxy(url.host, url.port, url.username, password, source=source)
 
 
 def _client(args: argparse.Namespace) -> EstClient:
@@ -34,6 +75,7 @@ def _client(args: argparse.Namespace) -> EstClient:
         label=args.label or "",
         timeout_s=args.timeout,
         retry=RetryPolicy(attempts=args.attempts),
+        proxy=_proxy(args),
     )
 
 
@@ -74,6 +116,7 @@ def cacerts(args: argparse.Namespace) -> int:
             label=args.label or "",
             timeout_s=args.timeout,
             retry=RetryPolicy(attempts=args.attempts),
+            proxy=_proxy(args),
         )
         # the one certificate a fingerprint-only device takes as its trust anchor
         described = [_describe(bootstrap.root, "anchor")]

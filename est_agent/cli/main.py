@@ -148,6 +148,19 @@ def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
             default=3,
             help=f"tries on transient errors (1..{_MAX_ATTEMPTS}, default 3)",
         )
+        est_cmd.add_argument(
+            "--proxy",
+            default="",
+            metavar="URL|env",
+            help="connect through this HTTP CONNECT proxy (http://[user@]host:port), or 'env'"
+            " for https_proxy/HTTPS_PROXY unless NO_PROXY excludes the server (default: direct)",
+        )
+        est_cmd.add_argument(
+            "--proxy-password-env",
+            default="",
+            metavar="VAR",
+            help="the proxy user's password from this environment variable",
+        )
         est_cmd.add_argument("--json", action="store_true", help="machine-readable output")
         est_cmd.set_defaults(func=_handler("est", name))
 

@@ -171,3 +171,88 @@ def test_cacerts_needs_exactly_one_of_trust_anchor_and_fingerprint(
     assert main([*base, "--fingerprint", "00" * 31]) == 64
     assert "32 bytes, got 31" in capsys.readouterr().err
     assert main([*base, "--fingerprint", "xyz"]) == 64
+
+
+# --- through an HTTP CONNECT proxy (RFC 9110 §9.3.6) --------------------------------------
+
+
+def _authority(server: EstTestServer) -> str:
+    return server.url.removeprefix("https://").split("/", 1)[0]
+
+
+def test_cacerts_and_csrattrs_through_a_proxy(
+    start_server: StartServer, dev_pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.connect_proxy import ConnectProxy
+
+    server = start_server(csrattrs=CsrAttrsKind.P256)
+    with ConnectProxy() as proxy:
+        started = time.monotonic()
+        assert main(["cacerts", *_args(server, dev_pki, "--proxy", proxy.url)]) == 0
+        assert main(["csrattrs", *_args(server, dev_pki, "--proxy", proxy.url)]) == 0
+        assert time.monotonic() - started < 20
+    out = capsys.readouterr().out
+    assert out.startswith("# anchor: CN=est-agent dev EST CA")
+    assert dev_pki.est_ca.certificate in x509.load_pem_x509_certificates(out.encode())
+    assert [t.target for t in proxy.tunnels] == [_authority(server)] * 2
+    for tunnel in proxy.tunnels:
+        assert b"/.well-known/est" not in tunnel.relayed  # TLS end to end: ciphertext only
+        assert "proxy-authorization" not in tunnel.headers
+
+
+def test_proxy_env_and_no_proxy(
+    start_server: StartServer,
+    dev_pki: DevPki,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.connect_proxy import ConnectProxy
+
+    server = start_server()
+    for name in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with ConnectProxy(credentials=("ops", "pr0xy-pw")) as proxy:
+        host_port = proxy.url.removeprefix("http://")
+        monkeypatch.setenv("HTTPS_PROXY", f"ops:pr0xy-pw@{host_port}")
+        assert main(["cacerts", *_args(server, dev_pki, "--proxy", "env")]) == 0
+        assert len(proxy.tunnels) == 1 and proxy.tunnels[0].status == 200
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert main(["cacerts", *_args(server, dev_pki, "--proxy", "env")]) == 0
+        assert len(proxy.tunnels) == 1  # excluded: connected directly
+    assert "pr0xy-pw" not in capsys.readouterr().err
+
+
+def test_proxy_password_from_the_environment_and_refusals(
+    start_server: StartServer,
+    dev_pki: DevPki,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.connect_proxy import ConnectProxy
+
+    server = start_server()
+    with ConnectProxy(credentials=("ops", "pr0xy-pw")) as proxy:
+        user_url = proxy.url.replace("http://", "http://ops@")
+        monkeypatch.setenv("PROXY_PW", "pr0xy-pw")
+        monkeypatch.delenv("UNSET_VAR", raising=False)
+        argv = _args(server, dev_pki, "--proxy", user_url, "--proxy-password-env", "PROXY_PW")
+        assert main(["cacerts", *argv]) == 0
+        assert [t.status for t in proxy.tunnels] == [200]
+        capsys.readouterr()
+
+        # a wrong password: the proxy's 407 is 77, not retried, the password never shown
+        monkeypatch.setenv("PROXY_PW", "wrong-pw")
+        assert main(["cacerts", *argv]) == 77
+        err = capsys.readouterr().err
+        assert "AuthError" in err and "wrong-pw" not in err
+        assert [t.status for t in proxy.tunnels] == [200, 407]
+
+        for bad, said in (
+            (["--proxy", proxy.url.replace("http://", "http://ops:pw@")], "password in the URL"),
+            (["--proxy", user_url], "without a password"),
+            (["--proxy", proxy.url, "--proxy-password-env", "PROXY_PW"], "needs a user"),
+            (["--proxy", user_url, "--proxy-password-env", "UNSET_VAR"], "is not set"),
+        ):
+            assert main(["cacerts", *_args(server, dev_pki, *bad)]) == 64
+            assert said in capsys.readouterr().err
+        assert len(proxy.tunnels) == 2  # no refused command reached the proxy
