@@ -77,11 +77,11 @@ def _chunks(message: bytes, size: int) -> list[bytes]:
         # Thales: the first 9B announces the whole message, the rest follows untagged
         (
             "total-ber",
-            [b"\x9b\x82" + len(MESSAGE).to_bytes(2) + MESSAGE[:200]] + _chunks(MESSAGE[200:], 250),
+            [b"\x9b\x82" + len(MESSAGE).to_bytes(2) + MESSAGE[:200], *_chunks(MESSAGE[200:], 250)],
         ),
         (
             "total-3-byte",
-            [b"\x9b" + len(MESSAGE).to_bytes(3) + MESSAGE[:200]] + _chunks(MESSAGE[200:], 250),
+            [b"\x9b" + len(MESSAGE).to_bytes(3) + MESSAGE[:200], *_chunks(MESSAGE[200:], 250)],
         ),
         ("one-block", [b"\x9b\x04abcd"]),
     ],
