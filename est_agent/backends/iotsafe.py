@@ -85,11 +85,13 @@ class CardSigner:
 
     @property
     def digest_algorithms(self) -> tuple[str, ...]:
-        """What the applet advertises in GET DATA tag 91 (GSMA IoT.05 table B), SHA-256 first;
-        asked once (one APDU), and SHA-256 alone when the card does not say."""
+        """The hashes the private key object takes (GET DATA C1, its tag 91; GSMA IoT.05
+        table B), SHA-256 first; asked once (one APDU). The key's own list, not the applet's:
+        a key personalized for SHA-256 only refuses SHA-384 (6985) on a card that offers it.
+        SHA-256 alone when the card does not say."""
         if self._digests is None:
             try:
-                bitmap = self.applet.info().hash_algorithms
+                bitmap = self.applet.object_info(self.key).hash_algorithms
             except (StatusWordError, CardProtocolError):
                 bitmap = None
             names = tuple(n for n in hash_names(bitmap) if n in _HASHES)

@@ -23,10 +23,10 @@ from tests.sim.test_sim_applet import example_state
 KEY = ec.generate_private_key(ec.SECP256R1())
 KEY1 = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x01")
 PUB2 = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=b"\x02")
-# GET DATA applet information advertising SHA-256/384/512 (91 02 00 07)
-APP_INFO = (
-    "10 01 01 11 20 " + "00 " * 32 + "B1 01 01 B2 01 01 B3 01 01 B4 01 00 90 01 03"
-    " 91 02 00 07 92 01 04 93 01 00 94 01 00 B7 01 04"
+# GET DATA C1 of private key 01 taking SHA-256/384/512 (91 02 00 07)
+KEY_INFO = (
+    "C1 1F 74 04 4B 45 59 31 84 01 01 60 01 02 4A 01 01 4B 01 13 4E 01 01 61 01 03 92 01 04"
+    " 91 02 00 07"
 )
 
 
@@ -77,7 +77,7 @@ def test_card_signer_signs_longer_digests_with_tag_91(
         [
             ("00 70 00 00 01", "01 90 00"),
             (f"01 A4 04 00 07 {AID}", "90 00"),
-            ("81 CB 00 00 44", APP_INFO + " 90 00"),
+            ("81 CB C1 00 03 84 01 01", KEY_INFO + " 90 00"),
             (f"81 2A 00 01 0D 84 01 01 A1 01 03 91 02 {bits} 92 01 04", "90 00"),
             (f"81 2B 80 01 {n + 2:02X} 9E {n:02X} {digest.hex()}", "61 43"),
             ("81 C0 00 00 43", f"33 00 40 {raw_sig(digest, algorithm)} 90 00"),
@@ -94,7 +94,7 @@ def test_card_signer_refuses_a_digest_the_card_does_not_advertise() -> None:
         [
             ("00 70 00 00 01", "01 90 00"),
             (f"01 A4 04 00 07 {AID}", "90 00"),
-            ("81 CB 00 00 44", APP_INFO.replace("91 02 00 07", "91 02 00 01") + " 90 00"),
+            ("81 CB C1 00 03 84 01 01", KEY_INFO.replace("91 02 00 07", "91 02 00 01") + " 90 00"),
         ]
     )
     signer = CardSigner(IotSafeApplet.open(CardSession(transport)), KEY1, KEY.public_key())
@@ -151,3 +151,20 @@ def test_opening_the_applet_costs(implicit: bool, refuses: bool, apdus: int) -> 
     assert applet.info().max_sessions == 4
     session.close_channels()
     assert transport.transmit(bytes.fromhex("81CB000044")) == bytes.fromhex("6881")
+
+
+def test_a_sha256_only_key_on_a_card_that_offers_more_takes_sha256() -> None:
+    """A state file personalized before SHA-384 (key tag 91 = 00 01) on a SIM whose applet
+    advertises 00 07: the signer goes by the key, so a server asking sha384 gets SHA-256 rather
+    than a 6985 at signing time."""
+    transport = _sim()
+    applet = IotSafeApplet.open(CardSession(transport))
+    assert applet.info().hash_algorithms == 0x0007
+    point = applet.generate_key_pair(KEY1).public_point
+    public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    signer = CardSigner(applet, KEY1, public)
+    assert signer.digest_algorithms == ("sha256",)
+    with pytest.raises(InputError, match="not one of 48 bytes"):
+        signer.sign_digest(hashlib.sha384(b"x").digest())
+    digest = hashlib.sha256(b"x").digest()
+    public.verify(signer.sign_digest(digest), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
