@@ -426,7 +426,16 @@ class CsrBuilder:
         (the first one asked that the signer takes, else SHA-256) and what is not met as asked.
         Pure: asks the signer only for its public key and `digest_algorithms`."""
         attrs = self._attributes
-        takes = tuple(d for d in signer.digest_algorithms if d in _ECDSA_WITH)
+        # Asking a card signer what it takes costs an APDU (GET DATA): only when the server
+        # asks for a digest other than SHA-256, which every signer takes (IoT.05 table B).
+        if attrs is None or all(
+            _HASH_REQUESTS.get(o, (None, None))
+            in ((_DEFAULT_DIGEST, "ec"), (_DEFAULT_DIGEST, None))
+            for o in attrs.hash_oids
+        ):
+            takes: tuple[str, ...] = (_DEFAULT_DIGEST,)
+        else:
+            takes = tuple(d for d in signer.digest_algorithms if d in _ECDSA_WITH)
         default = _DEFAULT_DIGEST if _DEFAULT_DIGEST in takes or not takes else takes[0]
         if attrs is None:
             return CsrFit(default)

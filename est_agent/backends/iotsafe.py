@@ -11,10 +11,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from est_agent.backends.signer import SHA256_ONLY, check_digest, public_key_from_point
-from est_agent.card.iotsafe import IotSafeApplet, ObjectType
+from est_agent.backends.signer import SHA256_ONLY, public_key_from_point
+from est_agent.card.iotsafe import IotSafeApplet, ObjectType, hash_for_digest, hash_names
 from est_agent.card.uri import IotSafeRef, ObjectKind
-from est_agent.errors import CardProtocolError, InputError, NotFoundError
+from est_agent.errors import CardProtocolError, InputError, NotFoundError, StatusWordError
+
+_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
 
 __all__ = ["CardSigner"]
 
@@ -35,6 +41,7 @@ class CardSigner:
         self.key = key
         self._public_key = public_key
         self.signatures = 0  # card operations are expensive: benchmarks count them
+        self._digests: tuple[str, ...] | None = None
 
     @classmethod
     def from_card(
@@ -78,19 +85,38 @@ class CardSigner:
 
     @property
     def digest_algorithms(self) -> tuple[str, ...]:
-        # COMPUTE SIGNATURE is sent 32-byte SHA-256 digests only today (check_digest); cards
-        # that take 48/64-byte digests widen this here, and CSRs follow without other changes.
-        return SHA256_ONLY
+        """The hashes the private key object takes (GET DATA C1, its tag 91; GSMA IoT.05
+        table B), SHA-256 first; asked once (one APDU). The key's own list, not the applet's:
+        a key personalized for SHA-256 only refuses SHA-384 (6985) on a card that offers it.
+        SHA-256 alone when the card does not say."""
+        if self._digests is None:
+            try:
+                bitmap = self.applet.object_info(self.key).hash_algorithms
+            except (StatusWordError, CardProtocolError):
+                bitmap = None
+            names = tuple(n for n in hash_names(bitmap) if n in _HASHES)
+            self._digests = names if "sha256" in names else SHA256_ONLY
+        return self._digests
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public_key
 
     def sign_digest(self, digest: bytes) -> bytes:
-        check_digest(digest)
+        hash_for_digest(digest)  # a digest of another size is refused before the card is used
+        # SHA-256 every IoT SAFE applet takes (IoT.05 table B); others only if advertised
+        name: str | None = "sha256"
+        if len(digest) != _HASHES["sha256"].digest_size:
+            sizes = {_HASHES[n].digest_size: n for n in self.digest_algorithms}
+            name = sizes.get(len(digest))
+        if name is None:
+            raise InputError(
+                f"the card takes {', '.join(self.digest_algorithms)} digests, "
+                f"not one of {len(digest)} bytes"
+            )
         signature = self.applet.sign_digest(self.key, digest)
         self.signatures += 1
         try:
-            self._public_key.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+            self._public_key.verify(signature, digest, ec.ECDSA(Prehashed(_HASHES[name])))
         except InvalidSignature:
             raise CardProtocolError(
                 f"the card's signature with {self.key} does not verify with its public key"

@@ -184,6 +184,18 @@ class CardSession:
         self._open_channels.add(number)
         return LogicalChannel(self, number)
 
+    def unopened_channel(self) -> LogicalChannel:
+        """The lowest channel 1..19 this session has not opened, for a SELECT that opens it
+        implicitly (``IotSafeApplet.open(implicit_channel=True)``); ``adopt_channel`` it then."""
+        for number in range(1, MAX_CHANNEL + 1):
+            if number not in self._open_channels:
+                return LogicalChannel(self, number)
+        raise CardProtocolError("every logical channel is open in this session")
+
+    def adopt_channel(self, number: int) -> None:
+        """Count a channel the card opened implicitly as this session's, to close it at the end."""
+        self._open_channels.add(number)
+
     def close_channel(self, number: int) -> None:
         if number == 0:
             return  # the basic channel is never closed

@@ -25,6 +25,7 @@ from est_agent.card.iotsafe_codes import (
     CONTAINER_SECRET_KEY,
     DEFAULT_AID,
     HASH_SHA256,
+    HASHES,
     INS_GENERATE_KEY_PAIR,
     INS_GET_DATA,
     INS_GET_RANDOM,
@@ -87,6 +88,8 @@ __all__ = [
     "decode_signature",
     "encode_object_ref",
     "encode_sign_init",
+    "hash_for_digest",
+    "hash_names",
     "raw_signature_to_der",
 ]
 
@@ -177,14 +180,33 @@ def encode_object_ref(ref: IotSafeRef, kind: ObjectKind | None = None) -> bytes:
     return encode_tlv(REF_TAGS[_GET_DATA_P1[kind]][1], ref.label.encode())
 
 
-def encode_sign_init(key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY) -> bytes:
-    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + SHA-256 + ECDSA [card §3]."""
+def encode_sign_init(
+    key: IotSafeRef, kind: ObjectKind = ObjectKind.PRIVATE_KEY, hash_bit: int = HASH_SHA256
+) -> bytes:
+    """COMPUTE/VERIFY SIGNATURE INIT data: key + mode 03 + hash (tag 91) + ECDSA [card §3]."""
     return (
         encode_object_ref(key, kind)
         + encode_tlv(TAG_MODE, bytes((MODE_PAD_AND_SIGN,)))
-        + encode_tlv(TAG_HASH_ALGS, HASH_SHA256.to_bytes(2, "big"))
+        + encode_tlv(TAG_HASH_ALGS, hash_bit.to_bytes(2, "big"))
         + encode_tlv(TAG_SIG_ALGS, bytes((SIGNATURE_ECDSA,)))
     )
+
+
+def hash_for_digest(digest: bytes) -> int:
+    """The tag-91 hash bit of a SHA-256/384/512 digest, by its size; InputError otherwise."""
+    for bit, (_name, size) in HASHES.items():
+        if len(digest) == size:
+            return bit
+    raise InputError(
+        f"expected a SHA-256, SHA-384 or SHA-512 digest (32, 48 or 64 bytes), got {len(digest)}"
+    )
+
+
+def hash_names(bitmap: int | None) -> tuple[str, ...]:
+    """hashlib names of the hashes in a tag-91 bitmap, SHA-256 first (None: SHA-256 only)."""
+    if bitmap is None:
+        return (HASHES[HASH_SHA256][0],)
+    return tuple(name for bit, (name, _size) in HASHES.items() if bitmap & bit)
 
 
 def raw_signature_to_der(raw: bytes) -> bytes:
@@ -440,9 +462,17 @@ class IotSafeApplet:
         session: CardSession,
         *,
         aids: Sequence[bytes] = (DEFAULT_AID,),
+        implicit_channel: bool = False,
         **options: Unpack[AppletOptions],
     ) -> IotSafeApplet:
         """Open a logical channel and select the first AID that answers [card §1].
+
+        ``implicit_channel``: first SELECT on the lowest channel this session has not opened,
+        without MANAGE CHANNEL: a Java Card runtime opens a closed channel on a SELECT by AID
+        (ISO/IEC 7816-4 §5.5.2 lets the card do so), one APDU fewer. A card that refuses
+        (6881) gets MANAGE CHANNEL and the SELECT again, one APDU more. Off by default: on a
+        card shared with other software (the modem's baseband, another PC/SC client) that
+        channel may be open already, and the SELECT would take it over instead of failing.
 
         ``close_sessions``: close the signature session after every signature. Off by default:
         closing the channel deselects the applet, which ends its sessions (Java Card clears
@@ -451,6 +481,17 @@ class IotSafeApplet:
         """
         _require_aids(aids)  # before a channel is opened for nothing
         with session.transaction():
+            if implicit_channel:
+                channel = session.unopened_channel()
+                try:
+                    applet = cls.select(channel, aids=aids, **options)
+                except StatusWordError as exc:
+                    if exc.sw != 0x6881:  # logical channel not supported: open it first
+                        raise
+                    log.debug("no implicit opening of channel %d: MANAGE CHANNEL", channel.number)
+                else:
+                    session.adopt_channel(channel.number)
+                    return applet
             channel = session.open_channel()
             try:
                 return cls.select(channel, aids=aids, **options)
@@ -558,11 +599,10 @@ class IotSafeApplet:
 
     @_one_transaction
     def sign_digest(self, key: IotSafeRef, digest: bytes) -> bytes:
-        """ECDSA over a host-computed SHA-256 digest (mode 03, [card §3]); returns DER."""
-        if len(digest) != 32:
-            raise InputError(f"expected a 32-byte SHA-256 digest, got {len(digest)} bytes")
+        """ECDSA over a host-computed SHA-256/384/512 digest (mode 03, [card §3], the hash
+        named in tag 91 by the digest's size); returns DER."""
         sess = self.session_number
-        init = encode_sign_init(key, ObjectKind.PRIVATE_KEY)
+        init = encode_sign_init(key, ObjectKind.PRIVATE_KEY, hash_for_digest(digest))
         try:
             self._exchange(INS_SIGN_INIT, 0x00, sess, init, name="COMPUTE SIGNATURE INIT")
         except StatusWordError as exc:
@@ -590,6 +630,7 @@ class IotSafeApplet:
         """VERIFY SIGNATURE on the card [card §3]: True on 9000, False on 6D01."""
         from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+        hash_bit = hash_for_digest(digest)
         r, s = decode_dss_signature(der_signature)
         raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
         sess = self.session_number
@@ -597,7 +638,7 @@ class IotSafeApplet:
             INS_VERIFY_INIT,
             0x00,
             sess,
-            encode_sign_init(public_key, ObjectKind.PUBLIC_KEY),
+            encode_sign_init(public_key, ObjectKind.PUBLIC_KEY, hash_bit),
             name="VERIFY SIGNATURE INIT",
         )
         try:

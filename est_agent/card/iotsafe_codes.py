@@ -60,6 +60,12 @@ TAG_MODE = 0xA1
 TAG_HASH_ALGS = 0x91
 TAG_SIG_ALGS = 0x92
 TAG_HASH_VALUE = 0x9E
+# COMPUTE/VERIFY SIGNATURE UPDATE data by mode (GSMA IoT.05 §3.5): 9B the message (mode 01),
+# 9A last block + 9C intermediate hash + 9D bytes hashed so far (mode 02)
+TAG_MESSAGE = 0x9B
+TAG_LAST_BLOCK = 0x9A
+TAG_INTERMEDIATE_HASH = 0x9C
+TAG_HASHED_LENGTH = 0x9D
 
 # -- GET DATA applet information (docs/iot-safe-card.md §4) ---------------------------------
 TAG_APPLET_VERSION = 0x10
@@ -97,6 +103,14 @@ CRYPTO_SIGNATURE = 0x01
 CRYPTO_KEY_GENERATION = 0x02
 CRYPTO_KEY_AGREEMENT = 0x04
 HASH_SHA256 = 0x0001  # 2 bytes on the wire: 00 01
+HASH_SHA384 = 0x0002
+HASH_SHA512 = 0x0004
+#: hash algorithm bit (tag 91) -> (hashlib name, digest bytes)
+HASHES: dict[int, tuple[str, int]] = {
+    HASH_SHA256: ("sha256", 32),
+    HASH_SHA384: ("sha384", 48),
+    HASH_SHA512: ("sha512", 64),
+}
 SIGNATURE_ECDSA = 0x04
 FILE_USAGE_GENERAL = 0x01
 FILE_USAGE_X509 = 0x02

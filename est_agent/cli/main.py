@@ -381,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--t0", action="store_true", help="T=0 behaviour: data-returning commands answer 61xx"
     )
     serve.add_argument(
+        "--no-implicit-channel",
+        action="store_true",
+        help="refuse (6881) a SELECT of the applet on a closed logical channel instead of "
+        "opening it, as some cards do (default: open it, as Java Card does)",
+    )
+    serve.add_argument(
         "--latency-ms",
         type=float,
         default=0.0,

@@ -100,6 +100,7 @@ def serve(args: argparse.Namespace) -> int:
         Path(args.state),
         f"{host or '127.0.0.1'}:{port}",
         t0_mode=args.t0,
+        implicit_channel_open=not args.no_implicit_channel,
         latency_ms=args.latency_ms,
         trace_path=Path(args.trace) if args.trace else None,
         power_cut_after=args.power_cut_after,
@@ -125,6 +126,7 @@ def _serve_modem(args: argparse.Namespace, faults: FaultPlan | None) -> int:
         Path(args.modem_pty),
         quirks,
         t0_mode=args.t0,
+        implicit_channel_open=not args.no_implicit_channel,
         vpcd=args.vpcd,
         faults=faults,
     )

@@ -1,8 +1,10 @@
 """The GSMA IoT SAFE applet (IoT.05) as the card sees it; commands as in docs/iot-safe-card.md §3.
 
 Implemented: GET DATA (``CB``), GENERATE KEY PAIR (``B9``), READ PUBLIC KEY (``CD``), GET RANDOM
-(``84``), COMPUTE SIGNATURE INIT/UPDATE (``2A``/``2B``, mode 03 = host-hashed SHA-256, ECDSA
-P-256), VERIFY SIGNATURE INIT/UPDATE (``2C``/``2D``) and READ FILE (``B0``). Anything else is
+(``84``), COMPUTE SIGNATURE INIT/UPDATE (``2A``/``2B``) and VERIFY SIGNATURE INIT/UPDATE
+(``2C``/``2D``) in modes 01 (full text, the card hashes), 02 (last block, no resumed hash state)
+and 03 (pad and sign: the host's digest) with SHA-256/384/512 and ECDSA P-256, and READ FILE
+(``B0``). Anything else is
 ``6D00``. The object store is issuer-made: the device creates no objects and writes no files
 (docs/iot-safe-card.md §7); ``put_file`` is the simulated-OTA back door for that.
 
@@ -13,9 +15,11 @@ logical channel and dropped on deselection, channel close and reset.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -38,6 +42,7 @@ from est_agent.sim.reply import (
     SW_WRONG_LENGTH,
     Reply,
 )
+from est_agent.sim.signing import split_message_block
 from est_agent.sim.state import (
     AppletState,
     CardState,
@@ -60,7 +65,10 @@ APPLET_VERSION = 0x01
 #: GET DATA tag 11 is 32 bytes (Orange's IoT-SAFE-APDU-library issue #2; docs/iot-safe-card.md §4)
 APPLET_IDENTIFIER = b"est-agent virtual IoT SAFE".ljust(32, b"\x00")
 
-_SHA256_BYTES = 32
+
+
+#: GET DATA tag 91: the hashes COMPUTE/VERIFY SIGNATURE take (IoT.05 §2.5 table B)
+_OFFERED_HASHES = iot.HASH_SHA256 | iot.HASH_SHA384 | iot.HASH_SHA512
 
 
 class _RefusedError(Exception):
@@ -128,29 +136,77 @@ def _check_session(p2: int) -> None:
         raise _RefusedError(SW_P1P2)
 
 
-def _check_algorithms(tlvs: dict[int, bytes]) -> None:
-    """Only mode 03 (host hashed), SHA-256 and ECDSA are offered (GET DATA 90/91/92)."""
+@dataclass(frozen=True)
+class _Algorithms:
+    """What a COMPUTE/VERIFY SIGNATURE INIT asked for (tags A1, 91, 92)."""
+
+    mode: int
+    hash_bit: int
+
+    @property
+    def hash_name(self) -> str:
+        return iot.HASHES[self.hash_bit][0]
+
+    @property
+    def digest_size(self) -> int:
+        return iot.HASHES[self.hash_bit][1]
+
+
+def _check_algorithms(tlvs: dict[int, bytes]) -> _Algorithms:
+    """Modes 01 (full text), 02 (last block) and 03 (pad and sign), SHA-256/384/512 and ECDSA
+    (GET DATA 90/91/92). A value the card does not offer is incorrect data (6A80): 6A86 is
+    for P1-P2 only (ISO/IEC 7816-4 §5.6)."""
     mode, hash_alg, sig_alg = (
         tlvs.get(tag) for tag in (iot.TAG_MODE, iot.TAG_HASH_ALGS, iot.TAG_SIG_ALGS)
     )
     if mode is None or hash_alg is None or sig_alg is None or len(mode) != 1:
         raise _RefusedError(SW_INCORRECT_DATA)
-    if mode[0] in (iot.MODE_FULL_TEXT, iot.MODE_LAST_BLOCK):
-        raise _RefusedError(SW_P1P2)  # valid IoT.05 modes, not offered by this card
-    if mode[0] != iot.MODE_PAD_AND_SIGN:
+    if mode[0] not in (iot.MODE_FULL_TEXT, iot.MODE_LAST_BLOCK, iot.MODE_PAD_AND_SIGN):
         raise _RefusedError(SW_INCORRECT_DATA)
-    if hash_alg != iot.HASH_SHA256.to_bytes(2, "big") or sig_alg != bytes((iot.SIGNATURE_ECDSA,)):
+    hash_bit = int.from_bytes(hash_alg, "big") if len(hash_alg) == 2 else 0
+    if hash_bit not in iot.HASHES or sig_alg != bytes((iot.SIGNATURE_ECDSA,)):
         raise _RefusedError(SW_INCORRECT_DATA)
+    return _Algorithms(mode[0], hash_bit)
 
 
-def _check_key_use(key: PrivateKeyObject | PublicKeyObject) -> None:
+def _check_key_use(key: PrivateKeyObject | PublicKeyObject, algorithms: _Algorithms) -> None:
     if not (
         key.crypto_functions & iot.CRYPTO_SIGNATURE
         and key.signature_algorithms & iot.SIGNATURE_ECDSA
-        and key.hash_algorithms & iot.HASH_SHA256
+        and key.hash_algorithms & algorithms.hash_bit
         and key.filled
     ):
         raise _RefusedError(SW_CONDITIONS)
+
+
+@dataclass
+class _Session:
+    """An open signature/verification session: its key, algorithms, and (mode 01) the hash of
+    the message so far plus the bytes a total-length 9B still owes."""
+
+    object_id: bytes
+    algorithms: _Algorithms
+    hasher: Any = None  # hashlib object (mode 01), fresh after each last block
+    remaining: int = 0
+    started: bool = False
+
+    def fresh_hash(self) -> Any:
+        return hashlib.new(self.algorithms.hash_name)
+
+
+def _signature_value(data: bytes) -> tuple[int, int] | None:
+    """(r, s) of exactly one tag-33 TLV (1-byte, BER or 2-byte length; raw r||s or DER)."""
+    try:
+        items = decode_tlvs(data)
+    except CardProtocolError:
+        return None
+    if len(items) != 1 or items[0].tag != iot.TAG_SIGNATURE:
+        return None
+    return ecc.decode_signature(items[0].value)
+
+
+def _is_signature_tlv(data: bytes) -> bool:
+    return _signature_value(data) is not None
 
 
 def _public_key_tlv(point: bytes) -> bytes:
@@ -197,8 +253,8 @@ class IotSafeApplet:
 
     def __init__(self, options: CardOptions) -> None:
         self._options = options
-        # (channel, INIT INS, session number) -> ID of the key object the session uses
-        self._sessions: dict[tuple[int, int, int], bytes] = {}
+        # (channel, INIT INS, session number) -> the open session (key object, algorithms)
+        self._sessions: dict[tuple[int, int, int], _Session] = {}
         # channel -> index of the next object-list container (P2 01 continues from there)
         self._list_cursor: dict[int, int] = {}
         self._handlers: dict[int, Callable[[int, CommandApdu, AppletState], Reply]] = {
@@ -257,7 +313,7 @@ class IotSafeApplet:
                 encode_tlv(iot.TAG_MAX_PUBLIC_KEYS, count(len(applet.public_keys))),
                 encode_tlv(iot.TAG_MAX_SECRET_KEYS, b"\x00"),  # no secret keys
                 encode_tlv(iot.TAG_CRYPTO_FUNCTIONS, bytes((functions,))),
-                encode_tlv(iot.TAG_HASH_ALGS, iot.HASH_SHA256.to_bytes(2, "big")),
+                encode_tlv(iot.TAG_HASH_ALGS, _OFFERED_HASHES.to_bytes(2, "big")),
                 encode_tlv(iot.TAG_SIG_ALGS, bytes((iot.SIGNATURE_ECDSA,))),
                 # no key agreement (COMPUTE DH not offered)
                 encode_tlv(iot.TAG_KEY_AGREEMENT_ALGS, b"\x00"),
@@ -439,33 +495,92 @@ class IotSafeApplet:
             raise _RefusedError(SW_P1P2)
         tlvs = _tlvs(cmd)
         obj = pick(tlvs)
-        _check_algorithms(tlvs)
-        _check_key_use(obj)
-        object_id = obj.object_id
+        algorithms = _check_algorithms(tlvs)
+        _check_key_use(obj, algorithms)
+        session = _Session(obj.object_id, algorithms)
 
         def open_session() -> None:
-            self._sessions[key] = object_id  # replaces a session already open
+            self._sessions[key] = session  # replaces a session already open
 
         return Reply(SW_OK, transient=open_session)
 
-    def _session_update(self, channel: int, cmd: CommandApdu, init_ins: int) -> tuple[bytes, bytes]:
-        """(key object ID, SHA-256 digest) for a last-block UPDATE of an open session."""
+    def _session_update(
+        self, channel: int, cmd: CommandApdu, init_ins: int, *, verify: bool
+    ) -> tuple[_Session, bytes | None, bytes, Callable[[], None]]:
+        """(session, digest or None before the last block, data after the message part, the
+        session change to apply once answered) for an UPDATE of an open session."""
         if cmd.p1 not in (iot.P1_LAST_BLOCK, iot.P1_MORE_BLOCKS):
             raise _RefusedError(SW_P1P2)
         _check_session(cmd.p2)
-        object_id = self._sessions.get((channel, init_ins, cmd.p2))
-        if object_id is None:
+        session = self._sessions.get((channel, init_ins, cmd.p2))
+        if session is None:
             raise _RefusedError(SW_CONDITIONS)
-        if cmd.p1 != iot.P1_LAST_BLOCK:
-            raise _RefusedError(SW_P1P2)  # mode 03 takes the whole hash in one block
-        return object_id, self._digest(cmd)
+        last = cmd.p1 == iot.P1_LAST_BLOCK
+        mode = session.algorithms.mode
+        if mode != iot.MODE_FULL_TEXT:
+            if not last:
+                raise _RefusedError(SW_P1P2)  # modes 02 and 03 take one block
+            digest, rest = self._digest(cmd, session.algorithms, verify=verify)
+            return session, digest, rest, lambda: None
+        return self._full_text_update(session, cmd, last=last, verify=verify)
 
     @staticmethod
-    def _digest(cmd: CommandApdu) -> bytes:
-        digest = _tlvs(cmd).get(iot.TAG_HASH_VALUE)
-        if digest is None or len(digest) != _SHA256_BYTES:
+    def _full_text_update(
+        session: _Session, cmd: CommandApdu, *, last: bool, verify: bool
+    ) -> tuple[_Session, bytes | None, bytes, Callable[[], None]]:
+        """Mode 01: hash the ``9B`` message blocks (est_agent.sim.signing) on the card."""
+
+        def rest_ok(rest: bytes) -> bool:
+            return not rest if not (last and verify) else _is_signature_tlv(rest)
+
+        if not cmd.data:
+            raise _RefusedError(SW_WRONG_LENGTH)
+        block = split_message_block(
+            cmd.data, remaining=session.remaining, first_block=not session.started, rest_ok=rest_ok
+        )
+        if block is None or (last and block.remaining):
             raise _RefusedError(SW_INCORRECT_DATA)
-        return digest
+        hasher = (session.hasher or session.fresh_hash()).copy()
+        hasher.update(block.chunk)
+        digest = hasher.digest() if last else None
+
+        def advance() -> None:
+            if last:
+                session.hasher, session.remaining, session.started = None, 0, False
+            else:
+                session.hasher, session.remaining, session.started = hasher, block.remaining, True
+
+        return session, digest, block.rest, advance
+
+    @staticmethod
+    def _digest(cmd: CommandApdu, algorithms: _Algorithms, *, verify: bool) -> tuple[bytes, bytes]:
+        """(digest, the data other than the hash) of a mode 02/03 last block."""
+        tlvs = _tlvs(cmd)
+        if algorithms.mode == iot.MODE_PAD_AND_SIGN:
+            digest = tlvs.get(iot.TAG_HASH_VALUE)
+            extra = set(tlvs) - {iot.TAG_HASH_VALUE, iot.TAG_SIGNATURE}
+        else:
+            # Mode 02: the host hashed all but the last block (9A); 9C is the intermediate
+            # hash state and 9D the bytes hashed so far. Resuming a SHA-2 state is not offered
+            # by the hash libraries used here, so only a message that is all last block (9D
+            # absent or zero) is signed; a resumed one is refused as incorrect data.
+            block = tlvs.get(iot.TAG_LAST_BLOCK)
+            counted = tlvs.get(iot.TAG_HASHED_LENGTH, b"")
+            if block is None or any(counted):
+                raise _RefusedError(SW_INCORRECT_DATA)
+            digest = hashlib.new(algorithms.hash_name, block).digest()
+            extra = set(tlvs) - {
+                iot.TAG_LAST_BLOCK,
+                iot.TAG_INTERMEDIATE_HASH,
+                iot.TAG_HASHED_LENGTH,
+                iot.TAG_SIGNATURE,
+            }
+        if digest is None or len(digest) != algorithms.digest_size or extra:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        signature = tlvs.get(iot.TAG_SIGNATURE)
+        if (signature is None) == verify:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        return digest, b"" if signature is None else encode_tlv(iot.TAG_SIGNATURE, signature)
 
     def _sign_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
         def key(tlvs: dict[int, bytes]) -> PrivateKeyObject:
@@ -480,12 +595,16 @@ class IotSafeApplet:
         return self._init(channel, cmd, key)
 
     def _sign_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        object_id, digest = self._session_update(channel, cmd, iot.INS_SIGN_INIT)
-        private = next((k for k in applet.private_keys if k.object_id == object_id), None)
+        session, digest, _, advance = self._session_update(
+            channel, cmd, iot.INS_SIGN_INIT, verify=False
+        )
+        private = next((k for k in applet.private_keys if k.object_id == session.object_id), None)
         if private is None or not private.filled:
             raise _RefusedError(SW_CONDITIONS)
+        if digest is None:
+            return Reply(SW_OK, transient=advance)
         r, s = ecc.sign_digest(private.scalar, digest)
-        return Reply(SW_OK, self._signature_tlv(r, s), exact=True)
+        return Reply(SW_OK, self._signature_tlv(r, s), exact=True, transient=advance)
 
     def _signature_tlv(self, r: int, s: int) -> bytes:
         fmt = self._options.signature_format
@@ -495,16 +614,19 @@ class IotSafeApplet:
         return encode_tlv(iot.TAG_SIGNATURE, raw, two_byte_length=fmt == "wide")
 
     def _verify_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
-        object_id, digest = self._session_update(channel, cmd, iot.INS_VERIFY_INIT)
-        public = next((k for k in applet.public_keys if k.object_id == object_id), None)
+        session, digest, rest, advance = self._session_update(
+            channel, cmd, iot.INS_VERIFY_INIT, verify=True
+        )
+        public = next((k for k in applet.public_keys if k.object_id == session.object_id), None)
         if public is None or not public.filled:
             raise _RefusedError(SW_CONDITIONS)
-        signature = _tlvs(cmd).get(iot.TAG_SIGNATURE)
-        rs = None if signature is None else ecc.decode_signature(signature)
+        if digest is None:
+            return Reply(SW_OK, transient=advance)
+        rs = _signature_value(rest)
         if rs is None:
             raise _RefusedError(SW_INCORRECT_DATA)
         ok = ecc.verify_digest(public.point, digest, *rs)
-        return Reply(SW_OK if ok else SW_SIGNATURE_MISMATCH)
+        return Reply(SW_OK if ok else SW_SIGNATURE_MISMATCH, transient=advance)
 
     # -- files -----------------------------------------------------------------------------
 

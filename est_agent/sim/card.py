@@ -6,7 +6,8 @@ here does what a UICC's operating system does (TS 102 221 / ISO/IEC 7816-4):
 
 - decodes the CLA into a logical channel (TS 102 221 §10.1.1, ``est_agent.transport.cla``):
   ``0N``/``8N``/``AN`` for channels 0-3, ``4X``/``CX`` for 4-19; other classes are ``6E00``;
-- runs MANAGE CHANNEL (open/close channels 1-19) and SELECT by AID/DF name itself;
+- runs MANAGE CHANNEL (open/close channels 1-19) and SELECT by AID/DF name itself; a SELECT
+  of the applet on a closed channel opens it (``CardOptions.implicit_channel_open``);
 - on a channel where the applet is selected, passes every other command to the applet, as a
   Java Card runtime does (so SELECT by FID there is the applet's business: ``6D00``);
 - elsewhere answers SELECT / READ BINARY / UPDATE BINARY from the UICC file tree;
@@ -88,7 +89,7 @@ _WILDCARD_LE = (256, 65536)  # Le 00 / 0000: "whatever is available"
 
 class _ClassKind(enum.Enum):
     ISO = "iso"  # 0N, 4X: SELECT, READ/UPDATE BINARY, MANAGE CHANNEL, GET RESPONSE, applet
-    PROPRIETARY = "proprietary"  # 8N, CX: applet commands and GET RESPONSE only
+    PROPRIETARY = "proprietary"  # 8N, CX: applet commands, its SELECT, and GET RESPONSE only
     GSM = "gsm"  # AN: a channel, but no command here accepts it
 
 
@@ -303,7 +304,7 @@ class VirtualCard:
         self._pending = None
         context = self._channels.get(channel)
         if context is None:
-            return _sw(SW_CHANNEL_NOT_SUPPORTED)
+            return self._deliver(channel, cmd, self._select_on_closed_channel(channel, kind, cmd))
         action = None if fault is None else fault.action
         if action is FaultKind.BAD_SIGNATURE and cmd.ins == INS_SIGN_UPDATE:
             cmd = dataclasses.replace(cmd, data=flip_digest_bit(cmd.data))
@@ -333,7 +334,9 @@ class VirtualCard:
                 return Reply(SW_CLA_NOT_SUPPORTED)
             return self._manage_channel(channel, cmd)
         if cmd.ins == INS_SELECT and cmd.p1 == _P1_SELECT_BY_NAME:
-            if kind is not _ClassKind.ISO:
+            # the applet also by `8N`/`CX` (wolfSSL's IoT SAFE class, issue 13's clients);
+            # the UICC's own DF names only by the ISO class
+            if kind is not _ClassKind.ISO and cmd.data not in self._options.aids:
                 return Reply(SW_CLA_NOT_SUPPORTED)
             return self._select_by_name(channel, context, cmd)
         if context.applet:
@@ -439,6 +442,29 @@ class VirtualCard:
     def _close_channel(self, number: int) -> None:
         self._channels.pop(number, None)
         self._applet.deselect(number)
+
+    def _select_on_closed_channel(self, channel: int, kind: _ClassKind, cmd: CommandApdu) -> Reply:
+        """A command on a closed channel: 6881, except a SELECT of the applet by AID when
+        implicit opening is on. That opens the channel, with the MF as its file selection, and
+        selects the applet (the Java Card runtime's implicit selection on a closed channel).
+        A SELECT of anything else leaves the channel closed (6A82)."""
+        if not (
+            self._options.implicit_channel_open
+            and cmd.ins == INS_SELECT
+            and cmd.p1 == _P1_SELECT_BY_NAME
+            and kind is not _ClassKind.GSM
+        ):
+            return Reply(SW_CHANNEL_NOT_SUPPORTED)
+        if cmd.data not in self._options.aids:
+            return Reply(SW_NOT_FOUND)
+        if cmd.p2 not in _SELECT_P2:
+            return Reply(SW_P1P2)
+
+        def open_and_select() -> None:
+            self._channels[channel] = _Channel(applet=True)
+            self._applet.deselect(channel)  # nothing left from an earlier life of the channel
+
+        return Reply(SW_OK, transient=open_and_select)
 
     def _select_by_name(self, channel: int, context: _Channel, cmd: CommandApdu) -> Reply:
         if cmd.data in self._options.aids:

@@ -1,4 +1,4 @@
-"""The card's P-256 arithmetic: key generation, ECDSA over a host-supplied digest, verification.
+"""The card's P-256 arithmetic: key generation, ECDSA over a SHA-2 digest, verification.
 
 Keys are kept as raw bytes (a 32-byte scalar, a 65-byte SEC1 point) because that is how the card
 stores them; ``cryptography`` objects are built per operation.
@@ -27,7 +27,20 @@ __all__ = [
 
 COORDINATE_BYTES = 32
 _CURVE = ec.SECP256R1()
-_PREHASHED_SHA256 = ec.ECDSA(Prehashed(hashes.SHA256()))
+# by digest size: ECDSA P-256 uses the leftmost 256 bits of a longer digest (FIPS 186-5
+# §6.4.1), which `cryptography` does for a Prehashed SHA-384/SHA-512 digest
+_PREHASHED: dict[int, ec.ECDSA] = {
+    32: ec.ECDSA(Prehashed(hashes.SHA256())),
+    48: ec.ECDSA(Prehashed(hashes.SHA384())),
+    64: ec.ECDSA(Prehashed(hashes.SHA512())),
+}
+
+
+def _algorithm(digest: bytes) -> ec.ECDSA:
+    algorithm = _PREHASHED.get(len(digest))
+    if algorithm is None:
+        raise ValueError(f"no SHA-2 digest has {len(digest)} bytes")
+    return algorithm
 
 
 def generate_key_pair() -> tuple[bytes, bytes]:
@@ -43,8 +56,8 @@ def private_key_from_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
 
 
 def sign_digest(scalar: bytes, digest: bytes) -> tuple[int, int]:
-    """ECDSA (r, s) over a SHA-256 digest computed by the host (IoT.05 mode 03)."""
-    der = private_key_from_scalar(scalar).sign(digest, _PREHASHED_SHA256)
+    """ECDSA (r, s) over a SHA-256/384/512 digest (32, 48 or 64 bytes)."""
+    der = private_key_from_scalar(scalar).sign(digest, _algorithm(digest))
     return decode_dss_signature(der)
 
 
@@ -64,7 +77,7 @@ def decode_signature(value: bytes) -> tuple[int, int] | None:
 def verify_digest(point: bytes, digest: bytes, r: int, s: int) -> bool:
     try:
         public_key = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
-        public_key.verify(encode_dss_signature(r, s), digest, _PREHASHED_SHA256)
+        public_key.verify(encode_dss_signature(r, s), digest, _algorithm(digest))
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -400,6 +400,7 @@ def run_modem_server(
     quirks: ModemQuirks,
     *,
     t0_mode: bool = False,
+    implicit_channel_open: bool = True,
     vpcd: str | None = None,
     faults: FaultPlan | None = None,
 ) -> int:
@@ -410,7 +411,8 @@ def run_modem_server(
     from est_agent.sim.card import VirtualCard
     from est_agent.sim.options import CardOptions
 
-    card = VirtualCard.load(state_path, CardOptions(t0_mode=t0_mode), faults=faults)
+    options = CardOptions(t0_mode=t0_mode, implicit_channel_open=implicit_channel_open)
+    card = VirtualCard.load(state_path, options, faults=faults)
     if faults:
         log.info("faults: %s", faults.describe())
     lock = threading.Lock()

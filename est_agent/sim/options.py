@@ -36,6 +36,10 @@ class CardOptions:
     - ``read_file_max``: most bytes one READ FILE answers.
     - ``read_oob_sw``: READ FILE offset past the end: ``6A86`` or ``6981`` (IoT.05 lists both).
     - ``aids``: AIDs that select the IoT SAFE applet.
+    - ``implicit_channel_open``: a SELECT of the applet by AID (P1 ``04``) on a closed logical
+      channel opens that channel and selects the applet, as a Java Card runtime does (Java
+      Card 3 Runtime Environment §4.2.1; ISO/IEC 7816-4 §5.5.2 leaves it to the card); off, it
+      is refused ``6881`` as some cards do.
     """
 
     t0_mode: bool = False
@@ -46,6 +50,7 @@ class CardOptions:
     read_file_max: int = 256
     read_oob_sw: int = 0x6A86
     aids: tuple[bytes, ...] = (DEFAULT_AID,)
+    implicit_channel_open: bool = True
 
     def __post_init__(self) -> None:
         if self.signature_format not in _SIGNATURE_FORMATS:

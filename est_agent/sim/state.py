@@ -37,6 +37,8 @@ from est_agent.card.iotsafe_codes import (
     CRYPTO_SIGNATURE,
     FILE_USAGE_GENERAL,
     HASH_SHA256,
+    HASH_SHA384,
+    HASH_SHA512,
     KEY_TYPE_P256,
     KEY_USAGE_GENERAL,
     MAX_ID_BYTES,
@@ -119,7 +121,8 @@ class KeyObject:
     usage: int = KEY_USAGE_GENERAL
     crypto_functions: int = CRYPTO_SIGNATURE
     signature_algorithms: int = SIGNATURE_ECDSA
-    hash_algorithms: int = HASH_SHA256
+    # SHA-256/384/512 with ECDSA P-256 (a state file written before keeps what it stored)
+    hash_algorithms: int = HASH_SHA256 | HASH_SHA384 | HASH_SHA512
     key_agreement_algorithms: int = 0x00
 
 

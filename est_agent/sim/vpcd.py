@@ -403,6 +403,7 @@ def run_sim_server(
     vpcd: str,
     *,
     t0_mode: bool = False,
+    implicit_channel_open: bool = True,
     latency_ms: float = 0.0,
     trace_path: str | Path | None = None,
     power_cut_after: int | None = None,
@@ -418,7 +419,8 @@ def run_sim_server(
     from est_agent.sim.options import CardOptions
 
     host, port = parse_vpcd_address(vpcd)
-    card = VirtualCard.load(Path(state_path), CardOptions(t0_mode=t0_mode), faults=faults)
+    options = CardOptions(t0_mode=t0_mode, implicit_channel_open=implicit_channel_open)
+    card = VirtualCard.load(Path(state_path), options, faults=faults)
     if faults:
         log.info("faults: %s", faults.describe())
     tracer = _attach_trace(card, trace_path)

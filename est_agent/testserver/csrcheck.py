@@ -85,8 +85,15 @@ def _raw_fields_of_csr(der: bytes) -> tuple[bytes, bytes | None, bool, str | Non
     return subject, san, critical, password
 
 
+_ECDSA_SHA2 = {
+    (SignatureAlgorithmOID.ECDSA_WITH_SHA256, hashes.SHA256),
+    (SignatureAlgorithmOID.ECDSA_WITH_SHA384, hashes.SHA384),
+    (SignatureAlgorithmOID.ECDSA_WITH_SHA512, hashes.SHA512),
+}
+
+
 def check_csr(der: bytes) -> CheckedCsr:
-    """Parse and vet a CSR: valid self-signature, EC P-256 key, ECDSA with SHA-256, a subject."""
+    """Parse and vet a CSR: valid self-signature, EC P-256 key, ECDSA with SHA-2, a subject."""
     try:
         csr = x509.load_der_x509_csr(der)
         subject_der, san_der, san_critical, password = _raw_fields_of_csr(der)
@@ -97,10 +104,9 @@ def check_csr(der: bytes) -> CheckedCsr:
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise HttpRefusal(400, "only EC P-256 (secp256r1) public keys are accepted")
-    if csr.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256 or not isinstance(
-        csr.signature_hash_algorithm, hashes.SHA256
-    ):
-        raise HttpRefusal(400, "only ecdsa-with-SHA256 signatures are accepted")
+    # ecdsa-with-SHA256/384/512 (RFC 5758 §3.2): what /csrattrs may ask of a P-256 key
+    if (csr.signature_algorithm_oid, type(csr.signature_hash_algorithm)) not in _ECDSA_SHA2:
+        raise HttpRefusal(400, "only ecdsa-with-SHA256/384/512 signatures are accepted")
     try:
         signature_ok = csr.is_signature_valid
     except Exception:

@@ -984,6 +984,7 @@ def _log_entry(
         "label": label,
         "subject": checked.csr.subject.rfc4514_string(),
         "public_key_sha256": checked.public_key_sha256,
+        "signature_algorithm": checked.csr.signature_algorithm_oid.dotted_string,
         "auth": auth,
     }
     if cert is not None:

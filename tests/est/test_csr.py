@@ -531,11 +531,18 @@ def test_challenge_password_asked_but_not_given_is_sent_without_in_advisory_mode
         CsrBuilder().subject(parse_subject("CN=x")).csr_attributes(attrs).build(signer)
 
 
-def test_card_signer_takes_sha256_only(card: tuple[IotSafeApplet, SimTransport]) -> None:
-    applet, _ = card
+def test_card_signer_takes_what_the_card_advertises(
+    card: tuple[IotSafeApplet, SimTransport],
+) -> None:
+    # issue 13: the virtual SIM advertises SHA-256/384/512 (GET DATA 91 = 00 07); the signer
+    # took SHA-256 only before
+    applet, transport = card
     applet.generate_key_pair(OP_A)
     card_signer = CardSigner.from_card(applet, OP_A)
-    assert card_signer.digest_algorithms == ("sha256",)
+    before = transport.stats.apdus
+    assert card_signer.digest_algorithms == ("sha256", "sha384", "sha512")
+    assert card_signer.digest_algorithms == ("sha256", "sha384", "sha512")
+    assert transport.stats.apdus - before == 1  # one GET DATA, remembered
     assert SoftwareSigner(ec.generate_private_key(ec.SECP256R1())).digest_algorithms == ("sha256",)
 
 

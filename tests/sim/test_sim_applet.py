@@ -47,9 +47,14 @@ def example_state() -> CardState:
                     public_id=b"\x02",
                     access=0x02,
                     crypto_functions=0x03,
+                    hash_algorithms=0x0001,  # the worked example's keys take SHA-256 only
                 )
             ],
-            public_keys=[PublicKeyObject(object_id=b"\x02", label="PUB1", access=0x01)],
+            public_keys=[
+                PublicKeyObject(
+                    object_id=b"\x02", label="PUB1", access=0x01, hash_algorithms=0x0001
+                )
+            ],
             files=[
                 FileObject(
                     object_id=b"\x03",
@@ -107,7 +112,8 @@ def test_worked_example_direct_mode() -> None:
         (0x10, 1), (0x11, 0x20), (0xB1, 1), (0xB2, 1), (0xB3, 1), (0xB4, 1),
         (0x90, 1), (0x91, 2), (0x92, 1), (0x93, 1), (0x94, 1), (0xB7, 1),
     ]  # fmt: skip
-    assert info[info.index(b"\x91\x02") + 2 : info.index(b"\x91\x02") + 4] == h("00 01")
+    # SHA-256 | SHA-384 | SHA-512 (issue 13: was 00 01, SHA-256 only)
+    assert info[info.index(b"\x91\x02") + 2 : info.index(b"\x91\x02") + 4] == h("00 07")
     assert info[-3:] == h("B7 01 04")
     # (b)
     assert tx(card, "81 CB 01 00 00") == (OBJECT_LIST, 0x9000)
@@ -313,10 +319,12 @@ def test_signing_sessions() -> None:
 @pytest.mark.parametrize(
     ("tlvs", "sw"),
     [
-        ("A1 01 01 91 02 00 01 92 01 04", 0x6A86),  # full-text mode: not offered
-        ("A1 01 02 91 02 00 01 92 01 04", 0x6A86),  # last-block mode: not offered
+        # issue 13: modes 01/02 and SHA-384 are offered now (were 6A86, 6A86, 6A80)
         ("A1 01 07 91 02 00 01 92 01 04", 0x6A80),
-        ("A1 01 03 91 02 00 02 92 01 04", 0x6A80),  # SHA-384
+        ("A1 01 00 91 02 00 01 92 01 04", 0x6A80),
+        ("A1 01 03 91 02 00 08 92 01 04", 0x6A80),  # no such hash
+        ("A1 01 03 91 02 00 03 92 01 04", 0x6A80),  # two hashes at once
+        ("A1 01 03 91 01 01 92 01 04", 0x6A80),  # 1-byte hash value
         ("A1 01 03 91 02 00 01 92 01 01", 0x6A80),  # RSA
         ("A1 01 03 91 02 00 01", 0x6A80),
     ],

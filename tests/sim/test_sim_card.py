@@ -135,7 +135,10 @@ def test_select_wrong_aid_keeps_the_selection(state_path: Path) -> None:
     assert tx(card, "01 A4 04 00 07 A0 00 00 05 59 00 11") == (b"", 0x6A82)
     assert tx(card, "81 CB 00 00 44")[1] == 0x9000  # the applet is still selected
     assert tx(card, "00 A4 04 00 07 A0 00 00 05 59 00 11") == (b"", 0x6A82)
-    assert tx(card, "81 A4 04 00 07 " + AID) == (b"", 0x6E00)
+    # issue 13: the applet is selectable with its proprietary class too (was 6E00), the
+    # UICC's own DF names are not
+    assert tx(card, "81 A4 04 00 07 " + AID) == (b"", 0x9000)
+    assert tx(card, "81 A4 04 00 07 A0 00 00 05 59 00 11") == (b"", 0x6E00)
 
 
 def test_other_configured_aid_selects_the_applet(state_path: Path) -> None:
@@ -249,7 +252,54 @@ def test_reset_drops_channels_sessions_and_pending_data(state_path: Path) -> Non
     tx(card, f"01 A4 04 00 07 {AID}")
     assert tx(card, "81 2B 80 01 22 9E 20" + "00" * 32) == (b"", 0x6985)
     card.power_on()
+    # issue 13: the SELECT opens the closed channel (was 6881); a command other than SELECT
+    # of the applet still finds it closed
+    assert tx(card, "81 CB 00 00 44") == (b"", 0x6881)
+    assert tx(card, "01 A4 04 00 07 " + AID) == (b"", 0x9000)
+    assert tx(card, "81 2B 80 01 22 9E 20" + "00" * 32) == (b"", 0x6985)  # no session lives on
+
+
+@pytest.mark.parametrize(
+    ("cla", "channel"),
+    [("01", 1), ("02", 2), ("03", 3), ("81", 1), ("82", 2), ("83", 3), ("40", 4), ("4F", 19)],
+)
+def test_select_of_the_applet_opens_a_closed_channel(
+    state_path: Path, cla: str, channel: int
+) -> None:
+    card = card_with(state_path)
+    proprietary = f"{0xC0 | (channel - 4):02X}" if channel >= 4 else f"{0x80 | channel:02X}"
+    assert tx(card, f"{proprietary} CB 00 00 44") == (b"", 0x6881)
+    assert tx(card, f"{cla} A4 04 00 07 {AID}") == (b"", 0x9000)
+    info, sw = tx(card, f"{proprietary} CB 00 00 44")
+    assert sw == 0x9000 and info[:3] == h("10 01 01")
+    # the channel is open for MANAGE CHANNEL as well: closing it works, closing again not
+    close_cla = f"{0x40 | (channel - 4):02X}" if channel >= 4 else "00"
+    assert tx(card, f"{close_cla} 70 80 {channel:02X}") == (b"", 0x9000)
+    assert tx(card, f"{proprietary} CB 00 00 44") == (b"", 0x6881)
+    # MANAGE CHANNEL open picks another number while it is open
+    assert tx(card, f"{cla} A4 04 00 07 {AID}") == (b"", 0x9000)
+    if channel == 1:
+        assert tx(card, "00 70 00 00 01") == (h("02"), 0x9000)
+
+
+def test_implicit_opening_only_by_selecting_the_applet(state_path: Path) -> None:
+    card = card_with(state_path)
+    assert tx(card, "01 A4 04 00 07 A0 00 00 05 59 00 11") == (b"", 0x6A82)  # unknown AID
+    assert tx(card, "01 CB 00 00 44") == (b"", 0x6881)  # ... so the channel stayed closed
+    assert tx(card, "01 A4 00 04 02 3F 00") == (b"", 0x6881)  # SELECT by FID does not open
+    assert tx(card, "01 B0 00 00 01") == (b"", 0x6881)
+    assert tx(card, "A1 A4 04 00 07 " + AID) == (b"", 0x6881)  # GSM class does not open
+    assert tx(card, "01 A4 04 7F 07 " + AID) == (b"", 0x6A86)
+    assert tx(card, "01 CB 00 00 44") == (b"", 0x6881)
+
+
+def test_refusing_implicit_opening_answers_6881(state_path: Path) -> None:
+    card = card_with(state_path, implicit_channel_open=False)
     assert tx(card, "01 A4 04 00 07 " + AID) == (b"", 0x6881)
+    assert tx(card, "81 A4 04 00 07 " + AID) == (b"", 0x6881)
+    assert tx(card, "81 CB 00 00 44") == (b"", 0x6881)
+    open_applet(card)  # MANAGE CHANNEL first still works
+    assert tx(card, "81 CB 00 00 44")[1] == 0x9000
 
 
 # -- events and trace ------------------------------------------------------------------------

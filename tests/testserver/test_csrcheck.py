@@ -97,14 +97,24 @@ def test_rsa_key_is_refused() -> None:
     assert "P-256" in _refusal(der).text
 
 
-def test_sha384_signature_is_refused() -> None:
-    der = (
+def _signed_with(algorithm: hashes.HashAlgorithm) -> bytes:
+    return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-        .sign(new_key(), hashes.SHA384())
+        .sign(new_key(), algorithm)
         .public_bytes(serialization.Encoding.DER)
     )
-    assert "SHA256" in _refusal(der).text
+
+
+def test_sha224_signature_is_refused() -> None:
+    # issue 13: ecdsa-with-SHA384/512 are accepted now (SHA-384 was refused before)
+    assert "SHA256/384/512" in _refusal(_signed_with(hashes.SHA224())).text
+
+
+@pytest.mark.parametrize("algorithm", [hashes.SHA384(), hashes.SHA512()])
+def test_sha384_and_sha512_signatures_pass(algorithm: hashes.HashAlgorithm) -> None:
+    checked = check_csr(_signed_with(algorithm))
+    assert isinstance(checked.csr.signature_hash_algorithm, type(algorithm))
 
 
 def test_empty_subject_is_refused() -> None:

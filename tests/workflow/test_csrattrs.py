@@ -52,8 +52,10 @@ def test_libest_default_csrattrs_advisory_enrolls_and_warns(
     code, err, elapsed = _enroll(cli, device)
     assert code == 0, err
     assert elapsed < BOUND_S
+    # issue 13: the SIM takes SHA-384 digests now, so the CSR is signed ecdsa-with-SHA384 as
+    # asked (it was ecdsa-with-SHA256 with a warning before)
+    assert "SHA-384" not in err
     for warning in (
-        "asks for SHA-384 (2.16.840.1.101.3.4.2.2); sending ecdsa-with-SHA256",
         "asks for an EC key on secp384r1 (P-384) (1.3.132.0.34); sending an EC P-256 (secp256r1)"
         " key",
         "asks for macAddress (1.3.6.1.1.1.1.22); left out: the agent has no value for it",
@@ -64,6 +66,7 @@ def test_libest_default_csrattrs_advisory_enrolls_and_warns(
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
     assert [e["operation"] for e in _issued(server)] == ["simpleenroll"]
+    assert _issued(server)[0]["signature_algorithm"] == "1.2.840.10045.4.3.3"  # ecdsa-with-SHA384
 
 
 def test_libest_default_csrattrs_strict_refuses_naming_both(
@@ -75,7 +78,8 @@ def test_libest_default_csrattrs_strict_refuses_naming_both(
     assert code == 65, err
     assert elapsed < BOUND_S
     assert "CsrError" in err
-    assert "SHA-384" in err and "ecdsa-with-SHA256" in err
+    # issue 13: SHA-384 is met now; the P-384 key still is not
+    assert "SHA-384" not in err
     assert "secp384r1" in err and "P-256" in err
     assert _issued(server) == []
 
