@@ -163,9 +163,9 @@ class Card:
 
     def sign_digest(self, key: str | IotSafeRef, digest: bytes) -> bytes:
         """ECDSA P-256 signature (DER Ecdsa-Sig-Value, RFC 3279 §2.2.3) by the private key
-        ``key`` over a SHA-256 ``digest`` computed by the caller (32 bytes, else
-        ``InputError``). Checked against the key's public key before it is returned
-        (``CardProtocolError`` if it does not verify)."""
+        ``key`` over a ``digest`` computed by the caller: SHA-256, or SHA-384/512 where the key
+        takes them (32, 48 or 64 bytes, else ``InputError``). Checked against the key's public
+        key before it is returned (``CardProtocolError`` if it does not verify)."""
         return self._signer(key).sign_digest(bytes(digest))
 
     def random(self, length: int) -> bytes:

@@ -135,7 +135,7 @@ def test_bad_inputs_get_typed_errors(sim: tuple[Path, x509.Certificate], tmp_pat
     with pytest.raises(SimStateError):
         open_card(f"sim:{tmp_path / 'absent.json'}")
     with open_card(f"sim:{path}") as card:
-        with pytest.raises(InputError, match="32-byte"):
+        with pytest.raises(InputError, match=r"32, 48 or 64 bytes\), got 5"):
             card.sign_digest("iotsafe:key-id=01", b"short")
         with pytest.raises(InputError, match="not a private key"):
             card.sign_digest("iotsafe:public-key-id=01", bytes(32))
