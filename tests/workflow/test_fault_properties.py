@@ -155,7 +155,11 @@ def test_no_sequence_of_card_faults_costs_the_credential(
     sim.write_bytes(sim_template)
     device = Device(root, sim, root / "est-agent.toml", root / "state")
     device.write_config(
-        server, dev_pki, card__reader='"sim:sim.json?faults=faults.txt&timeout=0.2"'
+        server,
+        dev_pki,
+        # both deadlines short: a `silence` fault on GENERATE KEY PAIR would otherwise cost the
+        # 60 s key-generation deadline each time (a 10-minute CI run once)
+        card__reader='"sim:sim.json?faults=faults.txt&timeout=0.2&keygen_timeout=0.2"',
     )
     faults = root / "faults.txt"
     try:
