@@ -38,7 +38,13 @@ from urllib.parse import urlsplit
 
 from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind, UiccPath, parse_card_uri
 from est_agent.errors import ConfigError, InputError, UsageError
-from est_agent.est.proxy import HttpsProxy, ProxyUrl, environment_proxy, parse_proxy_url
+from est_agent.est.proxy import (
+    HttpsProxy,
+    ProxyUrl,
+    environment_proxy,
+    parse_proxy_url,
+    proxy_with_password,
+)
 from est_agent.est.url import est_url
 from est_agent.fileio import CONFIG_LIMIT_BYTES, read_bounded
 from est_agent.passwords import has_control_character, read_secret
@@ -563,18 +569,10 @@ class EstConfig:
             file_key="est.proxy_password_file",
             env_key="est.proxy_password_env",
         )
-        if password is not None and url.password is not None:
-            raise _fail(key, "carries a password and so does est.proxy_password_*: set one")
-        if password is not None and url.username is None:
-            raise _fail(key, "the proxy password needs a user: http://user@host:port")
-        password = url.password if password is None else password
-        if url.username is not None and password is None:
-            raise _fail(key, "names a proxy user without a password (est.proxy_password_file)")
-        if password:
-            from est_agent.logs import register_secret
-
-            register_secret(password)  # masked in every log line from now on
-        return HttpsProxy(url.host, url.port, url.username, password, source=key)
+        try:
+            return proxy_with_password(url, password, source=key, setting="est.proxy_password_*")
+        except InputError as exc:
+            raise _fail(key, str(exc)) from None
 
     def operation_url(self, operation: str) -> str:
         """The URL of an EST operation (``cacerts``, ``simpleenroll`` ...) with the label."""

@@ -21,7 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from est_agent.certificates import load_certificates
 from est_agent.errors import InputError, UsageError
 from est_agent.est.client import EstCaCerts, EstClient, RetryPolicy
-from est_agent.est.proxy import HttpsProxy, environment_proxy, parse_proxy_url
+from est_agent.est.proxy import (
+    HttpsProxy,
+    environment_proxy,
+    parse_proxy_url,
+    proxy_with_password,
+)
 from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
 
@@ -50,22 +55,17 @@ def _proxy(args: argparse.Namespace) -> HttpsProxy | None:
         source, url = "--proxy", parse_proxy_url(text)
         if url.password is not None:
             raise UsageError("--proxy: a password in the URL is refused; use --proxy-password-env")
-    password = url.password
+    password = None
     if args.proxy_password_env:
-        if password is not None:
-            raise UsageError(f"{source} carries a password and so does --proxy-password-env")
         password = os.environ.get(args.proxy_password_env)
         if password is None:
             raise UsageError(f"--proxy-password-env: {args.proxy_password_env} is not set")
-    if url.username is None and password is not None:
-        raise UsageError("the proxy password needs a user: http://user@host:port")
-    if url.username is not None and password is None:
-        raise UsageError(f"{source} names a proxy user without a password (--proxy-password-env)")
-    if password:
-        from est_agent.logs import register_secret
-
-        register_secret(password)  # masked in every log line and message from now on
-    return HttpsProxy(url.host, url.port, url.username, password, source=source)
+    try:
+        return proxy_with_password(
+            url, password, source=source, setting="--proxy-password-env"
+        )
+    except InputError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def _client(args: argparse.Namespace) -> EstClient:

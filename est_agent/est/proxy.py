@@ -32,6 +32,7 @@ __all__ = [
     "environment_proxy",
     "no_proxy_matches",
     "parse_proxy_url",
+    "proxy_with_password",
 ]
 
 #: the environment variables read when ``est.proxy = "env"``, in the order curl reads them
@@ -240,3 +241,24 @@ class HttpsProxy:
             return None
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
         return f"Basic {token}"
+
+
+def proxy_with_password(
+    url: ProxyUrl, password: str | None, *, source: str, setting: str
+) -> HttpsProxy:
+    """The proxy of ``url`` (configured in ``source``) with the user's password from
+    ``setting`` (``password`` None: not set there). One password, in the URL or in the
+    setting, and a password only with a user; ``InputError`` saying which otherwise. The
+    password is registered with the log redaction: masked in every message from now on."""
+    if password is not None and url.password is not None:
+        raise InputError(f"carries a password and so does {setting}: set one")
+    if password is not None and url.username is None:
+        raise InputError("the proxy password needs a user: http://user@host:port")
+    password = url.password if password is None else password
+    if url.username is not None and password is None:
+        raise InputError(f"names a proxy user without a password ({setting})")
+    if password:
+        from est_agent.logs import register_secret
+
+        register_secret(password)
+    return HttpsProxy(url.host, url.port, url.username, password, source=source)
