@@ -250,7 +250,6 @@ class EstTestServer(Closing):
         #: the server's notion of time for the rollover phases (tests move it)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self.rollover: RootRollover | None = None
-        self._rollover_files: tempfile.TemporaryDirectory[str] | None = None
         self._rollover_context: ssl.SSLContext | None = None
         if config.rollover_at is not None:
             self.ssl_context = self._make_rollover_contexts()
@@ -330,8 +329,6 @@ class EstTestServer(Closing):
         self._state.close()
         if self.exporter_secrets is not None:
             self.exporter_secrets.close()
-        if self._rollover_files is not None:
-            self._rollover_files.cleanup()
 
     def note(self, message: str) -> None:
         if not self._quiet:
@@ -339,22 +336,11 @@ class EstTestServer(Closing):
 
     # -- CA rollover (RFC 7030 §4.1.3) -------------------------------------------------------
     def _make_rollover_contexts(self) -> ssl.SSLContext:
-        """The new root and its links, and one TLS server certificate under each EST root
-        (written to a private temporary directory: `load_cert_chain` reads files)."""
-        now = datetime.now(UTC)
-        rollover = make_rollover(self.pki.est_ca, now)
+        """The new root and its links, and one TLS server certificate under each EST root."""
+        rollover = make_rollover(self.pki.est_ca, datetime.now(UTC))
         self.rollover = rollover
-        files = tempfile.TemporaryDirectory(prefix="est-testserver-rollover-")
-        self._rollover_files = files
-        contexts = []
-        for name, ca in (("old", rollover.old), ("new", rollover.new)):
-            cert, key = issue_server_certificate(ca, now)
-            cert_path, key_path = Path(files.name) / f"{name}.pem", Path(files.name) / f"{name}.key"
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            atomic_write(key_path, _private_pem(key), mode=0o600, what="private key")
-            contexts.append(self._make_ssl_context(cert_path, key_path))
-        self._rollover_context = contexts[1]
-        return contexts[0]
+        self._rollover_context = self._make_ssl_context(rollover.new)
+        return self._make_ssl_context(rollover.old)
 
     def rollover_phase(self, now: datetime | None = None) -> str:
         """before | overlap | switched | expired (the old root's end), by the server's clock."""
@@ -392,9 +378,9 @@ class EstTestServer(Closing):
             return [rollover.new.certificate]
         return rollover.four
 
-    def _make_ssl_context(
-        self, cert_path: Path | None = None, key_path: Path | None = None
-    ) -> ssl.SSLContext:
+    def _make_ssl_context(self, issuer: CertificateAuthority | None = None) -> ssl.SSLContext:
+        """The TLS server context: a server certificate made now by `issuer` (or by the EST CA
+        with `--server-cert-from est-ca`), else the dev PKI's server certificate."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = (
@@ -402,10 +388,10 @@ class EstTestServer(Closing):
             if self.config.tls_max is TlsMax.TLS1_2
             else ssl.TLSVersion.TLSv1_3
         )
-        if cert_path is not None and key_path is not None:
-            ctx.load_cert_chain(cert_path, key_path)
-        elif self.config.server_cert_ca is ServerCertCa.EST_CA:
-            _load_est_ca_server_cert(ctx, self.pki)
+        if issuer is None and self.config.server_cert_ca is ServerCertCa.EST_CA:
+            issuer = self.pki.est_ca
+        if issuer is not None:
+            _load_server_cert_from(ctx, issuer)
         else:
             ctx.load_cert_chain(self.pki.server_cert_path, self.pki.server_key_path)
         # Optional, not required: Basic-only clients (strongSwan's first enrollment) and
@@ -472,11 +458,11 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _load_est_ca_server_cert(ctx: ssl.SSLContext, pki: DevPki) -> None:
-    """A TLS server certificate from the EST CA (`--server-cert-from est-ca`), made now: OpenSSL
-    loads a certificate and key from files only, so they pass through a private temporary
-    directory that is gone when this returns."""
-    cert, key = issue_server_certificate(pki.est_ca, datetime.now(UTC))
+def _load_server_cert_from(ctx: ssl.SSLContext, issuer: CertificateAuthority) -> None:
+    """A TLS server certificate issued now by `issuer`: OpenSSL loads a certificate and key
+    from files only, so they pass through a private temporary directory that is gone when
+    this returns."""
+    cert, key = issue_server_certificate(issuer, datetime.now(UTC))
     with tempfile.TemporaryDirectory(prefix="est-testserver-") as directory:
         cert_path, key_path = Path(directory) / "server.pem", Path(directory) / "server.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
