@@ -9,11 +9,14 @@ was read, never a ``ValueError`` from the parser.
 
 from __future__ import annotations
 
+import hashlib
+
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from est_agent.errors import EstAgentError, InputError
 
-__all__ = ["CA_KEY_USAGE", "SIGNING_KEY_USAGE", "load_certificates"]
+__all__ = ["CA_KEY_USAGE", "SIGNING_KEY_USAGE", "load_certificates", "sha256_fingerprint"]
 
 _PEM_BOUNDARY = b"-----BEGIN"
 
@@ -54,3 +57,9 @@ def load_certificates(
         return [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise error(f"{what}: no usable certificate ({exc})") from exc
+
+
+def sha256_fingerprint(cert: x509.Certificate) -> bytes:
+    """SHA-256 over the whole DER certificate (RFC 7030 §4.1.1's "fingerprint"; what
+    est.cacerts_fingerprint pins)."""
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()

@@ -24,7 +24,6 @@ response size cap, retries within the run's budget).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,8 +31,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
+from est_agent.certificates import sha256_fingerprint
 from est_agent.errors import EstResponseError, TlsVerificationError
 from est_agent.est.client import EstCaCerts, EstClient, RetryPolicy
 from est_agent.est.tls import ProvisionalTls, verify_server_chain
@@ -46,7 +45,6 @@ __all__ = [
     "BootstrapAnchor",
     "fetch_bootstrap_anchor",
     "match_fingerprint",
-    "sha256_fingerprint",
     "verify_provisional_chains",
 ]
 
@@ -59,11 +57,6 @@ class BootstrapAnchor:
     root: x509.Certificate
     cacerts: EstCaCerts
     server_chain: tuple[x509.Certificate, ...]
-
-
-def sha256_fingerprint(cert: x509.Certificate) -> bytes:
-    """SHA-256 over the whole DER certificate (RFC 7030 §4.1.1's "fingerprint")."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
 
 
 def match_fingerprint(roles: CaCerts, pin: bytes) -> x509.Certificate:

@@ -28,7 +28,6 @@ fail at any point:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from est_agent.card.uicc import is_valid_iccid
+from est_agent.certificates import sha256_fingerprint
 from est_agent.config import CsrAttrsMode, PopMode, UiccChannel
 from est_agent.errors import (
     AuthError,
@@ -950,8 +950,6 @@ class Agent:
         §4.1.3). None (bootstrap again) when the store holds nothing usable: empty, damaged
         (with a pin the bootstrap can be repeated safely), or another fingerprint is
         configured now."""
-        from est_agent.est.bootstrap import sha256_fingerprint
-
         held = AnchorStore(self.config.paths.state_dir).load(())
         if held.state is StoreState.DAMAGED:
             log.warning("the trust-anchor store is damaged: bootstrapping the trust anchor again")
@@ -1091,7 +1089,7 @@ class Agent:
         pin = self.config.est.cacerts_fingerprint
         if not pin:
             return
-        got = hashlib.sha256(anchor.public_bytes(Encoding.DER)).digest()
+        got = sha256_fingerprint(anchor)
         if got != pin:
             raise EstResponseError(
                 f"the EST CA from /cacerts ({got.hex()}) does not match "

@@ -38,6 +38,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from est_agent.certificates import sha256_fingerprint
 from est_agent.errors import EstResponseError, StoreError
 from est_agent.fileio import atomic_write, read_bounded
 
@@ -99,7 +100,7 @@ def _spki(cert: x509.Certificate) -> bytes:
 
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 over the DER certificate, hex (what est.cacerts_fingerprint pins)."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    return sha256_fingerprint(cert).hex()
 
 
 @dataclass(frozen=True)
