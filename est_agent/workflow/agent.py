@@ -185,9 +185,12 @@ class StatusReport:
     #: the anchor store's state: {"state": empty|valid|damaged, "sequence", "copies": [...]}
     anchor_store: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: which credential backend holds the slots: "iotsafe" (the SIM) or "pkcs11" (a token)
+    backend: str = "iotsafe"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "backend": self.backend,
             "reader": self.reader,
             "iccid": self.iccid,
             "aid": self.aid,
@@ -358,6 +361,7 @@ class Agent:
             retry=retry,
             anchors=anchors,
             anchor_store=anchor_store,
+            backend=details.get("backend", "iotsafe"),
         )
 
     def _anchor_report(
