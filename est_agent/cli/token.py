@@ -18,7 +18,7 @@ from est_agent.errors import TokenError, TransportError, UsageError
 if TYPE_CHECKING:
     from est_agent.backends.pkcs11 import Pkcs11Backend
     from est_agent.pkcs11_uri import Pkcs11Uri
-    from est_agent.testserver.pki import CertificateAuthority
+    from est_agent.testserver.issuer import CertificateAuthority
 
 __all__ = ["info", "provision_bootstrap", "token_info"]
 
