@@ -98,9 +98,9 @@ def load_module(path: str) -> Pkcs11Library:
 
     try:
         return pkcs11.lib(path)
-    except pkcs11.PKCS11Error as exc:
-        raise _map_error(f"initialising {path}", exc) from None
-    except (RuntimeError, OSError) as exc:  # dlopen failed, or not a PKCS#11 module
+    except (RuntimeError, OSError) as exc:
+        # dlopen failed, no C_GetFunctionList, or C_Initialize refused: there is no token to
+        # talk to at all (python-pkcs11 raises a bare PKCS11Error for the first two)
         raise TransportError(f"cannot load the PKCS#11 module {path}: {exc}") from None
 
 
@@ -191,12 +191,12 @@ class Pkcs11Backend:
     def _call(self, what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         import pkcs11
 
-        if self.before_call is not None:
-            self.before_call(what)
         self.calls += 1
         self._stats.apdus += 1  # one PKCS#11 call counts as one command on the link
         started = time.monotonic()
         try:
+            if self.before_call is not None:
+                self.before_call(what)  # inside: a PKCS11Error it raises is the token's answer
             return fn(*args, **kwargs)
         except pkcs11.PKCS11Error as exc:
             raise _map_error(what, exc) from None
@@ -215,7 +215,7 @@ class Pkcs11Backend:
         return attrs
 
     def _one(self, what: str, attrs: dict[Any, Any], uri: Pkcs11Uri) -> Any | None:
-        found = self._find(what, attrs)
+        found = self._find(f"{what} {uri.selector}", attrs)
         if len(found) > 1:
             raise TokenError(f"{what}: {len(found)} objects match {uri.selector}")
         return found[0] if found else None
@@ -258,14 +258,22 @@ class Pkcs11Backend:
         if header is None:
             data = b""  # nothing written: an empty slot
         else:
-            value = bytes(self._call("read record header", header.__getitem__, Attribute.VALUE))
+            value = bytes(
+                self._call(
+                    f"read record header {uri.selector}", header.__getitem__, Attribute.VALUE
+                )
+            )
             cert = self._one(
                 "find certificate", self._slot_attrs(uri, ObjectClass.CERTIFICATE), uri
             )
             body = (
                 b""
                 if cert is None
-                else bytes(self._call("read certificate", cert.__getitem__, Attribute.VALUE))
+                else bytes(
+                    self._call(
+                        f"read certificate {uri.selector}", cert.__getitem__, Attribute.VALUE
+                    )
+                )
             )
             data = value + body  # no certificate: the hash check makes it a torn write
         if self._depth:
@@ -293,8 +301,10 @@ class Pkcs11Backend:
         header, der = data[:HEADER_SIZE], data[HEADER_SIZE:]
         self._records.clear()
         # the header is the commit point: gone first, back last (module docstring)
-        self._destroy_all("destroy record header", self._header_attrs(uri))
-        self._destroy_all("destroy certificate", self._slot_attrs(uri, ObjectClass.CERTIFICATE))
+        self._destroy_all("destroy record header", self._header_attrs(uri), uri)
+        self._destroy_all(
+            "destroy certificate", self._slot_attrs(uri, ObjectClass.CERTIFICATE), uri
+        )
         subject, issuer, serial = _certificate_names(der)
         cert_attrs: dict[Any, Any] = {
             Attribute.CLASS: ObjectClass.CERTIFICATE,
@@ -309,18 +319,20 @@ class Pkcs11Backend:
         }
         if uri.object is not None:
             cert_attrs[Attribute.LABEL] = uri.object
-        self._call("create certificate", self.session.create_object, cert_attrs)
+        self._call(f"create certificate {uri.selector}", self.session.create_object, cert_attrs)
         header_attrs = {
             **self._header_attrs(uri),
             Attribute.TOKEN: True,
             Attribute.PRIVATE: False,
             Attribute.VALUE: header,
         }
-        self._call("create record header", self.session.create_object, header_attrs)
+        self._call(
+            f"create record header {uri.selector}", self.session.create_object, header_attrs
+        )
 
-    def _destroy_all(self, what: str, attrs: dict[Any, Any]) -> None:
-        for obj in self._find(what.replace("destroy", "find"), attrs):
-            self._call(what, obj.destroy)
+    def _destroy_all(self, what: str, attrs: dict[Any, Any], uri: Pkcs11Uri) -> None:
+        for obj in self._find(f"{what.replace('destroy', 'find')} {uri.selector}", attrs):
+            self._call(f"{what} {uri.selector}", obj.destroy)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -331,7 +343,9 @@ class Pkcs11Backend:
         obj = self._one("find public key", self._slot_attrs(uri, ObjectClass.PUBLIC_KEY), uri)
         if obj is None:
             raise TokenError(f"no public key {uri.selector} on the token")
-        raw = bytes(self._call("read public key", obj.__getitem__, Attribute.EC_POINT))
+        raw = bytes(
+            self._call(f"read public key {uri.selector}", obj.__getitem__, Attribute.EC_POINT)
+        )
         try:
             # CKA_EC_POINT is the DER OCTET STRING of the SEC 1 point (PKCS#11 v2.40 §2.3.3)
             return bytes(OctetString.load(raw).native)
@@ -355,12 +369,12 @@ class Pkcs11Backend:
         uri = _uri(key)
         self._records.clear()
         # the slot's record goes first: a kill from here on leaves an EMPTY slot (docstring)
-        self._destroy_all("destroy record header", self._header_attrs(uri))
+        self._destroy_all("destroy record header", self._header_attrs(uri), uri)
         for cls, what in (
             (ObjectClass.PRIVATE_KEY, "private key"),
             (ObjectClass.PUBLIC_KEY, "public key"),
         ):
-            self._destroy_all(f"destroy {what}", self._slot_attrs(uri, cls))
+            self._destroy_all(f"destroy {what}", self._slot_attrs(uri, cls), uri)
         params = self._call(
             "EC domain parameters",
             self.session.create_domain_parameters,
@@ -370,7 +384,7 @@ class Pkcs11Backend:
         )
         label = uri.object
         self._call(
-            "generate key pair",
+            f"generate key pair {uri.selector}",
             params.generate_keypair,
             store=True,
             id=object_id(uri),
@@ -396,7 +410,9 @@ class Pkcs11Backend:
         obj = self._one("find private key", self._slot_attrs(key, ObjectClass.PRIVATE_KEY), key)
         if obj is None:
             raise TokenError(f"no private key {key.selector} on the token")
-        return bytes(self._call("sign", obj.sign, digest, mechanism=Mechanism.ECDSA))
+        return bytes(
+            self._call(f"sign {key.selector}", obj.sign, digest, mechanism=Mechanism.ECDSA)
+        )
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -433,7 +449,9 @@ class Pkcs11Backend:
         }
         if ref.object is not None:
             attrs[Attribute.LABEL] = ref.object
-        self._destroy_all("destroy certificate", self._slot_attrs(ref, ObjectClass.CERTIFICATE))
+        self._destroy_all(
+            "destroy certificate", self._slot_attrs(ref, ObjectClass.CERTIFICATE), ref
+        )
         self._call("create certificate", self.session.create_object, attrs)
 
     def iccid(self) -> str | None:
