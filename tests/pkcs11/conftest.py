@@ -103,8 +103,10 @@ def init_token(root: Path) -> Path:
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
     subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL]
-        + ["--so-pin", SO_PIN, "--pin", PIN],
+        [
+            "softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
+            "--so-pin", SO_PIN, "--pin", PIN,
+        ],
         env=env,
         check=True,
         capture_output=True,
@@ -142,7 +144,9 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Run:
     return run
 
 
-def agent_process(token: Token, *argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def agent_process(
+    token: Token, *argv: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "est_agent", *argv, "--config", str(token.config)],
         env=token.env(),
