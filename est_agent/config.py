@@ -1071,8 +1071,8 @@ def _card(data: object, base_dir: Path | None) -> CardConfig:
 def _pkcs11(data: object, base_dir: Path | None) -> Pkcs11Config:
     t = _Table(data, "pkcs11", _fields(Pkcs11Config))
     kwargs: dict[str, object] = {}
-    if t.has("module"):
-        kwargs["module"] = str(_path(t.key("module"), t.string("module"), base_dir))
+    if t.has("module") and (text := t.string("module")):  # "" leaves it unset
+        kwargs["module"] = str(_path(t.key("module"), text, base_dir))
     if t.has("pin_file") and (text := t.string("pin_file")):
         kwargs["pin_file"] = _path(t.key("pin_file"), text, base_dir)
     if t.has("pin_env") and (value := t.value("pin_env")) != "":
