@@ -429,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pcsc", action="store_true", help="serve the SIM through a private pcscd + vpcd"
     )
+    demo.add_argument(
+        "--backend",
+        choices=("iotsafe", "pkcs11"),
+        default="iotsafe",
+        help="where the keys live: the virtual SIM (default) or a SoftHSM2 PKCS#11 token",
+    )
     demo.set_defaults(func=_handler("demo", "demo"))
 
     _add_est_commands(commands, common)

@@ -118,7 +118,10 @@ def _render(report: dict[str, Any]) -> str:
         lines.append("no slot with a token")
     for slot in report["slots"]:
         if "error" in slot:
-            lines.append(f"slot {slot['slot_id']}: {slot['description']}: {slot['error']}")
+            lines.append(
+                f"slot {slot['slot_id']}: {slot['description']}: no initialised token"
+                f" ({slot['error']})"
+            )
             continue
         lines += [
             f"slot {slot['slot_id']}: {slot['description']}",
@@ -131,7 +134,12 @@ def _render(report: dict[str, Any]) -> str:
         for obj in slot["objects"]:
             flags = [f for f in ("sensitive", "extractable", "sign") if obj.get(f)]
             extra = f" [{', '.join(flags)}]" if flags else ""
-            lines.append(f"    {obj['class']:<12} label={obj['label']!s} id={obj['id']}{extra}")
+            where = (
+                f"application={obj.get('application')}"
+                if obj["class"] == "data"
+                else f"id={obj['id']}"
+            )
+            lines.append(f"    {obj['class']:<12} label={obj['label']!s} {where}{extra}")
     return "\n".join(lines)
 
 

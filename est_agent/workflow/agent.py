@@ -255,6 +255,17 @@ class _HostStateFile:
             os.unlink(self.state_dir / "state.json")
 
 
+def _naming_the_device(progress: Callable[[str], None], backend: str) -> Callable[[str], None]:
+    """The progress lines name the SIM; with the keys in a PKCS#11 token, the token."""
+    if backend != "pkcs11":
+        return progress
+
+    def shown(text: str) -> None:
+        progress(text.replace("the SIM", "the token").replace("SIM slot", "token slot"))
+
+    return shown
+
+
 class Agent:
     """Runs enroll / renew / run / status for one configuration.
 
@@ -274,7 +285,9 @@ class Agent:
         backends: BackendOpener | None = None,
     ) -> None:
         self.config = config
-        self._progress = progress or (lambda text: log.info("%s", text))
+        self._progress = _naming_the_device(
+            progress or (lambda text: log.info("%s", text)), config.backend
+        )
         self._clock = clock
         self._client_factory = client_factory
         self._opener = opener
