@@ -174,3 +174,19 @@ def test_token_info_module_missing_is_unavailable(cli: Run, tmp_path: Path) -> N
     code, _, err = cli("token", "info", "--module", str(tmp_path / "nope.so"))
     assert code == 69
     assert "no PKCS#11 module" in err and "Traceback" not in err
+
+
+def test_api_active_credential_names_the_token_key(
+    token: Token, start_server: Callable[..., EstTestServer], dev_pki: DevPki, cli: Run
+) -> None:
+    from est_agent.api import active_credential
+
+    server = start_server()
+    token.write_config(server, dev_pki)
+    code, _, err = cli("enroll", "--config", str(token.config))
+    assert code == 0, err
+    credential = active_credential(token.config)
+    assert credential.slot == "op-a"
+    # the URI other software opens the key with (its PIN is its own business: not in here)
+    assert credential.key == "pkcs11:token=est-test;object=op-a;type=private"
+    assert credential.certificate == certificate_object(token, "op-a")
