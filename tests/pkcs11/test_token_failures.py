@@ -189,3 +189,38 @@ def test_server_verified_before_the_token_signs(
     assert time.monotonic() - started < 20
     assert not [c for c in calls if c.startswith(("sign", "generate", "create", "destroy"))]
     assert server.requests == []
+
+
+def test_pin_value_in_a_uri_is_in_no_output(
+    token: Token,
+    start_server: Callable[..., EstTestServer],
+    dev_pki: DevPki,
+    cli: Run,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = start_server()
+    token.write_config(server, dev_pki)
+    monkeypatch.delenv(PIN_ENV)
+    text = token.config.read_text().replace(f'pin_env = "{PIN_ENV}"\n', "")
+    with_pin = text.replace(
+        'key = "pkcs11:token=est-test;object=op-a;type=private"',
+        f'key = "pkcs11:token=est-test;object=op-a;type=private?pin-value={PIN}"',
+    )
+    assert with_pin != text
+    token.config.write_text(with_pin)
+    cfg = ("--config", str(token.config))
+    outputs = []
+    for argv in (("enroll", "-vv", "--json"), ("status", "--json"), ("status",), ("run", "-vv")):
+        code, out, err = cli(*argv, *cfg)
+        assert code == 0, err
+        outputs.append(out + err)
+    status = json.loads(outputs[1])
+    assert status["slots"][0]["key"] == "pkcs11:token=est-test;object=op-a;type=private"
+    # an error that names the URI: the token is absent
+    token.config.write_text(with_pin.replace("token=est-test", "token=absent"))
+    code, out, err = cli("run", "-vv", "--log-format", "json", *cfg)
+    assert code == 69, err
+    outputs.append(out + err)
+    assert "no PKCS#11 token matches pkcs11:token=absent;object=op-a;type=private" in err
+    for text in outputs:
+        assert PIN not in text
