@@ -496,6 +496,8 @@ def open_pkcs11(token: Pkcs11Uri, *, module: str, pin: str | None) -> Iterator[P
         tokens = list(lib.get_tokens(**selector))
     except pkcs11.PKCS11Error as exc:
         raise _map_error("listing tokens", exc) from None
+    # a slot whose token was never initialised (SoftHSM's spare slot) holds nothing of ours
+    tokens = [t for t in tokens if t.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED]
     if token.manufacturer is not None:
         tokens = [t for t in tokens if t.manufacturer_id == token.manufacturer]
     if token.model is not None:

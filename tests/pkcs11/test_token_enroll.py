@@ -190,3 +190,14 @@ def test_api_active_credential_names_the_token_key(
     # the URI other software opens the key with (its PIN is its own business: not in here)
     assert credential.key == "pkcs11:token=est-test;object=op-a;type=private"
     assert credential.certificate == certificate_object(token, "op-a")
+
+
+def test_a_uri_without_token_attributes_takes_the_one_initialised_token(token: Token) -> None:
+    from est_agent.backends.pkcs11 import open_pkcs11
+    from est_agent.pkcs11_uri import parse_pkcs11_uri
+    from tests.pkcs11.conftest import SOFTHSM_MODULE
+
+    # SoftHSM also shows a spare slot with an uninitialised token: it is not a candidate
+    with open_pkcs11(parse_pkcs11_uri("pkcs11:object=x"), module=SOFTHSM_MODULE, pin=PIN) as b:
+        assert b.token.label == "est-test"
+        assert b.read_object(parse_pkcs11_uri("pkcs11:object=bootstrap;type=cert"))[:1] == b"\x30"
