@@ -2,6 +2,7 @@
 
     Config
     ├── card       CardConfig       which reader, which IoT SAFE applet, how to talk to it
+    ├── pkcs11     Pkcs11Config     the PKCS#11 module and user PIN (keys in a token)
     ├── bootstrap  BootstrapConfig  the factory credential (on the SIM, or PEM files)
     ├── slots      (SlotConfig, SlotConfig)  the two operational slots ([[slot]] in TOML)
     ├── est        EstConfig        server URL, label, trust, PoP, Basic credentials, proxy
@@ -48,6 +49,7 @@ from est_agent.est.proxy import (
 from est_agent.est.url import est_url
 from est_agent.fileio import CONFIG_LIMIT_BYTES, read_bounded
 from est_agent.passwords import has_control_character, read_secret
+from est_agent.pkcs11_uri import Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -62,6 +64,7 @@ __all__ = [
     "HttpAuth",
     "KeyRef",
     "PathsConfig",
+    "Pkcs11Config",
     "PopMode",
     "RenewalConfig",
     "SlotConfig",
@@ -82,14 +85,15 @@ DEFAULT_CONFIG_PATH = Path("/etc/est-agent/est-agent.toml")
 _UB_NAME = 64
 PLACEHOLDERS: Mapping[str, str] = {"iccid": "8988211000000000000", "imei": "350000000000000"}
 
-#: A private key: an IoT SAFE key on the card, or a PEM file (file-based bootstrap only).
-KeyRef: TypeAlias = IotSafeRef | Path
-#: A certificate: an IoT SAFE file container, a UICC EF, or a PEM file.
-CertificateRef: TypeAlias = IotSafeRef | UiccPath | Path
-#: TLS trust anchor for the EST server: a PEM file, or a certificate stored on the SIM.
-TrustAnchorRef: TypeAlias = Path | IotSafeRef | UiccPath
+#: A private key: an IoT SAFE key on the card, a key in a PKCS#11 token, or a PEM file
+#: (file-based bootstrap only).
+KeyRef: TypeAlias = IotSafeRef | Pkcs11Uri | Path
+#: A certificate: an IoT SAFE file container, a UICC EF, a token object, or a PEM file.
+CertificateRef: TypeAlias = IotSafeRef | UiccPath | Pkcs11Uri | Path
+#: TLS trust anchor for the EST server: a PEM file, or a certificate stored on the SIM / token.
+TrustAnchorRef: TypeAlias = Path | IotSafeRef | UiccPath | Pkcs11Uri
 
-_CARD_SCHEMES = ("iotsafe:", "uicc:")
+_CARD_SCHEMES = ("iotsafe:", "uicc:", "pkcs11:")
 _READER_SCHEMES = ("pcsc", "sim", "modem")
 _AID_BYTES = (5, 16)  # ISO/IEC 7816-4 §12.2.3: RID (5 bytes) + PIX (up to 11)
 _MAX_TIMEOUT_S = 3600.0
@@ -233,9 +237,11 @@ def _check_seconds(key: str, value: float, *, allow_zero: bool, maximum: float) 
         raise _fail(key, f"expected seconds {bound} and <= {maximum:g}, got {value!r}")
 
 
-def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
+def _card_uri_kind(ref: IotSafeRef | UiccPath | Pkcs11Uri | Path) -> str:
     if isinstance(ref, Path):
         return "a file path"
+    if isinstance(ref, Pkcs11Uri):
+        return f"a pkcs11: {ref.type or 'object'} URI"
     if isinstance(ref, UiccPath):
         return "a uicc:path= EF"
     return {
@@ -316,6 +322,33 @@ class CardConfig:
         _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Pkcs11Config:
+    """``[pkcs11]``: the PKCS#11 module and the user PIN, when slots are ``pkcs11:`` URIs.
+
+    The PIN is not a field (like the Basic password): only where to find it, read at use time.
+    A URI's own ``module-path`` / ``pin-value`` / ``pin-source`` (RFC 7512 §2.4) win.
+    """
+
+    #: path of the PKCS#11 module (``.so``), e.g. /usr/lib/softhsm/libsofthsm2.so
+    module: str = ""
+    pin_file: Path | None = None
+    pin_env: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_type("pkcs11.module", self.module, str)
+        if "\x00" in self.module:
+            raise _fail("pkcs11.module", "contains NUL")
+        if self.pin_file is not None:
+            _check_type("pkcs11.pin_file", self.pin_file, Path)
+        if self.pin_env is not None:
+            _check_type("pkcs11.pin_env", self.pin_env, str)
+            if not _ENV_NAME_RE.fullmatch(self.pin_env):
+                raise _fail("pkcs11.pin_env", f"not an environment variable name: {self.pin_env!r}")
+        if self.pin_file is not None and self.pin_env is not None:
+            raise _fail("pkcs11.pin_file", "set pin_file or pin_env, not both")
+
+
 def _registered_schemes() -> tuple[str, ...]:
     """Reader schemes registered beyond the built-in ones (est_agent/transport/registry.py):
     what the runtime opens, configuration accepts."""
@@ -347,10 +380,16 @@ class BootstrapConfig:
     certificate: CertificateRef = _BOOTSTRAP_CERTIFICATE
 
     def __post_init__(self) -> None:
-        _check_type("bootstrap.key", self.key, (IotSafeRef, Path))
+        _check_type("bootstrap.key", self.key, (IotSafeRef, Pkcs11Uri, Path))
+        if isinstance(self.key, Pkcs11Uri):
+            _check_token_key("bootstrap.key", self.key)
+        if isinstance(self.certificate, Pkcs11Uri):
+            _check_token_object("bootstrap.certificate", self.certificate, "cert")
         if isinstance(self.key, IotSafeRef) and self.key.kind is not ObjectKind.PRIVATE_KEY:
             raise _fail("bootstrap.key", f"expected a private key, got {_card_uri_kind(self.key)}")
-        _check_type("bootstrap.certificate", self.certificate, (IotSafeRef, UiccPath, Path))
+        _check_type(
+            "bootstrap.certificate", self.certificate, (IotSafeRef, UiccPath, Pkcs11Uri, Path)
+        )
         if (
             isinstance(self.certificate, IotSafeRef)
             and self.certificate.kind is not ObjectKind.FILE
@@ -363,12 +402,13 @@ class BootstrapConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SlotConfig:
-    """One ``[[slot]]``: an IoT SAFE key plus the EF that holds its certificate record."""
+    """One ``[[slot]]``: an IoT SAFE key plus the EF that holds its certificate record, or a
+    key in a PKCS#11 token plus that token's certificate object of the same label and id."""
 
     #: the name used in progress lines, status output and the deploy hook's environment
     name: str
-    key: IotSafeRef
-    certificate: UiccPath
+    key: IotSafeRef | Pkcs11Uri
+    certificate: UiccPath | Pkcs11Uri
 
     def __post_init__(self) -> None:
         _check_type("slot.name", self.name, str)
@@ -376,10 +416,41 @@ class SlotConfig:
             raise _fail(
                 "slot.name", f"expected 1..16 of a-z, 0-9, '-', '_' (not first), got {self.name!r}"
             )
-        _check_type("slot.key", self.key, IotSafeRef)
+        _check_type("slot.key", self.key, (IotSafeRef, Pkcs11Uri))
+        if isinstance(self.key, Pkcs11Uri):
+            self._check_token_slot(self.key)
+            return
         if self.key.kind is not ObjectKind.PRIVATE_KEY:
             raise _fail("slot.key", f"expected a private key, got {_card_uri_kind(self.key)}")
         _check_type("slot.certificate", self.certificate, UiccPath)
+
+    def _check_token_slot(self, key: Pkcs11Uri) -> None:
+        """A token slot is one label (and id) on the token: key pair, certificate and the
+        store's record header (backends/pkcs11.py)."""
+        _check_token_key("slot.key", key)
+        cert = self.certificate
+        if not isinstance(cert, Pkcs11Uri):
+            raise _fail(
+                "slot.certificate",
+                f"a pkcs11: key keeps its certificate in the token, got {_card_uri_kind(cert)}",
+            )
+        _check_token_object("slot.certificate", cert, "cert")
+        if (cert.object, cert.id) != (key.object, key.id):
+            raise _fail(
+                "slot.certificate",
+                f"must name the key's object and id ({key.selector}), got {cert.selector}",
+            )
+
+
+def _check_token_object(key: str, uri: Pkcs11Uri, kind: str) -> None:
+    if uri.type not in (None, kind):
+        raise _fail(key, f"expected type={kind} (or none), got type={uri.type}")
+    if uri.object is None and uri.id is None:
+        raise _fail(key, f"{uri} names no object (object= or id=)")
+
+
+def _check_token_key(key: str, uri: Pkcs11Uri) -> None:
+    _check_token_object(key, uri, "private")
 
 
 DEFAULT_SLOTS = (
@@ -443,7 +514,9 @@ class EstConfig:
         except InputError as exc:
             raise _fail("est.label", str(exc)) from None
         if self.trust_anchor is not None:
-            _check_type("est.trust_anchor", self.trust_anchor, (Path, IotSafeRef, UiccPath))
+            _check_type(
+                "est.trust_anchor", self.trust_anchor, (Path, IotSafeRef, UiccPath, Pkcs11Uri)
+            )
             if (
                 isinstance(self.trust_anchor, IotSafeRef)
                 and self.trust_anchor.kind is not ObjectKind.FILE
@@ -708,6 +781,7 @@ class Config:
     """The whole configuration; build it with `load_config`, `parse_config` or `defaults`."""
 
     card: CardConfig = field(default_factory=CardConfig)
+    pkcs11: Pkcs11Config = field(default_factory=Pkcs11Config)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     slots: tuple[SlotConfig, SlotConfig] = DEFAULT_SLOTS
     est: EstConfig  # required: the EST server URL has no default
@@ -718,6 +792,7 @@ class Config:
     def __post_init__(self) -> None:
         for name, cls in (
             ("card", CardConfig),
+            ("pkcs11", Pkcs11Config),
             ("bootstrap", BootstrapConfig),
             ("est", EstConfig),
             ("subject", SubjectConfig),
@@ -747,6 +822,87 @@ class Config:
                     f"slot[{i}].certificate", f"is the bootstrap certificate {slot.certificate}"
                 )
         self._check_combinations()
+        self._check_token_refs()
+
+    def _token_refs(self) -> list[tuple[str, Pkcs11Uri]]:
+        refs: list[tuple[str, object]] = [
+            ("bootstrap.key", self.bootstrap.key),
+            ("bootstrap.certificate", self.bootstrap.certificate),
+            ("est.trust_anchor", self.est.trust_anchor),
+        ]
+        for i, slot in enumerate(self.slots):
+            refs += [(f"slot[{i}].key", slot.key), (f"slot[{i}].certificate", slot.certificate)]
+        return [(k, r) for k, r in refs if isinstance(r, Pkcs11Uri)]
+
+    def _check_token_refs(self) -> None:
+        """One run opens one device: with pkcs11: slots, every device object is on that token
+        (PEM files aside); without, no pkcs11: URI at all. One module, one token."""
+        tokens = self._token_refs()
+        if not tokens:
+            return
+        on_token = isinstance(self.slots[0].key, Pkcs11Uri)
+        for key, ref in [
+            ("bootstrap.key", self.bootstrap.key),
+            ("bootstrap.certificate", self.bootstrap.certificate),
+            ("est.trust_anchor", self.est.trust_anchor),
+            *[(f"slot[{i}].key", s.key) for i, s in enumerate(self.slots)],
+        ]:
+            if ref is None or isinstance(ref, Path):
+                continue
+            if isinstance(ref, Pkcs11Uri) != on_token:
+                raise _fail(
+                    key,
+                    f"{_card_uri_kind(ref)} with slots "
+                    + ("in a PKCS#11 token" if on_token else "on the SIM")
+                    + ": one run uses one device",
+                )
+        first_key, first = tokens[0]
+        for key, ref in tokens[1:]:
+            if _token_of(ref) != _token_of(first):
+                raise _fail(key, f"names another token than {first_key} ({first})")
+        modules = {r.module_path for _, r in tokens if r.module_path}
+        if len(modules) > 1:
+            raise _fail(first_key, f"URIs name different module-path values: {sorted(modules)}")
+        if not modules and not self.pkcs11.module:
+            raise _fail("pkcs11.module", "required with pkcs11: URIs that have no module-path")
+
+    @property
+    def backend(self) -> str:
+        """``pkcs11`` when the slots live in a PKCS#11 token, else ``iotsafe`` (the SIM)."""
+        return "pkcs11" if isinstance(self.slots[0].key, Pkcs11Uri) else "iotsafe"
+
+    def pkcs11_module(self) -> str:
+        """The module path: a URI's ``module-path``, else ``pkcs11.module``."""
+        for _, ref in self._token_refs():
+            if ref.module_path:
+                return ref.module_path
+        return self.pkcs11.module
+
+    def pkcs11_token(self) -> Pkcs11Uri:
+        """The URI whose token attributes select the token (the first slot's key)."""
+        key = self.slots[0].key
+        if not isinstance(key, Pkcs11Uri):
+            raise ConfigError("the slots are not in a PKCS#11 token")
+        return key
+
+    def pkcs11_pin(self) -> str | None:
+        """The user PIN, read now: a URI's ``pin-value`` or ``pin-source`` file (RFC 7512
+        §2.4), else ``pkcs11.pin_file`` / ``pkcs11.pin_env``; None: no login."""
+        for key, ref in self._token_refs():
+            if ref.pin_value is not None:
+                return ref.pin_value
+            try:
+                path = ref.pin_file()
+            except InputError as exc:
+                raise _fail(key, str(exc)) from None
+            if path is not None:
+                return read_secret(file=path, file_key=f"{key} pin-source", env_key="")
+        return read_secret(
+            file=self.pkcs11.pin_file,
+            env=self.pkcs11.pin_env,
+            file_key="pkcs11.pin_file",
+            env_key="pkcs11.pin_env",
+        )
 
     def _check_combinations(self) -> None:
         """What the runtime would refuse later (after opening the card, or on first boot only),
@@ -770,6 +926,10 @@ class Config:
         return self.est.basic_password()
 
 
+def _token_of(uri: Pkcs11Uri) -> tuple[object, ...]:
+    return (uri.token, uri.serial, uri.manufacturer, uri.model, uri.slot_id)
+
+
 # --- TOML -> dataclasses ---------------------------------------------------------------------
 
 
@@ -780,6 +940,7 @@ def _fields(cls: type) -> tuple[str, ...]:
 # TOML section name -> dataclass (``slot`` is an array of tables).
 _SECTIONS: Mapping[str, type] = {
     "card": CardConfig,
+    "pkcs11": Pkcs11Config,
     "bootstrap": BootstrapConfig,
     "slot": SlotConfig,
     "est": EstConfig,
@@ -855,12 +1016,14 @@ def _path(key: str, text: str, base_dir: Path | None) -> Path:
 
 def _card_ref(
     key: str, text: str, default_kind: ObjectKind, base_dir: Path | None, *, allow_path: bool
-) -> IotSafeRef | UiccPath | Path:
+) -> IotSafeRef | UiccPath | Pkcs11Uri | Path:
     if not text.lower().startswith(_CARD_SCHEMES):
         if allow_path:
             return _path(key, text, base_dir)
-        raise _fail(key, f"expected an iotsafe: or uicc: URI, got {text!r}")
+        raise _fail(key, f"expected an iotsafe:, uicc: or pkcs11: URI, got {text!r}")
     try:
+        if is_pkcs11_uri(text):
+            return parse_pkcs11_uri(text)
         return parse_card_uri(text, default_kind=default_kind)
     except InputError as exc:
         raise _fail(key, str(exc)) from None
@@ -905,6 +1068,18 @@ def _card(data: object, base_dir: Path | None) -> CardConfig:
     return _build(CardConfig, kwargs)
 
 
+def _pkcs11(data: object, base_dir: Path | None) -> Pkcs11Config:
+    t = _Table(data, "pkcs11", _fields(Pkcs11Config))
+    kwargs: dict[str, object] = {}
+    if t.has("module") and (text := t.string("module")):  # "" leaves it unset
+        kwargs["module"] = str(_path(t.key("module"), text, base_dir))
+    if t.has("pin_file") and (text := t.string("pin_file")):
+        kwargs["pin_file"] = _path(t.key("pin_file"), text, base_dir)
+    if t.has("pin_env") and (value := t.value("pin_env")) != "":
+        kwargs["pin_env"] = value
+    return _build(Pkcs11Config, kwargs)
+
+
 def _bootstrap(data: object, base_dir: Path | None) -> BootstrapConfig:
     t = _Table(data, "bootstrap", _fields(BootstrapConfig))
     kwargs: dict[str, object] = {}
@@ -928,12 +1103,14 @@ def _slots(data: object) -> tuple[SlotConfig, SlotConfig]:
         key = _card_ref(
             t.key("key"), t.string("key"), ObjectKind.PRIVATE_KEY, None, allow_path=False
         )
-        if not isinstance(key, IotSafeRef) or key.kind is not ObjectKind.PRIVATE_KEY:
+        if isinstance(key, Pkcs11Uri):
+            pass  # SlotConfig checks the pair
+        elif not isinstance(key, IotSafeRef) or key.kind is not ObjectKind.PRIVATE_KEY:
             raise _fail(t.key("key"), f"expected an IoT SAFE key, got {_card_uri_kind(key)}")
         cert = _card_ref(
             t.key("certificate"), t.string("certificate"), ObjectKind.FILE, None, allow_path=False
         )
-        if not isinstance(cert, UiccPath):
+        if not isinstance(cert, UiccPath | Pkcs11Uri):
             # The store writes its own record format (header + DER) into a transparent EF.
             raise _fail(
                 t.key("certificate"), f"expected a uicc:path= EF, got {_card_uri_kind(cert)}"
@@ -1035,6 +1212,8 @@ def config_from_dict(data: Mapping[str, object], *, base_dir: Path | None = None
     kwargs: dict[str, object] = {"est": _est(top.data["est"], base_dir)}
     if "card" in top.data:
         kwargs["card"] = _card(top.data["card"], base_dir)
+    if "pkcs11" in top.data:
+        kwargs["pkcs11"] = _pkcs11(top.data["pkcs11"], base_dir)
     if "bootstrap" in top.data:
         kwargs["bootstrap"] = _bootstrap(top.data["bootstrap"], base_dir)
     if "slot" in top.data:

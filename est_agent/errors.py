@@ -77,6 +77,8 @@ __all__ = [
     "StatusWordError",
     "StoreError",
     "TlsVerificationError",
+    "TokenError",
+    "TokenLoginError",
     "TransportError",
     "UsageError",
     "exit_code_for",
@@ -180,6 +182,18 @@ class CardProtocolError(CardError):
 class SlotUnreadableError(CardError):
     """Raised when a credential slot's record or key could not be read: it may hold the
     working credential, so the run writes nothing (store.py ``SlotState.UNKNOWN``)."""
+
+
+class TokenError(CardError):
+    """Raised when a PKCS#11 token answered an operation with an error (a CKR_* return value,
+    PKCS#11 v2.40 §5.1) or does not hold the object named: the token was reached, so a slot it
+    could not show is unknown, never empty."""
+
+
+class TokenLoginError(TokenError):
+    """Raised when the token refuses the user PIN (CKR_PIN_INCORRECT, CKR_PIN_LOCKED ...)."""
+
+    exit_code = EX_NOPERM
 
 
 class TransportError(CardError):

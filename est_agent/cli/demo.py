@@ -9,13 +9,18 @@ then the real commands an operator or a timer runs, each as its own process:
 `est-agent enroll`, `status`, `renew --force`, `status`, and finally `openssl verify` of the
 active certificate against the EST CA. With ``pcsc=True`` the SIM is served through a private
 pcscd + vpcd (`est-agent sim serve`) and the agent reaches it as `pcsc:`; otherwise in process
-(`sim:`), which needs no daemon at all. Everything started is stopped.
+(`sim:`), which needs no daemon at all. With ``backend="pkcs11"`` every key is in a SoftHSM2
+token initialised in the scratch directory (``SOFTHSM2_CONF``) instead: the bootstrap key is
+generated on it and certified by the dev PKI's bootstrap CA, the slots are ``pkcs11:`` URIs,
+and `est-agent token info` shows what ends up on the token. Everything started is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -24,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from est_agent.errors import EstAgentError, InputError
+from est_agent.errors import EstAgentError, InputError, UsageError
 from est_agent.sim.personalize import personalize
 from est_agent.testserver.launch import running_test_server
 
@@ -90,7 +95,88 @@ def write_demo_config(path: Path, *, reader: str, url: str, base: Path) -> None:
     )
 
 
-def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
+#: Debian's softhsm2 package
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+_TOKEN = "est-demo"  # noqa: S105 (a token label, not a password)
+
+
+def _token_uri(label: str, kind: str) -> str:
+    return f"pkcs11:token={_TOKEN};object={label};type={kind}"
+
+
+def write_token_config(path: Path, *, url: str, base: Path, pin_file: Path) -> None:
+    """The demo configuration with every key in the SoftHSM2 token."""
+    slots = "".join(
+        f'[[slot]]\nname = "{name}"\nkey = "{_token_uri(name, "private")}"\n'
+        f'certificate = "{_token_uri(name, "cert")}"\n'
+        for name in ("op-a", "op-b")
+    )
+    path.write_text(
+        "# written by `est-agent demo --backend pkcs11`; README: Keys in a PKCS#11 token\n"
+        f'[pkcs11]\nmodule = "{SOFTHSM_MODULE}"\npin_file = "{pin_file}"\n\n'
+        f'[bootstrap]\nkey = "{_token_uri("bootstrap", "private")}"\n'
+        f'certificate = "{_token_uri("bootstrap", "cert")}"\n\n'
+        f"{slots}\n"
+        f'[est]\nurl = "{url}"\ntrust_anchor = "{base / "pki" / "tls-ca.pem"}"\n\n'
+        '[subject]\ncommon_name = "demo-device-0001"\n\n'
+        f'[paths]\nstate_dir = "{base / "state"}"\nexport_pem = "{base / "device.pem"}"\n',
+        encoding="utf-8",
+    )
+
+
+def _softhsm_token(base: Path, pki_dir: Path) -> tuple[dict[str, str], Path]:
+    """A SoftHSM2 token in ``base/softhsm`` with the bootstrap credential on it; the
+    environment of the agent's processes and the PIN file."""
+    from est_agent.backends.pkcs11 import load_module, open_pkcs11
+    from est_agent.cli.token import provision_bootstrap
+    from est_agent.errors import TransportError
+    from est_agent.pkcs11_uri import parse_pkcs11_uri
+    from est_agent.testserver import load_dev_pki
+
+    if not Path(SOFTHSM_MODULE).exists():
+        raise TransportError(f"no {SOFTHSM_MODULE}: install softhsm2 (scripts/bootstrap does)")
+    tokens = base / "softhsm" / "tokens"
+    if tokens.exists():
+        import shutil
+
+        shutil.rmtree(tokens)
+    tokens.mkdir(parents=True)
+    conf = base / "softhsm" / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    pin = secrets.token_hex(4)
+    pin_file = base / "token-pin"
+    pin_file.write_text(pin + "\n")
+    pin_file.chmod(0o600)
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # this process provisions the bootstrap key
+    # not through _run: its echo of the command line would show the PINs
+    print(f"\n$ softhsm2-util --init-token --free --label {_TOKEN} --so-pin *** --pin ***")
+    init = subprocess.run(
+        [
+            "softhsm2-util", "--init-token", "--free", "--label", _TOKEN,
+            "--so-pin", secrets.token_hex(4), "--pin", pin,
+        ],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    sys.stdout.write(init.stdout)
+    if init.returncode != 0:
+        raise DemoStepError(f"softhsm2-util exited {init.returncode}: {init.stderr.strip()}")
+    load_module(SOFTHSM_MODULE).reinitialize()  # SoftHSM reads SOFTHSM2_CONF when initialised
+    pki = load_dev_pki(pki_dir)
+    key = parse_pkcs11_uri(_token_uri("bootstrap", "private"))
+    with open_pkcs11(key, module=SOFTHSM_MODULE, pin=pin) as backend:
+        provision_bootstrap(
+            backend, key, key.with_type("cert"), pki.bootstrap_ca, "bootstrap-demo-device-0001"
+        )
+    _say(f"SoftHSM2 token {_TOKEN!r}: bootstrap key generated on it, certified by the dev CA")
+    return env, pin_file
+
+
+def run_demo(
+    workdir: Path | None = None, *, pcsc: bool = False, backend: str = "iotsafe"
+) -> int:
     with tempfile.TemporaryDirectory(prefix="est-agent-demo-") as scratch, ExitStack() as stack:
         base = (workdir or Path(scratch)).resolve()
         base.mkdir(parents=True, exist_ok=True)
@@ -103,20 +189,25 @@ def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
 
         from est_agent.testserver import load_dev_pki
 
-        pki = load_dev_pki(base / "pki")
-        state = base / "sim.json"
-        ca = pki.bootstrap_ca
-        report = personalize(state, iccid=_ICCID, bootstrap_ca=(ca.certificate, ca.key), force=True)
-        print(f"\n$ est-agent sim init {state} --bootstrap-ca pki/bootstrap-ca.pem ...")
-        print(report)
-
-        env = None
-        reader = f"sim:{state}"
-        if pcsc:
-            env = stack.enter_context(_pcsc_reader(base, state, report.atr))
-            reader = "pcsc:"
         config = base / "est-agent.toml"
-        write_demo_config(config, reader=reader, url=url, base=base)
+        env: dict[str, str] | None = None
+        if backend == "pkcs11":
+            env, pin_file = _softhsm_token(base, base / "pki")
+            write_token_config(config, url=url, base=base, pin_file=pin_file)
+        else:
+            pki = load_dev_pki(base / "pki")
+            state = base / "sim.json"
+            ca = pki.bootstrap_ca
+            report = personalize(
+                state, iccid=_ICCID, bootstrap_ca=(ca.certificate, ca.key), force=True
+            )
+            print(f"\n$ est-agent sim init {state} --bootstrap-ca pki/bootstrap-ca.pem ...")
+            print(report)
+            reader = f"sim:{state}"
+            if pcsc:
+                env = stack.enter_context(_pcsc_reader(base, state, report.atr))
+                reader = "pcsc:"
+            write_demo_config(config, reader=reader, url=url, base=base)
         _say(f"configuration: {config}")
 
         cfg = ["--config", str(config)]
@@ -129,14 +220,19 @@ def run_demo(workdir: Path | None = None, *, pcsc: bool = False) -> int:
         _run(
             ["openssl", "verify", "-CAfile", str(base / "pki" / "ca.pem"), str(base / "device.pem")]
         )
+        if backend == "pkcs11":
+            _run(_agent("token", "info", "--module", SOFTHSM_MODULE, "--pin-file", str(pin_file)))
         kept = f"; files kept in {base}" if workdir else ""
-        _say(f"done: active credential in SIM slot {status['active_slot']}{kept}")
+        where = "token" if backend == "pkcs11" else "SIM"
+        _say(f"done: active credential in {where} slot {status['active_slot']}{kept}")
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    """`est-agent demo [--dir DIR] [--pcsc]`."""
-    return run_demo(Path(args.dir) if args.dir else None, pcsc=args.pcsc)
+    """`est-agent demo [--dir DIR] [--pcsc] [--backend iotsafe|pkcs11]`."""
+    if args.pcsc and args.backend == "pkcs11":
+        raise UsageError("--pcsc serves a virtual SIM; --backend pkcs11 uses no SIM")
+    return run_demo(Path(args.dir) if args.dir else None, pcsc=args.pcsc, backend=args.backend)
 
 
 def _agent_testserver(*args: str) -> list[str]:

@@ -214,6 +214,20 @@ def _add_card_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     random.set_defaults(func=_handler("card", "random"))
 
 
+def _add_token_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`token info`: what a PKCS#11 module shows (cli/token.py)."""
+    token = commands.add_parser("token", help="inspect a PKCS#11 token (keys in an HSM/TPM)")
+    token_cmds = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
+    info = token_cmds.add_parser(
+        "info", parents=[common], help="slots, tokens, mechanisms and objects (no secrets)"
+    )
+    info.add_argument("--module", required=True, metavar="PATH", help="the PKCS#11 module (.so)")
+    info.add_argument("--pin-file", metavar="FILE", help="log in with the user PIN in FILE")
+    info.add_argument("--pin-env", metavar="VAR", help="log in with the user PIN in $VAR")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_handler("token", "info"))
+
+
 def _add_workflow_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     workflow = [
         ("enroll", "first boot: obtain the operational certificate (no-op when one is valid)"),
@@ -403,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_handler("sim", "serve"))
 
     _add_workflow_commands(commands, common)
+    _add_token_commands(commands, common)
 
     demo = commands.add_parser(
         "demo",
@@ -413,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="keep the PKI, SIM state and config here (default: temporary)")
     demo.add_argument(
         "--pcsc", action="store_true", help="serve the SIM through a private pcscd + vpcd"
+    )
+    demo.add_argument(
+        "--backend",
+        choices=("iotsafe", "pkcs11"),
+        default="iotsafe",
+        help="where the keys live: the virtual SIM (default) or a SoftHSM2 PKCS#11 token",
     )
     demo.set_defaults(func=_handler("demo", "demo"))
 

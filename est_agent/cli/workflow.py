@@ -108,9 +108,11 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
+    print(f"backend:     {report.backend}")
     print(f"reader:      {report.reader}")
-    print(f"ICCID:       {report.iccid or '-'}")
-    print(f"applet:      IoT SAFE {report.aid}")
+    if report.backend == "iotsafe":
+        print(f"ICCID:       {report.iccid or '-'}")
+        print(f"applet:      IoT SAFE {report.aid}")
     print(f"active slot: {report.active or 'none'}")
     print(f"renew at:    {report.renew_at or '-'}")
     if report.pending:

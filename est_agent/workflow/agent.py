@@ -185,9 +185,12 @@ class StatusReport:
     #: the anchor store's state: {"state": empty|valid|damaged, "sequence", "copies": [...]}
     anchor_store: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: which credential backend holds the slots: "iotsafe" (the SIM) or "pkcs11" (a token)
+    backend: str = "iotsafe"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "backend": self.backend,
             "reader": self.reader,
             "iccid": self.iccid,
             "aid": self.aid,
@@ -252,6 +255,17 @@ class _HostStateFile:
             os.unlink(self.state_dir / "state.json")
 
 
+def _naming_the_device(progress: Callable[[str], None], backend: str) -> Callable[[str], None]:
+    """The progress lines name the SIM; with the keys in a PKCS#11 token, the token."""
+    if backend != "pkcs11":
+        return progress
+
+    def shown(text: str) -> None:
+        progress(text.replace("the SIM", "the token").replace("SIM slot", "token slot"))
+
+    return shown
+
+
 class Agent:
     """Runs enroll / renew / run / status for one configuration.
 
@@ -271,7 +285,9 @@ class Agent:
         backends: BackendOpener | None = None,
     ) -> None:
         self.config = config
-        self._progress = progress or (lambda text: log.info("%s", text))
+        self._progress = _naming_the_device(
+            progress or (lambda text: log.info("%s", text)), config.backend
+        )
         self._clock = clock
         self._client_factory = client_factory
         self._opener = opener
@@ -358,6 +374,7 @@ class Agent:
             retry=retry,
             anchors=anchors,
             anchor_store=anchor_store,
+            backend=details.get("backend", "iotsafe"),
         )
 
     def _anchor_report(

@@ -1,7 +1,8 @@
 """Which credential backend a run uses, opened from the configuration.
 
-The one place that knows the configured device: today the SIM (IoT SAFE keys + UICC EF
-records, est_agent/backends/iotsafe_uicc.py) behind the configured reader. The workflow gets a
+The one place that knows the configured device: the SIM (IoT SAFE keys + UICC EF records,
+est_agent/backends/iotsafe_uicc.py) behind the configured reader, or, when the slots are
+``pkcs11:`` URIs, a PKCS#11 token (est_agent/backends/pkcs11.py). The workflow gets a
 ``BackendOpener`` (injectable: tests wrap the link, a PKCS#11 backend plugs in here) and only
 ever talks to the ``CredentialBackend`` protocol.
 """
@@ -31,6 +32,8 @@ def backend_opener(opener: TransportOpener = open_transport) -> BackendOpener:
     def open_backend(config: Config) -> AbstractContextManager[CredentialBackend]:
         from est_agent.config import UiccChannel
 
+        if config.backend == "pkcs11":
+            return _open_token(config)
         card = config.card
         return open_iotsafe_uicc(
             card.reader,
@@ -41,3 +44,15 @@ def backend_opener(opener: TransportOpener = open_transport) -> BackendOpener:
         )
 
     return open_backend
+
+
+def _open_token(config: Config) -> AbstractContextManager[CredentialBackend]:
+    """The PKCS#11 token the slots name (est_agent/backends/pkcs11.py); the PIN is masked in
+    every log line from here on."""
+    from est_agent.backends.pkcs11 import open_pkcs11
+    from est_agent.logs import register_secret
+
+    pin = config.pkcs11_pin()
+    if pin:
+        register_secret(pin)
+    return open_pkcs11(config.pkcs11_token(), module=config.pkcs11_module(), pin=pin)

@@ -21,6 +21,7 @@ from est_agent.config import (
     CsrAttrsMode,
     EstConfig,
     PathsConfig,
+    Pkcs11Config,
     PopMode,
     RenewalConfig,
     SlotConfig,
@@ -111,6 +112,7 @@ def test_every_key_is_in_the_readme() -> None:
 def test_every_dataclass_field_is_a_key() -> None:
     sections = {
         "card": CardConfig,
+        "pkcs11": Pkcs11Config,
         "bootstrap": BootstrapConfig,
         "slot": SlotConfig,
         "est": EstConfig,
@@ -122,6 +124,7 @@ def test_every_dataclass_field_is_a_key() -> None:
     assert set(config_keys()) == expected
     assert [f.name for f in dataclasses.fields(Config)] == [
         "card",
+        "pkcs11",
         "bootstrap",
         "slots",
         "est",
