@@ -227,7 +227,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=_duration,
         default=0,
         metavar="DURATION",
-        help="add a random 0..DURATION to each busy Retry-After (spreads the clients' retries)",
+        help="add a random 0..DURATION to each busy or outage Retry-After (spreads retries)",
     )
     p.add_argument(
         "--busy-status",

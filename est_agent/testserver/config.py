@@ -136,8 +136,8 @@ class ServerConfig:
     #: the answer to an enrollment over `max_concurrent`: 503 (RFC 9110 §15.6.4) or 202
     #: (accepted, come back after Retry-After, RFC 7030 §4.2.3); /cacerts and /csrattrs get 503
     busy_status: int = 503
-    #: each busy Retry-After is `busy_retry_after_s` + a random 0..jitter whole seconds, so
-    #: that the clients refused together do not all come back in the same second
+    #: each busy (and outage) Retry-After is `busy_retry_after_s` (`outage_retry_after_s`) + a
+    #: random 0..jitter whole seconds, so the clients refused together do not all come back at once
     busy_retry_jitter_s: int = 0
     #: a CA outage: every request is answered 503 + Retry-After `outage_retry_after_s` while
     #: `outage_file` exists, and during `outage` = (seconds after start, duration in seconds)

@@ -645,8 +645,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self._est.in_outage():
             # RFC 9110 §15.6.4: 503 with Retry-After for a temporary outage (RFC 7030 §4.2.3
             # lets an EST server answer so); nothing is admitted behind a CA that is down
+            jitter = random.randint(0, config.busy_retry_jitter_s)  # noqa: S311 - not a secret
             retry = format_retry_after(
-                config.outage_retry_after_s, config.retry_after_format, datetime.now(UTC)
+                config.outage_retry_after_s + jitter, config.retry_after_format, datetime.now(UTC)
             )
             raise HttpRefusal(503, "CA unavailable, retry later", {"Retry-After": retry})
         with self._est.state.admission() as admitted:
