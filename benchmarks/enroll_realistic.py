@@ -39,7 +39,8 @@ run: `est-agent enroll` vs curl + openssl (wall, peak RSS), `est-agent run` with
 vs `python -c pass` of the same interpreter.
 
     .venv/bin/python benchmarks/enroll_realistic.py [--rounds 3] [--profiles usb,cellular]
-        [--tls 1.3] [--profile-dir DIR]   (py-spy the agent: one raw profile per profile)
+        [--tls 1.3] [--profile-dir DIR]   (py-spy the agent: one raw profile per profile, not
+        in the figures, and -X importtime of enroll and run; summarise with spy_summary.py)
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from enroll_client import _curl_script  # noqa: E402
-from enroll_e2e import compile_package, measure  # noqa: E402
+from enroll_e2e import compile_package  # noqa: E402
 from netdelay import DelayProxy  # noqa: E402
 
 from est_agent.cli.demo import write_demo_config  # noqa: E402
@@ -119,13 +120,14 @@ _HELPER = (
     "a=json.loads(sys.argv[1]);t=time.perf_counter();"
     "p=subprocess.run(a,capture_output=True);w=time.perf_counter()-t;"
     "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024;"
-    "print(json.dumps({'rc':p.returncode,'wall':w,'rss':r,'err':p.stderr.decode()[-2000:]}))"
+    "print(json.dumps({'rc':p.returncode,'wall':w,'rss':r,'out':p.stdout.decode(),"
+    "'err':p.stderr.decode()[-2000:]}))"
 )
 
 
-def measure_plain(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``argv``, from a tiny helper process: a child forked
-    straight from this (large) process would report this process's RSS as its own peak."""
+def measure_out(argv: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout of ``argv``, from a tiny helper process: a child
+    forked straight from this (large) process would report this process's RSS as its peak."""
     done = subprocess.run(
         [sys.executable, "-c", _HELPER, json.dumps(argv)],
         capture_output=True,
@@ -135,7 +137,19 @@ def measure_plain(argv: list[str]) -> tuple[float, float]:
     report = json.loads(done.stdout)
     if report["rc"] != 0:
         raise SystemExit(f"{argv[0]} failed ({report['rc']}): {report['err']}")
-    return report["wall"], report["rss"]
+    return report["wall"], report["rss"], report["out"]
+
+
+def measure_plain(argv: list[str]) -> tuple[float, float]:
+    wall, rss, _ = measure_out(argv)
+    return wall, rss
+
+
+def measure_agent(argv: list[str]) -> tuple[float, float, dict[str, Any]]:
+    """``measure_out`` of an `est-agent ... --json` command (py-spy's own lines skipped)."""
+    wall, rss, out = measure_out(argv)
+    text = "\n".join(line for line in out.splitlines() if not line.startswith("py-spy>"))
+    return wall, rss, json.loads(text)
 
 
 def min_apdus(bootstrap_len: int, issued_len: int) -> int:
@@ -211,7 +225,7 @@ def one_round(
                 str(Path(sys.executable).with_name("py-spy")), "record", "--idle", "--format",
                 "raw", "-r", "500", "-o", str(out_file), "--", *argv,
             ]  # fmt: skip
-        wall, rss, out = measure(argv, None)
+        wall, rss, out = measure_agent(argv)
         net = proxy.reset()
         at = (modem.commands, modem.bytes_in + modem.bytes_out) if modem else (None, None)
     assert out["outcome"] == "enrolled", out
@@ -285,7 +299,7 @@ def zero_latency_comparison(base: Path, url: str, rounds: int) -> None:
         write_config(config, reader=f"sim:{state}", url=url, work=work, pki=base / "pki")
         for command, sink in (("enroll", agent), ("run", idle)):
             argv = [sys.executable, "-m", "est_agent", command, "--config", str(config), "--json"]
-            wall, rss, out = measure(argv, None)
+            wall, rss, out = measure_agent(argv)
             expected = "enrolled" if command == "enroll" else "not-due"
             assert out["outcome"].replace("_", "-") == expected, out
             sink.append((wall, rss))
@@ -305,6 +319,27 @@ def zero_latency_comparison(base: Path, url: str, rounds: int) -> None:
     print(f"  est-agent run      {iw:7.0f} ms {ir:6.1f} MiB   (nothing due; target <= 120 ms, "
           "<= 20 MiB)")  # fmt: skip
     print(f"  python -c pass     {pw:7.0f} ms {pr:6.1f} MiB   (the interpreter floor)")
+
+
+def import_times(base: Path, url: str, out: Path) -> None:
+    """``-X importtime`` of a first-boot `enroll` and of `run` with nothing due (zero latency),
+    written to ``out`` and summarised by top-level import (spy_summary.importtime)."""
+    from spy_summary import importtime
+
+    pki = load_dev_pki(base / "pki")
+    ca = pki.bootstrap_ca
+    work = base / "importtime"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    state = work / "sim.json"
+    personalize(state, bootstrap_ca=(ca.certificate, ca.key), force=True)
+    config = work / "est-agent.toml"
+    write_config(config, reader=f"sim:{state}", url=url, work=work, pki=base / "pki")
+    out.mkdir(parents=True, exist_ok=True)
+    for command in ("enroll", "run"):
+        report = importtime(["-m", "est_agent", command, "--config", str(config), "--json"], 15)
+        (out / f"importtime-{command}.txt").write_text(report + "\n")
+        print(f"\n`est-agent {command}` {report}")
 
 
 def main() -> int:
@@ -342,6 +377,8 @@ def main() -> int:
         print_profiles(results, args.tls, args.rounds)
         if args.compare_rounds:
             zero_latency_comparison(base, server.url, args.compare_rounds)
+        if args.profile_dir is not None:
+            import_times(base, server.url, args.profile_dir)
     return 0
 
 
