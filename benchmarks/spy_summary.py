@@ -103,22 +103,31 @@ def summarize(path: Path, rate: float, top: int) -> str:
 
 
 def importtime(argv: list[str], top: int) -> str:
-    """Top-level imports of ``argv`` (a Python command) by cumulative time."""
+    """Imports of ``argv`` (a Python command): self time summed by top-level package
+    (est_agent by subpackage), and the top-level imports by cumulative time."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, check=False
     )
+    by_package: collections.Counter[str] = collections.Counter()
     rows = []
     for line in done.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _, cumulative_us, name = line.split("|", 2)
+        head, cumulative_us, name = line.split("|", 2)
+        module = name.strip()
+        parts = module.split(".")
+        package = ".".join(parts[:2]) if parts[0] == "est_agent" else parts[0]
+        by_package[package] += int(head.split(":", 1)[1].strip())
         # nesting is shown by two spaces per level after the one that follows the bar
         if not name[1:].startswith(" "):
-            rows.append((int(cumulative_us.strip()), name.strip()))
+            rows.append((int(cumulative_us.strip()), module))
     rows.sort(reverse=True)
-    total = sum(us for us, _ in rows)
-    out = [f"-X importtime: top-level imports {total / 1000:.0f} ms (exit {done.returncode})"]
-    out += [f"  {us / 1000:7.1f} ms  {name}" for us, name in rows[:top]]
+    total = sum(by_package.values())
+    out = [f"-X importtime: {total / 1000:.0f} ms of imports (exit {done.returncode})"]
+    out.append("  self time by package:")
+    out += [f"    {us / 1000:7.1f} ms  {name}" for name, us in by_package.most_common(top)]
+    out.append("  top-level imports (cumulative, the first importer is credited):")
+    out += [f"    {us / 1000:7.1f} ms  {name}" for us, name in rows[:top]]
     return "\n".join(out)
 
 
