@@ -17,6 +17,7 @@ from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.sim.personalize import personalize
 from est_agent.transport.modem import ModemTransport
+from tests.integration.test_pcsc_vpcd import FakeVpcd
 
 pytestmark = pytest.mark.integration
 
@@ -67,6 +68,38 @@ def test_modem_card_time_per_at_round_trip_keygen_and_signature(tmp_path: Path) 
     assert keygen >= 0.030 + 0.010 + 0.400
     # INIT and UPDATE: two AT round trips and two APDUs, + the signature (200 ms)
     assert sign >= 2 * (0.030 + 0.010) + 0.200
+
+
+def test_vpcd_card_time_per_apdu_and_keygen(tmp_path: Path) -> None:
+    """``sim serve --vpcd`` against a fake vpcd (the vpcd protocol byte for byte, no pcscd)."""
+    sim = tmp_path / "sim.json"
+    personalize(sim)
+    vpcd = FakeVpcd()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "est_agent", "sim", "serve", str(sim),
+         "--vpcd", f"127.0.0.1:{vpcd.port}", "--latency-ms", "20", "--keygen-ms", "300"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        vpcd.accept()
+        vpcd.send(b"\x01")  # power on
+        started = time.perf_counter()
+        assert vpcd.exchange(bytes.fromhex("01A4040007A0000005590010")) == b"\x90\x00"
+        select = time.perf_counter() - started
+        started = time.perf_counter()
+        generated = vpcd.exchange(bytes.fromhex("81B90000067404" + "6F702D61"))
+        keygen = time.perf_counter() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        vpcd.close()
+    assert proc.returncode == 0, err
+    assert generated.endswith(b"\x90\x00")
+    assert select >= 0.020  # --latency-ms only
+    assert keygen >= 0.020 + 0.300  # and the key generation
 
 
 @pytest.mark.parametrize(
