@@ -407,6 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="added delay per APDU, to imitate a real SIM link",
     )
     serve.add_argument(
+        "--keygen-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="card time of GENERATE KEY PAIR, on top of --latency-ms",
+    )
+    serve.add_argument(
+        "--sign-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="card time of a signature (the last COMPUTE SIGNATURE UPDATE)",
+    )
+    serve.add_argument(
         "--trace", metavar="FILE", help="append a JSON line per APDU (no payloads) to FILE"
     )
     serve.add_argument(

@@ -18,6 +18,7 @@ from est_agent.fileio import PEM_LIMIT_BYTES, read_bounded
 
 if TYPE_CHECKING:
     from est_agent.sim.faults import FaultPlan
+    from est_agent.sim.latency import CardTiming
 
 
 def _read(path: str, option: str) -> bytes:
@@ -96,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError("--latency-ms must not be negative")
     if args.power_cut_after is not None and args.power_cut_after < 0:
         raise UsageError("--power-cut-after must not be negative")
+    _card_timing(args)  # a bad value is a usage error before anything starts
     return run_sim_server(
         Path(args.state),
         f"{host or '127.0.0.1'}:{port}",
@@ -105,7 +107,19 @@ def serve(args: argparse.Namespace) -> int:
         trace_path=Path(args.trace) if args.trace else None,
         power_cut_after=args.power_cut_after,
         faults=faults,
+        keygen_ms=args.keygen_ms,
+        sign_ms=args.sign_ms,
     )
+
+
+def _card_timing(args: argparse.Namespace) -> CardTiming:
+    """``--latency-ms``/``--keygen-ms``/``--sign-ms``: the card's time (sim/latency.py)."""
+    from est_agent.sim.latency import CardTiming
+
+    for option, value in (("--keygen-ms", args.keygen_ms), ("--sign-ms", args.sign_ms)):
+        if value < 0:
+            raise UsageError(f"{option} must not be negative")
+    return CardTiming(apdu_ms=args.latency_ms, keygen_ms=args.keygen_ms, sign_ms=args.sign_ms)
 
 
 def _serve_modem(args: argparse.Namespace, faults: FaultPlan | None) -> int:
@@ -121,6 +135,8 @@ def _serve_modem(args: argparse.Namespace, faults: FaultPlan | None) -> int:
         lowercase_hex=args.modem_lowercase_hex,
         imei=args.modem_imei or DEFAULT_IMEI,
     )
+    if args.latency_ms < 0:
+        raise UsageError("--latency-ms must not be negative")
     return run_modem_server(
         Path(args.state),
         Path(args.modem_pty),
@@ -129,4 +145,5 @@ def _serve_modem(args: argparse.Namespace, faults: FaultPlan | None) -> int:
         implicit_channel_open=not args.no_implicit_channel,
         vpcd=args.vpcd,
         faults=faults,
+        timing=_card_timing(args),
     )

@@ -38,11 +38,14 @@ import time
 import tty
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from est_agent.errors import UsageError
 from est_agent.sim.faults import CardAnswer, FaultPlan, LinkFault, answer_of
 from est_agent.transport.cla import channel_from_cla, cla_for_channel
+
+if TYPE_CHECKING:
+    from est_agent.sim.latency import CardTiming
 
 __all__ = ["EmulatedModem", "ModemCard", "ModemQuirks", "PtyModem", "run_modem_server"]
 
@@ -403,27 +406,32 @@ def run_modem_server(
     implicit_channel_open: bool = True,
     vpcd: str | None = None,
     faults: FaultPlan | None = None,
+    timing: CardTiming | None = None,
 ) -> int:
     """``sim serve --modem-pty LINK``: serve the SIM through an emulated modem until
-    SIGTERM/SIGINT; with ``vpcd``, through vpcd as well (one card, one lock, one fault plan)."""
+    SIGTERM/SIGINT; with ``vpcd``, through vpcd as well (one card, one lock, one fault plan).
+    ``timing``: the card's own time per APDU / key generation / signature (sim/latency.py),
+    on top of the modem's ``quirks.slow_ms`` per AT round trip."""
     import signal
 
     from est_agent.sim.card import VirtualCard
+    from est_agent.sim.latency import TimedCard
     from est_agent.sim.options import CardOptions
 
     options = CardOptions(t0_mode=t0_mode, implicit_channel_open=implicit_channel_open)
-    card = VirtualCard.load(state_path, options, faults=faults)
+    loaded = VirtualCard.load(state_path, options, faults=faults)
     if faults:
         log.info("faults: %s", faults.describe())
+    card: ModemCard = TimedCard(loaded, timing) if timing else loaded
     lock = threading.Lock()
-    modem = PtyModem(EmulatedModem(card, quirks, iccid=card.state.iccid, lock=lock), link)
+    modem = PtyModem(EmulatedModem(card, quirks, iccid=loaded.state.iccid, lock=lock), link)
     vpcd_server = None
     vpcd_thread = None
     if vpcd is not None:
         from est_agent.sim.vpcd import VpcdCardServer, parse_vpcd_address
 
         host, port = parse_vpcd_address(vpcd)
-        vpcd_server = VpcdCardServer(_LockedCard(card, lock), host, port)
+        vpcd_server = VpcdCardServer(_LockedCard(loaded, lock), host, port)
         vpcd_thread = threading.Thread(target=vpcd_server.serve_forever, daemon=True)
         vpcd_thread.start()
 

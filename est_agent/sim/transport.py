@@ -1,6 +1,8 @@
 """The virtual SIM as a card link inside this process (reader string ``sim:<state file>``).
 
-Options: ``sim:<state file>?faults=FILE&timeout=S&keygen_timeout=S``. ``faults`` loads a
+Options: ``sim:<state file>?faults=FILE&timeout=S&keygen_timeout=S&apdu_ms=MS&keygen_ms=MS&
+sign_ms=MS``. The ``*_ms`` options give the card a real card's speed (``est_agent.sim.latency``:
+per APDU, and for GENERATE KEY PAIR and the signing COMPUTE SIGNATURE UPDATE). ``faults`` loads a
 fault plan (``est_agent.sim.faults``; a relative FILE is taken from the state file's
 directory, so a configuration can name both side by side). The timeouts behave as on the
 real links: a card that answers later than the APDU's deadline (a ``delay_ms`` or
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from est_agent.errors import NoCardError, UsageError
 from est_agent.sim.card import VirtualCard
 from est_agent.sim.faults import FaultPlan, LinkFault
+from est_agent.sim.latency import CardTiming
 from est_agent.sim.options import CardOptions
 from est_agent.transport.base import (
     DEFAULT_SLOW_TIMEOUT_S,
@@ -27,6 +31,22 @@ from est_agent.transport.base import (
 )
 
 __all__ = ["SimTransport"]
+
+_TIMING_KEYS = ("apdu_ms", "keygen_ms", "sign_ms")
+
+
+def _timing(get: Callable[[str], str | None]) -> CardTiming:
+    """The ``apdu_ms``/``keygen_ms``/``sign_ms`` reader options (UsageError on a bad one)."""
+    values: dict[str, float] = {}
+    for key in _TIMING_KEYS:
+        text = get(key)
+        if text is None:
+            continue
+        try:
+            values[key] = float(text)
+        except ValueError:
+            raise UsageError(f"sim: bad {key} {text!r} (milliseconds)") from None
+    return CardTiming(**values)
 
 
 class SimTransport(CardTransport):
@@ -46,9 +66,11 @@ class SimTransport(CardTransport):
         faults: FaultPlan | Path | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         slow_timeout_s: float = DEFAULT_SLOW_TIMEOUT_S,
+        timing: CardTiming = CardTiming(),  # noqa: B008 - frozen
     ) -> None:
         super().__init__(timeout_s=timeout_s, slow_timeout_s=slow_timeout_s)
         self._options = options
+        self._timing = timing
         self._faults = faults
         self._removed = False
         if isinstance(card, VirtualCard):
@@ -62,11 +84,12 @@ class SimTransport(CardTransport):
 
     @classmethod
     def from_reader(cls, rest: str) -> SimTransport:
-        """``<state file>[?faults=FILE&timeout=S&keygen_timeout=S]`` (module docstring)."""
+        """``<state file>[?faults=FILE&timeout=S&keygen_timeout=S&apdu_ms=MS...]`` (module
+        docstring)."""
         path_text, query = split_reader_query(rest)
         if not path_text:
             raise UsageError("sim: needs the virtual SIM's state file, e.g. sim:/var/lib/sim.json")
-        options = parse_link_options("sim", query, extra_keys=("faults",))
+        options = parse_link_options("sim", query, extra_keys=("faults", *_TIMING_KEYS))
         path = Path(path_text)
         faults: Path | None = None
         faults_text = options.get("faults")
@@ -81,6 +104,7 @@ class SimTransport(CardTransport):
             faults=faults,
             timeout_s=options.timeout_s,
             slow_timeout_s=options.slow_timeout_s,
+            timing=_timing(options.get),
         )
 
     @property
@@ -113,6 +137,8 @@ class SimTransport(CardTransport):
             raise NoCardError(f"{self.description}: card removed (disconnect fault)")
         answer = self._card.answer(apdu)
         wait = answer.delay_s
+        if self._timing and answer.link is None:
+            wait += self._timing.seconds(apdu, answer.response)
         if answer.link is LinkFault.SILENCE or wait > timeout_s:
             # A silent card costs a real link its whole deadline: so it does here.
             time.sleep(timeout_s)

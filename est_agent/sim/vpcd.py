@@ -408,24 +408,32 @@ def run_sim_server(
     trace_path: str | Path | None = None,
     power_cut_after: int | None = None,
     faults: FaultPlan | None = None,
+    keygen_ms: float = 0.0,
+    sign_ms: float = 0.0,
 ) -> int:
     """Load the virtual SIM from ``state_path`` and serve it to vpcd; return the exit status.
+
+    ``keygen_ms``/``sign_ms``: card time of GENERATE KEY PAIR and of a signature
+    (``est_agent.sim.latency``), on top of ``latency_ms`` per APDU.
 
     0 when stopped (SIGTERM/SIGINT), ``POWER_CUT_EXIT_CODE`` after a simulated power cut.
     Errors (missing state file, bad address) propagate as ``EstAgentError`` for the CLI to map.
     """
     # Imported here: the card model pulls in cryptography, which `--help` should not pay for.
     from est_agent.sim.card import VirtualCard
+    from est_agent.sim.latency import CardTiming, TimedCard
     from est_agent.sim.options import CardOptions
 
+    timing = CardTiming(keygen_ms=keygen_ms, sign_ms=sign_ms)
     host, port = parse_vpcd_address(vpcd)
     options = CardOptions(t0_mode=t0_mode, implicit_channel_open=implicit_channel_open)
     card = VirtualCard.load(Path(state_path), options, faults=faults)
     if faults:
         log.info("faults: %s", faults.describe())
     tracer = _attach_trace(card, trace_path)
+    served: VpcdCard = TimedCard(card, timing) if timing else card  # type: ignore[assignment]
     server = VpcdCardServer(
-        card, host, port, latency_ms=latency_ms, power_cut_after=power_cut_after
+        served, host, port, latency_ms=latency_ms, power_cut_after=power_cut_after
     )
     restore = _install_stop_signals(server)
     try:

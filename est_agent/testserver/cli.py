@@ -59,6 +59,13 @@ def _duration(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _outage(text: str) -> tuple[float, float]:
+    after, sep, length = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"not AFTER:FOR: {text!r}")
+    return float(_duration(after)), float(_duration(length))
+
+
 def _listen(text: str) -> tuple[str, int]:
     try:
         return parse_listen(text)
@@ -216,6 +223,39 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=_positive_int, metavar="N")
     p.add_argument("--busy-retry-after", type=_duration, default=1, metavar="DURATION")
     p.add_argument(
+        "--busy-retry-jitter",
+        type=_duration,
+        default=0,
+        metavar="DURATION",
+        help="add a random 0..DURATION to each busy or outage Retry-After (spreads retries)",
+    )
+    p.add_argument(
+        "--busy-status",
+        type=int,
+        choices=(202, 503),
+        default=503,
+        help="answer to an enrollment over --max-concurrent (202: accepted, retry later)",
+    )
+    p.add_argument(
+        "--outage",
+        type=_outage,
+        metavar="AFTER:FOR",
+        help="CA outage: answer every request 503 from AFTER for FOR (durations, from start)",
+    )
+    p.add_argument(
+        "--outage-file",
+        type=Path,
+        metavar="FILE",
+        help="CA outage while FILE exists: every request is answered 503 + Retry-After",
+    )
+    p.add_argument("--outage-retry-after", type=_duration, default=60, metavar="DURATION")
+    p.add_argument(
+        "--request-log",
+        type=Path,
+        metavar="FILE",
+        help="append one JSON line per answered request (time, path, status, in flight)",
+    )
+    p.add_argument(
         "--unwrapped-base64",
         action="store_true",
         help="one base64 line per response (strongSwan's pki --est needs this)",
@@ -290,6 +330,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         retry_after_format=RetryAfterFormat(args.retry_after_format),
         max_concurrent=args.max_concurrent,
         busy_retry_after_s=args.busy_retry_after,
+        busy_retry_jitter_s=args.busy_retry_jitter,
+        busy_status=args.busy_status,
+        outage=args.outage,
+        outage_file=args.outage_file,
+        outage_retry_after_s=args.outage_retry_after,
+        request_log=args.request_log,
         wrap_base64=not args.unwrapped_base64,
         fault=Fault(args.fault) if args.fault else None,
         fault_times=args.fault_times,

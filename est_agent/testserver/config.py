@@ -133,6 +133,19 @@ class ServerConfig:
     retry_after_format: RetryAfterFormat = RetryAfterFormat.SECONDS
     max_concurrent: int | None = None
     busy_retry_after_s: int = 1
+    #: the answer to an enrollment over `max_concurrent`: 503 (RFC 9110 §15.6.4) or 202
+    #: (accepted, come back after Retry-After, RFC 7030 §4.2.3); /cacerts and /csrattrs get 503
+    busy_status: int = 503
+    #: each busy (and outage) Retry-After is `busy_retry_after_s` (`outage_retry_after_s`) + a
+    #: random 0..jitter whole seconds, so the clients refused together do not all come back at once
+    busy_retry_jitter_s: int = 0
+    #: a CA outage: every request is answered 503 + Retry-After `outage_retry_after_s` while
+    #: `outage_file` exists, and during `outage` = (seconds after start, duration in seconds)
+    outage_file: Path | None = None
+    outage: tuple[float, float] | None = None
+    outage_retry_after_s: int = 60
+    #: one JSON line per answered request: wall time, method, path, status, requests in flight
+    request_log: Path | None = None
     wrap_base64: bool = True
     fault: Fault | None = None
     close_after: CloseAfter | None = None
@@ -164,6 +177,12 @@ class ServerConfig:
             raise ConfigError("--nonce-lifetime must be positive")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError("--max-concurrent must be at least 1")
+        if self.busy_status not in (202, 503):
+            raise ConfigError(f"--busy-status must be 202 or 503, got {self.busy_status}")
+        if self.busy_retry_jitter_s < 0 or self.outage_retry_after_s < 0:
+            raise ConfigError("--busy-retry-jitter and --outage-retry-after must not be negative")
+        if self.outage is not None and (self.outage[0] < 0 or not self.outage[1] > 0):
+            raise ConfigError("--outage AFTER:FOR needs AFTER >= 0 and FOR > 0 (seconds)")
         if self.manual_approval_s is not None and self.manual_approval_s < 0:
             raise ConfigError("--manual-approval must not be negative")
         if self.fault_times < 0:

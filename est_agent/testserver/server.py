@@ -24,6 +24,7 @@ import enum
 import hmac
 import http
 import json
+import random
 import socket
 import ssl
 import sys
@@ -72,6 +73,7 @@ from est_agent.testserver.issuer import (
 from est_agent.testserver.pki import DevPki, issue_server_certificate, load_dev_pki
 from est_agent.testserver.rollover import RootRollover, make_rollover
 from est_agent.testserver.wire import (
+    ENROLL_OPERATIONS,
     UNSUPPORTED_OPERATIONS,
     HttpRefusal,
     csrattrs_body,
@@ -153,25 +155,51 @@ class _State:
         self._slots = (
             threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None
         )
+        #: admitted requests being answered now, and the most there were at once
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._log = config.issuance_log.open("a", encoding="utf-8") if config.issuance_log else None
+        try:
+            self._request_log = (
+                config.request_log.open("a", encoding="utf-8") if config.request_log else None
+            )
+        except OSError:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
+        if getattr(self, "_request_log", None) is not None:
+            self._request_log.close()  # type: ignore[union-attr]
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:
         """Yields whether this request got one of the `--max-concurrent` slots."""
-        if self._slots is None:
-            yield True
-            return
-        if not self._slots.acquire(blocking=False):
+        if self._slots is not None and not self._slots.acquire(blocking=False):
             yield False
             return
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             yield True
         finally:
-            self._slots.release()
+            with self._lock:
+                self.in_flight -= 1
+            if self._slots is not None:
+                self._slots.release()
+
+    def log_request(self, method: str, path: str, status: int, in_flight: int) -> None:
+        """One line of `--request-log` (no header values, no bodies); ``in_flight``: admitted
+        requests when this one was admitted (itself included), 0 when it was not."""
+        if self._request_log is None:
+            return
+        with self._lock:
+            entry = {"t": time.time(), "method": method, "path": path, "status": status,
+                     "in_flight": in_flight}  # fmt: skip
+            self._request_log.write(json.dumps(entry) + "\n")
+            self._request_log.flush()
 
     def pending_for(self, key_sha256: str, now_s: float) -> float | None:
         """Seconds still to wait for this key under `--manual-approval`, None when issued."""
@@ -270,6 +298,7 @@ class EstTestServer(Closing):
         )
         self._foreign_lock = threading.Lock()
         self._quiet = False
+        self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         # tls-exporter needs OpenSSL's exporter secrets: only kept when PoP may meet TLS 1.3
         self.exporter_secrets = (
@@ -329,6 +358,17 @@ class EstTestServer(Closing):
         self._state.close()
         if self.exporter_secrets is not None:
             self.exporter_secrets.close()
+
+    def in_outage(self) -> bool:
+        """Whether the CA is down now (`outage_file` exists, or inside the `outage` window)."""
+        config = self.config
+        if config.outage_file is not None and config.outage_file.exists():
+            return True
+        if config.outage is None:
+            return False
+        after_s, for_s = config.outage
+        elapsed = time.monotonic() - self._started
+        return after_s <= elapsed < after_s + for_s
 
     def note(self, message: str) -> None:
         if not self._quiet:
@@ -492,6 +532,8 @@ class _Handler(BaseHTTPRequestHandler):
     # Without this, a malformed request line is answered HTTP/0.9-style: a bare body with no
     # status line, which a client cannot tell from garbage.
     default_request_version = "HTTP/1.1"
+    #: admitted requests when this request was admitted (`--request-log`), 0 if it was not
+    _in_flight = 0
 
     # -- connection setup --------------------------------------------------------------------
     @property
@@ -578,6 +620,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._body_consumed = False
+        self._in_flight = 0
         try:
             response = self._route(method)
         except HttpRefusal as refusal:
@@ -598,13 +641,28 @@ class _Handler(BaseHTTPRequestHandler):
         expected = "GET" if op in ("cacerts", "csrattrs") else "POST"
         if method != expected:
             raise HttpRefusal(405, f"{op} takes {expected}", {"Allow": expected})
+        config = self._est.config
+        if self._est.in_outage():
+            # RFC 9110 §15.6.4: 503 with Retry-After for a temporary outage (RFC 7030 §4.2.3
+            # lets an EST server answer so); nothing is admitted behind a CA that is down
+            jitter = random.randint(0, config.busy_retry_jitter_s)  # noqa: S311 - not a secret
+            retry = format_retry_after(
+                config.outage_retry_after_s + jitter, config.retry_after_format, datetime.now(UTC)
+            )
+            raise HttpRefusal(503, "CA unavailable, retry later", {"Retry-After": retry})
         with self._est.state.admission() as admitted:
+            self._in_flight = self._est.state.in_flight if admitted else 0
             if not admitted:
+                jitter = random.randint(0, config.busy_retry_jitter_s)  # noqa: S311 - not a secret
                 retry = format_retry_after(
-                    self._est.config.busy_retry_after_s,
-                    self._est.config.retry_after_format,
+                    config.busy_retry_after_s + jitter,
+                    config.retry_after_format,
                     datetime.now(UTC),
                 )
+                if config.busy_status == 202 and op in ENROLL_OPERATIONS:
+                    # RFC 7030 §4.2.3: accepted, the client asks again after Retry-After
+                    raise HttpRefusal(202, "server busy, request accepted: retry later",
+                                      {"Retry-After": retry})  # fmt: skip
                 raise HttpRefusal(503, "server busy, retry later", {"Retry-After": retry})
             if op == "cacerts":
                 return self._cacerts()
@@ -885,6 +943,7 @@ class _Handler(BaseHTTPRequestHandler):
         authorization = (self.headers.get("Authorization") or "").strip()
         der = self._tls.getpeercert(binary_form=True)
         client = self._est.classify_client(der)
+        self._est.state.log_request(self.command, self.path, response.status, self._in_flight)
         self._est.state.record(
             RequestRecord(
                 method=self.command,
