@@ -131,3 +131,69 @@ def test_dh_on_the_sim_equals_cryptography(sim_applet: IotSafeApplet) -> None:
     assert sim_applet.compute_dh(ECDH, PEER) == PEER_KEY.exchange(ec.ECDH(), card_public)
     # the peer slot also serves VERIFY SIGNATURE (wolfSSL's peer-certificate key)
     assert sim_applet.read_public_key(PEER) == PEER_POINT
+
+
+def test_compute_prf_bytes() -> None:
+    out = bytes(range(48))
+    applet, transport = applet_for(
+        [
+            ("81 48 00 00 16 86 01 01 D2 0E 6D 61 73 74 65 72 20 73 65 63 72 65 74 00 D3 01 30",
+             out.hex() + " 90 00"),
+            ("81 48 00 00 0D D1 03 0A 0B 0C D2 02 6C 73 D3 02 01 00", bytes(256).hex() + " 90 00"),
+        ]
+    )  # fmt: skip
+    assert applet.compute_prf(PSK, b"master secret\x00", 48) == out
+    assert applet.compute_prf(b"\x0a\x0b\x0c", b"ls", 256) == bytes(256)
+    transport.assert_done()
+
+
+def test_compute_prf_checks_before_sending_and_after() -> None:
+    applet, transport = applet_for([("81 48 00 00 09 86 01 01 D2 01 78 D3 01 10", "00 90 00")])
+    for bad in ((PSK, b"", 16), (PSK, b"x", 0), (PSK, b"x", 257), (b"", b"x", 16)):
+        with pytest.raises(InputError):
+            applet.compute_prf(*bad)
+    with pytest.raises(CardProtocolError, match="asked 16 bytes, got 1"):
+        applet.compute_prf(PSK, b"x", 16)
+    transport.assert_done()
+
+
+def test_compute_hkdf_bytes() -> None:
+    prk, okm = bytes(range(32)), bytes(range(42))
+    applet, transport = applet_for(
+        [
+            # wolfSSL's extract: IKM, salt, hash -> PRK
+            ("81 4A 00 00 0C D1 02 0B 0B D5 02 00 01 91 02 00 01", prk.hex() + " 90 00"),
+            # extract and expand on the PSK object, SHA-384
+            ("81 4A 00 00 11 86 01 01 D5 00 91 02 00 02 D6 03 69 6E 66 D3 01 2A",
+             okm.hex() + " 90 00"),
+        ]
+    )  # fmt: skip
+    assert applet.compute_hkdf(b"\x0b\x0b", b"\x00\x01") == prk
+    assert applet.compute_hkdf(PSK, b"", info=b"inf", length=42, hash_name="sha384") == okm
+    transport.assert_done()
+
+
+def test_compute_hkdf_argument_errors() -> None:
+    applet, transport = applet_for([])
+    with pytest.raises(InputError, match="both info and length"):
+        applet.compute_hkdf(PSK, b"", info=b"x")
+    with pytest.raises(InputError, match="hash"):
+        applet.compute_hkdf(PSK, b"", hash_name="md5")
+    transport.assert_done()
+
+
+def test_derivations_on_the_sim_equal_references(sim_applet: IotSafeApplet) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from tests.sim.test_sim_derivation import reference_prf
+
+    psk = b"a pre-shared key"
+    assert sim_applet.compute_prf(PSK, b"key expansion" + bytes(64), 72) == reference_prf(
+        psk, b"key expansion" + bytes(64), 72
+    )
+    okm = sim_applet.compute_hkdf(PSK, b"salt", info=b"info", length=64, hash_name="sha256")
+    assert okm == HKDF(hashes.SHA256(), 64, b"salt", b"info").derive(psk)
+    # the object's info container shows its derivations, not its value
+    info = sim_applet.object_info(PSK)
+    assert (info.key_type, info.key_derivation_algorithms, info.activated) == (0xA0, 0x03, True)
