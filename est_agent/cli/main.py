@@ -230,7 +230,8 @@ _HASH_CHOICES = ("sha256", "sha384", "sha512")
 _PRINTS_A_RESULT_HELP = (
     "The result is a secret: it is printed (stdout only, never logged) because you asked for "
     "it. Exit codes: 0 done; 64 bad option; 65 bad input data; 69 card unreachable; 76 the card "
-    "refused (e.g. 6985: the key's usage does not allow it) or answered garbage."
+    "refused (e.g. 6985: the key's usage does not allow it) or answered garbage; 77 an "
+    "access condition (6982: a public key object that is not writable)."
 )
 
 

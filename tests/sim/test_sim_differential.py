@@ -10,8 +10,8 @@ random and mutated APDUs of every instruction, under random card options. For ev
   DH equals `cryptography`'s ECDH exchange, PRF equals P_SHA256 built on its HMAC, HKDF its
   HKDF, a VERIFY answers 9000 exactly for a valid signature, a put key reads back.
 
-Each kind of well-formed operation must succeed at least once over the run (checked when the
-module's tests end), so the comparisons are not vacuous.
+Each kind of well-formed operation must succeed at least once over the run, so the comparisons
+are not vacuous.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import copy
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,10 +46,10 @@ from tests.sim.test_sim_properties import command as random_command
 AID = bytes.fromhex("A0000005590010")
 PSK = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0" * 2)
 HASHES = {1: (hashes.SHA256(), 32), 2: (hashes.SHA384(), 48), 4: (hashes.SHA512(), 64)}
-#: the whole property run (max_examples sequences) stays far below CI's patience
-RUN_BOUND_S = 20.0
+#: the whole property run: max_examples=50 takes 2-5 s alone on one core; the bound is for a
+#: loaded CI machine and catches a hang, not a slow run
+RUN_BOUND_S = 60.0
 SUCCESSES: Counter[str] = Counter()
-_started = time.monotonic()
 
 
 def tlv(tag: int, value: bytes) -> bytes:
@@ -365,13 +364,10 @@ HANDLERS = {
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CardState]:
+def template(tmp_path_factory: pytest.TempPathFactory) -> CardState:
     path: Path = tmp_path_factory.mktemp("sim") / "template.json"
     personalize(path, psk=PSK)
-    yield load_state(path)
-    # after the property ran: every well-formed kind succeeded at least once
-    assert set(SUCCESSES) >= set(HANDLERS), f"never succeeded: {set(HANDLERS) - set(SUCCESSES)}"
-    assert time.monotonic() - _started < RUN_BOUND_S + 10
+    return load_state(path)
 
 
 option_sets = st.builds(
@@ -385,7 +381,7 @@ option_sets = st.builds(
 
 
 @settings(
-    max_examples=60,
+    max_examples=50,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -394,10 +390,9 @@ option_sets = st.builds(
     options=option_sets,
     ops=st.lists(operations, min_size=3, max_size=30),
 )
-def test_random_sequences_match_cryptography_and_leak_nothing(
+def _random_sequence(
     template: CardState, options: CardOptions, ops: list[tuple[str, tuple[object, ...]]]
 ) -> None:
-    started = time.monotonic()
     run = Run(copy.deepcopy(template), options)
     run.ensure_applet()
     # a filled ECDH key and a peer key to start from, so the comparisons have material
@@ -408,4 +403,13 @@ def test_random_sequences_match_cryptography_and_leak_nothing(
             run.raw(args[0])  # type: ignore[arg-type]
             continue
         HANDLERS[name](run, *args)  # type: ignore[operator]
-    assert time.monotonic() - started < RUN_BOUND_S
+
+
+def test_random_sequences_match_cryptography_and_leak_nothing(template: CardState) -> None:
+    SUCCESSES.clear()
+    started = time.monotonic()
+    _random_sequence(template)
+    elapsed = time.monotonic() - started
+    assert elapsed < RUN_BOUND_S
+    # every well-formed kind succeeded at least once: the comparisons above were made
+    assert set(SUCCESSES) >= set(HANDLERS), f"never succeeded: {set(HANDLERS) - set(SUCCESSES)}"
