@@ -21,7 +21,8 @@ A ``Card`` holds the card's link open; each operation runs in one card transacti
 SCardBeginTransaction), so an est-agent run can use the same reader in between. A ``Card`` is
 not thread-safe: one thread at a time. The private key never leaves the SIM: signatures are
 computed by the IoT SAFE applet (GSMA IoT.05 COMPUTE SIGNATURE) and checked against the key's
-public key before they are returned.
+public key before they are returned. `Card.ecdh` does key agreement on the card the same way
+(GSMA IoT.05 PUT PUBLIC KEY + COMPUTE DH): the shared secret is returned, the private key stays.
 """
 
 from __future__ import annotations

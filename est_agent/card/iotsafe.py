@@ -6,6 +6,12 @@ libraries disagree the decoders accept every variant seen in the wild: 1- or 2-b
 BER) lengths on the signature TLV, raw r||s or DER signatures, public-key IDs that differ from
 the private-key ID after GENERATE KEY PAIR, responses without the ``84``/``85`` TLVs, object
 lists with several objects per container in any order, and ``63 00`` paging.
+
+Key agreement and derivation (``put_public_key``, ``compute_dh``, ``compute_prf``,
+``compute_hkdf``) send what wolfSSL's and Thales' clients send [card §3]: PUT PUBLIC KEY INIT +
+one UPDATE + close, COMPUTE DH with the two object references, COMPUTE PRF P1 00 with ``D2`` /
+``D3``, COMPUTE HKDF with ``D5`` salt and ``91`` hash (plus ``D6`` info / ``D3`` length for an
+expand, which only the virtual SIM is known to answer).
 """
 
 from __future__ import annotations

@@ -894,9 +894,8 @@ class IotSafeApplet:
         expand = iot.TAG_OUTPUT_LENGTH in tlvs
         if iot.TAG_INFO in tlvs and not expand:
             raise _RefusedError(SW_INCORRECT_DATA)
+        # at most 256 bytes: always within HKDF-Expand's 255 * HashLen (RFC 5869 §2.3)
         length = _output_length(tlvs[iot.TAG_OUTPUT_LENGTH]) if expand else hash_size
-        if length > 255 * hash_size:  # pragma: no cover - 256 < 255 * 32
-            raise _RefusedError(SW_INCORRECT_DATA)
         ikm = self._derivation_secret(tlvs, applet, iot.DERIVATION_HKDF)
         prk = derivation.hkdf_extract(hash_name, tlvs.get(iot.TAG_SALT, b""), ikm)
         if not expand:
