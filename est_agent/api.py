@@ -21,7 +21,8 @@ A ``Card`` holds the card's link open; each operation runs in one card transacti
 SCardBeginTransaction), so an est-agent run can use the same reader in between. A ``Card`` is
 not thread-safe: one thread at a time. The private key never leaves the SIM: signatures are
 computed by the IoT SAFE applet (GSMA IoT.05 COMPUTE SIGNATURE) and checked against the key's
-public key before they are returned.
+public key before they are returned. `Card.ecdh` does key agreement on the card the same way
+(GSMA IoT.05 PUT PUBLIC KEY + COMPUTE DH): the shared secret is returned, the private key stays.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ if TYPE_CHECKING:
     from est_agent.config import Config
 
 __all__ = [
+    "ECDH_KEY",
     "MAX_RANDOM_BYTES",
+    "PEER_PUBLIC_KEY",
     "RANDOM_CHUNK_BYTES",
     "ActiveCredential",
     "Card",
@@ -91,6 +94,11 @@ MAX_RANDOM_BYTES = 4096
 #: bytes asked per GET RANDOM: within a short APDU's Le (ISO/IEC 7816-4 §5.1: at most 256) and
 #: within the 240-byte answers some cards cap responses at (card/iotsafe.py, READ FILE)
 RANDOM_CHUNK_BYTES = 240
+#: the virtual SIM's ephemeral ECDH key pair (est-agent sim init); a real card's slot is its
+#: issuer's choice (`est-agent card info`: a private key with crypto function 04)
+ECDH_KEY = "iotsafe:key-id=04"
+#: the virtual SIM's writable public key object for the peer's key
+PEER_PUBLIC_KEY = "iotsafe:public-key-id=05"
 # A PEM chain is a few KiB; a larger "export" is not one.
 _EXPORT_LIMIT_BYTES = 1 << 20
 
@@ -167,6 +175,51 @@ class Card:
         takes them (32, 48 or 64 bytes, else ``InputError``). Checked against the key's public
         key before it is returned (``CardProtocolError`` if it does not verify)."""
         return self._signer(key).sign_digest(bytes(digest))
+
+    def new_ecdh_key(self, key: str | IotSafeRef = ECDH_KEY) -> ec.EllipticCurvePublicKey:
+        """A fresh P-256 key pair in the key-agreement slot ``key`` (GENERATE KEY PAIR): its
+        public key, e.g. for a TLS key share. ``ConditionsNotSatisfiedError`` (a
+        ``StatusWordError``, 76) when the slot does not allow key generation."""
+        from est_agent.backends.signer import public_key_from_point
+
+        self._check_open()
+        return public_key_from_point(self._applet.generate_key_pair(_private_key(key)).public_point)
+
+    def ecdh(
+        self,
+        peer: ec.EllipticCurvePublicKey | bytes,
+        *,
+        key: str | IotSafeRef = ECDH_KEY,
+        peer_slot: str | IotSafeRef = PEER_PUBLIC_KEY,
+    ) -> bytes:
+        """ECDH on the card (ECKA, SEC 1 §3.3.1): the peer's P-256 key (a ``cryptography``
+        key or a SEC 1 point) is written into the public key object ``peer_slot`` (PUT PUBLIC
+        KEY), then COMPUTE DH with the private key ``key``; returns the shared x-coordinate,
+        32 bytes, as ``cryptography``'s ``exchange(ec.ECDH(), ...)`` does. ``InputError`` for a
+        peer key that is not P-256, ``StatusWordError`` (76; ``SecurityStatusError`` 77 for a
+        slot that is not writable) when the card refuses, e.g. a key without key agreement."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self._check_open()
+        private = _private_key(key)
+        slot = _key_ref(peer_slot)
+        if slot.kind is not ObjectKind.PUBLIC_KEY:
+            raise InputError(f"{slot} is not a public key object (iotsafe:public-key-...)")
+        try:
+            public = (
+                peer
+                if isinstance(peer, ec.EllipticCurvePublicKey)
+                else ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(peer))
+            )
+        except (TypeError, ValueError):
+            raise InputError("ecdh: the peer key is not a P-256 point") from None
+        if not isinstance(public.curve, ec.SECP256R1):
+            raise InputError(f"ecdh: the peer key is on {public.curve.name}, not P-256")
+        point = public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        with self._session.transaction():  # nobody else's key between PUT and DH
+            self._applet.put_public_key(slot, point)
+            return self._applet.compute_dh(private, slot)
 
     def random(self, length: int) -> bytes:
         """``length`` (1..`MAX_RANDOM_BYTES`) bytes from the card's random number generator

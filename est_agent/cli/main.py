@@ -166,7 +166,8 @@ def _add_est_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_card_commands(commands: Any, common: argparse.ArgumentParser) -> None:
-    """`card info` and `card random`: diagnostics against the card in a reader (cli/card.py)."""
+    """`card info`, `card random`, and `verify`/`dh`/`hkdf`: diagnostics against the card in a
+    reader (cli/card.py)."""
     card = commands.add_parser("card", help="inspect the card in a reader")
     card_cmds = card.add_subparsers(dest="card_command", metavar="SUBCOMMAND", required=True)
     info = card_cmds.add_parser(
@@ -212,6 +213,107 @@ def _add_card_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     random.add_argument("--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)")
     random.add_argument("--iso-cla", action="store_true", help="applet commands with CLA 0N")
     random.set_defaults(func=_handler("card", "random"))
+    _add_card_crypto_commands(card_cmds, common)
+
+
+def _card_link_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--reader",
+        default=DEFAULT_READER,
+        help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
+    )
+    cmd.add_argument("--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)")
+    cmd.add_argument("--iso-cla", action="store_true", help="applet commands with CLA 0N")
+
+
+_HASH_CHOICES = ("sha256", "sha384", "sha512")
+_PRINTS_A_RESULT_HELP = (
+    "The result is a secret: it is printed (stdout only, never logged) because you asked for "
+    "it. Exit codes: 0 done; 64 bad option; 65 bad input data; 69 card unreachable; 76 the card "
+    "refused (e.g. 6985: the key's usage does not allow it) or answered garbage; 77 an "
+    "access condition (6982: a public key object that is not writable)."
+)
+
+
+def _add_card_crypto_commands(card_cmds: Any, common: argparse.ArgumentParser) -> None:
+    """`card verify`, `card dh`, `card hkdf`: the applet's own cryptography (cli/card.py)."""
+    verify = card_cmds.add_parser(
+        "verify",
+        parents=[common],
+        help="check an ECDSA signature on the card (IoT SAFE VERIFY SIGNATURE)",
+        description="Exit codes: 0 valid; 1 the signature does not verify; 64 bad option; "
+        "65 bad input data; 69 card unreachable; 76 the card refused or answered garbage.",
+    )
+    verify.add_argument(
+        "--key",
+        required=True,
+        metavar="URI",
+        help="public key object on the card: iotsafe:public-key-id=HEX (or id=/label=)",
+    )
+    message = verify.add_mutually_exclusive_group(required=True)
+    message.add_argument("--message", metavar="FILE", help="the signed message (hashed here)")
+    message.add_argument("--message-hex", metavar="HEX", help="the signed message, as hex")
+    message.add_argument("--digest-hex", metavar="HEX", help="its digest, as hex (see --hash)")
+    verify.add_argument("--hash", choices=_HASH_CHOICES, default="sha256", help="default sha256")
+    signature = verify.add_mutually_exclusive_group(required=True)
+    signature.add_argument("--signature", metavar="FILE", help="DER or raw r||s (64 bytes)")
+    signature.add_argument("--signature-hex", metavar="HEX", help="DER or raw r||s, as hex")
+    _card_link_options(verify)
+    verify.set_defaults(func=_handler("card", "verify"))
+
+    dh = card_cmds.add_parser(
+        "dh",
+        parents=[common],
+        help="ECDH on the card: PUT PUBLIC KEY of the peer, then COMPUTE DH; prints the shared "
+        "x-coordinate as hex",
+        description=_PRINTS_A_RESULT_HELP,
+    )
+    dh.add_argument(
+        "--key",
+        default="iotsafe:key-id=04",
+        metavar="URI",
+        help="key-agreement private key (default iotsafe:key-id=04, the SIM's ECDH slot)",
+    )
+    dh.add_argument(
+        "--peer-slot",
+        default="iotsafe:public-key-id=05",
+        metavar="URI",
+        help="writable public key object for the peer's key (default iotsafe:public-key-id=05)",
+    )
+    peer = dh.add_mutually_exclusive_group(required=True)
+    peer.add_argument("--peer", metavar="FILE", help="peer public key, PEM or DER")
+    peer.add_argument("--peer-hex", metavar="HEX", help="peer public key, a SEC 1 point as hex")
+    dh.add_argument(
+        "--generate",
+        action="store_true",
+        help="first generate a fresh key pair in --key (printed first: its public point, hex)",
+    )
+    _card_link_options(dh)
+    dh.set_defaults(func=_handler("card", "dh"))
+
+    hkdf = card_cmds.add_parser(
+        "hkdf",
+        parents=[common],
+        help="RFC 5869 HKDF on the card over a secret-key object; prints hex",
+        description=_PRINTS_A_RESULT_HELP,
+    )
+    hkdf.add_argument(
+        "--secret",
+        default="iotsafe:secret-id=01",
+        metavar="URI",
+        help="secret-key object (default iotsafe:secret-id=01, the SIM's PSK)",
+    )
+    hkdf.add_argument("--salt", default="", metavar="HEX", help="salt as hex (default none)")
+    hkdf.add_argument("--info", metavar="HEX", help="info as hex (with --length: expand too)")
+    hkdf.add_argument(
+        "--length",
+        type=_count("--length", 256),
+        metavar="N",
+        help="OKM bytes, 1..256 (with --info); without both: the PRK (HKDF-Extract)",
+    )
+    hkdf.add_argument("--hash", choices=_HASH_CHOICES, default="sha256", help="default sha256")
+    _card_link_options(hkdf)
+    hkdf.set_defaults(func=_handler("card", "hkdf"))
 
 
 def _add_token_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -373,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--bootstrap-ca-key", metavar="KEY", help="PEM private key of --bootstrap-ca")
     init.add_argument("--iccid", help="18-20 digit ICCID (default: random test ICCID)")
+    init.add_argument(
+        "--psk",
+        metavar="FILE",
+        help="load secret key 01 (PSK for COMPUTE PRF/HKDF) with FILE's bytes, 1..128; "
+        "never printed or logged (default: the object stays empty)",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing state file")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(func=_handler("sim", "init"))

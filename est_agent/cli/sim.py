@@ -38,13 +38,27 @@ def load_ca(cert_path: str, key_path: str) -> tuple[x509.Certificate, ec.Ellipti
     return cert, key
 
 
+def read_psk(path: str) -> bytes:
+    """``--psk FILE``: the secret-key object's value, the file's bytes as they are (1..128).
+    Neither its value nor its length is printed or logged: the report says "filled"."""
+    from est_agent.sim.state import MAX_SECRET_BYTES
+
+    data = read_bounded(path, limit_bytes=MAX_SECRET_BYTES, what="--psk", error=InputError)
+    if not data:
+        raise InputError(f"--psk {path}: the file is empty")
+    return data
+
+
 def init(args: argparse.Namespace) -> int:
     from est_agent.sim.personalize import personalize
 
     if bool(args.bootstrap_ca) != bool(args.bootstrap_ca_key):
         raise UsageError("--bootstrap-ca and --bootstrap-ca-key go together")
     ca = load_ca(args.bootstrap_ca, args.bootstrap_ca_key) if args.bootstrap_ca else None
-    report = personalize(Path(args.state), iccid=args.iccid, bootstrap_ca=ca, force=args.force)
+    psk = read_psk(args.psk) if args.psk else b""
+    report = personalize(
+        Path(args.state), iccid=args.iccid, bootstrap_ca=ca, force=args.force, psk=psk
+    )
     if args.json:
         cert = report.bootstrap_certificate
         print(

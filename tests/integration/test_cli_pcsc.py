@@ -61,9 +61,13 @@ def test_sim_init_serve_card_info_json(
         ("private-key", "01", "bootstrap"),
         ("private-key", "02", "op-a"),
         ("private-key", "03", "op-b"),
+        ("private-key", "04", "ecdh"),  # issue 13: the ECDH slot
         ("public-key", "01", "bootstrap"),
         ("public-key", "02", "op-a"),
         ("public-key", "03", "op-b"),
+        ("public-key", "04", "ecdh"),
+        ("public-key", "05", "peer"),  # issue 13: PUT PUBLIC KEY's target
+        ("secret-key", "01", "psk"),  # issue 13: empty without sim init --psk
         ("file", "01", "bootstrap-cert"),
     ]
 

@@ -1,6 +1,9 @@
 """The command sequences third-party IoT SAFE clients send, replayed as raw bytes to the virtual
 SIM (issue 13): wolfSSL's IoT-SAFE port selects with CLA 01 without MANAGE CHANNEL and fetches
-61xx answers with CLA 01; others select with 81; the answers are checked with `cryptography`."""
+61xx answers with CLA 01; others select with 81; the answers are checked with `cryptography`.
+The TLS part of wolfSSL's port (its ECDH key share: GENERATE KEY PAIR in the ECDH slot, PUT
+PUBLIC KEY of the server's share in session 2, COMPUTE DH, then COMPUTE HKDF extract) and the
+PRF a ZARIOT SIM was traced answering (at_client_sdk: P1 00, D3 01 10) close the sequence."""
 
 from __future__ import annotations
 
@@ -10,17 +13,36 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from est_agent.sim.card import CardOptions, VirtualCard
+from est_agent.sim.state import PrivateKeyObject, PublicKeyObject, SecretKeyObject
 from tests.scripted import AID, h, tx
 from tests.sim.test_sim_applet import CERT, example_state
+from tests.sim.test_sim_derivation import reference_prf
 
 
 def _card(t0: bool) -> VirtualCard:
     state = example_state()
     for key in (*state.applet.private_keys, *state.applet.public_keys):
         key.hash_algorithms = 0x0007
+    # the key-agreement objects of the default personalization (sim/personalize.py)
+    state.applet.private_keys.append(
+        PrivateKeyObject(object_id=b"\x04", label="ecdh", public_id=b"\x04", access=0x02,
+                         crypto_functions=0x06, key_agreement_algorithms=0x01)
+    )  # fmt: skip
+    state.applet.public_keys += [
+        PublicKeyObject(object_id=b"\x04", label="ecdh", crypto_functions=0x04,
+                        key_agreement_algorithms=0x01),
+        PublicKeyObject(object_id=b"\x05", label="peer", access=0x03, crypto_functions=0x05,
+                        key_agreement_algorithms=0x01),
+    ]  # fmt: skip
+    state.applet.secret_keys.append(SecretKeyObject(object_id=b"\x01", label="psk", value=PSK))
     return VirtualCard(state, CardOptions(t0_mode=t0))
+
+
+PSK = b"third-party psk"
 
 
 def _send(card: VirtualCard, apdu: str | bytes, gr_cla: str) -> tuple[bytes, int]:
@@ -85,6 +107,28 @@ def test_third_party_sequence(select_cla: str, gr_cla: str, t0: bool) -> None:
     other = hashlib.sha256(b"other").digest()
     assert send("81 2D 80 02 65 9E 20" + other.hex() + signed.hex()) == (b"", 0x6D01)
     assert send("81 2C 01 02 00") == (b"", 0x9000)
+    # wolfSSL's ECDH key share: a fresh key pair in its ECDH slot, the server's share put in
+    # session 2 (closed after), COMPUTE DH, HKDF-Extract of the shared secret (TLS 1.3)
+    generated, sw = send("81 B9 00 00 03 84 01 04")
+    assert sw == 0x9000 and generated[:12] == h("84 01 04 85 01 04 34 45 49 43 86 41")
+    card_share = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), generated[12:])
+    server = ec.generate_private_key(ec.SECP256R1())
+    server_share = server.public_key().public_bytes(
+        Encoding.X962, PublicFormat.UncompressedPoint
+    )
+    assert send("81 24 00 02 03 85 01 05") == (b"", 0x9000)
+    assert send("81 D8 80 02 47 34 45 49 43 86 41" + server_share.hex()) == (b"", 0x9000)
+    assert send("81 24 01 02 00") == (b"", 0x9000)
+    shared, sw = send("81 46 00 00 06 84 01 04 85 01 05")
+    assert sw == 0x9000 and shared == server.exchange(ec.ECDH(), card_share)
+    salt = bytes(32)  # TLS 1.3's first extract: a zero salt of hash length (RFC 8446 §7.1)
+    prk, sw = send("81 4A 00 00 48 D1 20" + shared.hex() + "D5 20" + salt.hex() + "91 02 00 01")
+    mac = HMAC(salt, hashes.SHA256())
+    mac.update(shared)
+    assert (prk, sw) == (mac.finalize(), 0x9000)
+    # COMPUTE PRF as traced on a ZARIOT SIM: P1 00, 16 bytes (61 10 under T=0)
+    prf, sw = send("81 48 00 00 0F 86 01 01 D2 07" + b"label!!".hex() + "D3 01 10")
+    assert (prf, sw) == (reference_prf(PSK, b"label!!", 16), 0x9000)
     # close the channel the SELECT opened
     assert send("00 70 80 01 00") == (b"", 0x9000)
     assert send("81 CB 00 00 44") == (b"", 0x6881)
