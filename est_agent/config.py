@@ -242,6 +242,7 @@ def _card_uri_kind(ref: IotSafeRef | UiccPath | Path) -> str:
         ObjectKind.PRIVATE_KEY: "an IoT SAFE key",
         ObjectKind.PUBLIC_KEY: "an IoT SAFE public key",
         ObjectKind.FILE: "an IoT SAFE file",
+        ObjectKind.SECRET_KEY: "an IoT SAFE secret key",
     }[ref.kind]
 
 

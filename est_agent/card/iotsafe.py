@@ -26,9 +26,14 @@ from est_agent.card.iotsafe_codes import (
     DEFAULT_AID,
     HASH_SHA256,
     HASHES,
+    INS_COMPUTE_DH,
+    INS_COMPUTE_HKDF,
+    INS_COMPUTE_PRF,
     INS_GENERATE_KEY_PAIR,
     INS_GET_DATA,
     INS_GET_RANDOM,
+    INS_PUT_PUBLIC_KEY_INIT,
+    INS_PUT_PUBLIC_KEY_UPDATE,
     INS_READ_FILE,
     INS_READ_PUBLIC_KEY,
     INS_SIGN_INIT,
@@ -50,10 +55,12 @@ from est_agent.card.iotsafe_codes import (
     TAG_FILE_USAGE,
     TAG_HASH_ALGS,
     TAG_HASH_VALUE,
+    TAG_INFO,
     TAG_KEY_AGREEMENT_ALGS,
     TAG_KEY_DERIVATION_ALGS,
     TAG_KEY_TYPE,
     TAG_KEY_USAGE,
+    TAG_LABEL_SEED,
     TAG_MAX_FILES,
     TAG_MAX_PRIVATE_KEYS,
     TAG_MAX_PUBLIC_KEYS,
@@ -61,9 +68,14 @@ from est_agent.card.iotsafe_codes import (
     TAG_MAX_SESSIONS,
     TAG_MODE,
     TAG_OBJECT_FUNCTIONS,
+    TAG_OBJECT_KEY_AGREEMENT,
+    TAG_OBJECT_KEY_DERIVATION,
+    TAG_OUTPUT_LENGTH,
     TAG_PRIVATE_KEY_ID,
     TAG_PUBLIC_KEY,
     TAG_PUBLIC_KEY_ID,
+    TAG_SALT,
+    TAG_SECRET_VALUE,
     TAG_SIG_ALGS,
     TAG_SIGNATURE,
     TAG_STATE,
@@ -86,7 +98,10 @@ __all__ = [
     "decode_object_list",
     "decode_public_key",
     "decode_signature",
+    "encode_hkdf",
     "encode_object_ref",
+    "encode_prf",
+    "encode_put_public_key",
     "encode_sign_init",
     "hash_for_digest",
     "hash_names",
@@ -101,11 +116,18 @@ _GET_DATA_P1 = {
     ObjectKind.PRIVATE_KEY: CONTAINER_PRIVATE_KEY,
     ObjectKind.PUBLIC_KEY: CONTAINER_PUBLIC_KEY,
     ObjectKind.FILE: CONTAINER_FILE,
+    ObjectKind.SECRET_KEY: CONTAINER_SECRET_KEY,
 }
+#: a derivation's answer is one short response APDU (ISO/IEC 7816-4 §5.1)
+MAX_DERIVED_BYTES = 256
 _MAX_PAGES = 32
 # Command framing [card §3]: data-carrying commands go
 # without Le (T=0 cards answer 61xx, T=1 cards the data), GET DATA lists and READ FILE with Le.
 _SHORT_LE = 256  # Le byte 00: "up to 256 bytes"
+
+
+#: hashlib name -> digest size, of the hashes tag 91 names
+HASHES_BY_NAME = {name: size for name, size in HASHES.values()}
 
 
 class ObjectType(IntEnum):
@@ -115,7 +137,6 @@ class ObjectType(IntEnum):
     PUBLIC_KEY = CONTAINER_PUBLIC_KEY
     FILE = CONTAINER_FILE
     SECRET_KEY = CONTAINER_SECRET_KEY
-
 
 
 @dataclass(frozen=True)
@@ -150,6 +171,8 @@ class ObjectInfo:
     crypto_functions: int | None = None
     signature_algorithms: int | None = None
     hash_algorithms: int | None = None
+    key_agreement_algorithms: int | None = None
+    key_derivation_algorithms: int | None = None
     file_usage: int | None = None
     file_size: int | None = None
     extra: tuple[Tlv, ...] = field(default=(), repr=False)
@@ -190,6 +213,62 @@ def encode_sign_init(
         + encode_tlv(TAG_HASH_ALGS, hash_bit.to_bytes(2, "big"))
         + encode_tlv(TAG_SIG_ALGS, bytes((SIGNATURE_ECDSA,)))
     )
+
+
+def encode_put_public_key(point: bytes) -> bytes:
+    """PUT PUBLIC KEY UPDATE data: ``34 { 49 { 86 04||X||Y } }``, the encoding GENERATE KEY
+    PAIR and READ PUBLIC KEY answer [card §3]; one block for a P-256 key."""
+    if len(point) != 65 or point[0] != 0x04:
+        raise InputError(f"a P-256 public key is a 65-byte uncompressed point, got {len(point)}")
+    return encode_tlv(TAG_PUBLIC_KEY, encode_tlv(TAG_ECC_KEY, encode_tlv(TAG_EC_POINT, point)))
+
+
+def _derivation_secret(secret: IotSafeRef | bytes) -> bytes:
+    """A secret-key object's ID/label TLV (86/76), or a secret given in the command (D1)."""
+    if isinstance(secret, IotSafeRef):
+        return encode_object_ref(secret, ObjectKind.SECRET_KEY)
+    if not secret:
+        raise InputError("the derivation secret is empty")
+    return encode_tlv(TAG_SECRET_VALUE, secret)
+
+
+def _length_tlv(length: int) -> bytes:
+    if not 1 <= length <= MAX_DERIVED_BYTES:
+        raise InputError(f"output length must be 1..{MAX_DERIVED_BYTES}, got {length}")
+    # one byte as the AT/Thales traces send it (D3 01 10), two for 256
+    return encode_tlv(TAG_OUTPUT_LENGTH, length.to_bytes(1 if length < 256 else 2, "big"))
+
+
+def encode_prf(secret: IotSafeRef | bytes, label_seed: bytes, length: int) -> bytes:
+    """COMPUTE PRF data: the secret, ``D2`` label||seed, ``D3`` output length [card §3]."""
+    if not label_seed:
+        raise InputError("the PRF label and seed are empty")
+    return _derivation_secret(secret) + encode_tlv(TAG_LABEL_SEED, label_seed) + _length_tlv(length)
+
+
+def encode_hkdf(
+    secret: IotSafeRef | bytes,
+    salt: bytes,
+    *,
+    info: bytes | None = None,
+    length: int | None = None,
+    hash_name: str = "sha256",
+) -> bytes:
+    """COMPUTE HKDF data: the secret (IKM), ``D5`` salt, ``91`` hash; for extract and expand
+    also ``D6`` info and ``D3`` the output length [card §3]; both or neither."""
+    if (info is None) != (length is None):
+        raise InputError("HKDF expand needs both info and length (neither: extract only)")
+    bits = [bit for bit, (name, _size) in HASHES.items() if name == hash_name]
+    if not bits:
+        raise InputError(f"HKDF hash must be one of {hash_names(0xFFFF)}, got {hash_name!r}")
+    data = (
+        _derivation_secret(secret)
+        + encode_tlv(TAG_SALT, salt)
+        + encode_tlv(TAG_HASH_ALGS, bits[0].to_bytes(2, "big"))
+    )
+    if info is not None and length is not None:
+        data += encode_tlv(TAG_INFO, info) + _length_tlv(length)
+    return data
 
 
 def hash_for_digest(digest: bytes) -> int:
@@ -252,6 +331,8 @@ _OBJECT_INTS = {
     "crypto_functions": TAG_OBJECT_FUNCTIONS,
     "signature_algorithms": TAG_SIG_ALGS,
     "hash_algorithms": TAG_HASH_ALGS,
+    "key_agreement_algorithms": TAG_OBJECT_KEY_AGREEMENT,
+    "key_derivation_algorithms": TAG_OBJECT_KEY_DERIVATION,
 }
 # big-endian, as Thales' and wolfSSL's code decode it (Orange's little-endian reading is a
 # bug: [card §4])
@@ -267,9 +348,7 @@ def decode_app_info(data: bytes) -> AppletInfo:
     tlvs = decode_tlvs(data)
     if not tlvs:
         raise CardProtocolError("GET DATA application info: empty answer")
-    return AppletInfo(
-        applet_id=find_tlv(tlvs, TAG_APPLET_ID) or b"", **_ints(tlvs, _APP_INFO_INTS)
-    )
+    return AppletInfo(applet_id=find_tlv(tlvs, TAG_APPLET_ID) or b"", **_ints(tlvs, _APP_INFO_INTS))
 
 
 def _object_from_tlvs(kind: ObjectType, tlvs: list[Tlv]) -> ObjectInfo:
@@ -660,6 +739,73 @@ class IotSafeApplet:
             self._exchange(init_ins, 0x01, self.session_number, name="close session")
         except StatusWordError as exc:
             log.debug("closing session: %s", exc)
+
+    # key agreement and derivation ---------------------------------------------------------
+
+    @_one_transaction
+    def put_public_key(self, public_key: IotSafeRef, point: bytes) -> None:
+        """PUT PUBLIC KEY [card §3]: write a peer's P-256 point into a writable public key
+        object (INIT on the session, one UPDATE with P1 80 carrying ``34``, then INIT P1 01 to
+        close, as wolfSSL's port does)."""
+        data = encode_put_public_key(point)
+        sess = self.session_number
+        ref = encode_object_ref(public_key, ObjectKind.PUBLIC_KEY)
+        self._exchange(INS_PUT_PUBLIC_KEY_INIT, 0x00, sess, ref, name="PUT PUBLIC KEY INIT")
+        try:
+            self._exchange(
+                INS_PUT_PUBLIC_KEY_UPDATE, 0x80, sess, data, name="PUT PUBLIC KEY UPDATE"
+            )
+        finally:
+            self._close_session(INS_PUT_PUBLIC_KEY_INIT)
+
+    def compute_dh(self, private_key: IotSafeRef, public_key: IotSafeRef) -> bytes:
+        """COMPUTE DH [card §3]: ECKA of a key-agreement private key with a public key object
+        (filled by `put_public_key`); the shared x-coordinate, 32 bytes, raw."""
+        data, _ = self._exchange(
+            INS_COMPUTE_DH,
+            0x00,
+            0x00,
+            encode_object_ref(private_key, ObjectKind.PRIVATE_KEY)
+            + encode_object_ref(public_key, ObjectKind.PUBLIC_KEY),
+            name="COMPUTE DH",
+        )
+        if len(data) != 32:
+            raise CardProtocolError(f"COMPUTE DH: expected a 32-byte P-256 secret, got {len(data)}")
+        return data
+
+    def compute_prf(self, secret: IotSafeRef | bytes, label_seed: bytes, length: int) -> bytes:
+        """COMPUTE PRF (P1 00) [card §3]: TLS 1.2 PRF SHA-256 (RFC 5246 §5) of a secret-key
+        object (or a secret given as bytes) over label||seed, ``length`` bytes."""
+        data, _ = self._exchange(
+            INS_COMPUTE_PRF, 0x00, 0x00, encode_prf(secret, label_seed, length), name="COMPUTE PRF"
+        )
+        if len(data) != length:
+            raise CardProtocolError(f"COMPUTE PRF: asked {length} bytes, got {len(data)}")
+        return data
+
+    def compute_hkdf(
+        self,
+        secret: IotSafeRef | bytes,
+        salt: bytes,
+        *,
+        info: bytes | None = None,
+        length: int | None = None,
+        hash_name: str = "sha256",
+    ) -> bytes:
+        """COMPUTE HKDF [card §3]: RFC 5869 over a secret-key object (or IKM bytes) and
+        ``salt``: the PRK (extract) without ``info``/``length``, else ``length`` bytes of OKM
+        (extract and expand)."""
+        data, _ = self._exchange(
+            INS_COMPUTE_HKDF,
+            0x00,
+            0x00,
+            encode_hkdf(secret, salt, info=info, length=length, hash_name=hash_name),
+            name="COMPUTE HKDF",
+        )
+        want = length if length is not None else HASHES_BY_NAME[hash_name]
+        if len(data) != want:
+            raise CardProtocolError(f"COMPUTE HKDF: expected {want} bytes, got {len(data)}")
+        return data
 
     # other ---------------------------------------------------------------------------------
 

@@ -21,6 +21,11 @@ INS_SIGN_UPDATE = 0x2B
 INS_VERIFY_INIT = 0x2C
 INS_VERIFY_UPDATE = 0x2D
 INS_READ_FILE = 0xB0
+INS_PUT_PUBLIC_KEY_INIT = 0x24
+INS_PUT_PUBLIC_KEY_UPDATE = 0xD8
+INS_COMPUTE_DH = 0x46
+INS_COMPUTE_PRF = 0x48
+INS_COMPUTE_HKDF = 0x4A
 
 # -- P1 of the session commands: INIT opens or closes, UPDATE marks the last block -----------
 P1_OPEN = 0x00
@@ -66,6 +71,16 @@ TAG_MESSAGE = 0x9B
 TAG_LAST_BLOCK = 0x9A
 TAG_INTERMEDIATE_HASH = 0x9C
 TAG_HASHED_LENGTH = 0x9D
+# COMPUTE PRF / COMPUTE HKDF data (Thales' middleware, wolfSSL's IoT-SAFE port; Orange's
+# library defines D5): D1 a secret given in the command, D2 label||seed (PRF), D3 the output
+# length, D4 an ECDHE premaster (PRF mode 02, not offered here), D5 the salt (HKDF)
+TAG_SECRET_VALUE = 0xD1
+TAG_LABEL_SEED = 0xD2
+TAG_OUTPUT_LENGTH = 0xD3
+TAG_PREMASTER = 0xD4
+TAG_SALT = 0xD5
+#: HKDF info (the expand step): no public client sends an expand, so this tag is ours
+TAG_INFO = 0xD6
 
 # -- GET DATA applet information (docs/iot-safe-card.md §4) ---------------------------------
 TAG_APPLET_VERSION = 0x10
@@ -86,6 +101,7 @@ TAG_KEY_TYPE = 0x4B
 TAG_KEY_USAGE = 0x4E
 TAG_OBJECT_FUNCTIONS = 0x61
 TAG_OBJECT_KEY_AGREEMENT = 0x6F
+TAG_OBJECT_KEY_DERIVATION = 0x94  # in a C4 container: the same byte as the applet's 94
 TAG_FILE_USAGE = 0x21
 TAG_FILE_SIZE = 0x20  # 2 bytes, big-endian
 
@@ -98,10 +114,15 @@ MODE_PAD_AND_SIGN = 0x03  # the host supplies the final hash: what every source 
 ACCESS_READ = 0x01
 ACCESS_UPDATE = 0x02
 KEY_TYPE_P256 = 0x13
+KEY_TYPE_HMAC = 0xA0  # a secret key: HMAC-capable (PSK)
 KEY_USAGE_GENERAL = 0x01
 CRYPTO_SIGNATURE = 0x01
 CRYPTO_KEY_GENERATION = 0x02
 CRYPTO_KEY_AGREEMENT = 0x04
+CRYPTO_KEY_DERIVATION = 0x08
+KEY_AGREEMENT_ECKA = 0x01  # ECKA-DH (SEC 1 §3.3.1; NIST SP 800-56A §5.7.1.2): the x-coordinate
+DERIVATION_TLS12_PRF = 0x01  # TLS 1.2 PRF with SHA-256 (RFC 5246 §5)
+DERIVATION_HKDF = 0x02  # HKDF (RFC 5869)
 HASH_SHA256 = 0x0001  # 2 bytes on the wire: 00 01
 HASH_SHA384 = 0x0002
 HASH_SHA512 = 0x0004

@@ -5,6 +5,8 @@ iotsafe:label=op-a         IoT SAFE key by label (what it names depends on where
 iotsafe:key-label=op-a     explicit forms of the same
 iotsafe:file-id=01         IoT SAFE file container by ID
 iotsafe:file-label=cert    ... by label
+iotsafe:public-key-id=05   IoT SAFE public key object by ID (public-key-label= by label)
+iotsafe:secret-id=01       IoT SAFE secret-key object (PSK / HMAC key) by ID (secret-label=)
 uicc:path=7FF0/6F01        UICC transparent EF, path from the MF (3F00 implied)
 
 and ``DEFAULT_AID``, the address of the IoT SAFE applet itself.
@@ -36,6 +38,7 @@ class ObjectKind(Enum):
     PRIVATE_KEY = "key"
     PUBLIC_KEY = "public-key"
     FILE = "file"
+    SECRET_KEY = "secret"  # noqa: S105 - the URI field name, not a secret
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class IotSafeRef:
             raise InputError(f"IoT SAFE label must be 1..{MAX_LABEL_BYTES} bytes")
 
     def __str__(self) -> str:
-        prefix = "file" if self.kind is ObjectKind.FILE else "key"
+        prefix = {ObjectKind.FILE: "file", ObjectKind.SECRET_KEY: "secret"}.get(self.kind, "key")
         if self.object_id is not None:
             return f"iotsafe:{prefix}-id={self.object_id.hex().upper()}"
         return f"iotsafe:{prefix}-label={self.label}"
@@ -127,6 +130,7 @@ def parse_card_uri(
         "key": ObjectKind.PRIVATE_KEY,
         "public-key": ObjectKind.PUBLIC_KEY,
         "file": ObjectKind.FILE,
+        "secret": ObjectKind.SECRET_KEY,
     }
     prefix, dash, field = key.rpartition("-")
     if not dash:

@@ -3,14 +3,20 @@
 Implemented: GET DATA (``CB``), GENERATE KEY PAIR (``B9``), READ PUBLIC KEY (``CD``), GET RANDOM
 (``84``), COMPUTE SIGNATURE INIT/UPDATE (``2A``/``2B``) and VERIFY SIGNATURE INIT/UPDATE
 (``2C``/``2D``) in modes 01 (full text, the card hashes), 02 (last block, no resumed hash state)
-and 03 (pad and sign: the host's digest) with SHA-256/384/512 and ECDSA P-256, and READ FILE
-(``B0``). Anything else is
-``6D00``. The object store is issuer-made: the device creates no objects and writes no files
-(docs/iot-safe-card.md §7); ``put_file`` is the simulated-OTA back door for that.
+and 03 (pad and sign: the host's digest) with SHA-256/384/512 and ECDSA P-256, PUT PUBLIC KEY
+INIT/UPDATE (``24``/``D8``), COMPUTE DH (``46``, ECKA: the raw x-coordinate), COMPUTE PRF
+(``48``, TLS 1.2 PRF SHA-256), COMPUTE HKDF (``4A``, RFC 5869 extract, or extract and expand)
+and READ FILE (``B0``). Anything else is ``6D00``. The object store is issuer-made: the device
+creates no objects and writes no files (docs/iot-safe-card.md §7); ``put_file`` is the
+simulated-OTA back door for that. The only objects a command writes are public keys (PUT PUBLIC
+KEY, on objects whose access allows update) and key pairs (GENERATE KEY PAIR).
 
-Private key scalars are only ever used inside ``ecc``; no answer built here contains one.
-Volatile applet state (signature/verification sessions, the object-list cursor) is kept per
-logical channel and dropped on deselection, channel close and reset.
+Private key scalars and secret-key values are only ever used inside ``ecc`` and
+``derivation``; no answer built here contains one. COMPUTE DH answers the shared secret itself
+(what every public client expects of it: no form writes it into a secret-key object), so a
+derived secret leaves the card by design; a secret-key object's value never does.
+Volatile applet state (signature/verification/put-key sessions, the object-list cursor) is kept
+per logical channel and dropped on deselection, channel close and reset.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from est_agent.card import iotsafe_codes as iot
 from est_agent.card.apdu import CommandApdu
 from est_agent.card.tlv import decode_tlvs, encode_tlv
 from est_agent.errors import CardProtocolError, InputError
-from est_agent.sim import ecc
+from est_agent.sim import derivation, ecc
 from est_agent.sim.options import CardOptions
 from est_agent.sim.reply import (
     SW_CONDITIONS,
@@ -49,6 +55,7 @@ from est_agent.sim.state import (
     FileObject,
     PrivateKeyObject,
     PublicKeyObject,
+    SecretKeyObject,
 )
 
 __all__ = [
@@ -64,7 +71,6 @@ MAX_SESSIONS = 4
 APPLET_VERSION = 0x01
 #: GET DATA tag 11 is 32 bytes (Orange's IoT-SAFE-APDU-library issue #2; docs/iot-safe-card.md §4)
 APPLET_IDENTIFIER = b"est-agent virtual IoT SAFE".ljust(32, b"\x00")
-
 
 
 #: GET DATA tag 91: the hashes COMPUTE/VERIFY SIGNATURE take (IoT.05 §2.5 table B)
@@ -84,7 +90,13 @@ class _Named(Protocol):
     label: str
 
 
-_O = TypeVar("_O", PrivateKeyObject, PublicKeyObject, FileObject)
+_O = TypeVar("_O", PrivateKeyObject, PublicKeyObject, FileObject, SecretKeyObject)
+#: the most PUT PUBLIC KEY UPDATE fragments add up to: a P-256 `49 { 86 point }` is 69 bytes
+_MAX_PUT_KEY_BYTES = 512
+#: the most bytes a derivation answers: one short response APDU (ISO/IEC 7816-4 §5.1)
+_MAX_DERIVED_BYTES = 256
+#: the hash names COMPUTE HKDF takes in its tag 91, by bit (the same table as the signatures)
+_HKDF_HASHES = iot.HASHES
 
 
 def _tlvs(cmd: CommandApdu) -> dict[int, bytes]:
@@ -120,6 +132,29 @@ def _pick(
         if label is not None and obj.label.encode("utf-8") == label:
             return obj
     raise _RefusedError(SW_REF_NOT_FOUND)
+
+
+@dataclass
+class _PutKeySession:
+    """An open PUT PUBLIC KEY session: the target object and the ``34`` fragments so far."""
+
+    object_id: bytes
+    received: bytes = b""
+
+
+def _output_length(value: bytes | None) -> int:
+    """Tag D3: the output length, 1 or 2 bytes big-endian, 1..256; else 6A80."""
+    if value is None or len(value) not in (1, 2):
+        raise _RefusedError(SW_INCORRECT_DATA)
+    length = int.from_bytes(value, "big")
+    if not 1 <= length <= _MAX_DERIVED_BYTES:
+        raise _RefusedError(SW_INCORRECT_DATA)
+    return length
+
+
+def _check_only(tlvs: dict[int, bytes], allowed: set[int]) -> None:
+    if set(tlvs) - allowed:
+        raise _RefusedError(SW_INCORRECT_DATA)
 
 
 def _own_id(obj: _Named) -> bytes:
@@ -214,6 +249,22 @@ def _public_key_tlv(point: bytes) -> bytes:
     return encode_tlv(iot.TAG_PUBLIC_KEY, ecc_key)
 
 
+def _ecc_point(encoding: bytes) -> bytes | None:
+    """The P-256 point of an ECC key encoding ``49 { 86 04||X||Y }``; None unless exactly that
+    with a point on the curve."""
+    try:
+        outer = decode_tlvs(encoding)
+        if len(outer) != 1 or outer[0].tag != iot.TAG_ECC_KEY:
+            return None
+        inner = decode_tlvs(outer[0].value)
+    except CardProtocolError:
+        return None
+    if len(inner) != 1 or inner[0].tag != iot.TAG_EC_POINT:
+        return None
+    point = inner[0].value
+    return point if ecc.is_valid_point(point) else None
+
+
 def _install_key_pair(applet: AppletState, private_id: bytes, scalar: bytes, point: bytes) -> None:
     private = next(k for k in applet.private_keys if k.object_id == private_id)
     public = next(k for k in applet.public_keys if k.object_id == private.public_id)
@@ -257,6 +308,8 @@ class IotSafeApplet:
         self._sessions: dict[tuple[int, int, int], _Session] = {}
         # channel -> index of the next object-list container (P2 01 continues from there)
         self._list_cursor: dict[int, int] = {}
+        # (channel, session number) -> the open PUT PUBLIC KEY session
+        self._put_sessions: dict[tuple[int, int], _PutKeySession] = {}
         self._handlers: dict[int, Callable[[int, CommandApdu, AppletState], Reply]] = {
             iot.INS_GET_DATA: self._get_data,
             iot.INS_GENERATE_KEY_PAIR: self._generate_key_pair,
@@ -267,16 +320,23 @@ class IotSafeApplet:
             iot.INS_VERIFY_INIT: self._verify_init,
             iot.INS_VERIFY_UPDATE: self._verify_update,
             iot.INS_READ_FILE: self._read_file,
+            iot.INS_PUT_PUBLIC_KEY_INIT: self._put_key_init,
+            iot.INS_PUT_PUBLIC_KEY_UPDATE: self._put_key_update,
+            iot.INS_COMPUTE_DH: self._compute_dh,
+            iot.INS_COMPUTE_PRF: self._compute_prf,
+            iot.INS_COMPUTE_HKDF: self._compute_hkdf,
         }
 
     def reset(self) -> None:
         self._sessions.clear()
         self._list_cursor.clear()
+        self._put_sessions.clear()
 
     def deselect(self, channel: int) -> None:
         """Drop the channel's sessions, as a Java Card applet's transient state is on deselect."""
         self._sessions = {k: v for k, v in self._sessions.items() if k[0] != channel}
         self._list_cursor.pop(channel, None)
+        self._put_sessions = {k: v for k, v in self._put_sessions.items() if k[0] != channel}
 
     def process(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
         handler = self._handlers.get(cmd.ins)
@@ -302,7 +362,14 @@ class IotSafeApplet:
         def count(n: int) -> bytes:
             return bytes((min(n, 0xFF),))
 
-        functions = iot.CRYPTO_SIGNATURE | iot.CRYPTO_KEY_GENERATION
+        # every function, algorithm and count below is one this applet carries out (a test
+        # reads this answer and tries each advertised capability, and a few that are not)
+        functions = (
+            iot.CRYPTO_SIGNATURE
+            | iot.CRYPTO_KEY_GENERATION
+            | iot.CRYPTO_KEY_AGREEMENT
+            | iot.CRYPTO_KEY_DERIVATION
+        )
 
         return b"".join(
             (
@@ -311,13 +378,15 @@ class IotSafeApplet:
                 encode_tlv(iot.TAG_MAX_FILES, count(len(applet.files))),
                 encode_tlv(iot.TAG_MAX_PRIVATE_KEYS, count(len(applet.private_keys))),
                 encode_tlv(iot.TAG_MAX_PUBLIC_KEYS, count(len(applet.public_keys))),
-                encode_tlv(iot.TAG_MAX_SECRET_KEYS, b"\x00"),  # no secret keys
+                encode_tlv(iot.TAG_MAX_SECRET_KEYS, count(len(applet.secret_keys))),
                 encode_tlv(iot.TAG_CRYPTO_FUNCTIONS, bytes((functions,))),
                 encode_tlv(iot.TAG_HASH_ALGS, _OFFERED_HASHES.to_bytes(2, "big")),
                 encode_tlv(iot.TAG_SIG_ALGS, bytes((iot.SIGNATURE_ECDSA,))),
-                # no key agreement (COMPUTE DH not offered)
-                encode_tlv(iot.TAG_KEY_AGREEMENT_ALGS, b"\x00"),
-                encode_tlv(iot.TAG_KEY_DERIVATION_ALGS, b"\x00"),  # no key derivation
+                encode_tlv(iot.TAG_KEY_AGREEMENT_ALGS, bytes((iot.KEY_AGREEMENT_ECKA,))),
+                encode_tlv(
+                    iot.TAG_KEY_DERIVATION_ALGS,
+                    bytes((iot.DERIVATION_TLS12_PRF | iot.DERIVATION_HKDF,)),
+                ),
                 encode_tlv(iot.TAG_MAX_SESSIONS, bytes((MAX_SESSIONS,))),
             )
         )
@@ -356,6 +425,25 @@ class IotSafeApplet:
         return self._key_container(iot.CONTAINER_PUBLIC_KEY, key, self._public_id(key))
 
     @staticmethod
+    def _secret_container(key: SecretKeyObject) -> bytes:
+        """``C4``: 76 label, 86 ID, 60, 4A, 4B key type, 61, 94 key-derivation algorithms
+        (docs/iot-safe-card.md §4); never the value."""
+        body = b"".join(
+            (
+                encode_tlv(iot.TAG_SECRET_KEY_LABEL, key.label.encode("utf-8"))
+                if key.label
+                else b"",
+                encode_tlv(iot.TAG_SECRET_KEY_ID, key.object_id),
+                encode_tlv(iot.TAG_ACCESS, bytes((key.access,))),
+                encode_tlv(iot.TAG_STATE, b"\x01" if key.filled else b"\x00"),
+                encode_tlv(iot.TAG_KEY_TYPE, bytes((key.key_type,))),
+                encode_tlv(iot.TAG_OBJECT_FUNCTIONS, bytes((key.crypto_functions,))),
+                encode_tlv(iot.TAG_OBJECT_KEY_DERIVATION, bytes((key.key_derivation_algorithms,))),
+            )
+        )
+        return encode_tlv(iot.CONTAINER_SECRET_KEY, body)
+
+    @staticmethod
     def _file_container(obj: FileObject) -> bytes:
         body = b"".join(
             (
@@ -377,6 +465,7 @@ class IotSafeApplet:
         return (
             [self._private_container(k) for k in applet.private_keys]
             + [self._public_container(k) for k in applet.public_keys]
+            + [self._secret_container(k) for k in applet.secret_keys]
             + [self._file_container(f) for f in applet.files]
         )
 
@@ -417,7 +506,12 @@ class IotSafeApplet:
             return Reply(SW_OK, self._app_info(applet), exact=True)
         if cmd.p1 == iot.GET_DATA_OBJECT_LIST:
             return self._object_list(channel, cmd, applet)
-        if cmd.p1 not in (iot.CONTAINER_PRIVATE_KEY, iot.CONTAINER_PUBLIC_KEY, iot.CONTAINER_FILE):
+        if cmd.p1 not in (
+            iot.CONTAINER_PRIVATE_KEY,
+            iot.CONTAINER_PUBLIC_KEY,
+            iot.CONTAINER_FILE,
+            iot.CONTAINER_SECRET_KEY,
+        ):
             raise _RefusedError(SW_P1P2)
         if cmd.p2:
             raise _RefusedError(SW_P1P2)
@@ -428,6 +522,9 @@ class IotSafeApplet:
         elif cmd.p1 == iot.CONTAINER_PUBLIC_KEY:
             public = _pick(tlvs, iot.CONTAINER_PUBLIC_KEY, applet.public_keys, self._public_id)
             data = self._public_container(public)
+        elif cmd.p1 == iot.CONTAINER_SECRET_KEY:
+            secret = _pick(tlvs, iot.CONTAINER_SECRET_KEY, applet.secret_keys, _own_id)
+            data = self._secret_container(secret)
         else:
             data = self._file_container(_pick(tlvs, iot.CONTAINER_FILE, applet.files, _own_id))
         return Reply(SW_OK, data, exact=True)
@@ -627,6 +724,185 @@ class IotSafeApplet:
             raise _RefusedError(SW_INCORRECT_DATA)
         ok = ecc.verify_digest(public.point, digest, *rs)
         return Reply(SW_OK if ok else SW_SIGNATURE_MISMATCH, transient=advance)
+
+    # -- PUT PUBLIC KEY ----------------------------------------------------------------------
+
+    def _put_key_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        """INIT (``24``): P1 00 opens a session on a public key object whose access allows
+        update (else 6982), P1 01 closes it; P2 the session (docs/iot-safe-card.md §3)."""
+        _check_session(cmd.p2)
+        key = (channel, cmd.p2)
+        if cmd.p1 == iot.P1_CLOSE:
+
+            def close_session() -> None:
+                self._put_sessions.pop(key, None)
+
+            return Reply(SW_OK, transient=close_session)
+        if cmd.p1 != iot.P1_OPEN:
+            raise _RefusedError(SW_P1P2)
+        tlvs = _tlvs(cmd)
+        id_tag, label_tag = iot.REF_TAGS[iot.CONTAINER_PUBLIC_KEY]
+        _check_only(tlvs, {id_tag, label_tag})
+        public = _pick(tlvs, iot.CONTAINER_PUBLIC_KEY, applet.public_keys, self._public_id)
+        if not public.access & iot.ACCESS_UPDATE:
+            raise _RefusedError(SW_SECURITY)
+        if public.key_type != iot.KEY_TYPE_P256:
+            raise _RefusedError(SW_CONDITIONS)
+        session = _PutKeySession(public.object_id)
+
+        def open_session() -> None:
+            self._put_sessions[key] = session  # replaces a session already open
+
+        return Reply(SW_OK, transient=open_session)
+
+    def _put_key_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        """UPDATE (``D8``): each block one ``34`` TLV carrying a fragment of the key's
+        ``49 { 86 04||X||Y }`` (Thales' PKCS#11 splits it so; one block holds a P-256 key);
+        P1 00 more, 80 last. The last block checks the point is on P-256 (SEC 1 §3.2.2) and
+        writes it; the session stays open for another key until INIT P1 01."""
+        if cmd.p1 not in (iot.P1_LAST_BLOCK, iot.P1_MORE_BLOCKS):
+            raise _RefusedError(SW_P1P2)
+        _check_session(cmd.p2)
+        session = self._put_sessions.get((channel, cmd.p2))
+        if session is None:
+            raise _RefusedError(SW_CONDITIONS)
+        if not cmd.data:
+            raise _RefusedError(SW_WRONG_LENGTH)
+        try:
+            items = decode_tlvs(cmd.data)
+        except CardProtocolError:
+            raise _RefusedError(SW_INCORRECT_DATA) from None
+        if len(items) != 1 or items[0].tag != iot.TAG_PUBLIC_KEY:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        received = session.received + items[0].value
+        if len(received) > _MAX_PUT_KEY_BYTES:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        if cmd.p1 == iot.P1_MORE_BLOCKS:
+
+            def keep() -> None:
+                session.received = received
+
+            return Reply(SW_OK, transient=keep)
+        point = _ecc_point(received)
+        if point is None:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        target = session.object_id
+
+        def store(state: CardState) -> None:
+            for obj in state.applet.public_keys:
+                if obj.object_id == target:
+                    obj.point = point
+
+        def restart() -> None:
+            session.received = b""
+
+        return Reply(SW_OK, update=store, transient=restart)
+
+    # -- key agreement and derivation -------------------------------------------------------
+
+    def _compute_dh(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        """COMPUTE DH (``46``): ECKA between a private key whose functions include key
+        agreement (61 bit 04, 6F bit 01 ECKA) and a filled public key object that allows key
+        agreement; answers the x-coordinate raw, 32 bytes (docs/iot-safe-card.md §3). A key
+        whose usage forbids it, an empty slot, or no peer key put yet: 6985."""
+        _check_p1p2(cmd)
+        tlvs = _tlvs(cmd)
+        _check_only(
+            tlvs,
+            {*iot.REF_TAGS[iot.CONTAINER_PRIVATE_KEY], *iot.REF_TAGS[iot.CONTAINER_PUBLIC_KEY]},
+        )
+        private = _pick(tlvs, iot.CONTAINER_PRIVATE_KEY, applet.private_keys, _own_id)
+        public = _pick(tlvs, iot.CONTAINER_PUBLIC_KEY, applet.public_keys, self._public_id)
+        for key in (private, public):
+            if not (
+                key.crypto_functions & iot.CRYPTO_KEY_AGREEMENT
+                and key.key_agreement_algorithms & iot.KEY_AGREEMENT_ECKA
+                and key.key_type == iot.KEY_TYPE_P256
+                and key.filled
+            ):
+                raise _RefusedError(SW_CONDITIONS)
+        return Reply(SW_OK, ecc.ecka(private.scalar, public.point), exact=True)
+
+    def _derivation_secret(
+        self, tlvs: dict[int, bytes], applet: AppletState, algorithm: int
+    ) -> bytes:
+        """The secret of a PRF/HKDF: a secret-key object (86/76) allowing ``algorithm`` (else
+        6985), or one given in the command (D1); exactly one of them (else 6A80)."""
+        given = tlvs.get(iot.TAG_SECRET_VALUE)
+        id_tag, label_tag = iot.REF_TAGS[iot.CONTAINER_SECRET_KEY]
+        by_ref = id_tag in tlvs or label_tag in tlvs
+        if (given is not None) == by_ref:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        if given is not None:
+            if not given:
+                raise _RefusedError(SW_INCORRECT_DATA)
+            return given
+        secret = _pick(tlvs, iot.CONTAINER_SECRET_KEY, applet.secret_keys, _own_id)
+        if not (
+            secret.crypto_functions & iot.CRYPTO_KEY_DERIVATION
+            and secret.key_derivation_algorithms & algorithm
+            and secret.filled
+        ):
+            raise _RefusedError(SW_CONDITIONS)
+        return secret.value
+
+    def _compute_prf(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        """COMPUTE PRF (``48``): TLS 1.2 PRF SHA-256 (RFC 5246 §5) of the secret over D2
+        (label || seed), D3 bytes. P1 00 only: the secret used as it is (Thales' mode 00; its
+        PSK premaster modes 01/02 are not offered: 6A86)."""
+        _check_p1p2(cmd)
+        tlvs = _tlvs(cmd)
+        _check_only(
+            tlvs,
+            {
+                iot.TAG_SECRET_VALUE,
+                *iot.REF_TAGS[iot.CONTAINER_SECRET_KEY],
+                iot.TAG_LABEL_SEED,
+                iot.TAG_OUTPUT_LENGTH,
+            },
+        )
+        label_seed = tlvs.get(iot.TAG_LABEL_SEED)
+        if not label_seed:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        length = _output_length(tlvs.get(iot.TAG_OUTPUT_LENGTH))
+        secret = self._derivation_secret(tlvs, applet, iot.DERIVATION_TLS12_PRF)
+        return Reply(SW_OK, derivation.tls12_prf(secret, label_seed, length), exact=True)
+
+    def _compute_hkdf(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
+        """COMPUTE HKDF (``4A``): RFC 5869 with the hash of tag 91 (SHA-256/384/512) over the
+        secret as IKM and the salt D5 (absent or empty: HashLen zeros, §2.2). Without D3 the
+        answer is the PRK (extract, as wolfSSL's TLS 1.3 port asks); with D3 it is that many
+        bytes of OKM (extract then expand with the info D6, §2.3)."""
+        _check_p1p2(cmd)
+        tlvs = _tlvs(cmd)
+        _check_only(
+            tlvs,
+            {
+                iot.TAG_SECRET_VALUE,
+                *iot.REF_TAGS[iot.CONTAINER_SECRET_KEY],
+                iot.TAG_SALT,
+                iot.TAG_HASH_ALGS,
+                iot.TAG_INFO,
+                iot.TAG_OUTPUT_LENGTH,
+            },
+        )
+        hash_alg = tlvs.get(iot.TAG_HASH_ALGS)
+        hash_bit = int.from_bytes(hash_alg, "big") if hash_alg and len(hash_alg) == 2 else 0
+        if hash_bit not in _HKDF_HASHES:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        hash_name, hash_size = _HKDF_HASHES[hash_bit]
+        expand = iot.TAG_OUTPUT_LENGTH in tlvs
+        if iot.TAG_INFO in tlvs and not expand:
+            raise _RefusedError(SW_INCORRECT_DATA)
+        length = _output_length(tlvs[iot.TAG_OUTPUT_LENGTH]) if expand else hash_size
+        if length > 255 * hash_size:  # pragma: no cover - 256 < 255 * 32
+            raise _RefusedError(SW_INCORRECT_DATA)
+        ikm = self._derivation_secret(tlvs, applet, iot.DERIVATION_HKDF)
+        prk = derivation.hkdf_extract(hash_name, tlvs.get(iot.TAG_SALT, b""), ikm)
+        if not expand:
+            return Reply(SW_OK, prk, exact=True)
+        okm = derivation.hkdf_expand(hash_name, prk, tlvs.get(iot.TAG_INFO, b""), length)
+        return Reply(SW_OK, okm, exact=True)
 
     # -- files -----------------------------------------------------------------------------
 

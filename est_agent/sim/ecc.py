@@ -1,4 +1,4 @@
-"""The card's P-256 arithmetic: key generation, ECDSA over a SHA-2 digest, verification.
+"""The card's P-256 arithmetic: key generation, ECDSA over a SHA-2 digest, verification, ECKA.
 
 Keys are kept as raw bytes (a 32-byte scalar, a 65-byte SEC1 point) because that is how the card
 stores them; ``cryptography`` objects are built per operation.
@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 __all__ = [
     "COORDINATE_BYTES",
     "decode_signature",
+    "ecka",
     "generate_key_pair",
+    "is_valid_point",
     "private_key_from_scalar",
     "sign_digest",
     "verify_digest",
@@ -81,3 +83,22 @@ def verify_digest(point: bytes, digest: bytes, r: int, s: int) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def is_valid_point(point: bytes) -> bool:
+    """An uncompressed SEC1 point (``04||X||Y``) on P-256 (SEC 1 §2.3.4 and the public-key
+    validation of §3.2.2: `cryptography` refuses a point off the curve)."""
+    if len(point) != 1 + 2 * COORDINATE_BYTES or point[0] != 0x04:
+        return False
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
+    except ValueError:
+        return False
+    return True
+
+
+def ecka(scalar: bytes, point: bytes) -> bytes:
+    """ECKA-DH (ECC CDH of SEC 1 §3.3.1, NIST SP 800-56A §5.7.1.2): the x-coordinate of
+    scalar·point, 32 bytes. ``point`` must have passed `is_valid_point`."""
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
+    return private_key_from_scalar(scalar).exchange(ec.ECDH(), peer)

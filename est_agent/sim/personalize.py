@@ -5,6 +5,18 @@ generation, which no device command may regenerate, and its certificate in apple
 two empty operational key slots the device fills with GENERATE KEY PAIR, and UICC EFs the
 device may use to store issued certificates (7FF0/6F01, 7FF0/6F02), plus an ADM-only EF
 (7FF0/6F10) that a device can never update.
+
+For (D)TLS on the card (GSMA IoT.05 key agreement and derivation, as wolfSSL's IoT-SAFE port
+uses them) it also gets:
+
+- private key 04 ``ecdh`` (``iotsafe:key-id=04``): key agreement (ECKA) and key generation
+  only, no signature: the ephemeral ECDH slot, refilled by GENERATE KEY PAIR for each
+  handshake; its public half is public key 04;
+- public key 05 ``peer`` (``iotsafe:public-key-id=05``): writable by PUT PUBLIC KEY, the peer's
+  (ephemeral) key for COMPUTE DH, or a key VERIFY SIGNATURE checks against;
+- secret key 01 ``psk`` (``iotsafe:secret-id=01``): a PSK / HMAC key for COMPUTE PRF and
+  COMPUTE HKDF, loaded from the ``psk`` argument (empty, state 00, without one). No command
+  reads it.
 """
 
 from __future__ import annotations
@@ -25,9 +37,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from est_agent.card.iotsafe_codes import (
     ACCESS_READ,
     ACCESS_UPDATE,
+    CRYPTO_KEY_AGREEMENT,
     CRYPTO_KEY_GENERATION,
     CRYPTO_SIGNATURE,
     FILE_USAGE_X509,
+    KEY_AGREEMENT_ECKA,
 )
 from est_agent.card.uicc import luhn_check_digit
 from est_agent.certificates import SIGNING_KEY_USAGE
@@ -36,6 +50,7 @@ from est_agent.sim import ecc
 from est_agent.sim.applet import generate_key_pair, put_file
 from est_agent.sim.atr import build_atr
 from est_agent.sim.state import (
+    MAX_SECRET_BYTES,
     MF_FID,
     AccessRule,
     AppletState,
@@ -45,13 +60,17 @@ from est_agent.sim.state import (
     FileObject,
     PrivateKeyObject,
     PublicKeyObject,
+    SecretKeyObject,
     save_state,
 )
 
 __all__ = [
     "BOOTSTRAP_CERT_FILE_ID",
     "BOOTSTRAP_KEY_ID",
+    "ECDH_KEY_ID",
     "OPERATIONAL_KEY_IDS",
+    "PEER_PUBLIC_KEY_ID",
+    "PSK_SECRET_ID",
     "PersonalizationReport",
     "encode_iccid",
     "luhn_check_digit",
@@ -61,6 +80,12 @@ __all__ = [
 BOOTSTRAP_KEY_ID = b"\x01"
 BOOTSTRAP_CERT_FILE_ID = b"\x01"
 OPERATIONAL_KEY_IDS = (b"\x02", b"\x03")
+#: the ephemeral ECDH key pair (private and public key objects 04)
+ECDH_KEY_ID = b"\x04"
+#: the public key object PUT PUBLIC KEY fills with the peer's key
+PEER_PUBLIC_KEY_ID = b"\x05"
+#: the PSK secret-key object
+PSK_SECRET_ID = b"\x01"
 
 EF_ICCID = b"\x2f\xe2"
 DF_STORE = b"\x7f\xf0"
@@ -181,7 +206,36 @@ def _bootstrap_certificate(
     return builder.sign(issuer_key, _signature_hash(issuer_key))
 
 
-def _applet_store() -> AppletState:
+def _key_agreement_objects() -> tuple[PrivateKeyObject, PublicKeyObject, PublicKeyObject]:
+    ecdh = PrivateKeyObject(
+        object_id=ECDH_KEY_ID,
+        label="ecdh",
+        public_id=ECDH_KEY_ID,
+        access=ACCESS_UPDATE,
+        crypto_functions=CRYPTO_KEY_AGREEMENT | CRYPTO_KEY_GENERATION,
+        signature_algorithms=0x00,
+        hash_algorithms=0x0000,
+        key_agreement_algorithms=KEY_AGREEMENT_ECKA,
+    )
+    ecdh_public = PublicKeyObject(
+        object_id=ECDH_KEY_ID,
+        label="ecdh",
+        crypto_functions=CRYPTO_KEY_AGREEMENT,
+        signature_algorithms=0x00,
+        hash_algorithms=0x0000,
+        key_agreement_algorithms=KEY_AGREEMENT_ECKA,
+    )
+    peer = PublicKeyObject(
+        object_id=PEER_PUBLIC_KEY_ID,
+        label="peer",
+        access=ACCESS_READ | ACCESS_UPDATE,
+        crypto_functions=CRYPTO_SIGNATURE | CRYPTO_KEY_AGREEMENT,
+        key_agreement_algorithms=KEY_AGREEMENT_ECKA,
+    )
+    return ecdh, ecdh_public, peer
+
+
+def _applet_store(psk: bytes) -> AppletState:
     def private(object_id: bytes, label: str, functions: int, access: int) -> PrivateKeyObject:
         return PrivateKeyObject(
             object_id=object_id,
@@ -193,6 +247,7 @@ def _applet_store() -> AppletState:
 
     labels = ("bootstrap", "op-a", "op-b")
     ids = (BOOTSTRAP_KEY_ID, *OPERATIONAL_KEY_IDS)
+    ecdh, ecdh_public, peer = _key_agreement_objects()
     return AppletState(
         private_keys=[
             # signature only: no device command can ever replace the bootstrap key
@@ -201,11 +256,17 @@ def _applet_store() -> AppletState:
                 private(i, label, CRYPTO_SIGNATURE | CRYPTO_KEY_GENERATION, ACCESS_UPDATE)
                 for i, label in zip(OPERATIONAL_KEY_IDS, labels[1:], strict=True)
             ),
+            ecdh,
         ],
         public_keys=[
-            PublicKeyObject(object_id=i, label=label, crypto_functions=CRYPTO_SIGNATURE)
-            for i, label in zip(ids, labels, strict=True)
+            *(
+                PublicKeyObject(object_id=i, label=label, crypto_functions=CRYPTO_SIGNATURE)
+                for i, label in zip(ids, labels, strict=True)
+            ),
+            ecdh_public,
+            peer,
         ],
+        secret_keys=[SecretKeyObject(object_id=PSK_SECRET_ID, label="psk", value=psk)],
         files=[
             FileObject(
                 object_id=BOOTSTRAP_CERT_FILE_ID,
@@ -249,6 +310,11 @@ def _describe_objects(applet: AppletState) -> tuple[str, ...]:
         for k in applet.public_keys
     ]
     lines += [
+        f"secret key  {k.object_id.hex().upper()} {k.label!r}: "
+        f"{'filled' if k.filled else 'empty'}"  # never its length or value
+        for k in applet.secret_keys
+    ]
+    lines += [
         f"file        {f.object_id.hex().upper()} {f.label!r}: {len(f.data)} of {f.capacity} bytes"
         for f in applet.files
     ]
@@ -274,12 +340,16 @@ def personalize(
     bootstrap_ca: tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes] | None = None,
     now: datetime | None = None,
     force: bool = False,
+    psk: bytes = b"",
 ) -> PersonalizationReport:
     """Create a personalized virtual SIM in ``path``.
 
     ``bootstrap_ca`` issues the bootstrap certificate (self-signed without it). An existing file
-    is only replaced with ``force=True``: it may hold the only copy of a card's keys.
+    is only replaced with ``force=True``: it may hold the only copy of a card's keys. ``psk``
+    (1..128 bytes) fills secret key 01; nothing reports it but ``filled``.
     """
+    if len(psk) > MAX_SECRET_BYTES:
+        raise InputError(f"a PSK is at most {MAX_SECRET_BYTES} bytes, got {len(psk)}")
     target = Path(os.fspath(path))
     if not force and target.exists():
         raise SimStateError(f"{target} already exists; refusing to overwrite a card (use force)")
@@ -290,7 +360,7 @@ def personalize(
     moment = moment.replace(microsecond=0)  # X.509 times have whole seconds
 
     state = CardState(
-        iccid=iccid, serial=secrets.token_bytes(8), mf=_file_tree(iccid), applet=_applet_store()
+        iccid=iccid, serial=secrets.token_bytes(8), mf=_file_tree(iccid), applet=_applet_store(psk)
     )
     generate_key_pair(state.applet, BOOTSTRAP_KEY_ID)
     scalar = next(k.scalar for k in state.applet.private_keys if k.object_id == BOOTSTRAP_KEY_ID)

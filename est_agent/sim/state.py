@@ -12,7 +12,10 @@ File format (JSON, bytes as upper-case hex)::
      "sha256": "<hex SHA-256 of the canonical JSON of 'card'>",
      "card": {"iccid": "8988...", "serial": "<8 bytes>",
               "mf": {"fid": "3F00", "name": "", "efs": [...], "dfs": [...]},
-              "applet": {"private_keys": [...], "public_keys": [...], "files": [...]}}}
+              "applet": {"private_keys": [...], "public_keys": [...], "files": [...],
+                         "secret_keys": [...]}}}
+
+``secret_keys`` may be absent (a file written before secret-key objects existed): none then.
 
 The checksum is taken over ``json.dumps(card, sort_keys=True, separators=(",", ":"))`` so the
 file may be pretty-printed; it catches truncation and bit rot, and hand edits that forgot it.
@@ -34,11 +37,15 @@ from typing import Any, TypeVar
 
 from est_agent.card.iotsafe_codes import (
     ACCESS_READ,
+    CRYPTO_KEY_DERIVATION,
     CRYPTO_SIGNATURE,
+    DERIVATION_HKDF,
+    DERIVATION_TLS12_PRF,
     FILE_USAGE_GENERAL,
     HASH_SHA256,
     HASH_SHA384,
     HASH_SHA512,
+    KEY_TYPE_HMAC,
     KEY_TYPE_P256,
     KEY_USAGE_GENERAL,
     MAX_ID_BYTES,
@@ -61,6 +68,7 @@ __all__ = [
     "KeyObject",
     "PrivateKeyObject",
     "PublicKeyObject",
+    "SecretKeyObject",
     "decode_state",
     "encode_state",
     "load_state",
@@ -76,6 +84,9 @@ _MAX_EF_SIZE = 0x7FFF  # READ/UPDATE BINARY carry a 15-bit offset (TS 102 221 §
 _SCALAR_BYTES = 32
 _POINT_BYTES = 65
 _SERIAL_BYTES = 8
+#: the largest secret a secret-key object holds (an HMAC key longer than the SHA-512 block is
+#: hashed first, RFC 2104 §3, so more would add nothing)
+MAX_SECRET_BYTES = 128
 
 
 class AccessRule(enum.Enum):
@@ -167,6 +178,25 @@ class FileObject:
         return bool(self.data)
 
 
+@dataclass(kw_only=True)
+class SecretKeyObject:
+    """A secret-key object (GET DATA container ``C4``): a PSK / HMAC-capable key (type ``A0``)
+    the key-derivation commands (COMPUTE PRF / COMPUTE HKDF) take as their secret. ``value`` is
+    empty while the object is empty (state 00); no command ever answers it."""
+
+    object_id: bytes
+    label: str
+    access: int = 0x00  # neither read nor update from the device
+    key_type: int = KEY_TYPE_HMAC
+    crypto_functions: int = CRYPTO_KEY_DERIVATION
+    key_derivation_algorithms: int = DERIVATION_TLS12_PRF | DERIVATION_HKDF
+    value: bytes = field(default=b"", repr=False)
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.value)
+
+
 @dataclass
 class AppletState:
     """The IoT SAFE object store, fixed by the issuer (devices create no objects)."""
@@ -174,6 +204,7 @@ class AppletState:
     private_keys: list[PrivateKeyObject] = field(default_factory=list)
     public_keys: list[PublicKeyObject] = field(default_factory=list)
     files: list[FileObject] = field(default_factory=list)
+    secret_keys: list[SecretKeyObject] = field(default_factory=list)
 
 
 @dataclass
@@ -247,6 +278,18 @@ def _card_to_json(state: CardState) -> dict[str, Any]:
                     "data": _hex(f.data),
                 }
                 for f in applet.files
+            ],
+            "secret_keys": [
+                {
+                    "id": _hex(k.object_id),
+                    "label": k.label,
+                    "access": k.access,
+                    "key_type": k.key_type,
+                    "crypto_functions": k.crypto_functions,
+                    "key_derivation_algorithms": k.key_derivation_algorithms,
+                    "value": _hex(k.value),
+                }
+                for k in applet.secret_keys
             ],
         },
     }
@@ -399,7 +442,20 @@ def _file_from_json(obj: Any, where: str) -> FileObject:
     )
 
 
-_O = TypeVar("_O", PrivateKeyObject, PublicKeyObject, FileObject)
+def _secret_key_from_json(obj: Any, where: str) -> SecretKeyObject:
+    value = _bytes_field(obj, "value", where, range(MAX_SECRET_BYTES + 1))
+    return SecretKeyObject(
+        object_id=_object_id(obj, "id", where),
+        label=_label(obj, where),
+        access=_byte_field(obj, "access", where),
+        key_type=_byte_field(obj, "key_type", where),
+        crypto_functions=_byte_field(obj, "crypto_functions", where),
+        key_derivation_algorithms=_byte_field(obj, "key_derivation_algorithms", where),
+        value=value,
+    )
+
+
+_O = TypeVar("_O", PrivateKeyObject, PublicKeyObject, FileObject, SecretKeyObject)
 
 
 def _objects(obj: Any, key: str, where: str, parse: Callable[[Any, str], _O]) -> list[_O]:
@@ -425,6 +481,11 @@ def _card_from_json(card: Any) -> CardState:
         private_keys=_objects(applet_obj, "private_keys", "card.applet", _private_key_from_json),
         public_keys=_objects(applet_obj, "public_keys", "card.applet", _public_key_from_json),
         files=_objects(applet_obj, "files", "card.applet", _file_from_json),
+        secret_keys=(
+            _objects(applet_obj, "secret_keys", "card.applet", _secret_key_from_json)
+            if "secret_keys" in applet_obj
+            else []
+        ),
     )
     public_ids = {k.object_id for k in applet.public_keys}
     for key in applet.private_keys:

@@ -147,7 +147,7 @@ def test_wrong_aid(state: Path) -> None:
 
 def test_iso_class(state: Path) -> None:
     applet, _ = open_applet(state, CardOptions(), proprietary_cla=False)
-    assert applet.info().max_private_keys == 3
+    assert applet.info().max_private_keys == 4  # issue 13: + the ECDH key 04
 
 
 def test_object_info_single(state: Path) -> None:

@@ -39,7 +39,7 @@ def test_round_trip_str() -> None:
         "iotsafe:key-id=zz",
         "iotsafe:key-id=" + "00" * 21,
         "iotsafe:colour=blue",
-        "iotsafe:secret-id=01",
+        "iotsafe:secret-key-id=01",  # issue 13: secret-id= names a secret-key object
         "uicc:path=7FF0/6F0",
         "uicc:path=",
         "uicc:fid=6F01",

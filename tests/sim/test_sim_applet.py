@@ -415,8 +415,12 @@ def test_read_file_access_and_empty_file() -> None:
 def test_unknown_and_unsupported_instructions_on_the_applet() -> None:
     card = VirtualCard(example_state())
     open_applet(card)
-    for ins in ("00", "24", "46", "D6", "FE"):
+    for ins in ("00", "D6", "FE", "4C"):
         assert tx(card, f"81 {ins} 00 00 00") == (b"", 0x6D00)
+    # issue 13: PUT PUBLIC KEY INIT (24) and COMPUTE DH (46) are applet commands now; with no
+    # data field they are the wrong length, not unknown instructions
+    for ins in ("24", "46", "48", "4A"):
+        assert tx(card, f"81 {ins} 00 00 00") == (b"", 0x6700)
     assert tx(card, "A1 CB 00 00 44") == (b"", 0x6E00)
     # applet commands on a channel without the applet: the UICC does not know them
     assert tx(card, "80 CB 00 00 44") == (b"", 0x6D00)
