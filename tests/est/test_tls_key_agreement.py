@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from est_agent.backends.agreement import SoftwareKeyAgreement, check_peer_point
+from est_agent.backends.iotsafe import CardKeyAgreement
+from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import EstError, InputError
 from est_agent.est.tls import TlsliteTls, tlslite_adapter
 from est_agent.testserver import DevPki
@@ -140,3 +142,34 @@ def test_software_agreement_matches_cryptography() -> None:
     )
     assert agreement.shared_secret(_point(peer)) == expected
     assert len(expected) == 32
+
+
+ECDH_KEY = IotSafeRef(ObjectKind.PRIVATE_KEY, object_id=b"\x04")
+PEER_KEY = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=b"\x05")
+
+
+def test_tls13_with_ecdh_and_certificate_verify_on_the_sim(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path
+) -> None:
+    """Issue 13: the client's ephemeral ECDH runs on the virtual SIM (GENERATE KEY PAIR, PUT
+    PUBLIC KEY, COMPUTE DH) and its CertificateVerify is signed by it, against OpenSSL."""
+    agreement = CardKeyAgreement(sim.applet, ECDH_KEY, PEER_KEY)
+    config = TlsliteTls(
+        (dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), sim.bootstrap,
+        key_agreement=agreement,
+    )  # fmt: skip
+    shares = []
+    for round_ in range(2):
+        before = sim.transport.stats.apdus
+        (workdir := tmp_path / str(round_)).mkdir()
+        with s_server(dev_pki, workdir, "TLS_AES_128_GCM_SHA256", "required") as server:
+            assert _connect(server, config) == "TLSv1.3"
+        output = server.output.read_text()
+        assert "hello from the agent" in output
+        assert "Supported groups: secp256r1\n" in output, output
+        assert sim.transport.stats.apdus - before == 5 + 2  # ECDH 1+3+1, signature 2
+        shares.append(sim.applet.read_public_key(IotSafeRef(ObjectKind.PUBLIC_KEY, b"\x04")))
+    assert agreement.agreements == 2
+    assert sim.bootstrap.signatures == 2
+    # a fresh key pair on the card for each handshake (RFC 8446 §4.2.8: ephemeral)
+    assert shares[0] != shares[1]

@@ -583,6 +583,7 @@ def handshake(
     Finished), ``TimeoutError`` when the socket timed out, ``HandshakeFailed`` otherwise.
     """
     card_key_class, connection_class = _classes()  # first: imports tlslite quietly
+    from tlslite.constants import AlertDescription
     from tlslite.errors import BaseTLSException, TLSLocalAlert, TLSRemoteAlert
     from tlslite.x509 import X509  # type: ignore[import-untyped]
     from tlslite.x509certchain import X509CertChain  # type: ignore[import-untyped]
@@ -608,7 +609,13 @@ def handshake(
     except TLSLocalAlert as exc:
         if connection.est_verification_error is not None:
             raise connection.est_verification_error from exc
-        raise TlsVerificationError(f"TLS handshake with {host} aborted ({exc})") from exc
+        hint = ""
+        if (
+            config.key_agreement is not None
+            and exc.description == AlertDescription.protocol_version
+        ):
+            hint = "; the key share is made on the card (card.key_agreement): TLS 1.3 only"
+        raise TlsVerificationError(f"TLS handshake with {host} aborted ({exc}){hint}") from exc
     except TimeoutError:
         raise
     except (BaseTLSException, OSError) as exc:
