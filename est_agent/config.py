@@ -135,6 +135,8 @@ class CsrAttrsMode(Enum):
     ADVISORY = "advisory"
     STRICT = "strict"
     OFF = "off"
+
+
 class HttpAuth(Enum):
     """How the HTTP account (``est.basic_username`` and its password) answers the server.
 
@@ -281,6 +283,9 @@ def _unknown_placeholder(name: str) -> str:
 
 # --- the sections ----------------------------------------------------------------------------
 
+#: the virtual SIM's writable public key object (sim/personalize.py PEER_PUBLIC_KEY_ID)
+_PEER_PUBLIC_KEY = IotSafeRef(ObjectKind.PUBLIC_KEY, object_id=b"\x05")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CardConfig:
@@ -294,6 +299,12 @@ class CardConfig:
     iso_cla: bool = False
     #: channel for the certificate EFs' file commands (see UiccChannel)
     uicc_channel: UiccChannel = UiccChannel.AUTO
+    #: TLS 1.3's ephemeral ECDH (RFC 8446 §4.2.8) on the card with this key-agreement private
+    #: key (GENERATE KEY PAIR per handshake, PUT PUBLIC KEY into ``peer_public_key``, COMPUTE
+    #: DH: GSMA IoT.05); None: on the host, as tlslite makes it
+    key_agreement: IotSafeRef | None = None
+    #: the writable public key object the server's key share is put into
+    peer_public_key: IotSafeRef = _PEER_PUBLIC_KEY
 
     def __post_init__(self) -> None:
         _check_type("card.reader", self.reader, str)
@@ -321,6 +332,19 @@ class CardConfig:
                 raise _fail("card.aids", f"an AID is 5..16 bytes, got {aid.hex().upper()!r}")
         _check_type("card.iso_cla", self.iso_cla, bool)
         _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
+        if self.key_agreement is not None:
+            _check_type("card.key_agreement", self.key_agreement, IotSafeRef)
+            if self.key_agreement.kind is not ObjectKind.PRIVATE_KEY:
+                raise _fail(
+                    "card.key_agreement",
+                    f"expected an IoT SAFE key, got {_card_uri_kind(self.key_agreement)}",
+                )
+        _check_type("card.peer_public_key", self.peer_public_key, IotSafeRef)
+        if self.peer_public_key.kind is not ObjectKind.PUBLIC_KEY:
+            raise _fail(
+                "card.peer_public_key",
+                f"expected an IoT SAFE public key, got {_card_uri_kind(self.peer_public_key)}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -908,14 +932,27 @@ class Config:
     def _check_combinations(self) -> None:
         """What the runtime would refuse later (after opening the card, or on first boot only),
         refused now, naming the key."""
+        if self.card.key_agreement is not None:
+            from_key = {self.bootstrap.key, *(slot.key for slot in self.slots)}
+            if self.card.key_agreement in from_key:
+                # GENERATE KEY PAIR for every handshake would destroy that credential's key
+                raise _fail(
+                    "card.key_agreement",
+                    f"{self.card.key_agreement} is a credential's key; name the card's"
+                    " key-agreement slot",
+                )
+            if self.est.pop is PopMode.TLS_UNIQUE:
+                raise _fail(
+                    "card.key_agreement",
+                    'makes the TLS 1.3 key share on the card; est.pop = "tls-unique" needs'
+                    " TLS 1.2 (RFC 9266 §1)",
+                )
         if not self.card.reader.lower().startswith("modem:"):
             # {imei} is AT+CGSN (3GPP TS 27.007 §5.4): only a modem link knows it.
             subject, sans = self.subject.templates()
             for key, _field, pattern in subject + sans:
                 if "{imei}" in pattern:
-                    raise _fail(
-                        key, "uses {imei}, which only a modem: reader can fill (AT+CGSN)"
-                    )
+                    raise _fail(key, "uses {imei}, which only a modem: reader can fill (AT+CGSN)")
 
     @classmethod
     def defaults(cls, *, est_url: str) -> Config:
@@ -1066,6 +1103,16 @@ def _card(data: object, base_dir: Path | None) -> CardConfig:
         kwargs["iso_cla"] = t.value("iso_cla")
     if t.has("uicc_channel"):
         kwargs["uicc_channel"] = _enum(t, "uicc_channel", UiccChannel)
+    for name, kind in (
+        ("key_agreement", ObjectKind.PRIVATE_KEY),
+        ("peer_public_key", ObjectKind.PUBLIC_KEY),
+    ):
+        if t.has(name) and (text := t.string(name)):
+            ref = _card_ref(t.key(name), text, kind, None, allow_path=False)
+            if not isinstance(ref, IotSafeRef) or ref.kind is not kind:
+                what = "key" if kind is ObjectKind.PRIVATE_KEY else "public key"
+                raise _fail(t.key(name), f"expected an IoT SAFE {what}, got {_card_uri_kind(ref)}")
+            kwargs[name] = ref
     return _build(CardConfig, kwargs)
 
 

@@ -15,15 +15,16 @@ at all — the run ends. Nothing here returns key material.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from est_agent.backends.agreement import KeyAgreement
     from est_agent.backends.signer import Signer
     from est_agent.transport.base import LinkStats
 
-__all__ = ["CredentialBackend", "KeyRef", "ObjectRef", "RecordRef"]
+__all__ = ["CredentialBackend", "KeyAgreementBackend", "KeyRef", "ObjectRef", "RecordRef"]
 
 #: where a private key lives (IoT SAFE: an ``IotSafeRef`` to a private key object)
 KeyRef: TypeAlias = object
@@ -86,3 +87,13 @@ class CredentialBackend(Protocol):
 
     def imei(self) -> str | None:
         """The modem's IMEI when the link knows it (subject templates), else None."""
+
+
+@runtime_checkable
+class KeyAgreementBackend(Protocol):
+    """A backend that can also run TLS 1.3's ephemeral ECDH on the device (the IoT SAFE
+    applet's COMPUTE DH); one that cannot leaves the key share to the host."""
+
+    def key_agreement(self, key: KeyRef, peer: KeyRef) -> KeyAgreement:
+        """ECDH with the key-agreement private key ``key``; the peer's share goes to ``peer``."""
+        ...

@@ -1,7 +1,9 @@
-"""A signing key inside the SIM's GSMA IoT SAFE applet (GSMA IoT.05), as a `Signer`.
+"""Keys inside the SIM's GSMA IoT SAFE applet (GSMA IoT.05): a `Signer`, a `KeyAgreement`.
 
 The private key never leaves the card: ``sign_digest`` sends the digest to the applet's
-COMPUTE SIGNATURE and checks the answer against the public key before returning it.
+COMPUTE SIGNATURE and checks the answer against the public key before returning it;
+``CardKeyAgreement`` makes TLS 1.3's ephemeral key pair with GENERATE KEY PAIR and the shared
+secret with COMPUTE DH.
 """
 
 from __future__ import annotations
@@ -11,10 +13,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from est_agent.backends.agreement import check_peer_point
 from est_agent.backends.signer import SHA256_ONLY, public_key_from_point
 from est_agent.card.iotsafe import IotSafeApplet, ObjectType, hash_for_digest, hash_names
 from est_agent.card.uri import IotSafeRef, ObjectKind
-from est_agent.errors import CardProtocolError, InputError, NotFoundError, StatusWordError
+from est_agent.errors import (
+    CardProtocolError,
+    EstAgentError,
+    InputError,
+    NotFoundError,
+    StatusWordError,
+)
 
 _HASHES: dict[str, hashes.HashAlgorithm] = {
     "sha256": hashes.SHA256(),
@@ -22,7 +31,7 @@ _HASHES: dict[str, hashes.HashAlgorithm] = {
     "sha512": hashes.SHA512(),
 }
 
-__all__ = ["CardSigner"]
+__all__ = ["CardKeyAgreement", "CardSigner"]
 
 
 class CardSigner:
@@ -122,3 +131,44 @@ class CardSigner:
                 f"the card's signature with {self.key} does not verify with its public key"
             ) from None
         return signature
+
+
+class CardKeyAgreement:
+    """TLS 1.3's ephemeral ECDH (RFC 8446 §4.2.8, §7.4.2) on the card (GSMA IoT.05 key
+    agreement): ``new_key`` is GENERATE KEY PAIR on a key-agreement private key, whose previous
+    key is gone then (the slot holds one ephemeral key at a time: forward secrecy on the
+    card); ``shared_secret`` puts the server's share into a writable public key object (PUT
+    PUBLIC KEY) and asks COMPUTE DH for the x-coordinate. The share is validated on the host
+    first (a card's COMPUTE DH need not). The card's answer cannot be checked here (its
+    private key never leaves it): a wrong secret fails the handshake's first decryption,
+    before the card is asked to sign.
+
+    Per handshake: 1 + 3 + 1 APDUs (GENERATE KEY PAIR; PUT PUBLIC KEY INIT, UPDATE, close;
+    COMPUTE DH) and the card's key-generation time.
+    """
+
+    def __init__(self, applet: IotSafeApplet, key: IotSafeRef, peer: IotSafeRef) -> None:
+        if key.kind is not ObjectKind.PRIVATE_KEY:
+            raise InputError(f"{key} is not a private key reference")
+        if peer.kind is not ObjectKind.PUBLIC_KEY:
+            raise InputError(f"{peer} is not a public key reference")
+        self.applet = applet
+        self.key = key
+        self.peer = peer
+        self.agreements = 0
+        self._made = False
+
+    def new_key(self) -> bytes:
+        point = self.applet.generate_key_pair(self.key).public_point
+        public_key_from_point(point)  # a card that answers no P-256 point fails here
+        self._made = True
+        return point
+
+    def shared_secret(self, peer_point: bytes) -> bytes:
+        if not self._made:
+            raise EstAgentError("no ephemeral key was made on the card before the agreement")
+        check_peer_point(peer_point)
+        self.applet.put_public_key(self.peer, peer_point)
+        secret = self.applet.compute_dh(self.key, self.peer)
+        self.agreements += 1
+        return secret

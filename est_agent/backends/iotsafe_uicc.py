@@ -33,7 +33,7 @@ from est_agent.transport.base import CardTransport, LinkStats
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from est_agent.backends.iotsafe import CardSigner
+    from est_agent.backends.iotsafe import CardKeyAgreement, CardSigner
 
 __all__ = ["IotSafeUiccBackend", "TransportOpener", "open_iotsafe_uicc"]
 
@@ -46,6 +46,12 @@ TransportOpener = Callable[[str], CardTransport]
 def _key(ref: object) -> IotSafeRef:
     if not isinstance(ref, IotSafeRef) or ref.kind is not ObjectKind.PRIVATE_KEY:
         raise InputError(f"the IoT SAFE backend addresses keys as iotsafe: keys, not {ref}")
+    return ref
+
+
+def _public(ref: object) -> IotSafeRef:
+    if not isinstance(ref, IotSafeRef) or ref.kind is not ObjectKind.PUBLIC_KEY:
+        raise InputError(f"expected an iotsafe: public key, not {ref}")
     return ref
 
 
@@ -120,6 +126,13 @@ class IotSafeUiccBackend:
         from est_agent.backends.iotsafe import CardSigner
 
         return CardSigner(self.applet, _key(key), public_key)
+
+    def key_agreement(self, key: object, peer: object) -> CardKeyAgreement:
+        """TLS 1.3's ephemeral ECDH on the card: ``key`` a key-agreement private key, ``peer``
+        the writable public key object for the server's share."""
+        from est_agent.backends.iotsafe import CardKeyAgreement
+
+        return CardKeyAgreement(self.applet, _key(key), _public(peer))
 
     def public_key(self, key: object) -> ec.EllipticCurvePublicKey:
         from est_agent.backends.iotsafe import CardSigner

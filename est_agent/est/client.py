@@ -113,6 +113,7 @@ from est_agent.est.tls import (
 )
 
 if TYPE_CHECKING:
+    from est_agent.backends.agreement import KeyAgreement
     from est_agent.backends.signer import Signer
     from est_agent.est.proxy import HttpsProxy
 
@@ -472,7 +473,8 @@ class EstClient:
     channel binding, no proxy then). ``server_only_tls`` replaces the server-only TLS
     configuration (no ``signer``): a ``ProvisionalTls`` (RFC 7030 §4.1.1, est/bootstrap.py)
     makes a client that only fetches ``/cacerts``, with no credentials, and does not verify
-    the server itself (its caller does, from the recorded chains).
+    the server itself (its caller does, from the recorded chains). ``key_agreement`` (with a
+    ``signer``): the TLS 1.3 key share's ECDH runs there (the card's COMPUTE DH), TLS 1.3 only.
     """
 
     def __init__(
@@ -495,6 +497,7 @@ class EstClient:
         proxy: HttpsProxy | None = None,
         transport: httpx.BaseTransport | None = None,
         server_only_tls: StdlibTls | None = None,
+        key_agreement: KeyAgreement | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._base_url = base_url
@@ -505,6 +508,8 @@ class EstClient:
             raise EstError("client_cert_chain and signer go together")
         if proxy is not None and transport is not None:
             raise EstError("a proxy needs the client's own TLS transport")
+        if key_agreement is not None and signer is None:
+            raise EstError("a key agreement on the device goes with its client key (tlslite)")
         if server_only_tls is not None and signer is not None:
             raise EstError("a server-only TLS configuration and a signer exclude each other")
         #: RFC 7030 §4.1.1: /cacerts only, without credentials, on an unverified connection
@@ -521,6 +526,7 @@ class EstClient:
                 client_chain=tuple(client_cert_chain or ()),
                 signer=signer,
                 max_version=tls_max,
+                key_agreement=key_agreement,
             )
         elif server_only_tls is not None:
             tls = server_only_tls

@@ -116,6 +116,7 @@ from est_agent.workflow.result import HookReport, Outcome, Result
 from est_agent.workflow.session import BackendOpener, backend_opener
 
 if TYPE_CHECKING:
+    from est_agent.backends.agreement import KeyAgreement
     from est_agent.backends.base import CredentialBackend
     from est_agent.backends.iotsafe_uicc import TransportOpener
     from est_agent.backends.signer import Signer
@@ -847,6 +848,7 @@ class Agent:
             password = self.config.basic_password() or ""
             register_secret(password)  # masked in every log line from now on
             basic = (username, password)
+        agreement = self._key_agreement(backend) if signer is not None else None
         factory = self._client_factory or EstClient
         client = factory(
             est.url,
@@ -854,6 +856,7 @@ class Agent:
             label=est.label,
             client_cert_chain=list(chain) if chain is not None else None,
             signer=signer,
+            key_agreement=agreement,
             basic_auth=basic,
             http_auth=est.http_auth.value,
             timeout_s=est.timeout_s,
@@ -873,6 +876,19 @@ class Agent:
         finally:
             self.card_signatures += getattr(signer, "signatures", 0)
             client.close()
+
+    def _key_agreement(self, backend: CredentialBackend) -> KeyAgreement | None:
+        """``card.key_agreement``: the TLS 1.3 key share made on the card, else on the host."""
+        from est_agent.backends.base import KeyAgreementBackend
+
+        card = self.config.card
+        if card.key_agreement is None:
+            return None
+        if not isinstance(backend, KeyAgreementBackend):
+            raise ConfigError(
+                f"card.key_agreement: {backend.description} cannot run a key agreement"
+            )
+        return backend.key_agreement(card.key_agreement, card.peer_public_key)
 
     def _trust_anchors(self, backend: CredentialBackend) -> list[x509.Certificate]:
         source = self.config.est.trust_anchor

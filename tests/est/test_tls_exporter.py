@@ -12,12 +12,8 @@ for each TLS 1.3 suite (SHA-256 and SHA-384 key schedules).
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
-import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,53 +22,11 @@ from est_agent.est.tls import TlsliteTls, tlslite_adapter
 from est_agent.est.tls.policy import TLS_EXPORTER_LABEL, TLS_EXPORTER_LENGTH
 from est_agent.testserver import DevPki
 from tests.est.card_helpers import SimCard
+from tests.est.openssl_server import CLIENT_AUTH, OpenSslServer, s_server
 
 pytestmark = pytest.mark.integration
 
 SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
-#: s_server's client-certificate switches: required (-Verify), requested (-verify), none
-CLIENT_AUTH = {"required": ["-Verify", "1"], "requested": ["-verify", "1"], "none": []}
-
-
-@dataclass
-class OpenSslServer:
-    port: int
-    output: Path
-
-    def keying_material(self) -> bytes:
-        match = re.search(r"Keying material: ([0-9A-F]+)", self.output.read_text())
-        assert match, self.output.read_text()
-        return bytes.fromhex(match.group(1))
-
-
-@contextlib.contextmanager
-def s_server(pki: DevPki, tmp_path: Path, suite: str, auth: str) -> Iterator[OpenSslServer]:
-    """``openssl s_server`` on 127.0.0.1 and a free port, for one connection, TLS 1.3 only."""
-    output = tmp_path / f"s_server-{suite}-{auth}.txt"
-    argv = [
-        "openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", "-tls1_3",
-        "-ciphersuites", suite, "-num_tickets", "0",
-        "-cert", str(pki.server_cert_path), "-key", str(pki.server_key_path),
-        "-CAfile", str(pki.directory / "bootstrap-ca.pem"), *CLIENT_AUTH[auth],
-        "-keymatexport", TLS_EXPORTER_LABEL.decode(), "-keymatexportlen", str(TLS_EXPORTER_LENGTH),
-    ]  # fmt: skip
-    with output.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while not (found := re.search(r"ACCEPT 127\.0\.0\.1:(\d+)", output.read_text())):
-            assert process.poll() is None and time.monotonic() < deadline, output.read_text()
-            time.sleep(0.02)
-        yield OpenSslServer(int(found.group(1)), output)
-        process.wait(timeout=10)  # -naccept 1: it leaves once our connection is closed
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert process.stdin is not None  # kept open: s_server reads commands from it
-        process.stdin.close()
 
 
 def _exporters(server: OpenSslServer, config: TlsliteTls) -> tuple[bytes, bytes]:
@@ -104,7 +58,9 @@ def test_tls_exporter_equals_openssls(
         if auth == "required"
         else TlsliteTls((dev_pki.tls_ca_certificate,))
     )
-    with s_server(dev_pki, tmp_path, suite, auth) as server:
+    exporter = ["-keymatexport", TLS_EXPORTER_LABEL.decode()]
+    exporter += ["-keymatexportlen", str(TLS_EXPORTER_LENGTH)]
+    with s_server(dev_pki, tmp_path, suite, auth, exporter) as server:
         ours, tlslites = _exporters(server, config)
     openssl = server.keying_material()
     print(f"{suite} client auth {auth}: openssl {openssl.hex()} agent {ours.hex()}")

@@ -51,7 +51,7 @@ def _resolve(dotted: str) -> Any:
             continue
         for name in parts[cut:]:
             obj = inspect.getattr_static(obj, name)
-            obj = obj.__func__ if isinstance(obj, staticmethod) else obj
+            obj = obj.__func__ if isinstance(obj, staticmethod | classmethod) else obj
         return obj
     raise AssertionError(f"{dotted} not found: {RECHECK}")
 
@@ -122,6 +122,13 @@ PRIVATE_METHODS: list[tuple[str, list[str], bool]] = [
         ["self", "label", "length"],
         False,
     ),
+    ("tlslite.tlsconnection.TLSConnection._genKeyShareEntry", ["cls", "group", "version"], False),
+    ("tlslite.tlsconnection.TLSConnection._getKEX", ["group", "version"], False),
+    (
+        "tlslite.keyexchange.RawDHKeyExchange.calc_shared_key",
+        ["self", "private", "peer_share", "valid_point_formats"],
+        False,
+    ),
     ("tlslite.handshakehashes.HandshakeHashes.copy", ["self"], False),
     ("tlslite.handshakehashes.HandshakeHashes.digest", ["self", "digest"], False),
     ("tlslite.utils.ecdsakey.ECDSAKey._sign", ["self", "data", "hash_alg"], False),
@@ -129,6 +136,22 @@ PRIVATE_METHODS: list[tuple[str, list[str], bool]] = [
     ("tlslite.recordlayer.RecordLayer._getCipherSettings", ["cipherSuite"], False),
     ("tlslite.utils.cipherfactory.createAESGCM", ["key", "implList"], False),
 ]
+
+
+#: (method, the call in its source through which the device's key agreement is reached): the
+#: adapter's instance-method overrides of tlslite's class/static methods only take effect
+#: where tlslite calls them through ``self``.
+KEY_SHARE_CALLS = [
+    ("tlslite.tlsconnection.TLSConnection._clientSendClientHello", "self._genKeyShareEntry("),
+    ("tlslite.tlsconnection.TLSConnection._clientGetServerHello", "self._genKeyShareEntry("),
+    ("tlslite.tlsconnection.TLSConnection._clientTLS13Handshake", "self._getKEX("),
+]
+
+
+@pytest.mark.parametrize(("target", "call"), KEY_SHARE_CALLS, ids=lambda v: v)
+def test_key_share_hooks_are_called_through_self(target: str, call: str) -> None:
+    source = inspect.getsource(_resolve(target))
+    assert call in source, f"{target} no longer calls {call}...): {RECHECK}"
 
 
 @pytest.mark.parametrize(("target", "params", "generator"), PRIVATE_METHODS, ids=lambda v: v)

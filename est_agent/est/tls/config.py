@@ -27,6 +27,7 @@ from est_agent.errors import EstError, TlsVerificationError
 from est_agent.est.tls.policy import STDLIB_TLS12_CIPHERS, TLS_MAX_VERSIONS, verify_server_chain
 
 if TYPE_CHECKING:
+    from est_agent.backends.agreement import KeyAgreement
     from est_agent.backends.signer import Signer
 
 __all__ = ["ProvisionalTls", "ServerChains", "StdlibTls", "TlsliteTls"]
@@ -46,8 +47,12 @@ class TlsliteTls:
     client_chain: tuple[x509.Certificate, ...] = ()
     signer: Signer | None = None
     max_version: str = "1.3"
+    #: TLS 1.3's ephemeral ECDH (the key share) by this device instead of tlslite (the card)
+    key_agreement: KeyAgreement | None = None
 
     def __post_init__(self) -> None:
+        if self.key_agreement is not None and self.max_version != "1.3":
+            raise EstError("a key agreement on the device needs TLS 1.3 (RFC 8446 §4.2.8)")
         if bool(self.client_chain) != (self.signer is not None):
             raise EstError("a client certificate chain and a signer go together")
         if self.max_version not in TLS_MAX_VERSIONS:

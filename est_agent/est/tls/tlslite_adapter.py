@@ -29,6 +29,12 @@ Private internals used (overridden, called or read), and why:
 * ``TLSConnection._clientTLS13Handshake`` (overridden): the decrypt_error / illegal_parameter
   alert RFC 8446 §4.4.3 requires on a bad server CertificateVerify (the TLS 1.3 signature-error
   mapping).
+* ``TLSConnection._genKeyShareEntry`` (a classmethod) and ``TLSConnection._getKEX`` (a
+  staticmethod), overridden by instance methods, and the ``RawDHKeyExchange.calc_shared_key``
+  interface (implemented by ``DeviceKeyExchange``): with a ``KeyAgreement`` configured, the
+  TLS 1.3 key share's key pair is made and its ECDH computed by the device (the card's COMPUTE
+  DH), never by tlslite; a share's ``private`` is then an opaque marker. tlslite calls both
+  through ``self`` (ClientHello, HelloRetryRequest, ``_clientTLS13Handshake``).
 * ``TLSRecordLayer._sendMsg`` (overridden): the ClientHello's suite order, the tls-unique
   capture (the first Finished message, RFC 5929 §3.1), and, under TLS 1.3, a copy of
   ``TLSRecordLayer._handshake_hash`` (a ``HandshakeHashes``: ``copy()``, ``digest(name)``)
@@ -62,11 +68,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from est_agent.errors import EstError, TlsVerificationError
+from est_agent.backends.agreement import check_peer_point
+from est_agent.errors import EstError, InputError, TlsVerificationError
 from est_agent.est.tls import keyschedule, policy
 from est_agent.est.tls.policy import verify_server_chain
 
 if TYPE_CHECKING:
+    from est_agent.backends.agreement import KeyAgreement
     from est_agent.backends.signer import Signer
     from est_agent.est.tls.config import TlsliteTls
 
@@ -191,12 +199,14 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
         AlertDescription,
         CipherSuite,
         ContentType,
+        GroupName,
     )
     from tlslite.errors import (  # type: ignore[import-untyped]
         TLSDecryptionFailed,
         TLSIllegalParameterException,
         TLSInternalError,
     )
+    from tlslite.extensions import KeyShareEntry  # type: ignore[import-untyped]
     from tlslite.messages import ClientHello, Finished  # type: ignore[import-untyped]
     from tlslite.tlsconnection import TLSConnection  # type: ignore[import-untyped]
     from tlslite.utils.ecdsakey import ECDSAKey  # type: ignore[import-untyped]
@@ -269,14 +279,59 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
                 return False
             return True
 
+    class _DeviceShare:
+        """The ``private`` of a key share whose private key is in the device (never here)."""
+
+    class DeviceKeyExchange:
+        """tlslite's ``RawDHKeyExchange`` interface over a ``KeyAgreement`` (TLS 1.3, P-256).
+
+        Only ``calc_shared_key`` is called on it (``_clientTLS13Handshake``); the share itself
+        is made by ``VerifyingConnection._genKeyShareEntry``.
+        """
+
+        def __init__(
+            self,
+            agreement: KeyAgreement,
+            card_time: Callable[[], contextlib.AbstractContextManager[None]],
+        ) -> None:
+            self._agreement = agreement
+            self._card_time = card_time
+
+        def calc_shared_key(
+            self, private: Any, peer_share: bytearray, valid_point_formats: Any = None
+        ) -> bytearray:
+            if not isinstance(private, _DeviceShare):
+                raise TLSInternalError("the key share was not made by the device")
+            try:
+                # Validated here, before the device sees it (RFC 8446 §4.2.8.2: the receiver
+                # MUST check the peer's point; a card's COMPUTE DH need not).
+                check_peer_point(bytes(peer_share))
+            except InputError as exc:
+                raise TLSIllegalParameterException(str(exc)) from exc
+            with self._card_time():
+                return bytearray(self._agreement.shared_secret(bytes(peer_share)))
+
     class VerifyingConnection(TLSConnection):  # type: ignore[misc]
         """A client TLSConnection that verifies the server before anything is signed."""
 
-        def __init__(self, sock: Any, anchors: Sequence[x509.Certificate], host: str) -> None:
+        def __init__(
+            self,
+            sock: Any,
+            anchors: Sequence[x509.Certificate],
+            host: str,
+            *,
+            agreement: KeyAgreement | None = None,
+            card_time: Callable[[], contextlib.AbstractContextManager[None]] = (
+                contextlib.nullcontext
+            ),
+        ) -> None:
             super().__init__(sock)
             use_fast_aes_gcm(self)
             self.est_anchors = anchors
             self.est_host = host
+            #: TLS 1.3 key shares from this (the card's COMPUTE DH) instead of tlslite's own
+            self.est_agreement = agreement
+            self.est_card_time = card_time
             self.est_verification_error: TlsVerificationError | None = None
             self.est_first_finished: bytes | None = None
             #: TLS 1.3: the transcript (tlslite HandshakeHashes) ClientHello...server Finished
@@ -320,6 +375,26 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
                 )
                 yield from self._sendError(AlertDescription.bad_certificate, str(exc))
             yield from super()._clientGetKeyFromChain(certificate, settings, tack_ext)
+
+        # The two overrides below replace tlslite's classmethod/staticmethod on this class
+        # only; tlslite calls both through ``self`` (ClientHello, HelloRetryRequest, the
+        # shared secret in ``_clientTLS13Handshake``), so instance methods see the agreement.
+        def _genKeyShareEntry(self, group: int, version: Any) -> Any:
+            if self.est_agreement is None:
+                return TLSConnection._genKeyShareEntry(group, version)  # tlslite's, unchanged
+            if group != GroupName.secp256r1:  # only offered (settings), asked for in an HRR
+                raise TLSIllegalParameterException(
+                    f"the server asks for a key share on {GroupName.toStr(group)}; the device"
+                    " agrees keys on secp256r1 only"
+                )
+            with self.est_card_time():
+                point = self.est_agreement.new_key()
+            return KeyShareEntry().create(group, bytearray(point), _DeviceShare())
+
+        def _getKEX(self, group: int, version: Any) -> Any:
+            if self.est_agreement is None:
+                return TLSConnection._getKEX(group, version)
+            return DeviceKeyExchange(self.est_agreement, self.est_card_time)
 
         def _clientTLS13Handshake(self, *args: Any) -> Iterator[Any]:
             # tlslite 0.8.2 raises on a bad server CertificateVerify (TLS 1.3) without the
@@ -483,6 +558,14 @@ def _handshake_settings(config: TlsliteTls) -> Any:
     settings.keyExchangeNames = list(policy.TLS12_KEY_EXCHANGES)
     settings.cipherNames = list(policy.TLS_CIPHERS)
     settings.macNames = list(policy.TLS_MACS)
+    if config.key_agreement is not None:
+        # The device agrees keys on P-256 only, and only the TLS 1.3 key share is made by it
+        # (RFC 8446 §4.2.8): offer that group alone, and TLS 1.3 alone (a TLS 1.2 ECDHE
+        # ClientKeyExchange would be computed by tlslite on the host).
+        settings.minVersion = (3, 4)
+        settings.eccCurves = ["secp256r1"]
+        settings.keyShares = ["secp256r1"]
+        settings.dhGroups = []
     return settings
 
 
@@ -500,6 +583,7 @@ def handshake(
     Finished), ``TimeoutError`` when the socket timed out, ``HandshakeFailed`` otherwise.
     """
     card_key_class, connection_class = _classes()  # first: imports tlslite quietly
+    from tlslite.constants import AlertDescription
     from tlslite.errors import BaseTLSException, TLSLocalAlert, TLSRemoteAlert
     from tlslite.x509 import X509  # type: ignore[import-untyped]
     from tlslite.x509certchain import X509CertChain  # type: ignore[import-untyped]
@@ -514,7 +598,9 @@ def handshake(
             certs.append(parsed)
         chain = X509CertChain(certs)
         key = card_key_class(config.signer, card_time)
-    connection = connection_class(sock, config.trust_anchors, host)
+    connection = connection_class(
+        sock, config.trust_anchors, host, agreement=config.key_agreement, card_time=card_time
+    )
     try:
         server_name = None if policy.is_ip_address(host) else host  # RFC 6066 §3
         connection.handshakeClientCert(
@@ -523,7 +609,13 @@ def handshake(
     except TLSLocalAlert as exc:
         if connection.est_verification_error is not None:
             raise connection.est_verification_error from exc
-        raise TlsVerificationError(f"TLS handshake with {host} aborted ({exc})") from exc
+        hint = ""
+        if (
+            config.key_agreement is not None
+            and exc.description == AlertDescription.protocol_version
+        ):
+            hint = "; the key share is made on the card (card.key_agreement): TLS 1.3 only"
+        raise TlsVerificationError(f"TLS handshake with {host} aborted ({exc}){hint}") from exc
     except TimeoutError:
         raise
     except (BaseTLSException, OSError) as exc:
