@@ -217,9 +217,7 @@ class Card:
         if not isinstance(public.curve, ec.SECP256R1):
             raise InputError(f"ecdh: the peer key is on {public.curve.name}, not P-256")
         point = public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-        with self._session.transaction():  # nobody else's key between PUT and DH
-            self._applet.put_public_key(slot, point)
-            return self._applet.compute_dh(private, slot)
+        return self._applet.ecdh(private, slot, point)
 
     def random(self, length: int) -> bytes:
         """``length`` (1..`MAX_RANDOM_BYTES`) bytes from the card's random number generator

@@ -168,7 +168,6 @@ class CardKeyAgreement:
         if not self._made:
             raise EstAgentError("no ephemeral key was made on the card before the agreement")
         check_peer_point(peer_point)
-        self.applet.put_public_key(self.peer, peer_point)
-        secret = self.applet.compute_dh(self.key, self.peer)
+        secret = self.applet.ecdh(self.key, self.peer, peer_point)
         self.agreements += 1
         return secret

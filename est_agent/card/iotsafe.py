@@ -779,6 +779,13 @@ class IotSafeApplet:
             raise CardProtocolError(f"COMPUTE DH: expected a 32-byte P-256 secret, got {len(data)}")
         return data
 
+    @_one_transaction
+    def ecdh(self, private_key: IotSafeRef, peer_slot: IotSafeRef, peer_point: bytes) -> bytes:
+        """`put_public_key` of the peer's point into ``peer_slot``, then `compute_dh` with it,
+        in one card transaction: no other client's key can land in the slot in between."""
+        self.put_public_key(peer_slot, peer_point)
+        return self.compute_dh(private_key, peer_slot)
+
     def compute_prf(self, secret: IotSafeRef | bytes, label_seed: bytes, length: int) -> bytes:
         """COMPUTE PRF (P1 00) [card §3]: TLS 1.2 PRF SHA-256 (RFC 5246 §5) of a secret-key
         object (or a secret given as bytes) over label||seed, ``length`` bytes."""
