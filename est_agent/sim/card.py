@@ -46,7 +46,6 @@ from est_agent.sim.faults import (
     FaultInjector,
     FaultKind,
     FaultPlan,
-    LinkFaultError,
     flip_digest_bit,
     replace_public_point,
 )
@@ -248,12 +247,7 @@ class VirtualCard:
         A delay fault sleeps here; silence and disconnect faults raise ``LinkFaultError``:
         links that can act them out call ``answer`` instead.
         """
-        answer = self.answer(apdu)
-        if answer.delay_s:
-            time.sleep(answer.delay_s)
-        if answer.link is not None:
-            raise LinkFaultError(answer.link, apdu[1] if len(apdu) > 1 else None)
-        return answer.response
+        return self.answer(apdu).act_out(apdu)
 
     def answer(self, apdu: bytes) -> CardAnswer:
         """The answer to one command APDU as the link must deliver it (faults included)."""

@@ -479,6 +479,17 @@ class CardAnswer:
     delay_s: float = 0.0
     link: LinkFault | None = None
 
+    def act_out(self, apdu: bytes) -> bytes:
+        """As a link without timing of its own delivers it (in process): sleep ``delay_s``,
+        raise ``LinkFaultError`` for a silence or drop, else the response APDU."""
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+        if self.link is not None:
+            raise LinkFaultError(self.link, apdu[1] if len(apdu) > 1 else None)
+        return self.response
+
 
 class LinkFaultError(Exception):
     """Raised by ``VirtualCard.process`` for a fault only a link can act out (no answer at

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from est_agent.card.iotsafe_codes import INS_GENERATE_KEY_PAIR, INS_SIGN_UPDATE, P1_LAST_BLOCK
 from est_agent.errors import UsageError
-from est_agent.sim.faults import CardAnswer, LinkFaultError, answer_of
+from est_agent.sim.faults import CardAnswer, answer_of
 
 if TYPE_CHECKING:
     from est_agent.sim.faults import _ProcessingCard
@@ -79,14 +79,7 @@ class TimedCard:
 
     def process(self, apdu: bytes) -> bytes:
         """As ``VirtualCard.process``: sleeps the answer's time, raises on a link fault."""
-        import time
-
-        answer = self.answer(apdu)
-        if answer.delay_s:
-            time.sleep(answer.delay_s)
-        if answer.link is not None:
-            raise LinkFaultError(answer.link, apdu[1] if len(apdu) > 1 else None)
-        return answer.response
+        return self.answer(apdu).act_out(apdu)
 
     def __getattr__(self, name: str) -> object:
         # atr, power_on, reset, state, on_apdu, ...: the wrapped card's own
