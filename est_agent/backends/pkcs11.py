@@ -293,7 +293,7 @@ class Pkcs11Backend:
         return self._record(_uri(record))[offset : offset + length]
 
     def write_record(self, record: object, data: bytes) -> None:
-        from pkcs11 import Attribute, CertificateType, ObjectClass
+        from pkcs11 import Attribute
 
         uri = _uri(record)
         if len(data) <= HEADER_SIZE or data[:4] != _MAGIC:
@@ -302,24 +302,7 @@ class Pkcs11Backend:
         self._records.clear()
         # the header is the commit point: gone first, back last (module docstring)
         self._destroy_all("destroy record header", self._header_attrs(uri), uri)
-        self._destroy_all(
-            "destroy certificate", self._slot_attrs(uri, ObjectClass.CERTIFICATE), uri
-        )
-        subject, issuer, serial = _certificate_names(der)
-        cert_attrs: dict[Any, Any] = {
-            Attribute.CLASS: ObjectClass.CERTIFICATE,
-            Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.ID: object_id(uri),
-            Attribute.VALUE: der,
-            Attribute.SUBJECT: subject,
-            Attribute.ISSUER: issuer,
-            Attribute.SERIAL_NUMBER: serial,
-        }
-        if uri.object is not None:
-            cert_attrs[Attribute.LABEL] = uri.object
-        self._call(f"create certificate {uri.selector}", self.session.create_object, cert_attrs)
+        self._put_certificate(uri, der)
         header_attrs = {
             **self._header_attrs(uri),
             Attribute.TOKEN: True,
@@ -433,6 +416,10 @@ class Pkcs11Backend:
 
     def store_certificate(self, ref: Pkcs11Uri, der: bytes) -> None:
         """Put a certificate object on the token (provisioning the bootstrap certificate)."""
+        self._put_certificate(ref, der)
+
+    def _put_certificate(self, uri: Pkcs11Uri, der: bytes) -> None:
+        """Replace the certificate object of ``uri`` (its CKA_ID, and label when it has one)."""
         from pkcs11 import Attribute, CertificateType, ObjectClass
 
         subject, issuer, serial = _certificate_names(der)
@@ -441,18 +428,18 @@ class Pkcs11Backend:
             Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: False,
-            Attribute.ID: object_id(ref),
+            Attribute.ID: object_id(uri),
             Attribute.VALUE: der,
             Attribute.SUBJECT: subject,
             Attribute.ISSUER: issuer,
             Attribute.SERIAL_NUMBER: serial,
         }
-        if ref.object is not None:
-            attrs[Attribute.LABEL] = ref.object
+        if uri.object is not None:
+            attrs[Attribute.LABEL] = uri.object
         self._destroy_all(
-            "destroy certificate", self._slot_attrs(ref, ObjectClass.CERTIFICATE), ref
+            "destroy certificate", self._slot_attrs(uri, ObjectClass.CERTIFICATE), uri
         )
-        self._call("create certificate", self.session.create_object, attrs)
+        self._call(f"create certificate {uri.selector}", self.session.create_object, attrs)
 
     def iccid(self) -> str | None:
         return None
