@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from est_agent.backends.agreement import SoftwareKeyAgreement, check_peer_point
+from est_agent.backends.agreement import KeyAgreement, SoftwareKeyAgreement, check_peer_point
 from est_agent.backends.iotsafe import CardKeyAgreement
 from est_agent.card.uri import IotSafeRef, ObjectKind
 from est_agent.errors import EstError, InputError
@@ -31,6 +31,26 @@ class WrongSecret(SoftwareKeyAgreement):
         return bytes(b ^ 0x01 for b in super().shared_secret(peer_point))
 
 
+def _card_tls(dev_pki: DevPki, sim: SimCard, agreement: KeyAgreement) -> TlsliteTls:
+    """Client authentication by the SIM's bootstrap key, the key share from ``agreement``."""
+    return TlsliteTls(
+        (dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), sim.bootstrap,
+        key_agreement=agreement,
+    )  # fmt: skip
+
+
+def _refused(
+    dev_pki: DevPki, sim: SimCard, tmp_path: Path, agreement: KeyAgreement, suite: str
+) -> str:
+    """Connect to a server that must fail the handshake; s_server's output."""
+    with (
+        s_server(dev_pki, tmp_path, suite, "required") as server,
+        pytest.raises((tlslite_adapter.HandshakeFailed, EstError)),
+    ):
+        _connect(server, _card_tls(dev_pki, sim, agreement))
+    return server.output.read_text()
+
+
 def _connect(server: OpenSslServer, config: TlsliteTls) -> str:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         connection = tlslite_adapter.handshake(
@@ -47,10 +67,7 @@ def test_key_share_from_the_agreement_and_card_signature(
     dev_pki: DevPki, sim: SimCard, tmp_path: Path, suite: str
 ) -> None:
     agreement = SoftwareKeyAgreement()
-    config = TlsliteTls(
-        (dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), sim.bootstrap,
-        key_agreement=agreement,
-    )  # fmt: skip
+    config = _card_tls(dev_pki, sim, agreement)
     started = time.monotonic()
     with s_server(dev_pki, tmp_path, suite, "required") as server:
         assert _connect(server, config) == "TLSv1.3"
@@ -67,15 +84,7 @@ def test_a_wrong_secret_fails_before_anything_is_signed(
     dev_pki: DevPki, sim: SimCard, tmp_path: Path
 ) -> None:
     agreement = WrongSecret()
-    config = TlsliteTls(
-        (dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), sim.bootstrap,
-        key_agreement=agreement,
-    )  # fmt: skip
-    with (
-        s_server(dev_pki, tmp_path, "TLS_AES_128_GCM_SHA256", "required") as server,
-        pytest.raises((tlslite_adapter.HandshakeFailed, EstError)),
-    ):
-        _connect(server, config)
+    _refused(dev_pki, sim, tmp_path, agreement, "TLS_AES_128_GCM_SHA256")
     assert agreement.agreements == 1
     # The handshake keys come from the secret: the server's EncryptedExtensions cannot be read,
     # so the server is never authenticated and the card never signs.
@@ -86,16 +95,7 @@ def test_a_tls12_only_server_gets_no_card_signature(
     dev_pki: DevPki, sim: SimCard, tmp_path: Path
 ) -> None:
     agreement = SoftwareKeyAgreement()
-    config = TlsliteTls(
-        (dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), sim.bootstrap,
-        key_agreement=agreement,
-    )  # fmt: skip
-    with (
-        s_server(dev_pki, tmp_path, "tls1.2", "required") as server,
-        pytest.raises((tlslite_adapter.HandshakeFailed, EstError)),
-    ):
-        _connect(server, config)
-    assert "version" in server.output.read_text().lower()
+    assert "version" in _refused(dev_pki, sim, tmp_path, agreement, "tls1.2").lower()
     assert agreement.agreements == 0
     assert sim.bootstrap.signatures == 0
 
@@ -154,10 +154,7 @@ def test_tls13_with_ecdh_and_certificate_verify_on_the_sim(
     """Issue 13: the client's ephemeral ECDH runs on the virtual SIM (GENERATE KEY PAIR, PUT
     PUBLIC KEY, COMPUTE DH) and its CertificateVerify is signed by it, against OpenSSL."""
     agreement = CardKeyAgreement(sim.applet, ECDH_KEY, PEER_KEY)
-    config = TlsliteTls(
-        (dev_pki.tls_ca_certificate,), (sim.bootstrap_cert,), sim.bootstrap,
-        key_agreement=agreement,
-    )  # fmt: skip
+    config = _card_tls(dev_pki, sim, agreement)
     shares = []
     for round_ in range(2):
         before = sim.transport.stats.apdus
