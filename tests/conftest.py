@@ -21,6 +21,22 @@ import pytest
 import est_agent.sim
 from est_agent.testserver import DevPki, EstTestServer, ServerConfig, generate_dev_pki, load_dev_pki
 
+#: the ``cli`` fixture: ``est-agent`` in this process, its exit code, stdout and stderr
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Run:
+    """Run ``est-agent ARGV...`` in this process (``cli.main.main``): (exit code, out, err)."""
+    from est_agent.cli.main import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
 
 @pytest.fixture(scope="session", autouse=True)
 def sim_reader_scheme() -> None:

@@ -27,7 +27,8 @@ from est_agent.api import (
 )
 from est_agent.config import load_config
 from est_agent.testserver import DevPki, EstTestServer
-from tests.workflow.conftest import ICCID, Device, Run, openssl_verify
+from tests.conftest import Run
+from tests.workflow.conftest import ICCID, Device, openssl_verify
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,6 @@ from typing import Any
 
 import pytest
 
-from est_agent.cli.main import main
 from est_agent.sim.card import VirtualCard
 from est_agent.sim.modem import EmulatedModem, ModemQuirks, PtyModem
 from est_agent.sim.options import CardOptions
@@ -44,6 +43,7 @@ from est_agent.sim.personalize import personalize
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
 from est_agent.transport.modem import ChannelAccess, ModemTransport
+from tests.conftest import Run
 from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import ICCID, Device
 from tests.workflow.test_crash_safety import (
@@ -66,9 +66,6 @@ CGLA_ONLY = ModemQuirks(csim_basic_only=True)
 #: one operation's sweep (measured 7-15 s; issue 9 asks for about a minute for all three)
 SWEEP_BOUND_S = 45.0
 
-Run = Callable[..., tuple[int, str, str]]
-
-
 @pytest.fixture
 def device(tmp_path: Path, dev_pki: DevPki) -> Device:
     sim = tmp_path / "sim.json"
@@ -77,14 +74,6 @@ def device(tmp_path: Path, dev_pki: DevPki) -> Device:
     return Device(tmp_path, sim, tmp_path / "est-agent.toml", tmp_path / "state")
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def status_of(cli: Run, config: Path) -> dict[str, Any]:

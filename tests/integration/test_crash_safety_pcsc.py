@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from est_agent.cli.main import main
 from est_agent.sim.personalize import personalize
 from est_agent.sim.vpcd import POWER_CUT_EXIT_CODE
 from est_agent.testserver import DevPki, EstTestServer
+from tests.conftest import Run
 from tests.integration.conftest import Cards
 from tests.linkwrap import wrapped_reader_scheme
 from tests.workflow.conftest import ICCID, Device
@@ -52,17 +52,6 @@ def link() -> Iterator[Link]:
         yield counted
 
 
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def test_power_cut_through_pcscd_and_vpcd(

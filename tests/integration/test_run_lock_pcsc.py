@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from est_agent.cli.main import main
 from est_agent.sim.personalize import personalize
 from est_agent.testserver import DevPki, EstTestServer
+from tests.conftest import Run
 from tests.integration.conftest import Cards
 from tests.workflow.conftest import ICCID, Device
 from tests.workflow.test_run_lock import RESPONSE_DELAY_S, check_one_enrollment, race
@@ -36,17 +36,6 @@ def device(tmp_path: Path, dev_pki: DevPki) -> Device:
     return Device(tmp_path, sim, tmp_path / "est-agent.toml", tmp_path / "state")
 
 
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.mark.parametrize("lock_wait_s", ["30", "0.3"], ids=["waits", "gives-up"])

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from est_agent.backends.pkcs11 import Pkcs11Backend, load_module, open_pkcs11
-from est_agent.cli.main import main
 from est_agent.cli.token import provision_bootstrap
 from est_agent.pkcs11_uri import parse_pkcs11_uri
 from est_agent.testserver import DevPki, EstTestServer
@@ -129,19 +128,6 @@ def token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dev_pki: DevPki) -> T
             backend, BOOTSTRAP_KEY, BOOTSTRAP_CERT, dev_pki.bootstrap_ca, "bootstrap-device-0001"
         )
     return dev
-
-
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def agent_process(

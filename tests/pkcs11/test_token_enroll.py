@@ -13,7 +13,8 @@ from cryptography import x509
 from pkcs11 import Attribute, ObjectClass
 
 from est_agent.testserver import DevPki, EstTestServer
-from tests.pkcs11.conftest import PIN, SLOT_KEYS, Run, Token
+from tests.conftest import Run
+from tests.pkcs11.conftest import PIN, SLOT_KEYS, Token
 from tests.workflow.conftest import openssl_verify
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,8 @@ from est_agent.errors import (
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.workflow.agent import Agent
 from est_agent.workflow.session import BackendOpener, backend_opener
-from tests.pkcs11.conftest import PIN, PIN_ENV, Run, Token
+from tests.conftest import Run
+from tests.pkcs11.conftest import PIN, PIN_ENV, Token
 
 pytestmark = pytest.mark.integration
 

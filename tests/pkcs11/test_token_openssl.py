@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from est_agent.testserver import DevPki, EstTestServer
-from tests.pkcs11.conftest import PIN, SOFTHSM_MODULE, TOKEN_LABEL, Run, Token
+from tests.conftest import Run
+from tests.pkcs11.conftest import PIN, SOFTHSM_MODULE, TOKEN_LABEL, Token
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,6 @@ pointing at an in-process EST test server, and a helper running the real CLI in 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from est_agent.cli.main import main
 from est_agent.sim.personalize import personalize
 from est_agent.testserver import DevPki, EstTestServer
 
@@ -65,17 +63,6 @@ def device(tmp_path: Path, sim_template: bytes) -> Device:
     return Device(tmp_path, sim, tmp_path / "est-agent.toml", tmp_path / "state")
 
 
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def openssl_verify(cert: x509.Certificate, dev_pki: DevPki, workdir: Path) -> None:

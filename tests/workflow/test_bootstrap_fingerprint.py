@@ -25,9 +25,10 @@ from est_agent.testserver.server import RequestRecord
 from est_agent.transport.base import CardTransport
 from est_agent.workflow.agent import Agent, Outcome
 from est_agent.workflow.anchors import AnchorStore, Source
+from tests.conftest import Run
 from tests.connect_proxy import ConnectProxy
 from tests.linkwrap import wrapped_reader_scheme
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import certificate_on_sim
 from tests.workflow.test_run_lock import REPO, agent_argv, needs_unshare, read_only_argv
 

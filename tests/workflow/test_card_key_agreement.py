@@ -16,7 +16,8 @@ import pytest
 from est_agent.sim.state import load_state
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import TlsMax
-from tests.workflow.conftest import Device, Run
+from tests.conftest import Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration

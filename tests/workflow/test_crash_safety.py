@@ -35,8 +35,9 @@ from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
 from est_agent.workflow.agent import Agent
 from est_agent.workflow.session import backend_opener
+from tests.conftest import Run
 from tests.linkwrap import wrapped_reader_scheme
-from tests.workflow.conftest import Device, Run, openssl_verify
+from tests.workflow.conftest import Device, openssl_verify
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration

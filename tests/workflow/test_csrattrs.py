@@ -18,7 +18,8 @@ from est_agent.testserver import DevPki, EstTestServer, Fault
 from est_agent.testserver.config import TlsMax
 from est_agent.testserver.wire import CsrAttrsKind
 from est_agent.workflow.agent import Agent
-from tests.workflow.conftest import Device, Run
+from tests.conftest import Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,8 @@ import pytest
 from cryptography import x509
 
 from est_agent.testserver import DevPki, EstTestServer
-from tests.workflow.conftest import Device, Run
+from tests.conftest import Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import AuthMode, TlsMax
+from tests.conftest import Run
 from tests.connect_proxy import ConnectProxy, Mode
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,8 @@ from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import Profile
 from est_agent.workflow.agent import Agent
 from est_agent.workflow.result import Outcome
-from tests.workflow.conftest import ICCID, Device, Run, openssl_verify
+from tests.conftest import Run
+from tests.workflow.conftest import ICCID, Device, openssl_verify
 
 pytestmark = pytest.mark.integration
 

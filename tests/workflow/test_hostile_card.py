@@ -24,7 +24,8 @@ from est_agent.card.uri import UiccPath
 from est_agent.sim.transport import SimTransport
 from est_agent.store import HEADER_SIZE, MAGIC
 from est_agent.testserver import DevPki, EstTestServer
-from tests.workflow.conftest import Device, Run
+from tests.conftest import Run
+from tests.workflow.conftest import Device
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,10 @@ import pytest
 
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import AuthMode, CloseAfter, HttpScheme, TlsMax
+from tests.conftest import Run
 from tests.est.hostile import Answer, HostileServer, Request, http_response
 from tests.est.oddcerts import certs_only
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 import pytest
 
 from est_agent.testserver import DevPki
+from tests.conftest import Run
 from tests.est.hostile import Answer, HostileServer, Request, http_response
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device
 
 pytestmark = pytest.mark.integration
 

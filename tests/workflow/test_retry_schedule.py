@@ -22,7 +22,8 @@ from est_agent.testserver import DevPki, EstTestServer
 from est_agent.testserver.config import Fault, Profile
 from est_agent.workflow.agent import Agent
 from est_agent.workflow.result import Outcome
-from tests.workflow.conftest import Device, Run
+from tests.conftest import Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import FakeClock
 
 pytestmark = pytest.mark.integration

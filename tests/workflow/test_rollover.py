@@ -29,8 +29,9 @@ from est_agent.testserver.pki import load_dev_pki
 from est_agent.workflow import anchors as anchors_module
 from est_agent.workflow.agent import Agent
 from est_agent.workflow.anchors import AnchorStore, Source, StoreState
+from tests.conftest import Run
 
-from .conftest import Device, Run
+from .conftest import Device
 
 pytestmark = pytest.mark.integration
 

@@ -30,8 +30,9 @@ import pytest
 
 from est_agent.testserver import DevPki, EstTestServer
 from est_agent.transport.base import CardTransport
+from tests.conftest import Run
 from tests.linkwrap import wrapped_reader_scheme
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device
 from tests.workflow.test_enroll_renew import certificate_on_sim
 
 pytestmark = pytest.mark.integration
