@@ -47,6 +47,7 @@ NOT_ON_THE_QUICK_PATH = (
     "est_agent.est.tls",
     "est_agent.workflow.agent",
     "est_agent.certificates",
+    "est_agent.est.proxy",  # the configuration has no proxy
 )
 
 
