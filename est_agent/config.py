@@ -34,22 +34,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from est_agent.card.uri import DEFAULT_AID, IotSafeRef, ObjectKind, UiccPath, parse_card_uri
 from est_agent.errors import ConfigError, InputError, UsageError
-from est_agent.est.proxy import (
-    HttpsProxy,
-    ProxyUrl,
-    environment_proxy,
-    parse_proxy_url,
-    proxy_with_password,
-)
 from est_agent.est.url import est_url
 from est_agent.fileio import CONFIG_LIMIT_BYTES, read_bounded
 from est_agent.passwords import has_control_character, read_secret
 from est_agent.pkcs11_uri import Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
+
+if TYPE_CHECKING:
+    # imported where a proxy is configured or used: a configuration without one (most, and
+    # `run` with nothing due) does not load the proxy URL parser
+    from est_agent.est.proxy import HttpsProxy, ProxyUrl
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -224,6 +222,8 @@ def _toml_type(value: object) -> str:
 
 
 def _proxy_url(key: str, text: str, *, assume_http: bool = False) -> ProxyUrl:
+    from est_agent.est.proxy import parse_proxy_url
+
     try:
         return parse_proxy_url(text, assume_http=assume_http)
     except InputError as exc:
@@ -647,6 +647,8 @@ class EstConfig:
         """
         if not self.proxy:
             return None
+        from est_agent.est.proxy import environment_proxy, proxy_with_password
+
         if self.proxy == "env":
             target = urlsplit(self.url.strip())
             port = target.port

@@ -35,12 +35,12 @@ never adopted.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from est_agent.digests import sha256
 from est_agent.errors import CardError, InputError, StoreError, TransportError
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def encode_record(sequence: int, certificate_der: bytes) -> bytes:
         + bytes((VERSION, 0))
         + sequence.to_bytes(4, "big")
         + len(certificate_der).to_bytes(2, "big")
-        + hashlib.sha256(certificate_der).digest()
+        + sha256(certificate_der).digest()
         + certificate_der
     )
 
@@ -218,7 +218,7 @@ def judge_header(data: bytes, ef_size: int | None) -> HeaderVerdict:
 
 def public_key_digest(key: ec.EllipticCurvePublicKey) -> str:
     """Hex SHA-256 of the uncompressed SEC1 point (what the host cache remembers of a key)."""
-    return hashlib.sha256(_point(key)).hexdigest()
+    return sha256(_point(key)).hexdigest()
 
 
 def _point(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -242,7 +242,7 @@ def check_record(
     from cryptography.hazmat.primitives.asymmetric import ec
 
     der = body[: header.length]
-    if len(der) != header.length or hashlib.sha256(der).digest() != header.sha256:
+    if len(der) != header.length or sha256(der).digest() != header.sha256:
         detail = "certificate does not match its hash"
         return SlotView(slot, SlotState.DAMAGED, header, None, REASON_TORN, detail)
     try:
@@ -325,7 +325,7 @@ def _read_slot(backend: CredentialBackend, slot: Slot) -> SlotView:
             raise
         except (CardError, InputError) as exc:
             return _unknown(slot, REASON_RECORD_UNREADABLE, exc, header)
-    if hashlib.sha256(body[: header.length]).digest() != header.sha256:
+    if sha256(body[: header.length]).digest() != header.sha256:
         return check_record(slot, header, body, None)  # torn: the key is not worth a command
     try:
         key = backend.public_key(slot.key)

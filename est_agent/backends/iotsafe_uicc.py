@@ -18,7 +18,6 @@ this without loading cryptography.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from est_agent.card.channel import CardSession
 from est_agent.card.iotsafe import IotSafeApplet
 from est_agent.card.uicc import EF_ICCID, UiccFiles, decode_iccid
 from est_agent.card.uri import IotSafeRef, ObjectKind, UiccPath
+from est_agent.digests import sha256
 from est_agent.errors import CardError, InputError, TransportError
 from est_agent.transport.base import CardTransport, LinkStats
 
@@ -150,7 +150,7 @@ class IotSafeUiccBackend:
             )
         else:
             applet = self.applet
-        return hashlib.sha256(applet.read_public_key(_public_ref(_key(key)))).hexdigest()
+        return sha256(applet.read_public_key(_public_ref(_key(key)))).hexdigest()
 
     def generate_key(self, key: object) -> ec.EllipticCurvePublicKey:
         from est_agent.backends.signer import public_key_from_point

@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
 from est_agent.card import iotsafe_codes as iot
 from est_agent.card.apdu import CommandApdu
 from est_agent.card.tlv import decode_tlvs, encode_tlv
@@ -706,6 +704,9 @@ class IotSafeApplet:
     def _signature_tlv(self, r: int, s: int) -> bytes:
         fmt = self._options.signature_format
         if fmt == "der":
+            # here, not with the card model: cryptography loads on the first key operation
+            from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
             return encode_tlv(iot.TAG_SIGNATURE, encode_dss_signature(r, s))
         raw = r.to_bytes(ecc.COORDINATE_BYTES, "big") + s.to_bytes(ecc.COORDINATE_BYTES, "big")
         return encode_tlv(iot.TAG_SIGNATURE, raw, two_byte_length=fmt == "wide")

@@ -6,15 +6,11 @@ stores them; ``cryptography`` objects are built per operation.
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    Prehashed,
-    decode_dss_signature,
-    encode_dss_signature,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "COORDINATE_BYTES",
@@ -28,18 +24,35 @@ __all__ = [
 ]
 
 COORDINATE_BYTES = 32
-_CURVE = ec.SECP256R1()
-# by digest size: ECDSA P-256 uses the leftmost 256 bits of a longer digest (FIPS 186-5
-# §6.4.1), which `cryptography` does for a Prehashed SHA-384/SHA-512 digest
-_PREHASHED: dict[int, ec.ECDSA] = {
-    32: ec.ECDSA(Prehashed(hashes.SHA256())),
-    48: ec.ECDSA(Prehashed(hashes.SHA384())),
-    64: ec.ECDSA(Prehashed(hashes.SHA512())),
-}
+
+
+# cryptography is imported on the first key operation, not with the card model: opening the
+# virtual SIM for `est-agent run` with nothing due (READ BINARY, READ PUBLIC KEY of a stored
+# point) then costs no cryptography import (≈ 9 MiB, ≈ 50 ms; issue 16).
+@cache
+def _curve() -> ec.EllipticCurve:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.SECP256R1()
+
+
+@cache
+def _prehashed() -> dict[int, ec.ECDSA]:
+    """By digest size: ECDSA P-256 uses the leftmost 256 bits of a longer digest (FIPS 186-5
+    §6.4.1), which `cryptography` does for a Prehashed SHA-384/SHA-512 digest."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    return {
+        32: ec.ECDSA(Prehashed(hashes.SHA256())),
+        48: ec.ECDSA(Prehashed(hashes.SHA384())),
+        64: ec.ECDSA(Prehashed(hashes.SHA512())),
+    }
 
 
 def _algorithm(digest: bytes) -> ec.ECDSA:
-    algorithm = _PREHASHED.get(len(digest))
+    algorithm = _prehashed().get(len(digest))
     if algorithm is None:
         raise ValueError(f"no SHA-2 digest has {len(digest)} bytes")
     return algorithm
@@ -47,18 +60,25 @@ def _algorithm(digest: bytes) -> ec.ECDSA:
 
 def generate_key_pair() -> tuple[bytes, bytes]:
     """A fresh key: (32-byte scalar, 65-byte uncompressed point)."""
-    key = ec.generate_private_key(_CURVE)
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = ec.generate_private_key(_curve())
     scalar = key.private_numbers().private_value.to_bytes(COORDINATE_BYTES, "big")
     point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
     return scalar, point
 
 
 def private_key_from_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
-    return ec.derive_private_key(int.from_bytes(scalar, "big"), _CURVE)
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), _curve())
 
 
 def sign_digest(scalar: bytes, digest: bytes) -> tuple[int, int]:
     """ECDSA (r, s) over a SHA-256/384/512 digest (32, 48 or 64 bytes)."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     der = private_key_from_scalar(scalar).sign(digest, _algorithm(digest))
     return decode_dss_signature(der)
 
@@ -70,6 +90,8 @@ def decode_signature(value: bytes) -> tuple[int, int] | None:
             int.from_bytes(value[:COORDINATE_BYTES], "big"),
             int.from_bytes(value[COORDINATE_BYTES:], "big"),
         )
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     try:
         return decode_dss_signature(value)
     except ValueError:
@@ -77,8 +99,12 @@ def decode_signature(value: bytes) -> tuple[int, int] | None:
 
 
 def verify_digest(point: bytes, digest: bytes, r: int, s: int) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
     try:
-        public_key = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
+        public_key = ec.EllipticCurvePublicKey.from_encoded_point(_curve(), point)
         public_key.verify(encode_dss_signature(r, s), digest, _algorithm(digest))
     except (InvalidSignature, ValueError):
         return False

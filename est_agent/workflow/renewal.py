@@ -23,9 +23,9 @@ waiting weeks between attempts.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timedelta
 
+from est_agent.digests import sha256
 from est_agent.errors import ConfigError
 
 __all__ = ["RETRY_FLOOR_S", "is_expired", "next_attempt_at", "renewal_due_at", "retry_not_before"]
@@ -52,7 +52,7 @@ def renewal_due_at(
     due = not_before + lifetime * threshold
     if jitter_s > 0:
         spread = int.from_bytes(
-            hashlib.sha256(serial.to_bytes(20, "big", signed=False)).digest()[:4]
+            sha256(serial.to_bytes(20, "big", signed=False)).digest()[:4]
         )
         due += timedelta(seconds=jitter_s * spread / 2**32)
     return min(due, not_before + lifetime * max(threshold, _LATEST_FRACTION))
