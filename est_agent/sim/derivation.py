@@ -9,16 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
 __all__ = ["hkdf_expand", "hkdf_extract", "tls12_prf"]
-
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
 
 
 def tls12_prf(secret: bytes, label_seed: bytes, length: int) -> bytes:
@@ -40,4 +31,13 @@ def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
 
 def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
     """OKM of ``length`` bytes (RFC 5869 §2.3; at most 255·HashLen)."""
-    return HKDFExpand(_HASHES[hash_name](), length, info).derive(prk)
+    # imported here: the card model loads cryptography on its first key operation only
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    algorithm: dict[str, hashes.HashAlgorithm] = {
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
+    }
+    return HKDFExpand(algorithm[hash_name], length, info).derive(prk)

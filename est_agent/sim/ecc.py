@@ -116,8 +116,10 @@ def is_valid_point(point: bytes) -> bool:
     validation of §3.2.2: `cryptography` refuses a point off the curve)."""
     if len(point) != 1 + 2 * COORDINATE_BYTES or point[0] != 0x04:
         return False
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
-        ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
+        ec.EllipticCurvePublicKey.from_encoded_point(_curve(), point)
     except ValueError:
         return False
     return True
@@ -126,5 +128,7 @@ def is_valid_point(point: bytes) -> bool:
 def ecka(scalar: bytes, point: bytes) -> bytes:
     """ECKA-DH (ECC CDH of SEC 1 §3.3.1, NIST SP 800-56A §5.7.1.2): the x-coordinate of
     scalar·point, 32 bytes. ``point`` must have passed `is_valid_point`."""
-    peer = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(_curve(), point)
     return private_key_from_scalar(scalar).exchange(ec.ECDH(), peer)

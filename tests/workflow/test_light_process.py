@@ -9,7 +9,6 @@ lazily at run time is seen as well as one imported at the top of a file.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from est_agent.testserver import DevPki, EstTestServer
-from tests.workflow.conftest import Device, Run
+from tests.conftest import Run
+from tests.workflow.conftest import Device
 
 pytestmark = pytest.mark.integration
 
@@ -115,17 +115,3 @@ def test_run_not_due_imports_no_est_tls_http_or_certificate_stack(enrolled: Devi
     # only the virtual SIM's own card model (in this process with a sim: reader) may load it
     for chain in importers(log, "_hashlib"):
         assert any(name.startswith("est_agent.sim.") for name in chain), chain
-
-
-def test_enrollment_does_not_import_httpx_command_line_client(enrolled: Device) -> None:
-    if importlib.util.find_spec("rich") is None:
-        pytest.skip("rich is not installed: httpx cannot import its command-line client anyway")
-    done, log = imports_of("renew", "--force", "--config", str(enrolled.config), "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["outcome"] == "renewed"
-    names = {name for _, name in log}
-    assert {"httpx", "httpcore", "cryptography.x509"} <= names  # the full workflow ran
-    # httpx's __init__ imports its CLI (httpx._main: rich, click, pygments) when they are
-    # installed, as they are beside the dev tools (import-linter): est_agent.est makes that
-    # import fail at once (the log still lists the attempt, a leaf that imported nothing)
-    assert not {"rich", "click", "pygments"} & names
