@@ -211,12 +211,18 @@ def open_iotsafe_uicc(
 ) -> Iterator[IotSafeUiccBackend]:
     """Connect, open the EFs' channel; close every channel and the link on exit.
 
-    With the EFs on the basic channel (a PC/SC reader) the applet's channel is opened by its
+    With the EFs on the basic channel of a reader (PC/SC) the applet's channel is opened by its
     SELECT (``IotSafeApplet.open(implicit_channel=True)``): one APDU fewer per run. Where the
-    EFs get a channel of their own (a modem: its baseband uses channels too), the card assigns
-    every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over.
+    EFs get a channel of their own (the default on a modem: its baseband uses channels too),
+    and on any modem link (AT+CCHO/AT+CGLA address only channels the modem opened), the card
+    assigns every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over.
     """
     session = CardSession(opener(reader))
+    implicit = (
+        basic_channel
+        and not reader.lower().startswith("modem:")
+        and getattr(session.transport, "implicit_channel_opening", True)
+    )
     try:
         session.transport.connect()
         try:
@@ -226,7 +232,7 @@ def open_iotsafe_uicc(
                 UiccFiles(channel),
                 aids=aids,
                 proprietary_cla=proprietary_cla,
-                implicit_channel=basic_channel,
+                implicit_channel=implicit,
             )
         finally:
             session.close_channels()  # best effort
