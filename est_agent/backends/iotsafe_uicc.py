@@ -208,6 +208,7 @@ def open_iotsafe_uicc(
     aids: Sequence[bytes],
     proprietary_cla: bool,
     basic_channel: bool,
+    implicit_channel: bool = True,
 ) -> Iterator[IotSafeUiccBackend]:
     """Connect, open the EFs' channel; close every channel and the link on exit.
 
@@ -215,11 +216,13 @@ def open_iotsafe_uicc(
     SELECT (``IotSafeApplet.open(implicit_channel=True)``): one APDU fewer per run. Where the
     EFs get a channel of their own (the default on a modem: its baseband uses channels too),
     and on any modem link (AT+CCHO/AT+CGLA address only channels the modem opened), the card
-    assigns every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over.
+    assigns every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over;
+    ``implicit_channel`` False (``card.implicit_channel``) does so everywhere.
     """
     session = CardSession(opener(reader))
     implicit = (
-        basic_channel
+        implicit_channel
+        and basic_channel
         and not reader.lower().startswith("modem:")
         and getattr(session.transport, "implicit_channel_opening", True)
     )

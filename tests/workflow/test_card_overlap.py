@@ -228,3 +228,19 @@ def test_a_failing_csrattrs_waits_for_the_card_and_writes_no_record(
         "op-a": "empty",
         "op-b": "empty",
     }
+
+
+def test_implicit_channel_false_always_opens_with_manage_channel(
+    device: Device, start_server: Start, dev_pki: DevPki, cli: Run, trace: list[Apdu]
+) -> None:
+    device.write_config(start_server(), dev_pki, card__implicit_channel="false")
+    with wrapped_reader_scheme("sim", lambda inner: _traced(trace, inner)):
+        code, _, err = cli("enroll", "--config", str(device.config))
+        assert code == 0, err
+        assert [a.command for a in trace][4:6] == [MANAGE_CHANNEL_OPEN, SELECT_APPLET_CH1]
+        assert len(trace) == 19  # as before issue 16
+        trace.clear()
+        code, _, err = cli("run", "--config", str(device.config))
+        assert code == 0, err
+    assert [a.command for a in trace][2:4] == [MANAGE_CHANNEL_OPEN, SELECT_APPLET_CH1]
+    assert len(trace) == 6
