@@ -36,9 +36,16 @@ _JOIN_MARGIN_S = 5.0
 class CardWork(Generic[T]):
     """One card operation running in a daemon thread; ``result`` joins it."""
 
-    def __init__(self, work: Callable[[], T], *, name: str, deadline_s: float) -> None:
+    def __init__(
+        self,
+        work: Callable[[], T],
+        *,
+        name: str,
+        deadline_s: float,
+        margin_s: float = _JOIN_MARGIN_S,
+    ) -> None:
         self._work = work
-        self._deadline_s = deadline_s + _JOIN_MARGIN_S
+        self._deadline_s = deadline_s + margin_s
         self._value: T | None = None
         self._error: BaseException | None = None
         self._done = False
