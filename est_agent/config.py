@@ -299,6 +299,10 @@ class CardConfig:
     iso_cla: bool = False
     #: channel for the certificate EFs' file commands (see UiccChannel)
     uicc_channel: UiccChannel = UiccChannel.AUTO
+    #: open the applet's logical channel by its SELECT (ISO/IEC 7816-4 §5.5.2: one APDU fewer)
+    #: where the EFs use the basic channel and the link is not a modem; false: always MANAGE
+    #: CHANNEL (a reader shared with software that keeps logical channels open)
+    implicit_channel: bool = True
     #: TLS 1.3's ephemeral ECDH (RFC 8446 §4.2.8) on the card with this key-agreement private
     #: key (GENERATE KEY PAIR per handshake, PUT PUBLIC KEY into ``peer_public_key``, COMPUTE
     #: DH: GSMA IoT.05); None: on the host, as tlslite makes it
@@ -331,6 +335,7 @@ class CardConfig:
             if not _AID_BYTES[0] <= len(aid) <= _AID_BYTES[1]:
                 raise _fail("card.aids", f"an AID is 5..16 bytes, got {aid.hex().upper()!r}")
         _check_type("card.iso_cla", self.iso_cla, bool)
+        _check_type("card.implicit_channel", self.implicit_channel, bool)
         _check_type("card.uicc_channel", self.uicc_channel, UiccChannel)
         if self.key_agreement is not None:
             _check_type("card.key_agreement", self.key_agreement, IotSafeRef)
@@ -1103,6 +1108,8 @@ def _card(data: object, base_dir: Path | None) -> CardConfig:
         kwargs["aids"] = tuple(aids)
     if t.has("iso_cla"):
         kwargs["iso_cla"] = t.value("iso_cla")
+    if t.has("implicit_channel"):
+        kwargs["implicit_channel"] = t.value("implicit_channel")
     if t.has("uicc_channel"):
         kwargs["uicc_channel"] = _enum(t, "uicc_channel", UiccChannel)
     for name, kind in (

@@ -75,12 +75,22 @@ class IotSafeUiccBackend:
         *,
         aids: Sequence[bytes],
         proprietary_cla: bool = True,
+        implicit_channel: bool = False,
     ) -> None:
         self.session = session
         self.files = files
         self._aids = tuple(aids)
         self._proprietary_cla = proprietary_cla
         self._applet: IotSafeApplet | None = None
+        #: open the applet's channel by its SELECT (ISO/IEC 7816-4 §5.5.2, one APDU fewer);
+        #: the workflow turns it off for a card its host state remembers refusing (6881)
+        self.implicit_channel = implicit_channel
+
+    @property
+    def implicit_channel_refused(self) -> bool:
+        """Whether this session's applet SELECT was refused on a closed channel (6881): the
+        workflow remembers it (workflow/hoststate.py) so later runs ask with MANAGE CHANNEL."""
+        return self._applet is not None and self._applet.implicit_refused
 
     @property
     def transport(self) -> CardTransport:
@@ -102,7 +112,10 @@ class IotSafeUiccBackend:
         """The IoT SAFE applet, selected on its own logical channel at first use."""
         if self._applet is None:
             self._applet = IotSafeApplet.open(
-                self.session, aids=self._aids, proprietary_cla=self._proprietary_cla
+                self.session,
+                aids=self._aids,
+                proprietary_cla=self._proprietary_cla,
+                implicit_channel=self.implicit_channel,
             )
         return self._applet
 
@@ -195,15 +208,34 @@ def open_iotsafe_uicc(
     aids: Sequence[bytes],
     proprietary_cla: bool,
     basic_channel: bool,
+    implicit_channel: bool = True,
 ) -> Iterator[IotSafeUiccBackend]:
-    """Connect, open the EFs' channel; close every channel and the link on exit."""
+    """Connect, open the EFs' channel; close every channel and the link on exit.
+
+    With the EFs on the basic channel of a reader (PC/SC) the applet's channel is opened by its
+    SELECT (``IotSafeApplet.open(implicit_channel=True)``): one APDU fewer per run. Where the
+    EFs get a channel of their own (the default on a modem: its baseband uses channels too),
+    and on any modem link (AT+CCHO/AT+CGLA address only channels the modem opened), the card
+    assigns every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over;
+    ``implicit_channel`` False (``card.implicit_channel``) does so everywhere.
+    """
     session = CardSession(opener(reader))
+    implicit = (
+        implicit_channel
+        and basic_channel
+        and not reader.lower().startswith("modem:")
+        and getattr(session.transport, "implicit_channel_opening", True)
+    )
     try:
         session.transport.connect()
         try:
             channel = session.basic_channel if basic_channel else session.open_channel()
             yield IotSafeUiccBackend(
-                session, UiccFiles(channel), aids=aids, proprietary_cla=proprietary_cla
+                session,
+                UiccFiles(channel),
+                aids=aids,
+                proprietary_cla=proprietary_cla,
+                implicit_channel=implicit,
             )
         finally:
             session.close_channels()  # best effort

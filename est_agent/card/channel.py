@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Required, TypedDict, Unpack
@@ -82,6 +83,10 @@ class CardSession:
         self._iso_get_response = iso_get_response
         self._open_channels: set[int] = set()
         self._depth = 0
+        # The card is one device: a worker thread generating a key while the main thread waits
+        # on the network (workflow/cardwork.py) and the main thread take turns per transaction,
+        # so APDUs, T=0 follow-ups and channel state never interleave.
+        self._lock = threading.RLock()
         #: counts the card transactions begun: state the card holds per channel (the selected
         #: EF) is only known within the transaction that set it, since another client of a
         #: shared reader or the modem's own baseband may change it in between
@@ -90,15 +95,17 @@ class CardSession:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Exclusive use of the card inside (nested blocks: the outermost counts); the
-        transport's ``transaction`` does the locking (PC/SC SCardBeginTransaction)."""
-        if self._depth == 0:
-            self.transaction_epoch += 1
-        self._depth += 1
-        try:
-            with self.transport.transaction():
-                yield
-        finally:
-            self._depth -= 1
+        transport's ``transaction`` does the locking (PC/SC SCardBeginTransaction) against
+        other clients; threads of this process wait for each other here first."""
+        with self._lock:
+            if self._depth == 0:
+                self.transaction_epoch += 1
+            self._depth += 1
+            try:
+                with self.transport.transaction():
+                    yield
+            finally:
+                self._depth -= 1
 
     def exchange(
         self,

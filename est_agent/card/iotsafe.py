@@ -540,6 +540,8 @@ class IotSafeApplet:
         self.session_number = session_number
         self.aid = aid
         self.close_sessions = close_sessions
+        #: the card answered 6881 to a SELECT that was to open a channel implicitly (``open``)
+        self.implicit_refused = False
 
     @classmethod
     def open(
@@ -555,9 +557,11 @@ class IotSafeApplet:
         ``implicit_channel``: first SELECT on the lowest channel this session has not opened,
         without MANAGE CHANNEL: a Java Card runtime opens a closed channel on a SELECT by AID
         (ISO/IEC 7816-4 §5.5.2 lets the card do so), one APDU fewer. A card that refuses
-        (6881) gets MANAGE CHANNEL and the SELECT again, one APDU more. Off by default: on a
-        card shared with other software (the modem's baseband, another PC/SC client) that
-        channel may be open already, and the SELECT would take it over instead of failing.
+        (6881) gets MANAGE CHANNEL and the SELECT again, one APDU more; the applet then says
+        so (``implicit_refused``), for the caller to remember. Off here by default: on a card
+        shared with other software (the modem's baseband, another PC/SC client) that channel
+        may be open already, and the SELECT would take it over instead of failing; the SIM
+        backend turns it on where the agent's EFs use the basic channel (a PC/SC reader).
 
         ``close_sessions``: close the signature session after every signature. Off by default:
         closing the channel deselects the applet, which ends its sessions (Java Card clears
@@ -579,10 +583,12 @@ class IotSafeApplet:
                     return applet
             channel = session.open_channel()
             try:
-                return cls.select(channel, aids=aids, **options)
+                applet = cls.select(channel, aids=aids, **options)
             except BaseException:
                 channel.close()
                 raise
+            applet.implicit_refused = implicit_channel
+            return applet
 
     @classmethod
     def select(

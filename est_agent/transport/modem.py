@@ -126,6 +126,10 @@ class ModemTransport(CardTransport):
     """One SIM behind one modem AT port. ``serial_factory`` is for tests (a pyserial-like object
     with ``write``, ``read``, ``in_waiting``, ``timeout``, ``reset_input_buffer``, ``close``)."""
 
+    #: no SELECT on a channel not opened by MANAGE CHANNEL: the first MANAGE CHANNEL decides
+    #: between AT+CSIM and AT+CCHO/AT+CGLA, and CGLA needs a channel CCHO opened (27.007 §8.45)
+    implicit_channel_opening = False
+
     def __init__(
         self,
         port: str,

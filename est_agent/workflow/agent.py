@@ -15,7 +15,8 @@ fail at any point:
   is still selected when the certificate is written; a slot that cannot be read stops the run
   before anything is written (``SlotUnreadableError``);
 * the EST server is verified before the card signs anything (est/tls/), and the key is
-  generated only once the server has answered /cacerts and /csrattrs;
+  generated only once the server has answered /cacerts (the card makes it while /csrattrs
+  crosses the network: workflow/cardwork.py);
 * the server's TLS chain is checked against the anchor store (workflow/anchors.py: current,
   next, the configured fallback), and every /cacerts answer is followed for a CA rollover
   (RFC 7030 §4.1.3) before the key is generated: a refused one stops the run there;
@@ -83,6 +84,12 @@ from est_agent.workflow.anchors import (
     fingerprint,
     needs_cacerts_check,
     next_check_at,
+)
+from est_agent.workflow.cardwork import (
+    CardWork,
+    apply_card_facts,
+    in_background,
+    learned_card_facts,
 )
 from est_agent.workflow.hoststate import (
     ActiveCache,
@@ -440,7 +447,12 @@ class Agent:
                 try:
                     host = _HostStateFile(paths.state_dir)
                     host.notes.extend(notes)
-                    yield backend, host
+                    apply_card_facts(backend, host.state)
+                    try:
+                        yield backend, host
+                    finally:
+                        if learned_card_facts(backend, host.state) is not None:
+                            host.update(implicit_channel_refused=True)
                 finally:
                     self.link_stats = backend.stats
 
@@ -626,8 +638,15 @@ class Agent:
             # RFC 7030 §4.1.3: every run that talks to the server follows a CA rollover
             # before the card makes a key: a refused /cacerts stops here (76)
             self._roll_anchors(cacerts.certificates)
-            attrs = self._server_csrattrs(client)
-            key = self._target_key(backend, target, host.state.pending, decision)
+            # The key is allowed from here on (/cacerts answered and followed). It is only
+            # needed for the CSR, so the card makes it while /csrattrs crosses the network
+            # (workflow/cardwork.py); a failed /csrattrs still waits for the card first.
+            keygen = self._start_target_key(backend, target, host.state.pending, decision)
+            try:
+                attrs = self._server_csrattrs(client)
+            finally:
+                keygen.wait()
+            key = keygen.result()
             op_signer = backend.signer(target.key, key)
             self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
             enrollment = self._request(
@@ -1128,6 +1147,19 @@ class Agent:
                 f"the EST CA from /cacerts ({got.hex()}) does not match "
                 "est.cacerts_fingerprint: refusing to enroll"
             )
+
+    def _start_target_key(
+        self, backend: CredentialBackend, target: Slot, pending: Pending | None, decision: Plan
+    ) -> CardWork[ec.EllipticCurvePublicKey]:
+        """``_target_key`` in a worker thread (workflow/cardwork.py), bounded by the link's
+        deadline for slow commands (GENERATE KEY PAIR)."""
+        transport = getattr(backend, "transport", None)
+        deadline_s = float(getattr(transport, "slow_timeout_s", 60.0))
+        return in_background(
+            lambda: self._target_key(backend, target, pending, decision),
+            name=f"key generation in slot {target.name}",
+            deadline_s=deadline_s,
+        )
 
     def _target_key(
         self, backend: CredentialBackend, target: Slot, pending: Pending | None, decision: Plan

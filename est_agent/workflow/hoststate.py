@@ -12,7 +12,9 @@ next full run; for the retry schedule that means "no wait": a damaged file never
 renewal. Writing it may fail (read-only state directory): callers report that and go on,
 because the SIM holds what matters.
 
-Format 3 added ``retry``; format 2 files (written before it) are read as they are.
+Format 3 added ``retry``; format 2 files (written before it) are read as they are. The
+optional ``implicit_channel_refused`` (a fact about the card, not a format change) is read as
+false when absent.
 """
 
 from __future__ import annotations
@@ -127,6 +129,10 @@ class HostState:
     deployment: Deployment | None = None
     installing: Installing | None = None
     retry: Retry | None = None
+    #: the card answered 6881 to a SELECT opening a logical channel implicitly (ISO/IEC 7816-4
+    #: §5.5.2): later runs open the applet's channel with MANAGE CHANNEL instead of asking
+    #: again (one APDU each); absent in older files, which reads as "not refused"
+    implicit_channel_refused: bool = False
 
 
 # --- decoding (strict: anything odd makes the whole file "no cache") -------------------------
@@ -244,6 +250,7 @@ def _decode(raw: Any) -> HostState:
         )
         if retry
         else None,
+        implicit_channel_refused=raw.get("implicit_channel_refused") is True,
     )
 
 
@@ -275,6 +282,7 @@ def _encode(state: HostState) -> dict[str, Any]:
         "deployment": plain(state.deployment),
         "installing": plain(state.installing),
         "retry": plain(state.retry),
+        "implicit_channel_refused": state.implicit_channel_refused,
     }
 
 

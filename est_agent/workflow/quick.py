@@ -6,8 +6,9 @@ says until when, workflow/renewal.py): same card checks, no network, exit 0 sayi
 Nothing here imports cryptography, httpx or the EST stack: the timer runs this daily on every
 device, and real SIM links cost tens of milliseconds per APDU. The card work is SELECT and one
 READ BINARY of the active slot's record header (it must still be the cached record), then the
-slot's public key from the applet (MANAGE CHANNEL, SELECT, READ PUBLIC KEY, MANAGE CHANNEL
-close; on links whose EFs already use a logical channel, the applet is selected on that one)
+slot's public key from the applet (SELECT opening a channel, READ PUBLIC KEY, MANAGE CHANNEL
+close; MANAGE CHANNEL first on a card that refuses that; on links whose EFs already use a
+logical channel, the applet is selected on that one)
 compared with the cached key digest: another program may have regenerated the key
 through the applet, and then the certificate is no longer usable whatever its dates say. No
 network. Anything unexpected returns None and the full workflow runs, which judges both slots.
@@ -23,11 +24,13 @@ from __future__ import annotations
 import logging
 import os
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from est_agent.errors import CardError, TransportError
+from est_agent.errors import CardError, StoreError, TransportError
 from est_agent.store import HEADER_SIZE, decode_header
-from est_agent.workflow.hoststate import HostState, load_host_state
+from est_agent.workflow.cardwork import apply_card_facts, learned_card_facts
+from est_agent.workflow.hoststate import HostState, load_host_state, save_host_state
 from est_agent.workflow.lock import run_lock
 from est_agent.workflow.renewal import renewal_due_at, retry_not_before
 from est_agent.workflow.result import Outcome, Result
@@ -149,6 +152,19 @@ def run_if_not_due(
     with run_lock(paths.state_dir, wait_s=paths.lock_wait_s):
         host = load_host_state(paths.state_dir)  # again: another run may just have changed it
         with open_backend(config) as backend, backend.transaction():
+            apply_card_facts(backend, host)
             result = cached_not_due(config, backend, host, now, last_use=True)
             stats = backend.stats
+        _remember_card_facts(paths.state_dir, learned_card_facts(backend, host))
     return result, stats
+
+
+def _remember_card_facts(state_dir: Path, learned: HostState | None) -> None:
+    """Save what the card taught this run (workflow/cardwork.py); a cache: failing is a log
+    line, the next run asks the card again."""
+    if learned is None:
+        return
+    try:
+        save_host_state(state_dir, learned)
+    except StoreError as exc:
+        log.warning("%s", exc)

@@ -41,6 +41,7 @@ def backend_opener(opener: TransportOpener = open_transport) -> BackendOpener:
             aids=tuple(card.aids),
             proprietary_cla=not card.iso_cla,
             basic_channel=card.uicc_channel.resolve(card.reader) is UiccChannel.BASIC,
+            implicit_channel=card.implicit_channel,
         )
 
     return open_backend

@@ -245,6 +245,11 @@ BAD = [
     ("card.aids", "[card]\naids = 'A0000005590010'", "card.aids: expected an array"),
     ("card.aids", "[card]\naids = [1]", "card.aids: expected an array of strings"),
     ("card.iso_cla", "[card]\niso_cla = 'no'", "card.iso_cla: expected a boolean, got string"),
+    (
+        "card.implicit_channel",
+        "[card]\nimplicit_channel = 1",
+        "card.implicit_channel: expected a boolean, got integer",
+    ),
     ("card.uicc_channel", "[card]\nuicc_channel = 'x'", "expected one of auto, logical, basic"),
     ("bootstrap.key", "[bootstrap]\nkey = 'iotsafe:file-id=01'", "expected a private key"),
     ("bootstrap.key", "[bootstrap]\nkey = 'uicc:path=6F01'", "bootstrap.key"),
