@@ -300,9 +300,12 @@ class CardConfig:
     #: channel for the certificate EFs' file commands (see UiccChannel)
     uicc_channel: UiccChannel = UiccChannel.AUTO
     #: open the applet's logical channel by its SELECT (ISO/IEC 7816-4 §5.5.2: one APDU fewer)
-    #: where the EFs use the basic channel and the link is not a modem; false: always MANAGE
-    #: CHANNEL (a reader shared with software that keeps logical channels open)
-    implicit_channel: bool = True
+    #: where the EFs use the basic channel and the link is not a modem. Off by default: on a
+    #: reader shared with software that keeps a logical channel open (the SIM key used by a
+    #: TLS stack), that SELECT lands on the other program's channel and the run closes it
+    #: (tests/integration/test_shared_reader_pcsc.py); on only where the agent is the card's
+    #: only user
+    implicit_channel: bool = False
     #: TLS 1.3's ephemeral ECDH (RFC 8446 §4.2.8) on the card with this key-agreement private
     #: key (GENERATE KEY PAIR per handshake, PUT PUBLIC KEY into ``peer_public_key``, COMPUTE
     #: DH: GSMA IoT.05); None: on the host, as tlslite makes it

@@ -208,16 +208,18 @@ def open_iotsafe_uicc(
     aids: Sequence[bytes],
     proprietary_cla: bool,
     basic_channel: bool,
-    implicit_channel: bool = True,
+    implicit_channel: bool = False,
 ) -> Iterator[IotSafeUiccBackend]:
     """Connect, open the EFs' channel; close every channel and the link on exit.
 
-    With the EFs on the basic channel of a reader (PC/SC) the applet's channel is opened by its
-    SELECT (``IotSafeApplet.open(implicit_channel=True)``): one APDU fewer per run. Where the
+    With ``implicit_channel`` (``card.implicit_channel``, off by default: on a shared reader the
+    SELECT would take another program's open channel) and the EFs on the basic channel of a
+    reader (PC/SC), the applet's channel is opened by its SELECT
+    (``IotSafeApplet.open(implicit_channel=True)``): one APDU fewer per run. Where the
     EFs get a channel of their own (the default on a modem: its baseband uses channels too),
     and on any modem link (AT+CCHO/AT+CGLA address only channels the modem opened), the card
-    assigns every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over;
-    ``implicit_channel`` False (``card.implicit_channel``) does so everywhere.
+    assigns every channel (MANAGE CHANNEL, TS 102 221 §11.1.17), so none is taken over, as
+    everywhere without ``implicit_channel``.
     """
     session = CardSession(opener(reader))
     implicit = (

@@ -24,8 +24,9 @@ from est_agent.sim.transport import SimTransport
 from est_agent.testserver import DevPki, EstTestServer, Fault
 from est_agent.testserver.wire import CsrAttrsKind
 from est_agent.transport.base import CardTransport
+from tests.conftest import Run
 from tests.linkwrap import wrapped_reader_scheme
-from tests.workflow.conftest import Device, Run
+from tests.workflow.conftest import Device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -77,14 +78,14 @@ def _headers(log: list[Apdu]) -> list[str]:
 def test_first_boot_opens_the_applet_channel_by_its_select(
     device: Device, start_server: Start, dev_pki: DevPki, cli: Run, trace: list[Apdu]
 ) -> None:
-    device.write_config(start_server(), dev_pki)
+    device.write_config(start_server(), dev_pki, card__implicit_channel="true")
     with wrapped_reader_scheme("sim", lambda inner: _traced(trace, inner)):
         code, _, err = cli("enroll", "--config", str(device.config))
     assert code == 0, err
     commands = [a.command for a in trace]
     assert MANAGE_CHANNEL_OPEN not in commands
     assert commands[4] == SELECT_APPLET_CH1 and trace[4].sw == "9000"
-    # the 18 APDUs of a first boot (19 before issue 16: MANAGE CHANNEL open is gone)
+    # the 18 APDUs of a first boot with the opt-in (19 by default: MANAGE CHANNEL open)
     assert _headers(trace) == [
         "00a40804", "00b00000",  # SELECT 7FF0/6F01 by path, READ BINARY
         "00a40804", "00b00000",  # SELECT 7FF0/6F02, READ BINARY
@@ -103,7 +104,7 @@ def test_first_boot_opens_the_applet_channel_by_its_select(
 def test_a_card_refusing_implicit_opening_is_asked_once_and_remembered(
     device: Device, start_server: Start, dev_pki: DevPki, cli: Run, trace: list[Apdu]
 ) -> None:
-    device.write_config(start_server(), dev_pki)
+    device.write_config(start_server(), dev_pki, card__implicit_channel="true")
     refusing = CardOptions(implicit_channel_open=False)
 
     def rebuild(inner: CardTransport) -> CardTransport:
@@ -143,7 +144,7 @@ def test_a_card_refusing_implicit_opening_is_asked_once_and_remembered(
 def test_a_lost_host_state_asks_the_card_again(
     device: Device, start_server: Start, dev_pki: DevPki, cli: Run, trace: list[Apdu]
 ) -> None:
-    device.write_config(start_server(), dev_pki)
+    device.write_config(start_server(), dev_pki, card__implicit_channel="true")
     refusing = CardOptions(implicit_channel_open=False)
     with wrapped_reader_scheme("sim", lambda _: _traced(trace, SimTransport(device.sim, refusing))):
         assert cli("enroll", "--config", str(device.config))[0] == 0
@@ -230,15 +231,23 @@ def test_a_failing_csrattrs_waits_for_the_card_and_writes_no_record(
     }
 
 
-def test_implicit_channel_false_always_opens_with_manage_channel(
-    device: Device, start_server: Start, dev_pki: DevPki, cli: Run, trace: list[Apdu]
+@pytest.mark.parametrize(
+    "setting", [{}, {"card__implicit_channel": "false"}], ids=["default", "false"]
+)
+def test_by_default_the_applet_channel_is_opened_with_manage_channel(
+    device: Device,
+    start_server: Start,
+    dev_pki: DevPki,
+    cli: Run,
+    trace: list[Apdu],
+    setting: dict[str, str],
 ) -> None:
-    device.write_config(start_server(), dev_pki, card__implicit_channel="false")
+    device.write_config(start_server(), dev_pki, **setting)
     with wrapped_reader_scheme("sim", lambda inner: _traced(trace, inner)):
         code, _, err = cli("enroll", "--config", str(device.config))
         assert code == 0, err
         assert [a.command for a in trace][4:6] == [MANAGE_CHANNEL_OPEN, SELECT_APPLET_CH1]
-        assert len(trace) == 19  # as before issue 16
+        assert len(trace) == 19
         trace.clear()
         code, _, err = cli("run", "--config", str(device.config))
         assert code == 0, err

@@ -390,9 +390,9 @@ def test_a_record_written_just_before_the_card_went_away_is_adopted_by_the_next_
     state = json.loads((device.state_dir / "state.json").read_text())
     assert state["active"]["slot"] == 1 and state["installing"] is None
     code, out, _ = cli("run", "--config", str(device.config), "--json")
-    # fast path again: the record header, then the key through the applet (SELECT opening
-    # the channel implicitly, READ PUBLIC KEY, MANAGE CHANNEL close; issue 16: 6 -> 5)
-    assert json.loads(out)["card_link"]["apdus"] == 5
+    # fast path again: the record header, then the key through the applet (MANAGE CHANNEL,
+    # SELECT, READ PUBLIC KEY, MANAGE CHANNEL close)
+    assert json.loads(out)["card_link"]["apdus"] == 6
 
 
 # --- 2. the agent killed at each network step ---------------------------------------------------

@@ -28,9 +28,8 @@ from tests.workflow.test_enroll_renew import certificate_on_sim
 pytestmark = pytest.mark.integration
 
 #: `run` with nothing due on the in-process SIM: SELECT + READ BINARY of the record header,
-#: then SELECT applet (opening its channel implicitly), READ PUBLIC KEY, MANAGE CHANNEL close
-#: (workflow/quick.py; 6 before issue 16, which dropped the MANAGE CHANNEL open)
-FAST_PATH_APDUS = 5
+#: then MANAGE CHANNEL, SELECT applet, READ PUBLIC KEY, MANAGE CHANNEL close (workflow/quick.py)
+FAST_PATH_APDUS = 6
 #: a whole run (card, TLS to 127.0.0.1, hook) is well under this on the 2-core test machine
 RUN_BOUND_S = 20.0
 

@@ -382,9 +382,8 @@ def test_lock_held_stops_every_command_of_an_enrolled_device(
     code, out, err = cli(*command, "--config", str(device.config), "--json")
     assert code == 0, err
     if command[0] == "run":
-        # the lock was the fast path's: the same path runs now (record header + key; the
-        # applet's channel opened by its SELECT since issue 16: 6 -> 5)
-        assert json.loads(out)["card_link"]["apdus"] == 5
+        # the lock was the fast path's: the same path runs now (record header + key)
+        assert json.loads(out)["card_link"]["apdus"] == 6
     if command[0] == "renew":
         assert json.loads(out)["outcome"] == "renewed"
         assert slot_statuses(status_json(cli, device)) == {"op-a": "valid", "op-b": "valid"}
