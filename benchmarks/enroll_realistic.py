@@ -125,6 +125,10 @@ _HELPER = (
 )
 
 
+#: the interpreter the agent's processes run with: this one, or a device install's (--agent-python)
+AGENT_PYTHON = [sys.executable]
+
+
 def measure_out(argv: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MiB) and stdout of ``argv``, from a tiny helper process: a child
     forked straight from this (large) process would report this process's RSS as its peak."""
@@ -217,7 +221,7 @@ def one_round(
         url = f"https://127.0.0.1:{proxy.port}/.well-known/est"
         config = work / "est-agent.toml"
         write_config(config, reader=reader, url=url, work=work, pki=base / "pki")
-        argv = [sys.executable, "-m", "est_agent", "enroll", "--config", str(config), "--json"]
+        argv = [AGENT_PYTHON[0], "-m", "est_agent", "enroll", "--config", str(config), "--json"]
         if spy is not None:
             spy.mkdir(parents=True, exist_ok=True)
             out_file = spy / f"{profile.name}-{index}.txt"
@@ -298,7 +302,7 @@ def zero_latency_comparison(base: Path, url: str, rounds: int) -> None:
         config = work / "est-agent.toml"
         write_config(config, reader=f"sim:{state}", url=url, work=work, pki=base / "pki")
         for command, sink in (("enroll", agent), ("run", idle)):
-            argv = [sys.executable, "-m", "est_agent", command, "--config", str(config), "--json"]
+            argv = [AGENT_PYTHON[0], "-m", "est_agent", command, "--config", str(config), "--json"]
             wall, rss, out = measure_agent(argv)
             expected = "enrolled" if command == "enroll" else "not-due"
             assert out["outcome"].replace("_", "-") == expected, out
@@ -307,7 +311,7 @@ def zero_latency_comparison(base: Path, url: str, rounds: int) -> None:
         curl_dir.mkdir()
         origin = url.split("/.well", maxsplit=1)[0]
         curl.append(measure_plain(_curl_script(curl_dir, base / "pki", origin, "1.3")))
-        floor.append(measure_plain([sys.executable, "-c", "pass"]))
+        floor.append(measure_plain([AGENT_PYTHON[0], "-c", "pass"]))
 
     def med(rows: list[tuple[float, float]]) -> tuple[float, float]:
         return statistics.median(w for w, _ in rows) * 1000, statistics.median(r for _, r in rows)
@@ -349,7 +353,14 @@ def main() -> int:
     parser.add_argument("--tls", choices=("1.2", "1.3"), default="1.3")
     parser.add_argument("--compare-rounds", type=int, default=5, help="0: skip the comparison")
     parser.add_argument("--profile-dir", type=Path, help="py-spy raw profiles of the agent here")
+    parser.add_argument(
+        "--agent-python",
+        help="run the agent with this interpreter: a device install (`python -m venv D && D/bin/pip"
+        " install .`), without the dev extra's rich/click/pygments that httpx imports when present",
+    )
     args = parser.parse_args()
+    if args.agent_python:
+        AGENT_PYTHON[0] = args.agent_python
     names = [n for n in args.profiles.split(",") if n]
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
