@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -89,6 +89,8 @@ class _Named(Protocol):
 
 
 _O = TypeVar("_O", PrivateKeyObject, PublicKeyObject, FileObject, SecretKeyObject)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 #: the most PUT PUBLIC KEY UPDATE fragments add up to: a P-256 `49 { 86 point }` is 69 bytes
 _MAX_PUT_KEY_BYTES = 512
 #: the most bytes a derivation answers: one short response APDU (ISO/IEC 7816-4 §5.1)
@@ -162,6 +164,34 @@ def _own_id(obj: _Named) -> bytes:
 def _check_p1p2(cmd: CommandApdu) -> None:
     if cmd.p1 or cmd.p2:
         raise _RefusedError(SW_P1P2)
+
+
+def _close_or_check_open(
+    cmd: CommandApdu, sessions: MutableMapping[_K, _V], key: _K
+) -> Reply | None:
+    """The INIT of a session command (GSMA IoT.05: P1 00 opens, P1 01 closes, P2 the session
+    number): the close's reply, None for an open, 6A86 for any other P1. The change happens once
+    the reply is delivered (``transient``)."""
+    _check_session(cmd.p2)
+    if cmd.p1 == iot.P1_CLOSE:
+
+        def close_session() -> None:
+            # Closing a session that is not open is harmless: clients do it to clear stale ones.
+            sessions.pop(key, None)
+
+        return Reply(SW_OK, transient=close_session)
+    if cmd.p1 != iot.P1_OPEN:
+        raise _RefusedError(SW_P1P2)
+    return None
+
+
+def _opened(sessions: MutableMapping[_K, _V], key: _K, session: _V) -> Reply:
+    """The INIT's reply that opens ``session`` (replacing one already open under ``key``)."""
+
+    def open_session() -> None:
+        sessions[key] = session
+
+    return Reply(SW_OK, transient=open_session)
 
 
 def _check_session(p2: int) -> None:
@@ -577,27 +607,14 @@ class IotSafeApplet:
         cmd: CommandApdu,
         pick: Callable[[dict[int, bytes]], PrivateKeyObject | PublicKeyObject],
     ) -> Reply:
-        _check_session(cmd.p2)
         key = (channel, cmd.ins, cmd.p2)
-        if cmd.p1 == iot.P1_CLOSE:
-
-            def close_session() -> None:
-                # Closing a session that is not open is harmless: clients do it to clear stale ones.
-                self._sessions.pop(key, None)
-
-            return Reply(SW_OK, transient=close_session)
-        if cmd.p1 != iot.P1_OPEN:
-            raise _RefusedError(SW_P1P2)
+        if (closed := _close_or_check_open(cmd, self._sessions, key)) is not None:
+            return closed
         tlvs = _tlvs(cmd)
         obj = pick(tlvs)
         algorithms = _check_algorithms(tlvs)
         _check_key_use(obj, algorithms)
-        session = _Session(obj.object_id, algorithms)
-
-        def open_session() -> None:
-            self._sessions[key] = session  # replaces a session already open
-
-        return Reply(SW_OK, transient=open_session)
+        return _opened(self._sessions, key, _Session(obj.object_id, algorithms))
 
     def _session_update(
         self, channel: int, cmd: CommandApdu, init_ins: int, *, verify: bool
@@ -731,16 +748,9 @@ class IotSafeApplet:
     def _put_key_init(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
         """INIT (``24``): P1 00 opens a session on a public key object whose access allows
         update (else 6982), P1 01 closes it; P2 the session (docs/iot-safe-card.md §3)."""
-        _check_session(cmd.p2)
         key = (channel, cmd.p2)
-        if cmd.p1 == iot.P1_CLOSE:
-
-            def close_session() -> None:
-                self._put_sessions.pop(key, None)
-
-            return Reply(SW_OK, transient=close_session)
-        if cmd.p1 != iot.P1_OPEN:
-            raise _RefusedError(SW_P1P2)
+        if (closed := _close_or_check_open(cmd, self._put_sessions, key)) is not None:
+            return closed
         tlvs = _tlvs(cmd)
         id_tag, label_tag = iot.REF_TAGS[iot.CONTAINER_PUBLIC_KEY]
         _check_only(tlvs, {id_tag, label_tag})
@@ -749,12 +759,7 @@ class IotSafeApplet:
             raise _RefusedError(SW_SECURITY)
         if public.key_type != iot.KEY_TYPE_P256:
             raise _RefusedError(SW_CONDITIONS)
-        session = _PutKeySession(public.object_id)
-
-        def open_session() -> None:
-            self._put_sessions[key] = session  # replaces a session already open
-
-        return Reply(SW_OK, transient=open_session)
+        return _opened(self._put_sessions, key, _PutKeySession(public.object_id))
 
     def _put_key_update(self, channel: int, cmd: CommandApdu, applet: AppletState) -> Reply:
         """UPDATE (``D8``): each block one ``34`` TLV carrying a fragment of the key's

@@ -384,6 +384,9 @@ option_sets = st.builds(
     max_examples=50,
     deadline=None,
     database=None,
+    # the same 50 sequences every run: the "every kind succeeded at least once" check below
+    # depends on which sequences were drawn, and one random draw in CI missed a kind
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(
