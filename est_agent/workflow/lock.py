@@ -78,6 +78,7 @@ def run_lock(
     try:
         deadline = clock() + wait_s
         announced = False
+        polls = 0
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,9 +92,13 @@ def run_lock(
                         f"{state_dir / LOCK_FILE if is_file else state_dir}; "
                         f"waited {wait_s:g} s, try later"
                     ) from None
-                if not announced:
+                # The holder writes its PID just after taking the flock: a waiter that came in
+                # between sees an empty file, so it names "another process" only if the PID is
+                # still missing one poll later.
+                if not announced and (pid or polls > 0 or not is_file):
                     log.warning("waiting for another est-agent (%s) to finish", holder)
                     announced = True
+                polls += 1
                 sleep(min(_POLL_S, max(0.0, deadline - clock())))
         if is_file:
             with contextlib.suppress(OSError):  # the PID is a courtesy; the flock is the lock
