@@ -205,13 +205,7 @@ def _add_card_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     random.add_argument(
         "--hex", action="store_true", help="print them as hex and a newline instead of raw bytes"
     )
-    random.add_argument(
-        "--reader",
-        default=DEFAULT_READER,
-        help="pcsc:[NAME] (default: first reader with a card), sim:STATE_FILE or modem:PORT",
-    )
-    random.add_argument("--aid", metavar="HEX", help="IoT SAFE applet AID (default A0000005590010)")
-    random.add_argument("--iso-cla", action="store_true", help="applet commands with CLA 0N")
+    _card_link_options(random)
     random.set_defaults(func=_handler("card", "random"))
     _add_card_crypto_commands(card_cmds, common)
 
