@@ -263,17 +263,6 @@ class _HostStateFile:
             os.unlink(self.state_dir / "state.json")
 
 
-def _naming_the_device(progress: Callable[[str], None], backend: str) -> Callable[[str], None]:
-    """The progress lines name the SIM; with the keys in a PKCS#11 token, the token."""
-    if backend != "pkcs11":
-        return progress
-
-    def shown(text: str) -> None:
-        progress(text.replace("the SIM", "the token").replace("SIM slot", "token slot"))
-
-    return shown
-
-
 class Agent:
     """Runs enroll / renew / run / status for one configuration.
 
@@ -293,9 +282,9 @@ class Agent:
         backends: BackendOpener | None = None,
     ) -> None:
         self.config = config
-        self._progress = _naming_the_device(
-            progress or (lambda text: log.info("%s", text)), config.backend
-        )
+        self._progress = progress or (lambda text: log.info("%s", text))
+        #: what the progress lines call the device holding the keys
+        self._device = "token" if config.backend == "pkcs11" else "SIM"
         self._clock = clock
         self._client_factory = client_factory
         self._opener = opener
@@ -463,7 +452,7 @@ class Agent:
                     quick = cached_not_due(self.config, backend, host.state, self._clock())
                     if quick is not None:
                         return self._check_anchors(backend, quick)
-                self._progress("reading the credential slots on the SIM")
+                self._progress(f"reading the credential slots on the {self._device}")
                 views = self._scan(backend)
             decision = self._decide(operation, views, host.state)
             log.info("plan: %s %s", decision.action.value, decision.reason)
@@ -585,7 +574,7 @@ class Agent:
         decision: Plan,
         host: _HostStateFile,
     ) -> Result:
-        self._progress("reading the bootstrap credential from the SIM")
+        self._progress(f"reading the bootstrap credential from the {self._device}")
         identity = self._bootstrap_identity(backend)
         with self._client(backend, identity.chain, identity.signer) as client:
             return self._enroll_into(
@@ -628,7 +617,7 @@ class Agent:
         if decision.target == decision.active or views[decision.target].state is SlotState.UNKNOWN:
             # plan() never does this; the check keeps a future change from costing a credential
             raise StoreError(f"refusing to write slot {target.name}: it is active or unknown")
-        self._progress("connecting to the EST server (TLS authenticated by the SIM)")
+        self._progress(f"connecting to the EST server (TLS authenticated by the {self._device})")
         key: ec.EllipticCurvePublicKey | None = None
         op_signer: Signer | None = None
         try:
@@ -648,7 +637,9 @@ class Agent:
                 keygen.wait()
             key = keygen.result()
             op_signer = backend.signer(target.key, key)
-            self._progress(f"requesting the certificate ({operation}; CSR signed by the SIM)")
+            self._progress(
+                f"requesting the certificate ({operation}; CSR signed by the {self._device})"
+            )
             enrollment = self._request(
                 client, operation, op_signer, attrs, current, values=values
             )
@@ -660,7 +651,9 @@ class Agent:
         finally:
             if op_signer is not None:
                 self.card_signatures += getattr(op_signer, "signatures", 0)
-        self._progress(f"writing the certificate to SIM slot {target.name} and reading it back")
+        self._progress(
+            f"writing the certificate to {self._device} slot {target.name} and reading it back"
+        )
         sequence = 1 + max((v.header.sequence for v in views if v.header), default=0)
         der = enrollment.certificate.public_bytes(Encoding.DER)
         if not host.update(installing=Installing(target.index, sequence)):
@@ -1177,7 +1170,7 @@ class Agent:
             if existing is not None and _point(existing).hex() == pending.public_key:
                 self._progress(f"resuming the pending request with the key in slot {target.name}")
                 return existing
-        self._progress(f"generating a key in SIM slot {target.name}")
+        self._progress(f"generating a key in {self._device} slot {target.name}")
         return backend.generate_key(target.key)
 
     def _retry_wait(self, view: SlotView, host: HostState) -> datetime | None:
