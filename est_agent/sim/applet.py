@@ -772,15 +772,10 @@ class IotSafeApplet:
         session = self._put_sessions.get((channel, cmd.p2))
         if session is None:
             raise _RefusedError(SW_CONDITIONS)
-        if not cmd.data:
-            raise _RefusedError(SW_WRONG_LENGTH)
-        try:
-            items = decode_tlvs(cmd.data)
-        except CardProtocolError:
-            raise _RefusedError(SW_INCORRECT_DATA) from None
-        if len(items) != 1 or items[0].tag != iot.TAG_PUBLIC_KEY:
+        tlvs = _tlvs(cmd)  # 6700 empty, 6A80 malformed or a tag repeated
+        if set(tlvs) != {iot.TAG_PUBLIC_KEY}:
             raise _RefusedError(SW_INCORRECT_DATA)
-        received = session.received + items[0].value
+        received = session.received + tlvs[iot.TAG_PUBLIC_KEY]
         if len(received) > _MAX_PUT_KEY_BYTES:
             raise _RefusedError(SW_INCORRECT_DATA)
         if cmd.p1 == iot.P1_MORE_BLOCKS:
