@@ -40,7 +40,8 @@ class KeyAgreement(Protocol):
         ...
 
     def shared_secret(self, peer_point: bytes) -> bytes:
-        """The x-coordinate of ECDH(the key of the last ``new_key``, ``peer_point``)."""
+        """The x-coordinate of ECDH(the key of the last ``new_key``, ``peer_point``);
+        ``InputError`` for a point that `check_peer_point` refuses, before any device use."""
         ...
 
 

@@ -68,7 +68,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from est_agent.backends.agreement import check_peer_point
 from est_agent.errors import EstError, InputError, TlsVerificationError
 from est_agent.est.tls import keyschedule, policy
 from est_agent.est.tls.policy import verify_server_chain
@@ -302,14 +301,14 @@ def _tlslite_classes() -> tuple[type[Any], type[Any]]:
         ) -> bytearray:
             if not isinstance(private, _DeviceShare):
                 raise TLSInternalError("the key share was not made by the device")
+            # The agreement checks the server's share before the device sees it (RFC 8446
+            # §4.2.8.2: the receiver MUST validate the point) and refuses it with InputError:
+            # the illegal_parameter alert here.
             try:
-                # Validated here, before the device sees it (RFC 8446 §4.2.8.2: the receiver
-                # MUST check the peer's point; a card's COMPUTE DH need not).
-                check_peer_point(bytes(peer_share))
+                with self._card_time():
+                    return bytearray(self._agreement.shared_secret(bytes(peer_share)))
             except InputError as exc:
                 raise TLSIllegalParameterException(str(exc)) from exc
-            with self._card_time():
-                return bytearray(self._agreement.shared_secret(bytes(peer_share)))
 
     class VerifyingConnection(TLSConnection):  # type: ignore[misc]
         """A client TLSConnection that verifies the server before anything is signed."""
