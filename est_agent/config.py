@@ -951,6 +951,12 @@ class Config:
                     f"{self.card.key_agreement} is a credential's key; name the card's"
                     " key-agreement slot",
                 )
+            if self.backend == "pkcs11":
+                raise _fail(
+                    "card.key_agreement",
+                    "the key share is made by the IoT SAFE applet; the slots are in a PKCS#11"
+                    " token (its ECDH is not used)",
+                )
             if self.est.pop is PopMode.TLS_UNIQUE:
                 raise _fail(
                     "card.key_agreement",

@@ -107,6 +107,10 @@ REFUSED = [
         MODULE + 'pin_env = "A"\npin_file = "/p"\n' + BOOT + EST + slots(),
         "pkcs11.pin_file: set pin_file or pin_env, not both",
     ),
+    (
+        '[card]\nkey_agreement = "iotsafe:key-id=04"\n' + MODULE + BOOT + EST + slots(),
+        "card.key_agreement: the key share is made by the IoT SAFE applet",
+    ),
 ]
 
 
